@@ -1,0 +1,34 @@
+"""verakit: VeRA (Vector-based Random Matrix Adaptation) for PyTorch and transformers models.
+
+Core API (torch + safetensors only): attach VeRA to a model, train its vectors, save/load tiny adapter
+files, merge into the base weights.
+"""
+
+__version__ = "0.1.0"
+
+from .config import ConfigError, VeraConfig  # noqa: E402
+from .fileformat import Adapter, AdapterError, load_adapter, read_adapter, save_adapter  # noqa: E402
+from .inject import AttachError, attach, detach, trainable_parameters, vera_layers, vera_state  # noqa: E402
+from .layer import VeraLinear  # noqa: E402
+from .merge import export_merged, merge, unmerge  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "VeraConfig",
+    "ConfigError",
+    "AttachError",
+    "AdapterError",
+    "Adapter",
+    "VeraLinear",
+    "attach",
+    "detach",
+    "trainable_parameters",
+    "vera_layers",
+    "vera_state",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "merge",
+    "unmerge",
+    "export_merged",
+]

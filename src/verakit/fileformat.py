@@ -1,0 +1,322 @@
+"""Adapter files: one .safetensors file of vectors and JSON metadata, validated on read, written atomically.
+
+Tensors: `<module>.vera_d` (r), `<module>.vera_b` (d_out) for every adapted module, and the state-dict
+tensors of each module to save under their model names (e.g. `classifier.weight`). The projections are
+never stored: they are regenerated from the seed. Metadata key `verakit` holds JSON; see docs/format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ConfigError, VeraConfig
+from .inject import VeraState, attach, detach, vera_state
+from .projection import GENERATOR
+
+__all__ = [
+    "AdapterError",
+    "Adapter",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "adapter_from_model",
+    "write_adapter",
+    "base_fingerprint",
+    "atomic_write_bytes",
+]
+
+FORMAT_NAME = "verakit.adapter"
+FORMAT_VERSION = 1
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class AdapterError(ValueError):
+    """An adapter file or object is unusable; the message names the file and the fault."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The content of an adapter file, usable without a model.
+
+    modules: adapted module name -> (d_out, d_in, kind) with kind "linear" or "conv1d" (weight transposed).
+    d, b: module name -> vector. saved: model state-dict key -> tensor of the modules to save.
+    """
+
+    config: VeraConfig
+    model_type: str | None
+    architecture: str
+    modules: dict[str, tuple[int, int, str]]
+    d: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    saved: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+    dtype: str = "F32"
+    path: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return base_fingerprint(self.model_type, self.modules)
+
+    @property
+    def trained_numel(self) -> int:
+        return sum(t.numel() for t in (*self.d.values(), *self.b.values(), *self.saved.values()))
+
+
+def base_fingerprint(model_type: str | None, modules: dict[str, tuple[int, int, str]]) -> str:
+    """sha256 over the model type and the adapted modules' names, shapes and kinds (16 hex digits)."""
+    canon = json.dumps([model_type, sorted([k, *v] for k, v in modules.items())], separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def _fail(path: str | os.PathLike[str] | None, msg: str) -> AdapterError:
+    return AdapterError(f"{path if path is not None else '<adapter>'}: {msg}")
+
+
+def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) -> Adapter:
+    """Snapshot a model's VeRA vectors and saved modules as an `Adapter` (fp32 copies)."""
+    state: VeraState = vera_state(model)
+    modules = {n: (l.out_features, l.in_features, "conv1d" if l.transposed else "linear") for n, l in state.layers.items()}
+    d = {n: l.vera_d.detach().float().cpu().clone() for n, l in state.layers.items()}
+    b = {n: l.vera_b.detach().float().cpu().clone() for n, l in state.layers.items()}
+    saved = {}
+    for s in state.saved_modules:
+        for k, t in model.get_submodule(s).state_dict().items():
+            saved[f"{s}.{k}"] = t.detach().cpu().clone()
+    info = dict(extra or {})
+    cfg = getattr(model, "config", None)
+    if state.saved_modules and getattr(cfg, "id2label", None) and "labels" not in info:
+        info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
+    return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory, fsync and os.replace.
+
+    A crash or error mid-write leaves the previous file (if any) untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:
+    """Write `adapter` to `path` atomically; returns the file size in bytes."""
+    from safetensors.torch import save
+
+    dtype = dtype or torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise AdapterError(f"unsupported adapter dtype {dtype}; use one of float32, float16, bfloat16")
+    tensors: dict[str, torch.Tensor] = {}
+    for n in adapter.modules:
+        tensors[f"{n}.vera_d"] = adapter.d[n].to(dtype).contiguous()
+        tensors[f"{n}.vera_b"] = adapter.b[n].to(dtype).contiguous()
+    for k, t in adapter.saved.items():
+        tensors[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"refusing to save non-finite values in tensor {k!r}")
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "verakit_version": __version__,
+        "config": adapter.config.to_dict(),
+        "projection": {
+            "generator": GENERATOR,
+            "seed": adapter.config.seed,
+            "distribution": adapter.config.distribution,
+            "sharing": adapter.config.projection_sharing,
+        },
+        "base": {
+            "model_type": adapter.model_type,
+            "architecture": adapter.architecture,
+            "modules": {n: list(v) for n, v in adapter.modules.items()},
+            "fingerprint": adapter.fingerprint,
+        },
+        "saved": sorted(adapter.saved),
+        "dtype": _DTYPE_NAMES[dtype],
+        "extra": adapter.extra,
+    }
+    data = save(tensors, metadata={"format": FORMAT_NAME, "verakit": json.dumps(meta, separators=(",", ":"))})
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None
+) -> int:
+    """Save the model's VeRA vectors (and modules to save) to one file; returns its size in bytes."""
+    return write_adapter(adapter_from_model(model, extra), path, dtype)
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise _fail(path, f"not a safetensors file: only {len(data)} bytes")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise _fail(path, f"truncated or corrupt header: header claims {n} bytes, file has {len(data) - 8} after it")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"not a safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "not a safetensors file: header is not a JSON object")
+    body = len(data) - 8 - n
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("data_offsets"), list) or len(v["data_offsets"]) != 2:
+            raise _fail(path, f"corrupt header: entry {k!r} is not a tensor description")
+        end = v["data_offsets"][1]
+        if not isinstance(end, int) or end > body:
+            raise _fail(path, f"truncated: tensor {k!r} ends at byte {end} but the data section has {body} bytes")
+    return header
+
+
+def read_adapter(path: str | os.PathLike[str]) -> Adapter:
+    """Read and validate an adapter file without a model. Raises AdapterError naming file and fault."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such adapter file")
+    data = path.read_bytes()
+    header = _read_header(path, data)
+    raw_meta = header.get("__metadata__") or {}
+    if raw_meta.get("format") != FORMAT_NAME or "verakit" not in raw_meta:
+        raise _fail(path, f"not a verakit adapter (metadata format is {raw_meta.get('format')!r})")
+    try:
+        meta = json.loads(raw_meta["verakit"])
+        version = meta["format_version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise _fail(path, f"unknown format version {version!r} (this verakit reads 1..{FORMAT_VERSION})")
+        config = VeraConfig.from_dict(meta["config"])
+        base = meta["base"]
+        modules = {n: (int(v[0]), int(v[1]), str(v[2])) for n, v in base["modules"].items()}
+        saved_keys = list(meta["saved"])
+        proj = meta["projection"]
+    except AdapterError:
+        raise
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise _fail(path, f"corrupt metadata: {type(e).__name__}: {e}") from None
+    if proj.get("generator") != GENERATOR:
+        raise _fail(path, f"unknown projection generator {proj.get('generator')!r} (this verakit has {GENERATOR})")
+    if base_fingerprint(base.get("model_type"), modules) != base.get("fingerprint"):
+        raise _fail(path, "corrupt metadata: base fingerprint does not match the listed modules")
+    for k, v in header.items():
+        if k != "__metadata__" and v.get("dtype") not in _DTYPES and k not in saved_keys:
+            raise _fail(path, f"tensor {k!r} has unsupported dtype {v.get('dtype')} (want F32, F16 or BF16)")
+    try:
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error type for corrupt payloads
+        raise _fail(path, f"corrupt tensor data: {e}") from None
+    expected = {f"{n}.{v}" for n in modules for v in ("vera_d", "vera_b")} | set(saved_keys)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise _fail(path, f"missing tensor(s): {', '.join(missing[:5])}")
+    if extra:
+        raise _fail(path, f"unexpected tensor(s): {', '.join(extra[:5])}")
+    d, b = {}, {}
+    for n, (d_out, _, _) in modules.items():
+        for name, want, store in (("vera_d", config.r, d), ("vera_b", d_out, b)):
+            t = tensors[f"{n}.{name}"]
+            if tuple(t.shape) != (want,):
+                raise _fail(path, f"tensor '{n}.{name}' has shape {tuple(t.shape)}, expected ({want},)")
+            store[n] = t.float()
+    saved = {k: tensors[k] for k in saved_keys}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"tensor {k!r} contains NaN or Inf")
+    return Adapter(
+        config, base.get("model_type"), str(base.get("architecture", "")), modules, d, b, saved,
+        dict(meta.get("extra") or {}), str(meta.get("dtype", "F32")), str(path),
+    )
+
+
+def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> None:
+    state = vera_state(model)
+    mine = {n: (l.out_features, l.in_features, "conv1d" if l.transposed else "linear") for n, l in state.layers.items()}
+    for n, shape in adapter.modules.items():
+        if n not in mine:
+            raise _fail(where, f"base model mismatch: adapter module {n!r} {shape[:2]} is not adapted in the model")
+        if mine[n] != shape:
+            raise _fail(
+                where, f"base model mismatch: module {n!r} has shape {shape[:2]} in the adapter but {mine[n][:2]} in the model"
+            )
+    if set(mine) != set(adapter.modules):
+        extra = sorted(set(mine) - set(adapter.modules))
+        raise _fail(where, f"base model mismatch: the model adapts {extra[:3]} which the adapter lacks")
+    ours, theirs = state.config, adapter.config
+    for f in ("r", "seed", "distribution", "projection_sharing"):
+        if getattr(ours, f) != getattr(theirs, f):
+            raise _fail(where, f"the model's VeRA has {f}={getattr(ours, f)!r} but the adapter {getattr(theirs, f)!r}")
+    model_keys = set()
+    for s in state.saved_modules:
+        model_keys |= {f"{s}.{k}" for k in model.get_submodule(s).state_dict()}
+    if set(adapter.saved) != model_keys:
+        raise _fail(where, f"saved modules differ: adapter has {sorted(adapter.saved)[:4]}, model {sorted(model_keys)[:4]}")
+
+
+def load_adapter(model: nn.Module, path_or_adapter: str | os.PathLike[str] | Adapter) -> nn.Module:
+    """Load an adapter into `model` (attaching VeRA from the file's config if needed); returns the model.
+
+    On any mismatch the model is left as it was and AdapterError names the first difference.
+    """
+    adapter = path_or_adapter if isinstance(path_or_adapter, Adapter) else read_adapter(path_or_adapter)
+    where = adapter.path
+    attached_here = getattr(model, "verakit_state", None) is None
+    if attached_here:
+        try:
+            attach(model, adapter.config)
+        except ValueError as e:
+            raise _fail(where, f"cannot attach to {type(model).__name__}: {e}") from None
+    try:
+        _check_compatible(model, adapter, where)
+        state = vera_state(model)
+        if any(layer.merged for layer in state.layers.values()):
+            raise _fail(where, "the model's VeRA is merged; unmerge(model) before loading another adapter")
+        for s in state.saved_modules:
+            mine = model.get_submodule(s).state_dict()
+            for k, t in mine.items():
+                theirs = adapter.saved[f"{s}.{k}"]
+                if theirs.shape != t.shape:
+                    raise _fail(where, f"tensor '{s}.{k}' has shape {tuple(theirs.shape)}, the model's is {tuple(t.shape)}")
+        with torch.no_grad():
+            for n, layer in state.layers.items():
+                layer.vera_d.copy_(adapter.d[n])
+                layer.vera_b.copy_(adapter.b[n])
+            for s in state.saved_modules:
+                sub = {k[len(s) + 1 :]: v for k, v in adapter.saved.items() if k.startswith(s + ".")}
+                model.get_submodule(s).load_state_dict(sub, strict=True)
+    except BaseException:
+        if attached_here:
+            detach(model)
+        raise
+    return model
+

@@ -1,0 +1,221 @@
+"""Attach VeRA to any PyTorch / transformers model, and detach it again.
+
+`attach` replaces each target linear leaf with a `VeraLinear` that shares one `Projection` per model,
+freezes everything except d, b and the modules to save, and records what it did in a `VeraState` kept
+on the model, so that `detach` can restore the original modules and flags bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGETS, VeraConfig
+from .layer import VeraLinear, is_linear_leaf, linear_shape
+from .projection import Projection, matrix_ids
+
+__all__ = [
+    "AttachError",
+    "VeraState",
+    "attach",
+    "detach",
+    "vera_state",
+    "vera_layers",
+    "trainable_parameters",
+    "find_targets",
+]
+
+_STATE_ATTR = "verakit_state"
+
+# Heads that a task-specific model adds on top of the base; trained in full and saved with the adapter.
+# BERT's pooler counts as head: it is task-specific in RoBERTa's classifier, and untrained in sentence
+# encoders such as all-MiniLM-L6-v2.
+_HEADS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "ForSequenceClassification": ("classifier", "score", "pre_classifier", "pooler"),
+    "ForImageClassification": ("classifier",),
+    "ForTokenClassification": ("classifier",),
+}
+
+
+class AttachError(ValueError):
+    """attach/detach cannot proceed; the message names the model part at fault."""
+
+
+@dataclass
+class VeraState:
+    """What `attach` did to a model. Kept on the model as the attribute `verakit_state`."""
+
+    config: VeraConfig  # resolved: target_modules and modules_to_save as actually used
+    layers: dict[str, VeraLinear]  # module name -> wrapper, in model order
+    saved_modules: tuple[str, ...]  # full names of modules trained in full and saved with the adapter
+    model_type: str | None
+    architecture: str
+    projection: Projection | None  # None when projections are unique per layer
+    original_requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
+    original_saved: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def vera_state(model: nn.Module) -> VeraState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise AttachError(f"{type(model).__name__} has no VeRA attached; call verakit.attach(model, config) first")
+    return state
+
+
+def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
+    return vera_state(model).layers
+
+
+def _model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and is_linear_leaf(m)}
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _resolve_saved(model: nn.Module, config: VeraConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(patterns, full module names) of modules_to_save, including the task head of the model class."""
+    patterns = list(config.modules_to_save)
+    cls = type(model).__name__
+    names = {n for n, _ in model.named_modules() if n}
+    for suffix, heads in _HEADS_BY_TASK.items():
+        if cls.endswith(suffix):
+            patterns += [h for h in heads if h not in patterns and any(_matches(n, (h,)) for n in names)]
+    full = tuple(n for n in names if _matches(n, tuple(patterns)))
+    missing = [p for p in config.modules_to_save if not any(_matches(n, (p,)) for n in names)]
+    if missing:
+        raise AttachError(f"modules_to_save {missing} match no module of {cls}")
+    # Keep only outermost matches: a saved module's children are saved with it.
+    full = tuple(sorted(n for n in full if not any(n.startswith(o + ".") for o in full if o != n)))
+    return tuple(patterns), full
+
+
+def find_targets(model: nn.Module, config: VeraConfig, saved: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """The linear leaves of `model` that `config.target_modules` selects, in model order."""
+    leaves = _linear_leaves(model)
+    tm = config.target_modules
+    if tm is None:
+        mt = _model_type(model)
+        if mt not in DEFAULT_TARGETS:
+            raise AttachError(
+                f"no default target_modules for model_type {mt!r}; pass target_modules explicitly. "
+                f"Linear leaves: {_short_names(leaves)}"
+            )
+        tm = DEFAULT_TARGETS[mt]
+    in_saved = {n for n in leaves if any(n == s or n.startswith(s + ".") for s in saved)}
+    if tm == "all-linear":
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        picked = {n: m for n, m in leaves.items() if n not in in_saved and m is not out_emb}
+    elif isinstance(tm, str):
+        picked = {n: m for n, m in leaves.items() if re.fullmatch(tm, n)}
+    else:
+        picked = {n: m for n, m in leaves.items() if _matches(n, tm)}
+    overlap = sorted(set(picked) & in_saved)
+    if overlap:
+        raise AttachError(f"modules {overlap[:3]} are both VeRA targets and inside modules_to_save")
+    if not picked:
+        raise AttachError(
+            f"target_modules {tm!r} matched no linear layer of {type(model).__name__}. "
+            f"Linear leaves: {_short_names(leaves)}"
+        )
+    return picked
+
+
+def _short_names(leaves: dict[str, nn.Module]) -> list[str]:
+    # Leaf names without layer indices, so the list stays readable for a 30-layer model.
+    return sorted({re.sub(r"\.\d+\.", ".N.", n) for n in leaves})
+
+
+def attach(model: nn.Module, config: VeraConfig) -> nn.Module:
+    """Attach VeRA in place and return `model`. Freezes all but d, b and the modules to save."""
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise AttachError(f"{type(model).__name__} already has VeRA attached; detach(model) first")
+    if any(isinstance(m, VeraLinear) for m in model.modules()):
+        raise AttachError(f"{type(model).__name__} already contains VeraLinear layers")
+    patterns, saved = _resolve_saved(model, config)
+    targets = find_targets(model, config, saved)
+    resolved_tm = config.target_modules
+    if resolved_tm is None:
+        resolved_tm = DEFAULT_TARGETS[_model_type(model)]  # type: ignore[index]
+    resolved = config.replace(target_modules=resolved_tm, modules_to_save=patterns)
+
+    shared = None
+    if config.projection_sharing == "shared":
+        max_out = max(linear_shape(m)[0] for m in targets.values())
+        max_in = max(linear_shape(m)[1] for m in targets.values())
+        shared = Projection(config.seed, config.distribution, config.r, max_in, max_out)
+
+    original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers: dict[str, VeraLinear] = {}
+    for name, base in targets.items():
+        proj = shared
+        if proj is None:
+            d_out, d_in = linear_shape(base)
+            proj = Projection(config.seed, config.distribution, config.r, d_in, d_out, matrix_ids("unique", name))
+        layer = VeraLinear(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer)
+        layers[name] = layer
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.vera_d.requires_grad_(config.train_d)
+        layer.vera_b.requires_grad_(config.train_b)
+    original_saved: dict[str, torch.Tensor] = {}
+    for s in saved:
+        for pn, p in model.get_submodule(s).named_parameters():
+            original_saved[f"{s}.{pn}"] = p.detach().clone()
+            p.requires_grad_(True)
+
+    state = VeraState(
+        config=resolved,
+        layers=layers,
+        saved_modules=saved,
+        model_type=_model_type(model),
+        architecture=type(model).__name__,
+        projection=shared,
+        original_requires_grad=original_rg,
+        original_saved=original_saved,
+    )
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove VeRA: restore the original modules, modules_to_save weights and requires_grad flags.
+
+    Bit-identical to the model before `attach` unless it is merged; a merged model is unmerged first,
+    which restores base weights up to float rounding (<= 1e-6 in fp32).
+    """
+    state = vera_state(model)
+    for name, layer in state.layers.items():
+        layer.unmerge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.base)
+    with torch.no_grad():
+        for key, value in state.original_saved.items():
+            model.get_parameter(key).copy_(value)
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs training must update: d, b (as configured) and modules_to_save."""
+    state = vera_state(model)
+    keep = {id(layer.vera_d) for layer in state.layers.values() if state.config.train_d}
+    keep |= {id(layer.vera_b) for layer in state.layers.values() if state.config.train_b}
+    for s in state.saved_modules:
+        keep |= {id(p) for p in model.get_submodule(s).parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in keep]
