@@ -88,9 +88,9 @@ def _fail(path: str | os.PathLike[str] | None, msg: str) -> AdapterError:
 def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) -> Adapter:
     """Snapshot a model's VeRA vectors and saved modules as an `Adapter` (fp32 copies)."""
     state: VeraState = vera_state(model)
-    modules = {n: (l.out_features, l.in_features, "conv1d" if l.transposed else "linear") for n, l in state.layers.items()}
-    d = {n: l.vera_d.detach().float().cpu().clone() for n, l in state.layers.items()}
-    b = {n: l.vera_b.detach().float().cpu().clone() for n, l in state.layers.items()}
+    modules = {n: (ly.out_features, ly.in_features, "conv1d" if ly.transposed else "linear") for n, ly in state.layers.items()}
+    d = {n: ly.vera_d.detach().float().cpu().clone() for n, ly in state.layers.items()}
+    b = {n: ly.vera_b.detach().float().cpu().clone() for n, ly in state.layers.items()}
     saved = {}
     for s in state.saved_modules:
         for k, t in model.get_submodule(s).state_dict().items():
@@ -261,7 +261,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
 
 def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> None:
     state = vera_state(model)
-    mine = {n: (l.out_features, l.in_features, "conv1d" if l.transposed else "linear") for n, l in state.layers.items()}
+    mine = {n: (ly.out_features, ly.in_features, "conv1d" if ly.transposed else "linear") for n, ly in state.layers.items()}
     for n, shape in adapter.modules.items():
         if n not in mine:
             raise _fail(where, f"base model mismatch: adapter module {n!r} {shape[:2]} is not adapted in the model")
