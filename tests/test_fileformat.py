@@ -1,0 +1,199 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import randomize_vectors
+from verakit import AdapterError, VeraConfig, attach, load_adapter, read_adapter, save_adapter, vera_layers
+from verakit.fileformat import FORMAT_NAME, atomic_write_bytes
+
+
+def _trained(model, cfg=None):
+    attach(model, cfg or VeraConfig(r=16))
+    randomize_vectors(model)
+    return model
+
+
+def _fresh_minilm(minilm_path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+
+
+def test_round_trip_bit_identical_logits(minilm_clf, minilm_path, tmp_path):
+    model = _trained(minilm_clf)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    x = torch.randint(0, 1000, (3, 14))
+    path = tmp_path / "a.safetensors"
+    nbytes = save_adapter(model, path)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    fresh = load_adapter(_fresh_minilm(minilm_path), path)
+    with torch.no_grad():
+        got = fresh(input_ids=x).logits
+    assert torch.equal(got, expected)
+    # file size bound: trained numbers x 4 bytes + 8 KiB of header and metadata
+    ad = read_adapter(path)
+    assert nbytes == path.stat().st_size <= ad.trained_numel * 4 + 8192
+    assert ad.trained_numel == 12 * (16 + 384) + 384 * 384 + 384 + 2 * 384 + 2
+    assert ad.extra["labels"] == ["LABEL_0", "LABEL_1"]
+
+
+def test_no_projection_in_file_and_size_without_head(tiny_llama, tmp_path):
+    model = _trained(tiny_llama, VeraConfig(r=64, target_modules="all-linear"))
+    path = tmp_path / "l.safetensors"
+    n = save_adapter(model, path, dtype=torch.bfloat16)
+    tensors = load_file(path)
+    assert all(k.endswith((".vera_d", ".vera_b")) for k in tensors)
+    numel = sum(t.numel() for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert n <= numel * 2 + 8192
+    ad = read_adapter(path)
+    assert ad.dtype == "BF16" and ad.d["model.layers.0.mlp.down_proj"].dtype == torch.float32
+
+
+def test_gpt2_and_llama_round_trip(tiny_gpt2, tiny_llama, tmp_path):
+    for model, vocab in ((tiny_gpt2, 97), (tiny_llama, 101)):
+        fresh_base = type(model)(model.config).eval()
+        fresh_base.load_state_dict(model.state_dict())
+        _trained(model, VeraConfig(r=8, target_modules="all-linear" if vocab == 101 else None))
+        path = tmp_path / f"{vocab}.safetensors"
+        save_adapter(model, path)
+        x = torch.randint(0, vocab, (2, 9))
+        load_adapter(fresh_base, path)
+        with torch.no_grad():
+            assert torch.equal(fresh_base(x).logits, model(x).logits)
+
+
+@pytest.fixture
+def good_file(tiny_bert_clf, tmp_path):
+    model = _trained(tiny_bert_clf, VeraConfig(r=4))
+    path = tmp_path / "good.safetensors"
+    save_adapter(model, path)
+    return path
+
+
+def _rewrite(src, dst, mutate_meta=None, mutate_tensors=None):
+    from safetensors import safe_open
+
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    inner = json.loads(meta["verakit"])
+    if mutate_meta:
+        mutate_meta(inner)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    meta["verakit"] = json.dumps(inner)
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+def _set(d, path, value):
+    *head, last = path
+    for k in head:
+        d = d[k]
+    d[last] = value
+
+
+BAD_CASES = {
+    "future version": (lambda m: _set(m, ["format_version"], 99), None, "unknown format version 99"),
+    "bad config": (lambda m: _set(m, ["config", "r"], 0), None, "corrupt metadata.*r must be"),
+    "fingerprint": (lambda m: _set(m, ["base", "fingerprint"], "0" * 16), None, "fingerprint does not match"),
+    "generator": (lambda m: _set(m, ["projection", "generator"], "mt19937"), None, "unknown projection generator"),
+    "missing tensor": (None, lambda t: t.pop("bert.encoder.layer.0.attention.self.query.vera_d"), "missing tensor.*layer.0.attention.self.query.vera_d"),
+    "extra tensor": (None, lambda t: t.update({"rogue": torch.zeros(2)}), "unexpected tensor.*rogue"),
+    "wrong shape": (None, lambda t: t.update({"bert.encoder.layer.1.attention.self.value.vera_b": torch.zeros(5)}),
+                    r"value.vera_b' has shape \(5,\), expected \(32,\)"),
+    "nan": (None, lambda t: t["bert.encoder.layer.1.attention.self.value.vera_b"].fill_(float("nan")), "NaN or Inf"),
+    "inf": (None, lambda t: t["classifier.weight"].fill_(float("inf")), "classifier.weight.*NaN or Inf"),
+    "dtype": (None, lambda t: t.update({"bert.encoder.layer.0.attention.self.query.vera_d": torch.zeros(4, dtype=torch.float64)}),
+              "unsupported dtype F64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_every_validation_error_names_file_and_fault(good_file, tmp_path, case):
+    mutate_meta, mutate_tensors, pattern = BAD_CASES[case]
+    bad = _rewrite(good_file, tmp_path / f"bad_{case.replace(' ', '_')}.safetensors", mutate_meta, mutate_tensors)
+    with pytest.raises(AdapterError, match=pattern) as err:
+        read_adapter(bad)
+    assert bad.name in str(err.value)
+
+
+def test_not_safetensors_truncated_and_foreign(good_file, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01")
+    with pytest.raises(AdapterError, match="not a safetensors file"):
+        read_adapter(junk)
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterError, match="truncated or corrupt header"):
+        read_adapter(junk)
+    data = good_file.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) - 10])
+    with pytest.raises(AdapterError, match="truncated: tensor"):
+        read_adapter(trunc)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(AdapterError, match="not a verakit adapter"):
+        read_adapter(foreign)
+    with pytest.raises(AdapterError, match="no such adapter file"):
+        read_adapter(tmp_path / "missing.safetensors")
+    assert FORMAT_NAME == "verakit.adapter"
+
+
+def test_fingerprint_mismatch_names_module_and_shapes(good_file, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    other = BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=64,
+                                                     num_attention_heads=2, vocab_size=99, num_labels=3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterError, match=r"module 'bert.encoder.layer.0.attention.self.query' has shape \(32, 32\) in the adapter but \(48, 48\)"):
+        load_adapter(other, good_file)
+    # the model is left exactly as it was
+    assert getattr(other, "verakit_state", None) is None
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def _another(model):
+    return type(model)(model.config).eval()
+
+
+def test_load_into_attached_model_checks_config(good_file, tiny_bert_clf):
+    other = attach(_another(tiny_bert_clf), VeraConfig(r=8))
+    with pytest.raises(AdapterError, match="r=8 but the adapter 4"):
+        load_adapter(other, good_file)
+
+
+def test_load_into_attached_model_copies_vectors(good_file, tiny_bert_clf):
+    other = attach(_another(tiny_bert_clf), VeraConfig(r=4))
+    load_adapter(other, good_file)
+    ad = read_adapter(good_file)
+    for n, layer in vera_layers(other).items():
+        assert torch.equal(layer.vera_d, ad.d[n]) and torch.equal(layer.vera_b, ad.b[n])
+
+
+def test_atomic_write_keeps_old_file_on_failure(good_file, monkeypatch):
+    old = good_file.read_bytes()
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(good_file, b"new content that must not land")
+    assert good_file.read_bytes() == old
+    assert sorted(p.name for p in good_file.parent.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_save_refuses_nan(tiny_bert_clf, tmp_path):
+    model = _trained(tiny_bert_clf, VeraConfig(r=4))
+    with torch.no_grad():
+        next(iter(vera_layers(model).values())).vera_b[0] = float("nan")
+    with pytest.raises(AdapterError, match="non-finite"):
+        save_adapter(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
