@@ -2,7 +2,9 @@
 
 Tensors: `<module>.vera_d` (r), `<module>.vera_b` (d_out) for every adapted module, and the state-dict
 tensors of each module to save under their model names (e.g. `classifier.weight`). The projections are
-never stored: they are regenerated from the seed. Metadata key `verakit` holds JSON; see docs/format.md.
+not stored by default: they are regenerated from the seed. Only adapters imported with a projection that
+cannot be regenerated (VeraConfig.projection_kind "explicit", e.g. from PEFT) store the shared tables, as
+`vera_projection.A` / `vera_projection.B` in float32. Metadata key `verakit` holds JSON; see docs/format.md.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import ConfigError, VeraConfig
+from .config import PROJECTION_KINDS, ConfigError, VeraConfig
 from .inject import VeraState, attach, detach, vera_state
-from .projection import GENERATOR
+from .projection import GENERATOR, GENERATORS, Projection
 
 __all__ = [
     "AdapterError",
@@ -41,6 +43,7 @@ FORMAT_NAME = "verakit.adapter"
 FORMAT_VERSION = 1
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections only
 
 
 class AdapterError(ValueError):
@@ -53,6 +56,8 @@ class Adapter:
 
     modules: adapted module name -> (d_out, d_in, kind) with kind "linear" or "conv1d" (weight transposed).
     d, b: module name -> vector. saved: model state-dict key -> tensor of the modules to save.
+    projection: the shared pair when config.projection_kind is not the default (PEFT-generated or
+        stored tables, already scaled); None when it is regenerated from the seed.
     """
 
     config: VeraConfig
@@ -65,6 +70,7 @@ class Adapter:
     extra: dict[str, Any]
     dtype: str = "F32"
     path: str | None = None
+    projection: Projection | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -99,7 +105,8 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
     cfg = getattr(model, "config", None)
     if state.saved_modules and getattr(cfg, "id2label", None) and "labels" not in info:
         info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
-    return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info)
+    proj = state.projection if state.config.projection_kind != PROJECTION_KINDS[0] else None
+    return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -139,6 +146,8 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
         tensors[f"{n}.vera_b"] = adapter.b[n].to(dtype).contiguous()
     for k, t in adapter.saved.items():
         tensors[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    proj_meta, tables = _projection_meta(adapter, path)
+    tensors.update(tables)
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise _fail(path, f"refusing to save non-finite values in tensor {k!r}")
@@ -147,12 +156,7 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
         "format_version": FORMAT_VERSION,
         "verakit_version": __version__,
         "config": adapter.config.to_dict(),
-        "projection": {
-            "generator": GENERATOR,
-            "seed": adapter.config.seed,
-            "distribution": adapter.config.distribution,
-            "sharing": adapter.config.projection_sharing,
-        },
+        "projection": proj_meta,
         "base": {
             "model_type": adapter.model_type,
             "architecture": adapter.architecture,
@@ -166,6 +170,54 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
     data = save(tensors, metadata={"format": FORMAT_NAME, "verakit": json.dumps(meta, separators=(",", ":"))})
     atomic_write_bytes(path, data)
     return len(data)
+
+
+def _projection_meta(adapter: Adapter, path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The file's "projection" metadata, and the tables to store (explicit projections only)."""
+    cfg = adapter.config
+    meta: dict[str, Any] = {
+        "generator": GENERATORS[cfg.projection_kind],
+        "seed": cfg.seed,
+        "distribution": cfg.distribution,
+        "sharing": cfg.projection_sharing,
+    }
+    if cfg.projection_kind == PROJECTION_KINDS[0]:
+        return meta, {}
+    proj = adapter.projection
+    if proj is None or proj.kind != cfg.projection_kind:
+        raise _fail(path, f"projection_kind {cfg.projection_kind!r} needs the adapter's projection of that kind")
+    # The tables are always float32: rounding them would change every adapted layer's output.
+    meta.update(rank=proj.rank, max_in=proj.max_in, max_out=proj.max_out)
+    if cfg.projection_kind == "explicit":
+        return meta, {_TABLE_KEYS[0]: proj.A.float().contiguous(), _TABLE_KEYS[1]: proj.B.float().contiguous()}
+    return meta, {}
+
+
+def _projection_from_file(
+    path: Path, config: VeraConfig, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+    modules: dict[str, tuple[int, int, str]],
+) -> Projection | None:
+    """Rebuild a non-default projection from the file, checking it covers every adapted module."""
+    if config.projection_kind == PROJECTION_KINDS[0]:
+        return None
+    try:
+        rank, max_in, max_out = int(meta["rank"]), int(meta["max_in"]), int(meta["max_out"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(path, f"corrupt metadata: projection needs rank, max_in, max_out ({type(e).__name__}: {e})") from None
+    need_in = max((v[1] for v in modules.values()), default=1)
+    need_out = max((v[0] for v in modules.values()), default=1)
+    if rank < config.r or max_in < need_in or max_out < need_out:
+        raise _fail(
+            path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) is too small for r={config.r} "
+            f"and the largest module ({need_out}, {need_in})"
+        )
+    if config.projection_kind == "peft-torch":
+        return Projection.peft_torch(config.seed, rank, max_in, max_out)
+    A, B = tensors[_TABLE_KEYS[0]], tensors[_TABLE_KEYS[1]]
+    for key, t, want in ((_TABLE_KEYS[0], A, (rank, max_in)), (_TABLE_KEYS[1], B, (max_out, rank))):
+        if tuple(t.shape) != want or t.dtype != torch.float32:
+            raise _fail(path, f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected float32 {want}")
+    return Projection.from_tables(A, B, kind="explicit", seed=config.seed)
 
 
 def save_adapter(
@@ -225,8 +277,12 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise
     except (ConfigError, KeyError, TypeError, ValueError, IndexError) as e:
         raise _fail(path, f"corrupt metadata: {type(e).__name__}: {e}") from None
-    if proj.get("generator") != GENERATOR:
+    if proj.get("generator") not in GENERATORS.values():
         raise _fail(path, f"unknown projection generator {proj.get('generator')!r} (this verakit has {GENERATOR})")
+    if proj.get("generator") != GENERATORS[config.projection_kind]:
+        raise _fail(
+            path, f"projection generator {proj.get('generator')!r} contradicts projection_kind {config.projection_kind!r}"
+        )
     if base_fingerprint(base.get("model_type"), modules) != base.get("fingerprint"):
         raise _fail(path, "corrupt metadata: base fingerprint does not match the listed modules")
     for k, v in header.items():
@@ -237,6 +293,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     except Exception as e:  # safetensors raises its own error type for corrupt payloads
         raise _fail(path, f"corrupt tensor data: {e}") from None
     expected = {f"{n}.{v}" for n in modules for v in ("vera_d", "vera_b")} | set(saved_keys)
+    if config.projection_kind == "explicit":
+        expected |= set(_TABLE_KEYS)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise _fail(path, f"missing tensor(s): {', '.join(missing[:5])}")
@@ -253,9 +311,10 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise _fail(path, f"tensor {k!r} contains NaN or Inf")
+    projection = _projection_from_file(path, config, proj, tensors, modules)
     return Adapter(
         config, base.get("model_type"), str(base.get("architecture", "")), modules, d, b, saved,
-        dict(meta.get("extra") or {}), str(meta.get("dtype", "F32")), str(path),
+        dict(meta.get("extra") or {}), str(meta.get("dtype", "F32")), str(path), projection,
     )
 
 
@@ -273,9 +332,16 @@ def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> 
         extra = sorted(set(mine) - set(adapter.modules))
         raise _fail(where, f"base model mismatch: the model adapts {extra[:3]} which the adapter lacks")
     ours, theirs = state.config, adapter.config
-    for f in ("r", "seed", "distribution", "projection_sharing"):
+    for f in ("r", "seed", "distribution", "projection_sharing", "projection_kind"):
         if getattr(ours, f) != getattr(theirs, f):
             raise _fail(where, f"the model's VeRA has {f}={getattr(ours, f)!r} but the adapter {getattr(theirs, f)!r}")
+    if adapter.projection is not None and state.projection is not adapter.projection:
+        mine_p, theirs_p = state.projection, adapter.projection
+        used_in = max(v[1] for v in adapter.modules.values())
+        used_out = max(v[0] for v in adapter.modules.values())
+        same = mine_p is not None and torch.equal(mine_p.A[: ours.r, :used_in], theirs_p.A[: ours.r, :used_in])
+        if not (same and torch.equal(mine_p.B[:used_out, : ours.r], theirs_p.B[:used_out, : ours.r])):
+            raise _fail(where, "the model's VeRA projection tables differ from the adapter's")
     model_keys = set()
     for s in state.saved_modules:
         model_keys |= {f"{s}.{k}" for k in model.get_submodule(s).state_dict()}
@@ -293,7 +359,7 @@ def load_adapter(model: nn.Module, path_or_adapter: str | os.PathLike[str] | Ada
     attached_here = getattr(model, "verakit_state", None) is None
     if attached_here:
         try:
-            attach(model, adapter.config)
+            attach(model, adapter.config, projection=adapter.projection)
         except ValueError as e:
             raise _fail(where, f"cannot attach to {type(model).__name__}: {e}") from None
     try:

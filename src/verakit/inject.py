@@ -135,8 +135,13 @@ def _short_names(leaves: dict[str, nn.Module]) -> list[str]:
     return sorted({re.sub(r"\.\d+\.", ".N.", n) for n in leaves})
 
 
-def attach(model: nn.Module, config: VeraConfig) -> nn.Module:
-    """Attach VeRA in place and return `model`. Freezes all but d, b and the modules to save."""
+def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | None = None) -> nn.Module:
+    """Attach VeRA in place and return `model`. Freezes all but d, b and the modules to save.
+
+    `projection`: a prebuilt shared pair whose `kind` equals `config.projection_kind`; required for
+    "explicit" (the tables come from a file), optional otherwise (by default the pair is generated
+    from the seed at the largest target shapes, which is also how PEFT sizes its pair).
+    """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise AttachError(f"{type(model).__name__} already has VeRA attached; detach(model) first")
     if any(isinstance(m, VeraLinear) for m in model.modules()):
@@ -148,11 +153,7 @@ def attach(model: nn.Module, config: VeraConfig) -> nn.Module:
         resolved_tm = DEFAULT_TARGETS[_model_type(model)]  # type: ignore[index]
     resolved = config.replace(target_modules=resolved_tm, modules_to_save=patterns)
 
-    shared = None
-    if config.projection_sharing == "shared":
-        max_out = max(linear_shape(m)[0] for m in targets.values())
-        max_in = max(linear_shape(m)[1] for m in targets.values())
-        shared = Projection(config.seed, config.distribution, config.r, max_in, max_out)
+    shared = _shared_projection(config, targets, projection)
 
     original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
     layers: dict[str, VeraLinear] = {}
@@ -189,6 +190,32 @@ def attach(model: nn.Module, config: VeraConfig) -> nn.Module:
     )
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _shared_projection(
+    config: VeraConfig, targets: dict[str, nn.Module], given: Projection | None
+) -> Projection | None:
+    """The model's one shared pair: `given` after checks, or generated per config.projection_kind."""
+    max_out = max(linear_shape(m)[0] for m in targets.values())
+    max_in = max(linear_shape(m)[1] for m in targets.values())
+    if given is not None:
+        if config.projection_sharing != "shared":
+            raise AttachError("a prebuilt projection needs projection_sharing='shared'")
+        if given.kind != config.projection_kind:
+            raise AttachError(f"projection kind {given.kind!r} differs from config.projection_kind {config.projection_kind!r}")
+        if given.rank < config.r or given.max_in < max_in or given.max_out < max_out:
+            raise AttachError(
+                f"projection (rank {given.rank}, max_in {given.max_in}, max_out {given.max_out}) is too small "
+                f"for r={config.r} and the largest target shape ({max_out}, {max_in})"
+            )
+        return given
+    if config.projection_sharing != "shared":
+        return None
+    if config.projection_kind == "explicit":
+        raise AttachError("projection_kind='explicit' needs the stored tables: attach(model, config, projection=...)")
+    if config.projection_kind == "peft-torch":
+        return Projection.peft_torch(config.seed, config.r, max_in, max_out)
+    return Projection(config.seed, config.distribution, config.r, max_in, max_out)
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -41,11 +41,12 @@ def is_merged(model: nn.Module) -> bool:
 def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Semantics: {module: diag(b) B_sl diag(s d) A_sl} in float32, shaped like the module's weight.
 
-    Pure: needs only the adapter, since the projections are regenerated from its seed.
+    Pure: needs only the adapter, since the projections are regenerated from its seed (or, for a
+    non-default projection_kind, carried by the adapter with scale 1).
     """
     cfg = adapter.config
-    shared = None
-    if cfg.projection_sharing == "shared":
+    shared = adapter.projection
+    if shared is None and cfg.projection_sharing == "shared":
         shared = Projection(
             cfg.seed, cfg.distribution, cfg.r,
             max(v[1] for v in adapter.modules.values()), max(v[0] for v in adapter.modules.values()),

@@ -28,10 +28,13 @@ __all__ = [
     "unit_table",
     "matrix_ids",
     "distribution_scale",
+    "peft_torch_tables",
     "Projection",
 ]
 
 GENERATOR = "philox4x32-10/v1"
+# Generator names recorded in adapter files, per VeraConfig.projection_kind.
+GENERATORS = {"philox4x32-10": GENERATOR, "peft-torch": "peft-torch/v1", "explicit": "explicit"}
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers (Salmon et al., SC'11)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
@@ -183,6 +186,21 @@ def distribution_scale(distribution: str, fan_in: int) -> float:
     raise ValueError(f"unknown projection distribution {distribution!r}")
 
 
+def peft_torch_tables(seed: int, rank: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: PEFT VeRA's shared pair for `projection_prng_key=seed`: A (rank, max_in), B (max_out, rank).
+
+    Reproduces peft/tuners/vera/model.py (`_init_vera_A_vera_B`, `_kaiming_init`): one CPU torch.Generator
+    seeded with the key draws A then B with `uniform_(-bound, bound)`, bound = sqrt(3) * sqrt(2) / sqrt(fan_in),
+    fan_in = the tensor's column count. The values are only as portable as torch's CPU generator.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for shape in ((rank, max_in), (max_out, rank)):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+        out.append(torch.empty(shape).uniform_(-bound, bound, generator=gen))
+    return out[0], out[1]
+
+
 class Projection:
     """One frozen (A, B) pair held once per model; layers take views of it.
 
@@ -190,7 +208,12 @@ class Projection:
     A layer with input width d_in and rank r uses A[:r, :d_in], B[:d_out, :r] and the scalar
     `scale(d_in, r)` = scale_A(fan_in=d_in) * scale_B(fan_in=r). Not an nn.Module on purpose: it must
     never appear in a state_dict or be copied per layer by `model.to()`.
+
+    `kind` is the VeraConfig.projection_kind: "philox4x32-10" for the tables above; "peft-torch" and
+    "explicit" projections (`from_tables`, `peft_torch`) hold already-scaled values, so `scale` is 1.
     """
+
+    kind = "philox4x32-10"
 
     def __init__(
         self, seed: int, distribution: str, rank: int, max_in: int, max_out: int, ids: tuple[int, int] = (0, 1)
@@ -201,7 +224,31 @@ class Projection:
         self.B = unit_table(seed, ids[1], distribution, max_out, rank)  # (max_out, R)
         self._copies: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def from_tables(cls, A: torch.Tensor, B: torch.Tensor, kind: str = "explicit", seed: int = 0) -> Projection:
+        """A projection using the given, already-scaled tables A (R, max_in) and B (max_out, R) as is."""
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"projection tables need A (R, max_in), B (max_out, R); got {tuple(A.shape)}, {tuple(B.shape)}")
+        if kind not in GENERATORS or kind == cls.kind:
+            raise ValueError(f"tables given as is need kind 'explicit' or 'peft-torch', got {kind!r}")
+        self = cls.__new__(cls)
+        self.seed, self.distribution, self.rank = seed, "kaiming_uniform", A.shape[0]
+        self.max_in, self.max_out, self.ids = A.shape[1], B.shape[0], (0, 1)
+        self.A = A.detach().to("cpu", torch.float32).contiguous()
+        self.B = B.detach().to("cpu", torch.float32).contiguous()
+        self.kind = kind
+        self._copies = {}
+        return self
+
+    @classmethod
+    def peft_torch(cls, seed: int, rank: int, max_in: int, max_out: int) -> Projection:
+        """PEFT's pair for `projection_prng_key=seed` at PEFT's max shapes (see `peft_torch_tables`)."""
+        A, B = peft_torch_tables(seed, rank, max_in, max_out)
+        return cls.from_tables(A, B, kind="peft-torch", seed=seed)
+
     def scale(self, d_in: int, r: int) -> float:
+        if self.kind != Projection.kind:
+            return 1.0  # the tables already hold the distribution's values
         return distribution_scale(self.distribution, d_in) * distribution_scale(self.distribution, r)
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,4 +261,4 @@ class Projection:
         return pair
 
     def spec(self) -> dict[str, object]:
-        return {"generator": GENERATOR, "seed": self.seed, "distribution": self.distribution}
+        return {"generator": GENERATORS[self.kind], "seed": self.seed, "distribution": self.distribution}
