@@ -1,0 +1,309 @@
+"""The HTTP API over an Engine (FastAPI), and `run_server` (uvicorn).
+
+Imported only when serving (never by `import verakit` or `import verakit.serve`), so fastapi is imported
+at the top here: FastAPI resolves the endpoints' annotations from this module's globals.
+
+Endpoints: POST /v1/classify, POST /v1/completions, POST /v1/chat/completions (OpenAI-compatible, SSE
+streaming), GET /v1/models, POST /v1/adapters and DELETE /v1/adapters/{name} (admin, bearer token),
+GET /health, GET /metrics (Prometheus). Every error is JSON `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..fileformat import AdapterError
+from .engine import Engine, IncompatibleAdapter, InputError, UnknownAdapter
+from .generate import GenResult, GenRow
+from .metrics import ServeMetrics
+from .options import ServeOptions
+from .schemas import ChatRequest, ClassifyRequest, CompletionRequest
+from .store import InvalidName
+
+__all__ = ["create_app", "run_server"]
+
+log = logging.getLogger(__name__)
+
+# Exception type -> (HTTP status, error type). Looked up along the MRO, most specific first.
+_STATUS: dict[type[BaseException], tuple[int, str]] = {
+    UnknownAdapter: (404, "not_found"),
+    IncompatibleAdapter: (409, "incompatible_adapter"),
+    AdapterError: (422, "invalid_adapter"),
+    InputError: (422, "invalid_request"),
+    InvalidName: (422, "invalid_name"),
+    FileExistsError: (409, "conflict"),
+}
+
+
+_FIXED_PATHS = frozenset({"/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters",
+                          "/health", "/metrics"})
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+class _Guard:
+    """ASGI middleware: answer 413 before reading a body declared too large; count and time every request
+    by route template (never the raw path, so adapter names cannot grow the label set) and status."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics, max_body: int, max_upload: int) -> None:
+        self.app, self.metrics, self.max_body, self.max_upload = app, metrics, max_body, max_upload
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        upload = scope["method"] == "POST" and scope["path"] == "/v1/adapters"
+        limit = self.max_upload if upload else self.max_body
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        received = 0
+
+        async def receive_limited() -> dict[str, Any]:
+            # Bodies without a (truthful) Content-Length are counted as they arrive; the endpoint's
+            # body read then fails with this 413, which the app renders as JSON.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        try:
+            if length.isdigit() and int(length) > limit:
+                too_large = _error(413, "too_large", f"request body of {int(length)} bytes exceeds the limit of {limit}")
+                await too_large(scope, receive, send_status)
+            else:
+                await self.app(scope, receive_limited, send_status)
+        finally:
+            path = scope["path"]
+            route = getattr(scope.get("route"), "path", None) or (path if path in _FIXED_PATHS else "unmatched")
+            self.metrics.observe_request(route, status[0], time.perf_counter() - start)
+
+
+def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> Any:
+    """The FastAPI app serving `engine`; `metrics` must be the one the engine reports batches to."""
+    app = FastAPI(title="verakit", docs_url=None, redoc_url=None)
+    app.add_middleware(_Guard, metrics=metrics, max_body=options.max_body_bytes, max_upload=options.max_upload_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        return _error(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Any:
+        message = _validation_message(list(exc.errors()))
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            message += " (send the body as JSON with Content-Type: application/json)"
+        return _error(422, "invalid_request", message)
+
+    for exc_type, (status, kind) in _STATUS.items():
+        async def handler(request: Request, exc: Exception, status: int = status, kind: str = kind) -> Any:
+            return _error(status, kind, str(exc))
+
+        app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Any:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+    def require_task(task: str) -> Callable[[], None]:
+        def check() -> None:
+            if engine.task != task:
+                raise HTTPException(400, f"this server runs a {engine.task} model; this endpoint needs a {task} model")
+        return check
+
+    def admin(request: Request) -> None:
+        if options.admin_token is None:
+            raise HTTPException(403, "admin endpoints are disabled: start the server with --admin-token")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), options.admin_token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/classify", dependencies=[Depends(require_task("classify"))])
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        ref = engine.adapter_ref(body.adapter)
+        encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs])
+        res = await asyncio.wrap_future(engine.classify(ref, encodings))
+        out = {"adapter": body.adapter, "label_names": res.label_names, "labels": res.labels, "probs": res.probs}
+        if res.scores:
+            out["scores"] = res.scores
+        return out
+
+    def check_sampling(n: int, max_tokens: int, prompts: int) -> None:
+        if max_tokens > options.max_new_tokens:
+            raise InputError(f"max_tokens {max_tokens} exceeds the limit of {options.max_new_tokens}")
+        if n > options.max_n:
+            raise InputError(f"n {n} exceeds the limit of {options.max_n}")
+        if prompts > options.max_inputs:
+            raise InputError(f"{prompts} prompts exceed the limit of {options.max_inputs} per request")
+
+    async def run_generation(
+        ref: str | None, prompts: list[tuple[int, ...]], body: CompletionRequest | ChatRequest, max_tokens: int,
+        render: Callable[[list[GenResult]], dict[str, Any]], chunk: Callable[[int, str | None, str | None], dict[str, Any]],
+    ) -> Any:
+        n, stops = body.n, body.stops()
+        if not body.stream:
+            rows = [GenRow(p, max_tokens, body.temperature, body.top_p, stops) for p in prompts for _ in range(n)]
+            return render(await asyncio.wrap_future(engine.generate(ref, rows)))
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(index: int) -> Callable[[str], None]:
+            return lambda text: loop.call_soon_threadsafe(queue.put_nowait, (index, text))
+
+        rows = [GenRow(p, max_tokens, body.temperature, body.top_p, stops, sink(k * n + j))
+                for k, p in enumerate(prompts) for j in range(n)]
+        future = engine.generate(ref, rows)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, (None, f)))
+        first = await queue.get()
+        if first[0] is None and first[1].exception() is not None:
+            raise first[1].exception()  # nothing sent yet, so the client gets a proper status
+
+        async def events() -> AsyncIterator[str]:
+            item = first
+            for k in range(len(rows)):
+                yield f"data: {json.dumps(chunk(k, None, None))}\n\n"  # opens each choice
+            while True:
+                index, payload = item
+                if index is None:
+                    done: Future = payload
+                    if done.exception() is not None:
+                        exc = done.exception()
+                        status, kind = next((v for t, v in _STATUS.items() if isinstance(exc, t)), (500, "internal_error"))
+                        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'code': status}})}\n\n"
+                    else:
+                        for k, r in enumerate(done.result()):
+                            yield f"data: {json.dumps(chunk(k, '', r.finish_reason))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield f"data: {json.dumps(chunk(index, payload, None))}\n\n"
+                item = await queue.get()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def usage(prompts: list[tuple[int, ...]], results: list[GenResult]) -> dict[str, int]:
+        p, c = sum(len(x) for x in prompts), sum(r.tokens for r in results)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @app.post("/v1/completions", dependencies=[Depends(require_task("generate"))])
+    async def completions(body: CompletionRequest) -> Any:
+        texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        check_sampling(body.n, body.max_tokens, len(texts))
+        ref = engine.adapter_ref(body.model)
+        prompts = [engine.encode_prompt(t, body.max_tokens) for t in texts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": body.model}
+
+        def render(results: list[GenResult]) -> dict[str, Any]:
+            choices = [{"index": k, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                       for k, r in enumerate(results)]
+            return {**head, "choices": choices, "usage": usage(prompts, results)}
+
+        def chunk(k: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            return {**head, "choices": [{"index": k, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+        return await run_generation(ref, prompts, body, body.max_tokens, render, chunk)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_task("generate"))])
+    async def chat(body: ChatRequest) -> Any:
+        max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
+        check_sampling(body.n, max_tokens, 1)
+        ref = engine.adapter_ref(body.model)
+        text = engine.chat_prompt([m.model_dump() for m in body.messages])
+        prompts = [engine.encode_prompt(text, max_tokens, chat=True)]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.model}
+
+        def render(results: list[GenResult]) -> dict[str, Any]:
+            choices = [{"index": k, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+                       for k, r in enumerate(results)]
+            return {**head, "choices": choices, "usage": usage(prompts, results)}
+
+        def chunk(k: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return {**head, "object": "chat.completion.chunk", "choices": [{"index": k, "delta": delta, "finish_reason": finish}]}
+
+        return await run_generation(ref, prompts, body, max_tokens, render, chunk)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        resident = engine.resident
+        data = [{"id": engine.base_name, "object": "model", "owned_by": "verakit", "kind": "base", "resident": True}]
+        for name in sorted(set(engine.store.names()) | resident):
+            data.append({"id": name, "object": "model", "owned_by": "verakit", "kind": "adapter", "resident": name in resident})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
+    async def upload(request: Request, name: str, overwrite: bool = False) -> dict[str, Any]:
+        data = await request.body()
+        adapter = await run_in_threadpool(engine.upload, name, data, overwrite)
+        return {"name": name, "bytes": len(data), "r": adapter.config.r, "layers": len(adapter.modules),
+                "labels": adapter.extra.get("labels")}
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
+    def delete(name: str) -> dict[str, Any]:
+        engine.delete(name)
+        return {"deleted": name}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        resident, capacity, loads, evictions, failures = engine.bank_stats()
+        return {"status": "ok", "task": engine.task, "model": engine.base_name, "rank": engine.bank.config.r,
+                "resident": resident, "capacity": capacity}
+
+    @app.get("/metrics")
+    def prometheus() -> Any:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def run_server(options: ServeOptions) -> None:
+    """Load the model and adapters named by `options` and serve until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    holder: list[Engine] = []
+    metrics = ServeMetrics(lambda: holder[0].bank_stats() if holder else (0, 0, 0, 0, 0))
+    engine = Engine(options, on_batch=metrics.observe_batch)
+    holder.append(engine)
+    app = create_app(engine, metrics, options)
+    log.info(
+        "serving %s model %r: bank rank %d over %d layers, capacity %d, slot tables %.1f MiB; adapters from %s",
+        engine.task, engine.base_name, engine.bank.config.r, len(engine.bank.layers), options.capacity,
+        engine.bank.nbytes() / 2**20, options.adapters,
+    )
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

@@ -1,0 +1,347 @@
+"""The serving engine: one base model and tokenizer, an AdapterBank, the adapter directory and a batcher.
+
+Request handlers validate and tokenize on their own thread and submit jobs; the batcher's worker thread
+loads the adapters a batch needs (least recently used ones make room), runs one forward or one
+`generate` for every row of the batch whatever its adapter, and resolves each job's future. Everything
+that touches the model or the bank runs on that thread or under `Engine._lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import PROJECTION_KINDS, VeraConfig
+from ..fileformat import Adapter, AdapterError
+from ..inject import attach
+from .bank import AdapterBank
+from .batcher import Batcher, Job
+from .generate import GenResult, GenRow, generate_rows
+from .options import ServeOptions
+from .store import AdapterInfo, AdapterStore, check_name
+
+__all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "ClassifyResult", "plan_config"]
+
+log = logging.getLogger(__name__)
+
+
+class UnknownAdapter(LookupError):
+    """No adapter of that name on disk or in memory (HTTP 404)."""
+
+
+class IncompatibleAdapter(AdapterError):
+    """An adapter file exists but cannot be served by this bank, or is corrupt (HTTP 409)."""
+
+
+class InputError(ValueError):
+    """A request is well-formed JSON but asks for something out of bounds (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    adapter: str | None
+    label_names: list[str]
+    labels: list[str]  # predicted label per input (regression: empty)
+    probs: list[list[float]]  # per input, over label_names (regression: empty)
+    scores: list[float]  # regression heads (one output): the raw prediction per input
+
+
+@dataclass(frozen=True)
+class _Classify:
+    adapter: str | None
+    encodings: list[dict[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class _Generate:
+    adapter: str | None
+    rows: list[GenRow]
+
+
+def plan_config(infos: Sequence[AdapterInfo], rank: int | None) -> tuple[VeraConfig, list[AdapterInfo]]:
+    """The bank's VeraConfig for the adapters on disk, and the adapters it can serve.
+
+    The largest group sharing (seed, distribution, sharing, model type, architecture) wins; the bank adapts
+    the union of their modules at the largest rank (or `rank`). Other adapters will answer 409.
+    """
+    infos = [i for i in infos if i.config.projection_kind == PROJECTION_KINDS[0]]
+    if not infos:
+        return VeraConfig(r=rank or 256), []
+
+    def key(i: AdapterInfo) -> tuple[Any, ...]:
+        return (i.config.seed, i.config.distribution, i.config.projection_sharing, i.model_type, i.architecture)
+
+    best = Counter(key(i) for i in infos).most_common(1)[0][0]
+    chosen = [i for i in infos if key(i) == best]
+    cfg = VeraConfig(
+        r=rank or max(i.config.r for i in chosen),
+        target_modules=tuple(sorted({m for i in chosen for m in i.modules})),
+        seed=best[0], distribution=best[1], projection_sharing=best[2],
+        modules_to_save=tuple(sorted({p for i in chosen for p in i.config.modules_to_save})),
+    )
+    return cfg, chosen
+
+
+def _label_names(chosen: Sequence[AdapterInfo]) -> list[str] | None:
+    found = Counter(tuple(i.extra["labels"]) for i in chosen if isinstance(i.extra.get("labels"), list))
+    return list(found.most_common(1)[0][0]) if found else None
+
+
+class Engine:
+    """Loads everything named by `options` and serves classify / generate jobs over the bank."""
+
+    def __init__(self, options: ServeOptions, on_batch: Callable[[int, int], None] | None = None) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.options = options
+        self.store = AdapterStore(options.adapters)
+        infos = []
+        for name in self.store.names():
+            try:
+                infos.append(self.store.info(name))
+            except AdapterError as e:
+                log.warning("skipping unreadable adapter while planning the bank: %s", e)
+        config, chosen = plan_config(infos, options.rank)
+        if len(chosen) < len(infos):
+            log.warning("%d of %d adapters do not share the bank's projection/base and will answer 409",
+                        len(infos) - len(chosen), len(infos))
+        self.task, path = self._resolve_model(options, chosen)
+        self.base_name = Path(options.model or path).name  # what `model` names to get the base model
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        dtype = getattr(torch, options.dtype)
+        if self.task == "classify":
+            labels = _label_names(chosen)
+            kw: dict[str, Any] = {}
+            if labels:
+                kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                      "label2id": {n: i for i, n in enumerate(labels)}}
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kw)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model.eval()
+        try:
+            attach(model, config)
+        except ValueError as e:
+            raise AdapterError(f"adapters in {options.adapters} do not fit the model {path}: {e}") from None
+        self.bank = AdapterBank(model, options.capacity)
+        self.model = model
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or options.max_input_tokens)
+        self.max_input_tokens = min(options.max_input_tokens, self.context)
+        self.load_failures = 0
+        self.resident: frozenset[str] = frozenset()  # snapshot for readers on other threads
+        self._on_batch = on_batch
+        self._lock = threading.Lock()
+        # Encode once here so the fast tokenizer's truncation/padding state is fixed before threads share it.
+        self.tokenizer("warm up", "pair", truncation=False)
+        self.batcher = Batcher(self._run, options.max_batch, options.max_wait_ms / 1000.0)
+
+    @staticmethod
+    def _resolve_model(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> tuple[str, str]:
+        import transformers
+
+        from ..models import resolve_model
+
+        task, name = options.task, options.model
+        if task is None and name is not None and name.lower() in ("minilm", "smollm2"):
+            task = "classify" if name.lower() == "minilm" else "generate"
+        if task is None and chosen:
+            task = "generate" if chosen[0].architecture.endswith("ForCausalLM") else "classify"
+        if task is None and name is not None:
+            archs = transformers.AutoConfig.from_pretrained(name).architectures or []
+            task = "generate" if any(a.endswith("ForCausalLM") for a in archs) else "classify"
+        task = task or "classify"
+        return task, resolve_model(name, "classifier" if task == "classify" else "causal-lm")
+
+    # ---------------------------------------------------------------- request side (any thread)
+
+    def adapter_ref(self, name: str | None) -> str | None:
+        """None for the base model; else the validated name of an adapter that exists on disk."""
+        if name is None or name == self.base_name:
+            return None
+        check_name(name)
+        if not self.store.exists(name):
+            raise UnknownAdapter(f"adapter {name!r} not found")
+        return name
+
+    def encode_inputs(self, inputs: Sequence[str | Sequence[str]]) -> list[dict[str, list[int]]]:
+        if not inputs:
+            raise InputError("inputs must not be empty")
+        if len(inputs) > self.options.max_inputs:
+            raise InputError(f"{len(inputs)} inputs exceed the limit of {self.options.max_inputs} per request")
+        out = []
+        for i, x in enumerate(inputs):
+            a, b = (x, None) if isinstance(x, str) else (x[0], x[1])
+            enc = self.tokenizer(a, b, truncation=False)
+            n = len(enc["input_ids"])
+            if n > self.max_input_tokens:
+                raise InputError(f"inputs[{i}] has {n} tokens; the limit is {self.max_input_tokens}")
+            out.append({k: list(v) for k, v in enc.items()})
+        return out
+
+    def encode_prompt(self, text: str, max_tokens: int, chat: bool = False) -> tuple[int, ...]:
+        ids = self.tokenizer(text, add_special_tokens=not chat, truncation=False)["input_ids"]
+        if not ids:
+            raise InputError("the prompt is empty after tokenization")
+        if len(ids) > self.max_input_tokens:
+            raise InputError(f"the prompt has {len(ids)} tokens; the limit is {self.max_input_tokens}")
+        if len(ids) + max_tokens > self.context:
+            raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the context of {self.context}")
+        return tuple(ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(f"the model {self.base_name!r} has no chat template; use /v1/completions")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def classify(self, adapter: str | None, encodings: list[dict[str, list[int]]]) -> Future:
+        return self.batcher.submit(Job("classify", len(encodings), _Classify(adapter, encodings)))
+
+    def generate(self, adapter: str | None, rows: list[GenRow]) -> Future:
+        return self.batcher.submit(Job("generate", len(rows), _Generate(adapter, rows)))
+
+    # ---------------------------------------------------------------- admin (threadpool threads)
+
+    def upload(self, name: str, data: bytes, overwrite: bool = False) -> Adapter:
+        """Validate and store an adapter file; a resident adapter of that name is reloaded on next use."""
+        check_name(name)
+
+        def validate(adapter: Adapter) -> None:
+            try:
+                self.bank.check(adapter)  # reads the bank's fixed spec only: safe beside the worker
+            except AdapterError as e:
+                raise IncompatibleAdapter(str(e)) from None
+
+        adapter = self.store.save(name, data, validate, overwrite)
+        with self._lock:
+            if name in self.bank:
+                self.bank.remove(name)
+            self.resident = frozenset(self.bank.names())
+        return adapter
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        with self._lock:
+            on_disk, resident = self.store.exists(name), name in self.bank
+            if not (on_disk or resident):
+                raise UnknownAdapter(f"adapter {name!r} not found")
+            if on_disk:
+                self.store.delete(name)
+            if resident:
+                self.bank.remove(name)
+            self.resident = frozenset(self.bank.names())
+
+    def bank_stats(self) -> tuple[int, int, int, int, int]:
+        return len(self.resident), self.bank.capacity, self.bank.loads, self.bank.evictions, self.load_failures
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # ---------------------------------------------------------------- worker thread
+
+    def _run(self, jobs: list[Job]) -> None:
+        with self._lock:
+            try:
+                for chunk in self._chunks(jobs):
+                    ready = self._load(chunk)
+                    if ready:
+                        self._forward(ready)
+            finally:
+                self.resident = frozenset(self.bank.names())
+
+    def _chunks(self, jobs: list[Job]) -> list[list[Job]]:
+        """Split so that no chunk needs more distinct adapters than the bank holds."""
+        chunks: list[list[Job]] = [[]]
+        names: set[str] = set()
+        for j in jobs:
+            a = j.payload.adapter
+            if a is not None and a not in names and len(names) == self.bank.capacity:
+                chunks.append([])
+                names = set()
+            if a is not None:
+                names.add(a)
+            chunks[-1].append(j)
+        return chunks
+
+    def _load(self, jobs: list[Job]) -> list[Job]:
+        """Make every adapter the jobs need resident; fail the jobs whose adapter cannot be loaded."""
+        needed = {j.payload.adapter for j in jobs} - {None}
+        for n in needed & set(self.bank.names()):
+            self.bank.slot(n)  # most recently used now, so loading the others cannot evict it
+        failed: dict[str, Exception] = {}
+        for n in sorted(needed - set(self.bank.names())):
+            try:
+                self.bank.add(n, self.store.read(n))
+            except FileNotFoundError:
+                failed[n] = UnknownAdapter(f"adapter {n!r} not found")
+            except AdapterError as e:
+                self.load_failures += 1
+                failed[n] = IncompatibleAdapter(f"adapter {n!r} cannot be served: {e}")
+        for j in jobs:
+            if j.payload.adapter in failed:
+                j.future.set_exception(failed[j.payload.adapter])
+        return [j for j in jobs if j.payload.adapter not in failed]
+
+    def _forward(self, jobs: list[Job]) -> None:
+        refs = [j.payload.adapter for j in jobs for _ in range(j.rows)]
+        if self._on_batch is not None:
+            self._on_batch(len(refs), len(set(refs)))
+        if jobs[0].kind == "classify":
+            self._classify(jobs, refs)
+        else:
+            self._generate(jobs, refs)
+
+    def _classify(self, jobs: list[Job], refs: list[str | None]) -> None:
+        encs = [e for j in jobs for e in j.payload.encodings]
+        batch = _pad_right(encs, self.tokenizer.pad_token_id or 0, self.model.device)
+        with torch.no_grad():
+            logits = self.bank.forward(refs, **batch).logits.float().cpu()  # (B, num_labels)
+        start = 0
+        for j in jobs:
+            part = logits[start : start + j.rows]
+            start += j.rows
+            names = self._labels_of(j.payload.adapter, part.shape[1])
+            if part.shape[1] == 1:
+                j.future.set_result(ClassifyResult(j.payload.adapter, names, [], [], part[:, 0].tolist()))
+                continue
+            probs = part.softmax(dim=-1)
+            labels = [names[k] for k in probs.argmax(dim=-1).tolist()]
+            j.future.set_result(ClassifyResult(j.payload.adapter, names, labels, probs.tolist(), []))
+
+    def _labels_of(self, adapter: str | None, n: int) -> list[str]:
+        labels = self.bank.extra(adapter).get("labels") if adapter is not None else None
+        if isinstance(labels, list) and len(labels) == n:
+            return [str(x) for x in labels]
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        return [str(id2label.get(k, f"LABEL_{k}")) for k in range(n)]
+
+    def _generate(self, jobs: list[Job], refs: list[str | None]) -> None:
+        rows = [r for j in jobs for r in j.payload.rows]
+        with torch.no_grad(), self.bank.rows(refs):
+            results: list[GenResult] = generate_rows(self.model, self.tokenizer, rows)
+        start = 0
+        for j in jobs:
+            j.future.set_result(results[start : start + j.rows])
+            start += j.rows
+
+
+def _pad_right(encs: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad token lists to one (B, T) batch with an attention mask (pure Python: no tokenizer state)."""
+    width = max(len(e["input_ids"]) for e in encs)
+    out: dict[str, torch.Tensor] = {}
+    for key in encs[0]:
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in encs], dtype=torch.long, device=device)
+    if "attention_mask" not in out:
+        out["attention_mask"] = torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in encs], dtype=torch.long, device=device
+        )
+    return out

@@ -1,0 +1,70 @@
+"""Settings of one `verakit serve` process: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServeOptions", "TASKS", "DTYPES"]
+
+TASKS = ("classify", "generate")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything the server needs; `verakit serve` flags map one to one onto these fields.
+
+    model: base model: a transformers folder, a hub id (when online), or the aliases "minilm" / "smollm2";
+        None picks the default for `task` (MiniLM for classify, SmolLM2 for generate).
+    adapters: directory of `<name>.safetensors` adapter files, loaded on first use.
+    host, port: where to listen; loopback by default so nothing is exposed unless asked.
+    capacity: adapters resident at once (slot tables are allocated for all of them at start-up); the
+        least recently used one is evicted when a new one is needed.
+    admin_token: bearer token for POST/DELETE /v1/adapters; None disables those endpoints.
+    max_batch: most model rows (inputs, or prompts x n) in one forward.
+    max_wait_ms: how long the batcher waits after the first request for more to join its batch.
+    task: "classify" or "generate"; None infers it from the model (causal LM -> generate).
+    rank: the bank's rank R; None takes the largest rank among the adapters on disk (256 if none).
+    max_body_bytes / max_upload_bytes: request body limits for JSON requests / adapter uploads.
+    max_inputs: most inputs per classify request and prompts per completion request.
+    max_input_tokens: most tokens per input or prompt (also capped by the model's context).
+    max_new_tokens: largest allowed `max_tokens`; max_n: largest allowed `n`.
+    dtype: dtype of the base model weights (the adapter vectors stay float32).
+    """
+
+    model: str | None
+    adapters: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    capacity: int = 256
+    admin_token: str | None = None
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    task: str | None = None
+    rank: int | None = None
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
+    max_inputs: int = 64
+    max_input_tokens: int = 512
+    max_new_tokens: int = 256
+    max_n: int = 8
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in ("capacity", "max_batch", "max_body_bytes", "max_upload_bytes", "max_inputs",
+                  "max_input_tokens", "max_new_tokens", "max_n"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ServeOptions.{f} must be an integer >= 1, got {v!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"ServeOptions.port must be in 0..65535, got {self.port}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"ServeOptions.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"ServeOptions.task must be one of {TASKS} or None, got {self.task!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"ServeOptions.rank must be an integer >= 1 or None, got {self.rank!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ServeOptions.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ValueError("ServeOptions.admin_token must be at least 8 characters")

@@ -1,0 +1,156 @@
+"""Many adapters in one forward: per-row integer slots into tables of VeRA vectors.
+
+Semantics: y[i] = W0 x[i] + b[s_i] * (B_sl (scale * d[s_i] * (A_sl x[i])))   for batch row i in slot s_i.
+
+A and B are shared by every adapter, so a batch whose rows use different adapters costs the same two
+shared matmuls as a batch that uses one adapter, plus a gather of one d row and one b row per batch row.
+Slot 0 is "no adapter": its rows are zero and never written, so slot-0 rows get exactly the base output.
+
+The tables are `nn.Parameter`s (frozen by default): with `requires_grad_(True)` the per-row gather
+backpropagates as an index-add into the rows of the slots used, so one batch can train many adapters.
+
+The slots of the batch in flight live in one `RowSlots` object shared by every slot layer of a model (the
+vLLM/punica pattern: integer index tensors set once per batch, never adapter names inside layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import is_linear_leaf, linear_shape
+from .projection import Projection
+
+__all__ = ["RowSlots", "SlotLinear", "SlotHeadLinear"]
+
+
+class RowSlots:
+    """The slot of every batch row for the forward in flight, shared by all slot layers of one model."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None  # [B] int64, on the model's device
+        self.active = False  # False when every row is in slot 0: layers skip the adapter path
+
+    @contextmanager
+    def use(self, ids: torch.Tensor) -> Iterator[None]:
+        """Set the per-row slots `ids` [B] for the duration of the block (not reentrant)."""
+        if self.ids is not None:
+            raise RuntimeError("per-row slots are already set: RowSlots.use() blocks cannot be nested")
+        if ids.dim() != 1 or ids.dtype != torch.int64:
+            raise ValueError(f"per-row slots must be a 1-D int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
+        self.ids, self.active = ids, bool((ids != 0).any())
+        try:
+            yield
+        finally:
+            self.ids, self.active = None, False
+
+    def current(self, batch: int, where: str) -> torch.Tensor:
+        ids = self.ids
+        if ids is None:
+            raise RuntimeError(f"{where}: no per-row slots are set; run the model inside AdapterBank.rows(...)")
+        if ids.shape[0] != batch:
+            raise ValueError(f"{where}: the batch has {batch} rows but {ids.shape[0]} slots were given")
+        return ids
+
+
+def _per_row(table: torch.Tensor, ids: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Semantics: table[ids] reshaped to (B, 1, ..., n) so it broadcasts over an ndim-D input's middle dims."""
+    rows = table[ids]  # (B, n)
+    return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
+
+
+class SlotLinear(nn.Module):
+    """A frozen linear layer with VeRA vectors for `slots` adapters; each batch row picks its slot.
+
+    Wraps the same base layer and shared projection a `VeraLinear` would (composition, no subclassing).
+    Tables: vera_d (S, r) in units of this layer's rank-r scale, vera_b (S, d_out); both float32.
+    """
+
+    def __init__(
+        self, base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
+        dropout: float = 0.0, name: str = "",
+    ) -> None:
+        super().__init__()
+        if not is_linear_leaf(base):
+            raise TypeError(f"SlotLinear {name!r}: base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        self.base = base
+        self.out_features, self.in_features = linear_shape(base)
+        if r > projection.rank or self.in_features > projection.max_in or self.out_features > projection.max_out:
+            raise ValueError(
+                f"SlotLinear {name!r}: projection ({projection.rank}, {projection.max_in}, {projection.max_out}) is "
+                f"too small for a rank-{r} layer of shape ({self.out_features}, {self.in_features})"
+            )
+        if slots < 1:
+            raise ValueError(f"SlotLinear {name!r}: needs at least one slot (slot 0, the base model), got {slots}")
+        self.r, self.name = r, name
+        self.projection = projection  # plain attribute: shared, never in state_dict
+        self.rows = rows  # plain attribute: shared by every slot layer of the model
+        self.scale = projection.scale(self.in_features, r)
+        dev = base.weight.device
+        self.vera_d = nn.Parameter(torch.zeros(slots, r, device=dev), requires_grad=False)  # (S, r)
+        self.vera_b = nn.Parameter(torch.zeros(slots, self.out_features, device=dev), requires_grad=False)  # (S, d_out)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def slots(self) -> int:
+        return self.vera_d.shape[0]
+
+    def slices(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_sl (r, d_in), B_sl (d_out, r)): views of the shared tables, no copy."""
+        A, B = self.projection.tables(device, dtype)
+        return A[: self.r, : self.in_features], B[: self.out_features, : self.r]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ids = self.rows.current(x.shape[0], f"SlotLinear {self.name!r}")
+        if not self.rows.active:
+            return y  # every row is in slot 0, whose vectors are zero (and get zero gradient: d = b = 0)
+        A, B = self.slices(x.device, x.dtype)
+        h = F.linear(self.dropout(x), A)  # (B, ..., r)
+        h = h * (_per_row(self.vera_d, ids, x.dim()) * self.scale).to(x.dtype)
+        h = F.linear(h, B)  # (B, ..., d_out)
+        return y + h * _per_row(self.vera_b, ids, x.dim()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
+
+
+class SlotHeadLinear(nn.Module):
+    """An nn.Linear with its own full weight and bias per slot, e.g. each adapter's classifier head.
+
+    Semantics: y[i] = W[s_i] x[i] + c[s_i]. Slot 0 holds the base layer's weights. Rows are grouped by
+    slot and each group is one matmul, so the cost grows with the distinct slots in the batch, not with
+    copies of W per row. Tables are in the base layer's dtype: weight (S, d_out, d_in), bias (S, d_out).
+    """
+
+    def __init__(self, base: nn.Linear, slots: int, rows: RowSlots, name: str = "") -> None:
+        super().__init__()
+        if type(base) is not nn.Linear:
+            raise TypeError(f"SlotHeadLinear {name!r}: per-slot heads support plain nn.Linear only, got {type(base).__name__}")
+        self.in_features, self.out_features, self.name, self.rows = base.in_features, base.out_features, name, rows
+        w = base.weight.detach()
+        weight = torch.zeros(slots, *w.shape, dtype=w.dtype, device=w.device)  # (S, d_out, d_in)
+        weight[0] = w
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias: nn.Parameter | None = None
+        if base.bias is not None:
+            bias = torch.zeros(slots, self.out_features, dtype=w.dtype, device=w.device)  # (S, d_out)
+            bias[0] = base.bias.detach()
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.rows.current(x.shape[0], f"SlotHeadLinear {self.name!r}")
+        order = torch.argsort(ids, stable=True)  # rows grouped by slot
+        uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        outs = []
+        for slot, group in zip(uniq.tolist(), x[order].split(counts.tolist()), strict=True):
+            outs.append(F.linear(group, self.weight[slot], None if self.bias is None else self.bias[slot]))
+        y = torch.cat(outs)  # (B, ..., d_out), rows in slot order
+        return y[torch.argsort(order)]  # back to batch order
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={self.weight.shape[0]}"
