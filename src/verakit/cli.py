@@ -14,6 +14,8 @@ __all__ = ["main", "build_parser"]
 def _inspect(args: argparse.Namespace) -> int:
     from .fileformat import read_adapter
 
+    if Path(args.file).is_dir():
+        return _inspect_peft(args)
     ad = read_adapter(args.file)
     size = Path(args.file).stat().st_size
     vec = sum(t.numel() for t in (*ad.d.values(), *ad.b.values()))
@@ -38,7 +40,8 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = ad.config
     print(f"{args.file}: verakit adapter, {size:,} bytes ({ad.dtype})")
     print(f"  base          {ad.architecture} (model_type={ad.model_type}), fingerprint {ad.fingerprint}")
-    print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}")
+    kind = "" if cfg.projection_kind == "philox4x32-10" else f" kind={cfg.projection_kind}"
+    print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}{kind}")
     print(f"  targets       {cfg.target_modules} -> {len(ad.modules)} layers")
     print(f"  trained       {vec:,} vector params (d, b) + {info['saved_params']:,} in saved modules")
     if ad.saved:
@@ -52,12 +55,95 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_peft(args: argparse.Namespace) -> int:
+    from .interop import describe_peft_dir
+
+    info = describe_peft_dir(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    kind = "PEFT VeRA" if info["peft_type"] == "VERA" else "PEFT LoRA"
+    print(f"{args.file}: {kind} adapter directory, {info['bytes']:,} bytes (peft_version {info['peft_version']})")
+    print(f"  base          {info['base_model_name_or_path']} (task_type={info['task_type']})")
+    if info["peft_type"] == "VERA":
+        proj = info["projection"]
+        where = f"saved: vera_A {proj['vera_A']}, vera_B {proj['vera_B']}" if proj["saved"] else "not saved, regenerated"
+        print(f"  projection    r={info['r']} projection_prng_key={proj['projection_prng_key']}, {where}")
+    else:
+        print(f"  rank          r={info['r']} lora_alpha={info['lora_alpha']} (scaling {info['scaling']})")
+    print(f"  targets       {info['layers']} layers")
+    print(f"  trained       {info['adapter_params']:,} adapter params + {info['saved_params']:,} in saved modules")
+    for n, (d_out, d_in) in list(info["modules"].items())[: args.max_layers]:
+        print(f"    {n}  ({d_out} x {'?' if d_in is None else d_in})")
+    if len(info["modules"]) > args.max_layers:
+        print(f"    ... {len(info['modules']) - args.max_layers} more (--max-layers)")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .interop import convert
+
+    summary = convert(args.direction, args.src, args.dst, model=args.model, max_rank=args.max_rank)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from .interop import DIRECTIONS
+
+    s = sub.add_parser("convert", help="PEFT VeRA -> verakit, verakit -> PEFT VeRA, verakit -> LoRA (exact)")
+    s.add_argument("direction", choices=DIRECTIONS)
+    s.add_argument("src", help="from-peft: PEFT VeRA directory; to-peft / to-lora: verakit adapter file")
+    s.add_argument("dst", help="from-peft: verakit adapter file; to-peft / to-lora: new directory")
+    s.add_argument("--model", default=None, help="from-peft: base model directory (needed for layer widths); "
+                   "to-*: recorded as base_model_name_or_path")
+    s.add_argument("--max-rank", type=int, default=None, help="to-lora: truncate by SVD above this rank "
+                   "(vLLM serves <= 512); the relative error is reported")
+    s.set_defaults(func=_convert)
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_pretrained
 
     out = merge_pretrained(args.model, args.adapter, args.out)
     print(f"merged model written to {out}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.app import run_server
+    from .serve.options import ServeOptions
+
+    fields = {k: getattr(args, k) for k in ServeOptions.__dataclass_fields__}
+    try:
+        options = ServeOptions(**fields)
+    except ValueError as e:
+        print(f"verakit serve: error: {e}", file=sys.stderr)
+        return 2
+    run_server(options)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve many adapters over one base model over HTTP (mixed-adapter batches)")
+    s.add_argument("--model", default=None, help="base model folder, hub id, or minilm / smollm2 (default: per task)")
+    s.add_argument("--adapters", required=True, help="directory of NAME.safetensors adapters, loaded on first use")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--capacity", type=int, default=256, help="adapters resident at once, LRU-evicted (default 256)")
+    s.add_argument("--admin-token", default=None, help="bearer token enabling adapter upload/delete (off without)")
+    s.add_argument("--max-batch", type=int, default=32, help="most rows per batched forward (default 32)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    s.add_argument("--task", default=None, choices=["classify", "generate"], help="default: from the model")
+    s.add_argument("--rank", type=int, default=None, help="bank rank (default: the largest adapter rank on disk)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-upload-bytes", type=int, default=64 << 20)
+    s.add_argument("--max-inputs", type=int, default=64, help="inputs per classify request / prompts per completion")
+    s.add_argument("--max-input-tokens", type=int, default=512)
+    s.add_argument("--max-new-tokens", type=int, default=256, help="largest max_tokens allowed")
+    s.add_argument("--max-n", type=int, default=8, help="largest n allowed")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(func=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,17 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"verakit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="show an adapter file's config, layers, size and fingerprint")
-    s.add_argument("file")
+    s = sub.add_parser("inspect", help="show an adapter's config, layers, size and fingerprint "
+                       "(verakit file, PEFT VeRA or LoRA directory)")
+    s.add_argument("file", help="verakit .safetensors file or PEFT adapter directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--max-layers", type=int, default=8, help="layers to list (default 8)")
     s.set_defaults(func=_inspect)
+
+    _add_convert(sub)
 
     s = sub.add_parser("merge", help="merge an adapter into a transformers model directory")
     s.add_argument("--model", required=True, help="base model directory (or hub id when online)")
     s.add_argument("--adapter", required=True, help="adapter .safetensors file")
     s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     s.set_defaults(func=_merge)
+
+    _add_serve(sub)
     return p
 
 
