@@ -25,27 +25,34 @@ from pathlib import Path
 import torch
 
 
-def roberta_base(seed: int = 0):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def roberta_base(seed: int = 0, head: bool = True):
+    """RoBERTa-base-sized random model; with `head`, a 2-label sequence classifier."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
     torch.manual_seed(seed)
     cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=514, num_labels=2)
-    return RobertaForSequenceClassification(cfg)
+    return RobertaForSequenceClassification(cfg) if head else RobertaModel(cfg, add_pooling_layer=False)
 
 
 def with_verakit(base, r):
     from verakit import VeraConfig, attach
 
-    return attach(base, VeraConfig(r=r, target_modules=("query", "value"), modules_to_save=("classifier",)))
+    # A sequence classifier gets its head saved automatically; a bare encoder saves vectors only.
+    return attach(base, VeraConfig(r=r, target_modules=("query", "value")))
 
 
 def with_peft(base, r, save_projection=True):
     from peft import VeraConfig, get_peft_model
 
+    heads = ["classifier"] if hasattr(base, "classifier") else None
     cfg = VeraConfig(r=r, target_modules=["query", "value"], projection_prng_key=0, d_initial=0.1,
-                     save_projection=save_projection, modules_to_save=["classifier"])
+                     save_projection=save_projection, modules_to_save=heads)
     return get_peft_model(base, cfg)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 def make_batch(batch, seq):
@@ -114,19 +121,30 @@ def measure_rank(base, r: int, args: argparse.Namespace, tmp: Path) -> dict:
 
     from verakit import load_adapter, merge, save_adapter, unmerge
 
-    ours = with_verakit(copy.deepcopy(base), r)
-    peft = with_peft(copy.deepcopy(base), r)
-    peft_noproj = with_peft(copy.deepcopy(base), r, save_projection=False)
-    for m in (ours, peft, peft_noproj):  # non-zero b so merge does real work
+    # Adapter bytes on the bare encoder (no task head), so the files hold the adapter alone.
+    bare = roberta_base(head=False)
+    files = {}
+    for name, m in (("ours", with_verakit(copy.deepcopy(bare), r)), ("peft", with_peft(copy.deepcopy(bare), r)),
+                    ("peftnp", with_peft(copy.deepcopy(bare), r, save_projection=False))):
         for n, p in m.named_parameters():
             if "vera_b" in n or "vera_lambda_b" in n:
                 torch.nn.init.normal_(p, std=0.01)
-    ours_bytes = save_adapter(ours, tmp / f"ours{r}.safetensors")
+        if name == "ours":
+            files[name] = (save_adapter(m, tmp / f"bare{r}.safetensors"), None)
+        else:
+            m.save_pretrained(tmp / f"bare-{name}{r}")
+            files[name] = ((tmp / f"bare-{name}{r}" / "adapter_model.safetensors").stat().st_size,
+                           dir_bytes(tmp / f"bare-{name}{r}"))
+    del bare
+
+    ours = with_verakit(copy.deepcopy(base), r)
+    peft = with_peft(copy.deepcopy(base), r)
+    for m in (ours, peft):  # non-zero b so merge does real work
+        for n, p in m.named_parameters():
+            if "vera_b" in n or "vera_lambda_b" in n:
+                torch.nn.init.normal_(p, std=0.01)
+    save_adapter(ours, tmp / f"ours{r}.safetensors")
     peft.save_pretrained(tmp / f"peft{r}")
-    peft_noproj.save_pretrained(tmp / f"peftnp{r}")
-    peft_bytes = (tmp / f"peft{r}" / "adapter_model.safetensors").stat().st_size
-    peft_np_bytes = (tmp / f"peftnp{r}" / "adapter_model.safetensors").stat().st_size
-    del peft_noproj
 
     x, y = make_batch(args.batch, args.seq)
     s_ours, s_peft = step_fn(ours), step_fn(peft)
@@ -156,7 +174,7 @@ def measure_rank(base, r: int, args: argparse.Namespace, tmp: Path) -> dict:
     mem_o, mem_p = run_memory("verakit", r, args), run_memory("peft", r, args)
     return {
         "r": r,
-        "bytes": (ours_bytes, peft_np_bytes, peft_bytes),
+        "bytes": files,
         "step": (statistics.median(t_ours), statistics.median(t_peft), statistics.median(step_ratios),
                  min(step_ratios), max(step_ratios)),
         "mem": (mem_o["extra"], mem_p["extra"]),
@@ -190,9 +208,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         r = row["r"]
-        o, np_, p = row["bytes"]
-        print(f"| {r} | adapter bytes (PEFT save_projection=False) | {o:,} | {np_:,} | {o / np_:.3f} |")
-        print(f"| {r} | adapter bytes (PEFT default) | {o:,} | {p:,} | 1/{p / o:.1f} |")
+        o = row["bytes"]["ours"][0]
+        np_file, np_dir = row["bytes"]["peftnp"]
+        p_file, p_dir = row["bytes"]["peft"]
+        print(f"| {r} | adapter bytes, no head (PEFT save_projection=False: safetensors / +config dir) "
+              f"| {o:,} | {np_file:,} / {np_dir:,} | {o / np_file:.3f} / {o / np_dir:.3f} |")
+        print(f"| {r} | adapter bytes, no head (PEFT default, safetensors) | {o:,} | {p_file:,} | 1/{p_file / o:.1f} |")
         so, sp, med, lo, hi = row["step"]
         print(f"| {r} | train step s (median; ratio of interleaved pairs, range) | {so:.3f} | {sp:.3f} | {med:.3f} ({lo:.2f}-{hi:.2f}) |")
         mo, mp = row["mem"]
