@@ -110,6 +110,85 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.classify import TrainArgs, train_classifier
+    from .train.loop import TrainingInterrupted
+
+    _log_to_stderr()
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    try:
+        metrics = train_classifier(TrainArgs(**fields))
+    except TrainingInterrupted as e:
+        print(f"verakit train: {e}", file=sys.stderr)
+        return 130
+    if metrics:
+        main = metrics["main_metric"]
+        print(f"{metrics['task']} {metrics['method']}: best dev {main} {metrics['metric'][main]:.4f} "
+              f"(step {metrics['best_step']}); {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
+              f"head params; artifact {metrics['adapter_bytes']:,} bytes; {metrics['train_seconds']:.1f} s; "
+              f"results in {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.classify import evaluate_classifier
+
+    _log_to_stderr()
+    result = evaluate_classifier(args.adapter, task=args.task, data_dir=args.data_dir, model=args.model,
+                                 max_eval_samples=args.max_eval_samples)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.data import TASKS
+    from .train.methods import METHODS
+
+    s = sub.add_parser("train", help="finetune a sequence classifier with VeRA, LoRA, full or head-only")
+    s.add_argument("--task", required=True, choices=list(TASKS))
+    s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
+                   "holding train and dev .csv/.jsonl/.tsv")
+    s.add_argument("--out", required=True, help="RUN_DIR: adapter, metrics.json, report.md, curve.png")
+    s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
+    s.add_argument("--method", default="vera", choices=list(METHODS))
+    s.add_argument("--r", type=int, default=None, help="rank: VeRA 1024, LoRA 8 by default")
+    s.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
+    s.add_argument("--target-modules", type=_csv, default=None, help="comma-separated leaf names "
+                   "(default: the model type's, query,value for BERT)")
+    s.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
+    s.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    s.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    s.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: per task)")
+    s.add_argument("--head-lr", type=float, default=None, help="classifier head learning rate (default: per task)")
+    s.add_argument("--warmup-ratio", type=float, default=0.06)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-train-samples", type=int, default=None)
+    s.add_argument("--max-eval-samples", type=int, default=None)
+    s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
+    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
+    s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("eval", help="evaluate a trained adapter on a task's dev set")
+    s.add_argument("--task", default=None, choices=list(TASKS), help="default: the task it was trained on")
+    s.add_argument("--data-dir", default=None, help="default: the folder it was trained on")
+    s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
+                   "or RUN_DIR/trained.safetensors (full, head)")
+    s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
+    s.add_argument("--max-eval-samples", type=int, default=None, help="default: as in training")
+    s.set_defaults(func=_eval)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
     from .serve.options import ServeOptions
@@ -125,13 +204,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    import os
+
     s = sub.add_parser("serve", help="serve many adapters over one base model over HTTP (mixed-adapter batches)")
     s.add_argument("--model", default=None, help="base model folder, hub id, or minilm / smollm2 (default: per task)")
     s.add_argument("--adapters", required=True, help="directory of NAME.safetensors adapters, loaded on first use")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--capacity", type=int, default=256, help="adapters resident at once, LRU-evicted (default 256)")
-    s.add_argument("--admin-token", default=None, help="bearer token enabling adapter upload/delete (off without)")
+    s.add_argument("--admin-token", default=os.environ.get("VERAKIT_ADMIN_TOKEN"),
+                   help="bearer token enabling adapter upload/delete (default: $VERAKIT_ADMIN_TOKEN; off without)")
     s.add_argument("--max-batch", type=int, default=32, help="most rows per batched forward (default 32)")
     s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
     s.add_argument("--task", default=None, choices=["classify", "generate"], help="default: from the model")
@@ -143,6 +225,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-new-tokens", type=int, default=256, help="largest max_tokens allowed")
     s.add_argument("--max-n", type=int, default=8, help="largest n allowed")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     s.set_defaults(func=_serve)
 
 
@@ -169,18 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_merge)
 
     _add_serve(sub)
+
+    _add_train(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .fileformat import AdapterError
+    from .train.data import DataError  # stdlib only
+    from .train.methods import ArtifactError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError, DataError, ArtifactError) as e:
         print(f"verakit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

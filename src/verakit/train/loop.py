@@ -1,0 +1,342 @@
+"""The training loop, generic over a recipe: AdamW, linear warmup/decay, periodic dev evaluation, best
+checkpoint, Ctrl-C -> resumable checkpoint. Runs single process or under `torchrun` / `accelerate launch`.
+
+Semantics: for each global batch of `batch_size` example indices (a fresh permutation per epoch, derived
+from (seed, epoch) only), every rank takes a contiguous slice, the recipe returns the *sum* of its
+per-unit losses and the unit count, and the loss that is back-propagated is
+    loss_sum * world_size / global_units,
+so that DDP's gradient *average* equals the gradient of the global mean loss over the whole batch,
+exactly, whatever the world size or how unevenly the last batch splits. `batch_size` is therefore the
+global batch: one process with batch 32 and two with batch 32 take the same optimizer steps.
+
+Under DDP (through `accelerate`) only trainable parameters (VeRA's d and b, the head) are all-reduced;
+the frozen projections are plain attributes regenerated from the seed on every rank, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
+
+__all__ = [
+    "LoopConfig",
+    "LoopResult",
+    "ParamGroup",
+    "Recipe",
+    "StepInfo",
+    "TrainingInterrupted",
+    "run_loop",
+]
+
+log = logging.getLogger("verakit.train")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters trained with one learning rate, e.g. ("adapter", d and b, 1e-2), ("head", ..., 4e-3)."""
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+    lr: float
+
+
+class Recipe(Protocol):
+    """What the loop needs from a task: a model, its batches, its loss and its dev evaluation."""
+
+    model: nn.Module  # built, adapted, trainable flags set; on CPU (the loop moves it)
+    main_metric: str  # key of `evaluate`'s result used to pick the best checkpoint (higher is better)
+
+    def param_groups(self) -> list[ParamGroup]: ...
+
+    def num_train(self) -> int: ...
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The training batch of these example indices (tensors on CPU)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum of per-unit losses, number of units): units are examples, or tokens for a causal LM."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Dev metrics of `model` (the unwrapped module, in eval mode)."""
+        ...
+
+    def save_best(self, model: nn.Module, run_dir: Path) -> None:
+        """Write the artifact of the current (best so far) weights into run_dir, atomically."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int
+    batch_size: int  # global batch (split across ranks)
+    warmup_ratio: float = 0.06  # fraction of all optimizer steps with a linear ramp from 0
+    weight_decay: float = 0.01  # AdamW's (torch's default), applied to every group
+    seed: int = 0  # data order and dropout; rank k seeds dropout with seed + k
+    eval_every: int | None = None  # evaluate every N optimizer steps too; always at each epoch end
+    quiet: bool = False  # log lines instead of a progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LoopConfig.{name} must be an integer >= 1, got {v!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"LoopConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"LoopConfig.eval_every must be >= 1 or None, got {self.eval_every!r}")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Passed to `on_step` after every optimizer step (progress hooks, tests)."""
+
+    epoch: int  # 0-based
+    step: int  # global optimizer step, 1-based
+    total_steps: int
+    loss: float  # global mean loss of this batch
+    lr: float  # learning rate of the first group after this step
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    history: list[dict[str, Any]]  # one record per evaluation: epoch, step, train_loss, lr, seconds, metrics
+    best: dict[str, Any]  # the record of the best evaluation (its artifact is in run_dir)
+    train_seconds: float  # wall time of training and evaluation, summed over resumed sessions
+    total_steps: int
+    world_size: int
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped training after a complete step; a resumable checkpoint was written."""
+
+    def __init__(self, checkpoint_dir: Path, step: int) -> None:
+        super().__init__(f"training interrupted after step {step}; checkpoint saved in {checkpoint_dir}, "
+                         "rerun the same command with --resume to continue")
+        self.checkpoint_dir = checkpoint_dir
+        self.step = step
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # Depends on (seed, epoch) only, not on any global RNG, so a resumed run sees the same batches.
+    order = list(range(n))
+    random.Random(f"verakit:order:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _local_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    per = math.ceil(len(indices) / world)
+    return indices[rank * per : (rank + 1) * per]
+
+
+class _SigintFlag:
+    """Turns the first SIGINT into a flag checked between steps; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_loop(
+    recipe: Recipe,
+    config: LoopConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> LoopResult:
+    """Train `recipe.model` in place; the best evaluation's artifact ends up in `run_dir`.
+
+    With `resume`, continues from `run_dir/checkpoint` (written by a Ctrl-C) to the same result as an
+    uninterrupted run: trainable tensors, optimizer, schedule, RNG states and data position are restored.
+    """
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    run_dir = Path(run_dir)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = acc.process_index, acc.num_processes
+    if config.batch_size < world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world}")
+
+    groups = recipe.param_groups()
+    named = {id(p): n for n, p in recipe.model.named_parameters()}
+    trainable = {named[id(p)]: p for g in groups for p in g.params}
+    optimizer = torch.optim.AdamW(
+        [{"params": list(g.params), "lr": g.lr, "name": g.name} for g in groups if g.params],
+        weight_decay=config.weight_decay,
+    )
+    n_train = recipe.num_train()
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    model = acc.prepare_model(recipe.model)
+    raw_model = acc.unwrap_model(model)
+
+    start_step, history, best, seconds_before = 0, [], {}, 0.0
+    resumed_window = (0.0, 0.0)
+    torch.manual_seed(config.seed + rank)
+    if resume:
+        ckpt = load_checkpoint(run_dir, rank)
+        if ckpt is not None:
+            missing = sorted(set(trainable) - set(ckpt.tensors))
+            if missing:
+                raise ValueError(f"{run_dir}/checkpoint: no saved tensor for trainable parameter(s) {missing[:3]}")
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(ckpt.tensors[n])
+            optimizer.load_state_dict(ckpt.optimizer)
+            scheduler.load_state_dict(ckpt.scheduler)
+            _set_rng_state(ckpt.rng)
+            start_step, history, best, seconds_before = ckpt.step, ckpt.history, ckpt.best, ckpt.seconds
+            resumed_window = ckpt.window
+            log.info("resuming %s at step %d of %d", run_dir, start_step, total_steps)
+
+    bar = _progress(acc.is_main_process and not config.quiet, total_steps, start_step)
+    t0 = time.perf_counter()
+    (window_loss, window_units), window_examples, window_t = resumed_window, 0, time.perf_counter()
+    step = start_step
+
+    def evaluate(epoch_float: float) -> None:
+        nonlocal best, window_loss, window_units
+        record: dict[str, Any] = {
+            "epoch": round(epoch_float, 4),
+            "step": step,
+            "train_loss": window_loss / window_units if window_units else float("nan"),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(seconds_before + time.perf_counter() - t0, 3),
+        }
+        window_loss, window_units = 0.0, 0.0
+        if acc.is_main_process:
+            raw_model.eval()
+            with torch.no_grad():
+                record["metrics"] = recipe.evaluate(raw_model)
+            raw_model.train()
+            history.append(record)
+            if not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric]:
+                best = record
+                recipe.save_best(raw_model, run_dir)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+            line = f"eval epoch {record['epoch']:.2f} step {step}: train_loss {record['train_loss']:.4f} {shown}"
+            bar.write(line) if bar is not None else log.info(line)
+        acc.wait_for_everyone()
+
+    model.train()
+    with _SigintFlag() as sigint:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = _epoch_order(n_train, config.seed, epoch)
+            global_idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size]
+            local = _local_slice(global_idx, rank, world)
+            # A rank left without examples (tiny last batch) still runs forward/backward, weighted 0,
+            # because DDP needs every rank in the all-reduce.
+            batch = {k: v.to(acc.device) for k, v in recipe.collate(local or global_idx[:1]).items()}
+            loss_sum, units = recipe.loss(model, batch)
+            if not local:
+                loss_sum, units = loss_sum * 0.0, 0
+            stats = torch.tensor([float(units), loss_sum.item(), float(sigint.raised)], device=acc.device)
+            stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
+            global_units = stats[0].item()
+            acc.backward(loss_sum * (world / global_units))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_loss = stats[1].item() / global_units
+            window_loss += stats[1].item()
+            window_units += global_units
+            window_examples += len(global_idx)
+            if on_step is not None:
+                on_step(StepInfo(epoch, step, total_steps, batch_loss, scheduler.get_last_lr()[0]))
+            if bar is not None:
+                now = time.perf_counter()
+                eps = window_examples / max(now - window_t, 1e-9)
+                bar.set_postfix_str(
+                    f"epoch {epoch + 1}/{config.epochs} loss {batch_loss:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {eps:.1f} ex/s", refresh=False
+                )
+                bar.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end or (config.eval_every and step % config.eval_every == 0):
+                evaluate(step / steps_per_epoch)
+                window_examples, window_t = 0, time.perf_counter()
+            if stats[2].item() > 0 and step < total_steps:
+                seconds = seconds_before + time.perf_counter() - t0
+                state = Checkpoint(
+                    step=step,
+                    tensors={n: p.detach().cpu().clone() for n, p in trainable.items()},
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    rng=_rng_state(),
+                    history=history,
+                    best=best,
+                    seconds=seconds,
+                    window=(window_loss, window_units),
+                )
+                save_checkpoint(run_dir, rank, state, write_shared=acc.is_main_process)
+                acc.wait_for_everyone()
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(run_dir / "checkpoint", step)
+    if bar is not None:
+        bar.close()
+    if acc.is_main_process:
+        remove_checkpoint(run_dir)
+    acc.wait_for_everyone()
+    return LoopResult(history, best, seconds_before + time.perf_counter() - t0, total_steps, world)
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=True)

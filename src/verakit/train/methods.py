@@ -1,0 +1,246 @@
+"""The four fine-tuning methods compared in the paper, on a transformers sequence classifier.
+
+* ``vera``: verakit's VeRA on the target layers; artifact: one verakit adapter file.
+* ``lora``: PEFT's LoRA (not our own) on the same targets, alpha = r; artifact: a PEFT adapter folder.
+* ``full``: every parameter trains; artifact: a safetensors file of all trained tensors.
+* ``head``: only the task head trains; artifact: a safetensors file of the head's tensors.
+
+Every method trains the same head: the modules that `verakit.attach` trains and saves with an adapter
+(``classifier``, and BERT's ``pooler``, which all-MiniLM-L6-v2 never trained). Head parameters are
+counted separately from the adapter's, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "Prepared",
+    "ArtifactError",
+    "head_modules",
+    "prepare_model",
+    "artifact_path",
+    "artifact_bytes",
+    "save_artifact",
+    "read_artifact_info",
+    "load_artifact",
+]
+
+METHODS = ("vera", "lora", "full", "head")
+_TRAINED_FORMAT = "verakit.trained"  # safetensors metadata "format" of full/head artifacts
+_LORA_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA artifact folder
+
+
+class ArtifactError(ValueError):
+    """A trained artifact (adapter file, PEFT folder, trained tensors) is unusable; names the path."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    method: str  # one of METHODS
+    r: int  # VeRA's projection rank or LoRA's rank (unused by full/head)
+    d_initial: float  # VeRA's initial d
+    target_modules: tuple[str, ...] | None  # None: the model type's default (query, value for BERT)
+    seed: int  # VeRA's projection seed
+
+
+@dataclass(frozen=True)
+class Prepared:
+    model: nn.Module  # the model to train (a peft.PeftModel for "lora")
+    adapter: tuple[tuple[str, nn.Parameter], ...]  # trainable, not head: d/b, LoRA A/B, or the body
+    head: tuple[tuple[str, nn.Parameter], ...]  # trainable head parameters
+
+    @property
+    def adapter_numel(self) -> int:
+        return sum(p.numel() for _, p in self.adapter)
+
+    @property
+    def head_numel(self) -> int:
+        return sum(p.numel() for _, p in self.head)
+
+
+def head_modules(model: nn.Module) -> tuple[str, ...]:
+    """Full names of the task head modules that `attach` would train and save for this model."""
+    from ..config import VeraConfig
+    from ..inject import _resolve_saved
+
+    return _resolve_saved(model, VeraConfig())[1]
+
+
+def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...]:
+    from ..config import DEFAULT_TARGETS
+
+    if spec.target_modules is not None:
+        return spec.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"no default target modules for model_type {model_type!r}; pass --target-modules")
+    return DEFAULT_TARGETS[model_type]
+
+
+def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
+    """Adapt `model` for `spec.method` and set which parameters train. VeRA/full/head work in place."""
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
+    if spec.method == "lora":
+        return _prepare_lora(model, spec)
+    heads = head_modules(model)
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no classification head (classifier/score) to train")
+    in_head = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+    if spec.method == "vera":
+        from ..config import VeraConfig
+        from ..inject import attach, trainable_parameters
+
+        attach(model, VeraConfig(r=spec.r, target_modules=_targets(model, spec), d_initial=spec.d_initial, seed=spec.seed))
+        trainable = trainable_parameters(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(spec.method == "full" or id(p) in in_head)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
+    head = tuple((n, p) for n, p in trainable if id(p) in in_head)
+    return Prepared(model, adapter, head)
+
+
+def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils import ModulesToSaveWrapper
+
+    heads = head_modules(model)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=spec.r,
+        lora_alpha=spec.r,  # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1
+        lora_dropout=0.0,
+        target_modules=list(_targets(model, spec)),
+        modules_to_save=sorted({h.rpartition(".")[2] for h in heads}),
+    )
+    peft_model = get_peft_model(model, config)
+    in_head = {
+        id(p) for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.modules_to_save.parameters()
+    }
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
+    head = tuple((n, p) for n, p in trainable if id(p) in in_head)
+    return Prepared(peft_model, adapter, head)
+
+
+def artifact_path(method: str, run_dir: str | Path) -> Path:
+    """Where `save_artifact` writes: adapter.safetensors (vera), adapter/ (lora), trained.safetensors."""
+    run_dir = Path(run_dir)
+    if method == "vera":
+        return run_dir / "adapter.safetensors"
+    if method == "lora":
+        return run_dir / "adapter"
+    return run_dir / "trained.safetensors"
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Bytes of the tensors file: the file itself, or a PEFT folder's adapter_model.safetensors."""
+    path = Path(path)
+    return (path / "adapter_model.safetensors").stat().st_size if path.is_dir() else path.stat().st_size
+
+
+def save_artifact(method: str, model: nn.Module, run_dir: str | Path, info: dict[str, Any]) -> Path:
+    """Write the trained weights of `model` and the run `info` (task, labels, max_length...) atomically."""
+    path = artifact_path(method, run_dir)
+    info = {**info, "method": method}
+    if method == "vera":
+        from ..fileformat import save_adapter
+
+        save_adapter(model, path, extra=info)
+    elif method == "lora":
+        _save_lora(model, path, info)
+    else:
+        from safetensors.torch import save
+
+        from ..fileformat import atomic_write_bytes
+
+        tensors = {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+        meta = {"format": _TRAINED_FORMAT, "verakit": json.dumps(info)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def _save_lora(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
+    # save_pretrained writes several files: build the folder beside the target, then swap it in, so a
+    # crash never leaves a half-written adapter/ behind.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        model.save_pretrained(str(tmp))
+        (tmp / _LORA_INFO).write_text(json.dumps(info, indent=2))
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_artifact_info(path: str | Path) -> dict[str, Any]:
+    """The run info stored with an artifact (includes "method"); raises ArtifactError naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        info_path = path / _LORA_INFO
+        if not (path / "adapter_config.json").is_file() or not info_path.is_file():
+            raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_LORA_INFO})")
+        return json.loads(info_path.read_text())
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such adapter file or folder")
+    fmt = _metadata(path).get("format")
+    if fmt == "verakit.adapter":
+        from ..fileformat import read_adapter
+
+        return dict(read_adapter(path).extra)
+    if fmt == _TRAINED_FORMAT:
+        return json.loads(_metadata(path)["verakit"])
+    raise ArtifactError(f"{path}: not a verakit artifact (safetensors metadata format is {fmt!r})")
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise ArtifactError(f"{path}: not a safetensors file ({e})") from None
+
+
+def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
+    """`base` (the freshly built pretrained classifier) with the artifact's trained weights applied."""
+    path = Path(path)
+    method = read_artifact_info(path).get("method")
+    if method == "vera":
+        from ..fileformat import load_adapter
+
+        return load_adapter(base, path)
+    if method == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(path))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    own = dict(base.named_parameters())
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ArtifactError(f"{path}: tensors {unknown[:3]} do not exist in {type(base).__name__}")
+    for k, t in tensors.items():
+        if own[k].shape != t.shape:
+            raise ArtifactError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model's is {tuple(own[k].shape)}")
+    base.load_state_dict(tensors, strict=False)
+    return base
