@@ -124,10 +124,10 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "verakit.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "verakit.cli", "serve", "--port", str(self.port), "--threads", "1", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         self.log = log

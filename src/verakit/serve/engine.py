@@ -102,6 +102,8 @@ class Engine:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
         self.options = options
         self.store = AdapterStore(options.adapters)
         infos = []

@@ -30,6 +30,8 @@ class ServeOptions:
     max_input_tokens: most tokens per input or prompt (also capped by the model's context).
     max_new_tokens: largest allowed `max_tokens`; max_n: largest allowed `n`.
     dtype: dtype of the base model weights (the adapter vectors stay float32).
+    threads: torch intra-op threads for the model; None keeps torch's default (one per core). On a
+        machine shared with other work, 1 avoids threads waiting on each other at every op.
     """
 
     model: str | None
@@ -49,6 +51,7 @@ class ServeOptions:
     max_new_tokens: int = 256
     max_n: int = 8
     dtype: str = "float32"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("capacity", "max_batch", "max_body_bytes", "max_upload_bytes", "max_inputs",
@@ -64,6 +67,8 @@ class ServeOptions:
             raise ValueError(f"ServeOptions.task must be one of {TASKS} or None, got {self.task!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"ServeOptions.rank must be an integer >= 1 or None, got {self.rank!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"ServeOptions.threads must be an integer >= 1 or None, got {self.threads!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ServeOptions.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.admin_token is not None and len(self.admin_token) < 8:
