@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGETS, VeraConfig
-from .layer import VeraLinear, is_linear_leaf, linear_shape
+from .layer import VeraLinear, is_linear_leaf, linear_shape, share_inputs
 from .projection import Projection, matrix_ids
 
 __all__ = [
@@ -166,6 +166,7 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, layer)
         layers[name] = layer
+    share_inputs(layers)  # siblings reading one input (q, k, v) compute A x once on the factored path
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,17 +3,25 @@
 Semantics: h = W0 x + b * (B_sl (s * d * (A_sl dropout(x))))
   A_sl = A[:r, :d_in], B_sl = B[:d_out, :r] are views of the model's shared unit tables, s is the
   distribution's fan-in scale (a constant scalar, folded into d), d (r) and b (d_out) are trained.
+
+The forward picks per call, by the cost model in `ops`, between the factored path (per token) and the
+materialized one (W0 + delta once per call); without gradients it reuses a cached W0 + delta until the
+vectors or the base weight change.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .projection import Projection
 
-__all__ = ["VeraLinear", "is_linear_leaf", "linear_shape"]
+__all__ = ["VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "linear_shape"]
 
 
 def is_linear_leaf(module: nn.Module) -> bool:
@@ -30,6 +38,46 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(d_out, d_in) of a linear leaf."""
     w = module.weight
     return (w.shape[1], w.shape[0]) if _is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+class SharedInput:
+    """u = A_sl x computed once for sibling layers (q, k, v; gate, up) that read the very same tensor x.
+
+    Semantics: `take(x, layer)` returns the u a sibling stored for this x object (same version, same grad
+    mode) unless `layer` already took it (then it is a new forward: the caller recomputes and `put`s).
+    A wrong grouping only costs a miss: the match is on the tensor itself, never on names.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref, int, bool, torch.Tensor, set[int]] | None = None
+
+    def take(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
+        e = self._entry
+        if e is None or e[0]() is not x or e[1] != _version(x) or e[2] != torch.is_grad_enabled() or id(layer) in e[4]:
+            return None
+        e[4].add(id(layer))
+        return e[3]
+
+    def put(self, x: torch.Tensor, layer: nn.Module, u: torch.Tensor) -> None:
+        self._entry = (weakref.ref(x), _version(x), torch.is_grad_enabled(), u, {id(layer)})
+
+
+def _version(x: torch.Tensor) -> int:
+    # Inference tensors have no version counter; nothing writes a model's hidden states in place.
+    return -1 if x.is_inference() else x._version
+
+
+def share_inputs(layers: Mapping[str, VeraLinear]) -> None:
+    """Give layers under one parent module with the same projection, rank and d_in one SharedInput."""
+    groups: dict[tuple[str, int, int, int], list[VeraLinear]] = {}
+    for name, layer in layers.items():
+        key = (name.rpartition(".")[0], id(layer.projection), layer.r, layer.in_features)
+        groups.setdefault(key, []).append(layer)
+    for group in groups.values():
+        if len(group) > 1:
+            shared = SharedInput()
+            for layer in group:
+                layer.shared_input = shared
 
 
 class VeraLinear(nn.Module):
@@ -62,6 +110,9 @@ class VeraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_versions: tuple[int, int] | None = None
+        self.shared_input: SharedInput | None = None  # set by share_inputs for sibling layers
+        # Inference cache of W0 + delta: (key of what it was built from, weight or None, tokens seen).
+        self._cache: tuple[tuple, torch.Tensor | None, int] | None = None
 
     def slices(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_sl (r, d_in), B_sl (d_out, r)): views of the shared tables, no copy."""
@@ -69,14 +120,56 @@ class VeraLinear(nn.Module):
         return A[: self.r, : self.in_features], B[: self.out_features, : self.r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        A, B = self.slices(x.device, x.dtype)
-        h = F.linear(self.dropout(x), A)  # (..., r)
-        h = h * (self.vera_d * self.scale).to(x.dtype)
-        h = F.linear(h, B)  # (..., d_out)
-        return y + h * self.vera_b.to(x.dtype)
+            return self.base(x)
+        A, B = self.slices(x.device, x.dtype)  # (r, d_in), (d_out, r) views
+        d, b, w0 = self.vera_d, self.vera_b, self._base_weight()
+        tokens = x.numel() // self.in_features
+        grad = torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or b.requires_grad)
+        # One-matmul paths need W0 x to be a plain matmul we may replace, and the same x on both paths.
+        one_matmul = (
+            not w0.requires_grad and w0.dtype == x.dtype and (type(self.base) is nn.Linear or self.transposed)
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if grad:
+            self._cache = None  # training: the vectors change every step, free the weight
+        elif one_matmul and not torch.compiler.is_compiling():
+            W = self._cached_weight(tokens, A, B)  # (d_out, d_in) or None while it does not pay
+            if W is not None:
+                return F.linear(x, W, self.base.bias)
+        path, keep = ops.choose_path(tokens, self.in_features, self.out_features, self.r, grad, x.requires_grad)
+        if one_matmul and path == "materialized":
+            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep)
+        return self.base(x) + ops.vera_tail(self._projected(x, A), B, d, b, self.scale)  # (..., d_out)
+
+    def _projected(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """u = A_sl dropout(x) (..., r), shared with siblings unless dropout draws a mask per layer."""
+        share = self.shared_input
+        if share is None or (self.training and isinstance(self.dropout, nn.Dropout)) or torch.compiler.is_compiling():
+            return F.linear(self.dropout(x), A)
+        u = share.take(x, self)
+        if u is None:
+            u = F.linear(x, A)
+            share.put(x, self, u)
+        return u
+
+    def _base_weight(self) -> torch.Tensor:
+        """W0 as (d_out, d_in); a transposed view for Conv1D."""
+        return self.base.weight.t() if self.transposed else self.base.weight
+
+    def _cached_weight(self, tokens: int, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+        """W0 + delta for gradient-free calls, built once it pays (ops.cache_pays) and kept until d, b or
+        W0 change (in-place updates bump `_version`, reassignment changes `data_ptr`)."""
+        d, b, w = self.vera_d, self.vera_b, self.base.weight
+        key = (d._version, b._version, d.data_ptr(), b.data_ptr(), w._version, w.data_ptr(), A.device, A.dtype)
+        cached, seen = (None, 0) if self._cache is None or self._cache[0] != key else self._cache[1:]
+        if cached is None:
+            seen += tokens
+            if ops.cache_pays(seen, self.in_features, self.out_features):
+                cached = ops.vera_weight(self._base_weight(), A, B, d, b, self.scale)
+        self._cache = (key, cached, seen)
+        return cached
 
     def delta_weight(self) -> torch.Tensor:
         """Semantics: diag(b) B_sl diag(s d) A_sl, float32, shape (d_out, d_in)."""

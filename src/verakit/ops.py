@@ -1,0 +1,215 @@
+"""VeRA adapter-path operations: two fast paths with hand-written backward, a cost model, slow references.
+
+Notation (one adapted layer): x (T, n) tokens in, A = A_sl (r, n), B = B_sl (m, r) frozen views of the
+shared tables, c = s * d (r), b (m). The adapter adds  b * (B (c * (A x)))  to the frozen  W0 x + bias.
+
+* factored:     u = A x per token (computed by the caller, so sibling layers reading the same x can
+                share it), then `vera_tail`. Cost ~ T * r * (n + m) per pass; saves u (T, r).
+* materialized: W = W0 + diag(b) B diag(c) A once per call, then one matmul: `vera_materialized`.
+                Cost ~ m * n * r per call plus, when training, the weight-gradient-shaped G = g^T x
+                (T * m * n) or the projected P = g^T (x A^T) (T * r * (n + m)), whichever is cheaper.
+                Saves x (T, n), shared with sibling layers, and optionally W (m, n).
+
+Neither path ever forms a gradient for A, B or W0; d and b get theirs in float32 whatever the compute
+dtype. `choose_path` picks per layer and per call from the actual shapes and token count
+(docs/performance.md derives the counts). Every fast op has a `*_ref` beside it: plain autograd through
+the naive formula, used by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PathCost",
+    "REBUILD_SHARE",
+    "path_costs",
+    "choose_path",
+    "cache_pays",
+    "vera_weight",
+    "vera_tail",
+    "vera_tail_ref",
+    "vera_materialized",
+    "vera_materialized_ref",
+]
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """Adapter-path cost of one call on top of the frozen layer's own work (which both paths keep)."""
+
+    flops: int  # multiply-adds counted as 2
+    saved: int  # floats held for backward beyond the frozen layer's own (0 without grad)
+
+
+def _projected_cheaper(tokens: int, n: int, m: int, r: int) -> bool:
+    """Whether P = g^T (x A^T) (2T r (n + m)) beats Q = (g^T x) A^T (2T m n + 2 m n r) for the (m, r) Q."""
+    return tokens * r * (n + m) < tokens * m * n + m * n * r
+
+
+def path_costs(
+    tokens: int, n: int, m: int, r: int, grad: bool, input_grad: bool = True, keep_weight: bool = True
+) -> dict[str, PathCost]:
+    """FLOPs and saved floats of both paths for T=`tokens` rows through an (m, n) layer at rank r.
+
+    grad: d or b need gradients; input_grad: x needs one too (any adapted layer below this one);
+    keep_weight: the materialized path keeps W (m, n) for backward instead of rebuilding it.
+    """
+    T = tokens
+    fwd_f = 2 * T * r * (n + m)  # u = A x, then B (c * u)
+    fwd_m = 2 * m * n * r  # W = W0 + b B c A; the matmul with W replaces the frozen one
+    if not grad:
+        return {"factored": PathCost(fwd_f, 0), "materialized": PathCost(fwd_m, 0)}
+    # factored backward: z = (b g) B and dx += (c z) A when x needs a gradient; P = g^T u for grad_b
+    bwd_f = 2 * T * m * r + (2 * T * r * (n + m) if input_grad else 0)
+    q = 2 * T * r * (n + m) if _projected_cheaper(T, n, m, r) else 2 * T * m * n + 2 * m * n * r
+    bwd_m = q + (0 if keep_weight else fwd_m)  # dx = g W replaces the frozen layer's dx
+    return {
+        "factored": PathCost(fwd_f + bwd_f, T * r),
+        "materialized": PathCost(fwd_m + bwd_m, T * n + (m * n if keep_weight else 0)),
+    }
+
+
+# The materialized path rebuilds W in backward, holding only x like LoRA does, when the rebuild adds at
+# most this share to its FLOPs: at large token counts activations dominate peak memory and the rebuild is
+# cheap relative to G; at small ones the rebuild is a large part of the step and W is small next to x.
+REBUILD_SHARE = 0.25
+
+
+def choose_path(tokens: int, n: int, m: int, r: int, grad: bool, input_grad: bool = True) -> tuple[str, bool]:
+    """(path, keep_weight): the path with the fewest FLOPs (`path_costs`); for the materialized path
+    with gradients, whether W is kept for backward (see REBUILD_SHARE) rather than rebuilt."""
+    keep = path_costs(tokens, n, m, r, grad, input_grad, keep_weight=True)
+    rebuild = path_costs(tokens, n, m, r, grad, input_grad, keep_weight=False)
+    extra = rebuild["materialized"].flops - keep["materialized"].flops
+    keep_weight = grad and extra > REBUILD_SHARE * keep["materialized"].flops
+    costs = keep if keep_weight else rebuild
+    path = "materialized" if costs["materialized"].flops < costs["factored"].flops else "factored"
+    return path, keep_weight and path == "materialized"
+
+
+def cache_pays(tokens_seen: int, n: int, m: int) -> bool:
+    """Whether a cached W = W0 + delta (cost 2 m n r once) has paid off against the factored path
+    (2 r (n + m) per token) over `tokens_seen` tokens: the ski-rental rule, never more than 2x optimal."""
+    return tokens_seen * (n + m) >= m * n
+
+
+def vera_weight(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Semantics: W = W0 + diag(b) B diag(scale * d) A, in W0's dtype (vectors cast to it once).
+
+    w0 (m, n) (any strides), A (r, n), B (m, r), d (r,), b (m,). Returns a new (m, n) tensor.
+    """
+    dt = w0.dtype
+    bc = b.to(dt).unsqueeze(1) * (d * scale).to(dt)  # (m, r) outer product b c^T
+    return torch.addmm(w0, B * bc, A)  # (m, n)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _vector_grads(Q: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float,
+                  need_d: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """grad_d, grad_b (float32) from Q = g^T (x A^T) (m, r): dL/db_i = sum_k B_ik c_k Q_ik,
+    dL/dd_k = scale * sum_i b_i B_ik Q_ik."""
+    BQ = B.float() * Q.float()  # (m, r)
+    grad_d = BQ.t().mv(b.float()) * scale if need_d else None
+    grad_b = BQ.mv(d.float() * scale) if need_b else None
+    return grad_d, grad_b
+
+
+class _Tail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, B, d, b, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        c = (d * scale).to(u.dtype)
+        out = F.linear(u * c, B) * b.to(u.dtype)  # (..., m)
+        ctx.save_for_backward(u, B, d, b)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        u, B, d, b = ctx.saved_tensors
+        need_u, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        g2, u2 = _flat(g), _flat(u)  # (T, m), (T, r)
+        grad_u = grad_d = grad_b = None
+        if need_u:
+            z = (g2 * b.to(g.dtype)) @ B  # (T, r)
+            grad_u = (z * (d * ctx.scale).to(g.dtype)).view(u.shape)
+            if need_d:
+                grad_d = (z.float() * u2.float()).sum(0) * ctx.scale
+        if need_b or (need_d and grad_d is None):
+            gd, grad_b = _vector_grads(g2.t() @ u2, B, d, b, ctx.scale, grad_d is None and need_d, need_b)
+            grad_d = gd if grad_d is None else grad_d
+        return grad_u, None, grad_d, grad_b, None
+
+
+def vera_tail(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Semantics: out = b * (B (scale * d * u)), the factored adapter path after u = A x.
+
+    u (..., r) in the compute dtype, B (m, r) compute dtype, d (r,), b (m,) float32. Returns (..., m).
+    Saves only u (shared with sibling layers that were handed the same u); no gradient for B.
+    """
+    return _Tail.apply(u, B, d, b, scale)
+
+
+def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Slow reference of `vera_tail`: the PEFT-style formula through plain autograd."""
+    return F.linear(u * (d * scale).to(u.dtype), B) * b.to(u.dtype)
+
+
+class _Materialized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight):  # noqa: ANN001, ANN205
+        W = vera_weight(w0, A, B, d, b, scale)  # (m, n)
+        ctx.save_for_backward(x, w0, A, B, d, b, W if keep_weight else None)
+        ctx.scale = scale
+        return F.linear(x, W, bias)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, w0, A, B, d, b, W = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_d, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        g2, x2 = _flat(g), _flat(x)  # (T, m), (T, n)
+        grad_x = grad_bias = grad_d = grad_b = None
+        if need_x:
+            W = vera_weight(w0, A, B, d, b, ctx.scale) if W is None else W
+            grad_x = (g2 @ W).view(x.shape)  # (T, n)
+        if need_d or need_b:
+            (m, n), r = w0.shape, A.shape[0]
+            if _projected_cheaper(g2.shape[0], n, m, r):
+                Q = g2.t() @ (x2 @ A.t())  # (m, T) @ (T, r)
+            else:
+                Q = (g2.t() @ x2) @ A.t()  # (m, n) @ (n, r)
+            grad_d, grad_b = _vector_grads(Q, B, d, b, ctx.scale, need_d, need_b)
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
+
+
+def vera_materialized(
+    x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+    d: torch.Tensor, b: torch.Tensor, scale: float, keep_weight: bool = True,
+) -> torch.Tensor:
+    """Semantics: y = (W0 + diag(b) B diag(scale * d) A) x + bias, the whole adapted layer in one matmul.
+
+    x (..., n), w0 (m, n) frozen (a transposed view is fine), bias (m,) or None, A (r, n), B (m, r) in
+    x's dtype; d (r,), b (m,) float32. Returns (..., m). Saves x and, if keep_weight, W (m, n); backward
+    rebuilds W otherwise. No gradient for w0, A or B (w0 must not require one).
+    """
+    if w0.requires_grad:
+        raise ValueError("vera_materialized: the base weight requires grad; use the factored path")
+    return _Materialized.apply(x, w0, bias, A, B, d, b, scale, keep_weight)
+
+
+def vera_materialized_ref(
+    x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+    d: torch.Tensor, b: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Slow reference of `vera_materialized`: frozen layer plus the factored formula, plain autograd."""
+    return F.linear(x, w0, bias) + vera_tail_ref(F.linear(x, A), B, d, b, scale)
