@@ -206,10 +206,14 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def train_classifier(args: TrainArgs) -> dict[str, Any]:
     """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
+    from accelerate import PartialState
+
     from .report import write_report
 
     args = args.resolved()
     run_dir = Path(args.out)
+    # Under torchrun every rank checks RUN_DIR before any writes to it (barrier below); rank 0 writes.
+    state = PartialState(cpu=not torch.cuda.is_available())
     _check_run_dir(run_dir, args.resume)
     data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
@@ -225,9 +229,11 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
     recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = {"args": _jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args)}
-    _write_json(run_dir / "config.json", config)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", config)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
