@@ -104,3 +104,15 @@ def test_minilm_sst2_end_to_end(tmp_path, capsys, shared_data, minilm_path):
     assert main(["eval", "--adapter", str(tmp_path / "b_zero.safetensors")]) == 0
     without = json.loads(capsys.readouterr().out)["metric"]["accuracy"]
     assert without != acc
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    run_dir = tmp_path / "run"
+    args = ["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model", tiny_bert_dir,
+            "--r", "16", "--epochs", "1", "--quiet"]
+    assert main(args) == 0
+    (run_dir / "checkpoint").mkdir()  # as if interrupted; the settings are checked before it is read
+    (run_dir / "checkpoint" / "state.pt").write_bytes(b"")
+    assert main([*args[:-3], "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: --resume with different settings (epochs: 1 -> 2)" in err

@@ -76,7 +76,7 @@ class TrainArgs:
             self,
             task=task,
             r=self.r if self.r is not None else METHOD_RANK.get(self.method, 0),
-            epochs=self.epochs or epochs,
+            epochs=self.epochs if self.epochs is not None else epochs,
             lr=self.lr if self.lr is not None else lr,
             head_lr=self.head_lr if self.head_lr is not None else head_lr,
         )
@@ -230,6 +230,8 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
     config = {"args": _jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args)}
+    if args.resume:
+        _check_same_args(run_dir, config["args"])
     state.wait_for_everyone()
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +264,17 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
     _write_json(run_dir / "metrics.json", metrics)
     write_report(run_dir, metrics, config)
     return metrics
+
+
+def _check_same_args(run_dir: Path, args: dict[str, Any]) -> None:
+    """--resume must repeat the interrupted command: other settings would not continue the same run."""
+    saved = json.loads((run_dir / "config.json").read_text())["args"]
+    ignore = {"resume", "quiet"}
+    diff = sorted(k for k in args if k not in ignore and saved.get(k) != args[k])
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {args[k]!r}" for k in diff)
+        raise ValueError(f"{run_dir / 'config.json'}: --resume with different settings ({shown}); "
+                         "repeat the interrupted command with --resume")
 
 
 def _method_config(prepared: Prepared, args: TrainArgs) -> dict[str, Any]:
