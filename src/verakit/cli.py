@@ -115,9 +115,12 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train.causal_data import CAUSAL_TASKS
     from .train.classify import TrainArgs, train_classifier
     from .train.loop import TrainingInterrupted
 
+    if args.task in CAUSAL_TASKS:
+        return _train_causal(args)
     _log_to_stderr()
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
     try:
@@ -138,8 +141,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .train.causal_data import CAUSAL_TASKS
     from .train.classify import evaluate_classifier
+    from .train.methods import read_artifact_info
 
+    if (args.task or read_artifact_info(args.adapter).get("task")) in CAUSAL_TASKS:
+        return _eval_causal(args)
     _log_to_stderr()
     try:
         result = evaluate_classifier(args.adapter, task=args.task, data_dir=args.data_dir, model=args.model,
@@ -151,6 +158,105 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_causal(args: argparse.Namespace) -> int:
+    from .train.causal import CAUSAL_METHODS, CausalArgs, train_causal
+    from .train.loop import TrainingInterrupted
+
+    if args.head_lr is not None or args.method not in CAUSAL_METHODS:
+        print(f"verakit train: error: causal-LM tasks take --method {'/'.join(CAUSAL_METHODS)} and no --head-lr "
+              "(a language model has no task head)", file=sys.stderr)
+        return 2
+    _log_to_stderr()
+    fields = {k: getattr(args, k) for k in CausalArgs.__dataclass_fields__}
+    fields["epochs"] = args.epochs or 1
+    try:
+        m = train_causal(CausalArgs(**fields))
+    except TrainingInterrupted as e:
+        print(f"verakit train: {e}", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad data or settings: the message names the file, line or field
+        print(f"verakit train: error: {e}", file=sys.stderr)
+        return 2
+    if m:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m["metric"].items())
+        print(f"{m['task']} {m['method']}: best held-out {shown} (step {m['best_step']}); {m['trainable_params']:,} "
+              f"trainable params; artifact {m['adapter_bytes']:,} bytes; {m['train_seconds']:.1f} s; peak RSS "
+              f"{m['peak_rss_mib']:,.0f} MiB; results in {args.out}")
+    return 0
+
+
+def _eval_causal(args: argparse.Namespace) -> int:
+    from .train.causal import evaluate_causal
+    from .train.generate import DecodeConfig
+
+    _log_to_stderr()
+    decode = None
+    if args.num_beams is not None or args.max_new_tokens is not None:
+        decode = DecodeConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams or 1)
+    try:
+        result = evaluate_causal(args.adapter, data_dir=args.data_dir, model=args.model,
+                                 max_eval_samples=args.max_eval_samples, gen_eval_samples=args.gen_eval_samples,
+                                 eval_split=args.split, decode=decode)
+    except ValueError as e:  # bad data, an unusable artifact, a split the task lacks
+        print(f"verakit eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .train.generate import DecodeConfig, generate_with_artifact
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        print("verakit generate: error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
+                                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams))
+    if args.json:
+        print(json.dumps([{"prompt": p, "generation": t} for p, t in zip(prompts, texts, strict=True)], indent=2))
+    else:
+        print("\n\n".join(texts))
+    return 0
+
+
+def _add_causal_options(s: argparse.ArgumentParser, train: bool) -> None:
+    g = s.add_argument_group("causal-LM tasks (e2e, instruct, jsonl)")
+    if train:
+        g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                       help="render prompts with the tokenizer's chat template (default: on for instruct when "
+                       "the tokenizer has one, else off)")
+        g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
+                       "in backward: less memory, one more forward per step")
+        g.add_argument("--held-out", type=float, default=0.1, help="instruct / one-file jsonl: fraction held out "
+                       "for evaluation (default 0.1)")
+        g.add_argument("--report-samples", type=int, default=4, help="held-out generations shown in report.md, "
+                       "before and after training (default 4)")
+    g.add_argument("--gen-eval-samples", type=int, default=None, help="held-out examples generated and scored "
+                   "(BLEU, ROUGE-L, chrF) at each evaluation (default: e2e 100, others 0)")
+    g.add_argument("--num-beams", type=int, default=1 if train else None, help="1: greedy (default); > 1: beam search")
+    g.add_argument("--max-new-tokens", type=int, default=64 if train else None, help="generation limit (default 64)")
+    if not train:
+        g.add_argument("--split", default="dev", choices=["dev", "test"], help="e2e: dev or test set (default dev)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("generate", help="generate text with a trained causal-LM adapter (or the base model)")
+    s.add_argument("--adapter", default=None, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) or "
+                   "RUN_DIR/trained.safetensors (default: none, the base model alone)")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    s.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    s.add_argument("--model", default=None, help="base model (default: the adapter's, else SmolLM2-135M-Instruct)")
+    s.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: as the adapter was trained; for the base model, on when it has a template")
+    s.add_argument("--num-beams", type=int, default=1, help="1: greedy (default); > 1: beam search")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--json", action="store_true", help="print a JSON list of {prompt, generation}")
+    s.set_defaults(func=_generate)
+
+
 def _log_to_stderr() -> None:
     import logging
 
@@ -158,11 +264,12 @@ def _log_to_stderr() -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.causal_data import CAUSAL_TASKS
     from .train.data import TASKS
     from .train.methods import METHODS
 
     s = sub.add_parser("train", help="finetune a sequence classifier with VeRA, LoRA, full or head-only")
-    s.add_argument("--task", required=True, choices=list(TASKS))
+    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS])
     s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
                    "holding train and dev .csv/.jsonl/.tsv")
     s.add_argument("--out", required=True, help="RUN_DIR: adapter, metrics.json, report.md, curve.png")
@@ -186,15 +293,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
     s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    _add_causal_options(s, train=True)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("eval", help="evaluate a trained adapter on a task's dev set")
-    s.add_argument("--task", default=None, choices=list(TASKS), help="default: the task it was trained on")
+    s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS], help="default: the task it was trained on")
     s.add_argument("--data-dir", default=None, help="default: the folder it was trained on")
     s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
                    "or RUN_DIR/trained.safetensors (full, head)")
     s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
     s.add_argument("--max-eval-samples", type=int, default=None, help="default: as in training")
+    _add_causal_options(s, train=False)
     s.set_defaults(func=_eval)
 
 
@@ -263,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
 
     _add_train(sub)
+    _add_generate(sub)
     return p
 
 
@@ -270,13 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .fileformat import AdapterError
     from .train.data import DataError  # stdlib only
+    from .train.lm_data import LMDataError
     from .train.methods import ArtifactError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError, DataError, ArtifactError) as e:
+    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError, DataError, ArtifactError, LMDataError) as e:
         print(f"verakit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
