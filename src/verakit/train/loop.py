@@ -33,10 +33,12 @@ from .checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_che
 __all__ = [
     "LoopConfig",
     "LoopResult",
+    "OptimizerFactory",
     "ParamGroup",
     "Recipe",
     "StepInfo",
     "TrainingInterrupted",
+    "adamw",
     "run_loop",
 ]
 
@@ -130,6 +132,17 @@ class TrainingInterrupted(Exception):
         self.step = step
 
 
+OptimizerFactory = Callable[[list[ParamGroup], float], torch.optim.Optimizer]
+
+
+def adamw(groups: list[ParamGroup], weight_decay: float) -> torch.optim.Optimizer:
+    """The loop's default optimizer: torch's AdamW, one param group per non-empty ParamGroup."""
+    return torch.optim.AdamW(
+        [{"params": list(g.params), "lr": g.lr, "name": g.name} for g in groups if g.params],
+        weight_decay=weight_decay,
+    )
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # Depends on (seed, epoch) only, not on any global RNG, so a resumed run sees the same batches.
     order = list(range(n))
@@ -192,11 +205,14 @@ def run_loop(
     *,
     resume: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
+    optimizer_factory: OptimizerFactory | None = None,
 ) -> LoopResult:
     """Train `recipe.model` in place; the best evaluation's artifact ends up in `run_dir`.
 
     With `resume`, continues from `run_dir/checkpoint` (written by a Ctrl-C) to the same result as an
     uninterrupted run: trainable tensors, optimizer, schedule, RNG states and data position are restored.
+    `optimizer_factory(groups, weight_decay)` replaces the default AdamW (e.g. per-slot AdamW for
+    grouped training); its param groups must carry "lr", which the schedule scales.
     """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
@@ -210,10 +226,7 @@ def run_loop(
     groups = recipe.param_groups()
     named = {id(p): n for n, p in recipe.model.named_parameters()}
     trainable = {named[id(p)]: p for g in groups for p in g.params}
-    optimizer = torch.optim.AdamW(
-        [{"params": list(g.params), "lr": g.lr, "name": g.name} for g in groups if g.params],
-        weight_decay=config.weight_decay,
-    )
+    optimizer = (optimizer_factory or adamw)(groups, config.weight_decay)
     n_train = recipe.num_train()
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
