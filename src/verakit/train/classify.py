@@ -224,7 +224,8 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
     info = {
         "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
-        "max_eval_samples": args.max_eval_samples, "data_dir": args.data_dir,
+        "max_eval_samples": args.max_eval_samples,
+        "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
     }
     recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,

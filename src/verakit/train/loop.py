@@ -279,7 +279,10 @@ def run_loop(
                 recipe.save_best(raw_model, run_dir)
             shown = " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
             line = f"eval epoch {record['epoch']:.2f} step {step}: train_loss {record['train_loss']:.4f} {shown}"
-            bar.write(line) if bar is not None else log.info(line)
+            if bar is not None:
+                bar.write(line)
+            else:
+                log.info(line)
         acc.wait_for_everyone()
 
     model.train()
