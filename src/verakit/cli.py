@@ -118,9 +118,12 @@ def _train(args: argparse.Namespace) -> int:
     from .train.causal_data import CAUSAL_TASKS
     from .train.classify import TrainArgs, train_classifier
     from .train.loop import TrainingInterrupted
+    from .train.vision import IMAGE_TASK
 
     if args.task in CAUSAL_TASKS:
         return _train_causal(args)
+    if args.task == IMAGE_TASK:
+        return _train_images(args)
     _log_to_stderr()
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
     try:
@@ -144,9 +147,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.causal_data import CAUSAL_TASKS
     from .train.classify import evaluate_classifier
     from .train.methods import read_artifact_info
+    from .train.vision import IMAGE_TASK
 
-    if (args.task or read_artifact_info(args.adapter).get("task")) in CAUSAL_TASKS:
+    task = args.task or read_artifact_info(args.adapter).get("task")
+    if task in CAUSAL_TASKS:
         return _eval_causal(args)
+    if task == IMAGE_TASK:
+        return _eval_images(args)
     _log_to_stderr()
     try:
         result = evaluate_classifier(args.adapter, task=args.task, data_dir=args.data_dir, model=args.model,
@@ -257,6 +264,49 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_generate)
 
 
+def _train_images(args: argparse.Namespace) -> int:
+    from .train.loop import TrainingInterrupted
+    from .train.vision import ImageArgs, train_images
+
+    _log_to_stderr()
+    fields = {k: getattr(args, k) for k in ImageArgs.__dataclass_fields__}
+    try:
+        m = train_images(ImageArgs(**fields))
+    except TrainingInterrupted as e:
+        print(f"verakit train: {e}", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad images, bad settings: the message names the file or field
+        print(f"verakit train: error: {e}", file=sys.stderr)
+        return 2
+    if m:
+        print(f"images {m['method']}: best {m['eval_split']} accuracy {m['metric']['accuracy']:.4f} (step "
+              f"{m['best_step']}), last {m['final_metric']['accuracy']:.4f}; {m['trainable_params']:,} adapter + "
+              f"{m['head_params']:,} head params; artifact {m['adapter_bytes']:,} bytes; {m['train_seconds']:.1f} s; "
+              f"results in {args.out}")
+    return 0
+
+
+def _eval_images(args: argparse.Namespace) -> int:
+    from .train.vision import evaluate_images
+
+    _log_to_stderr()
+    try:
+        result = evaluate_images(args.adapter, data_dir=args.data_dir, model=args.model,
+                                 max_eval_samples=args.max_eval_samples)
+    except ValueError as e:  # bad images, an unusable artifact, classes that do not match the training ones
+        print(f"verakit eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_image_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("image classification (--task images; docs/training.md)")
+    g.add_argument("--shots", type=int, default=None, help="training images per class, a seeded choice "
+                   "(few-shot protocol; default: all)")
+    g.add_argument("--augment", action="store_true", help="random horizontal flips and shifts of training images")
+
+
 def _log_to_stderr() -> None:
     import logging
 
@@ -267,11 +317,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train.causal_data import CAUSAL_TASKS
     from .train.data import TASKS
     from .train.methods import METHODS
+    from .train.vision import IMAGE_TASK
 
     s = sub.add_parser("train", help="finetune a sequence classifier with VeRA, LoRA, full or head-only")
-    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS])
+    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK])
     s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
-                   "holding train and dev .csv/.jsonl/.tsv")
+                   "holding train and dev .csv/.jsonl/.tsv; for images, a folder or .zip of train/<class>/ and test/<class>/")
     s.add_argument("--out", required=True, help="RUN_DIR: adapter, metrics.json, report.md, curve.png")
     s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
     s.add_argument("--method", default="vera", choices=list(METHODS))
@@ -294,10 +345,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
     s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     _add_causal_options(s, train=True)
+    _add_image_options(s)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("eval", help="evaluate a trained adapter on a task's dev set")
-    s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS], help="default: the task it was trained on")
+    s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
+                   help="default: the task it was trained on")
     s.add_argument("--data-dir", default=None, help="default: the folder it was trained on")
     s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
                    "or RUN_DIR/trained.safetensors (full, head)")

@@ -34,8 +34,13 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "phi3": ("qkv_proj",),
     "t5": ("q", "v"),
     "mt5": ("q", "v"),
-    "vit": ("query", "value"),
-    "deit": ("query", "value"),
+    # Vision transformers: the attention leaves are query/value in transformers 4 and q_proj/v_proj in
+    # transformers 5 (which renames hub checkpoints on load); a model has one spelling, so both are listed.
+    "vit": ("query", "value", "q_proj", "v_proj"),
+    "deit": ("query", "value", "q_proj", "v_proj"),
+    "beit": ("query", "value", "q_proj", "v_proj"),
+    "swin": ("query", "value", "q_proj", "v_proj"),
+    "dinov2": ("query", "value", "q_proj", "v_proj"),
 }
 
 

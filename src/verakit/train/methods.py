@@ -118,8 +118,11 @@ def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
     from peft.utils import ModulesToSaveWrapper
 
     heads = head_modules(model)
+    # PEFT's SEQ_CLS wrapper forwards input_ids/attention_mask only; an image classifier takes pixel_values,
+    # which the plain PeftModel (task_type None) passes through unchanged.
+    seq_cls = type(model).__name__.endswith("ForSequenceClassification")
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.SEQ_CLS if seq_cls else None,
         r=spec.r,
         lora_alpha=spec.r,  # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1
         lora_dropout=0.0,
