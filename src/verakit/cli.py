@@ -301,7 +301,7 @@ def _eval_images(args: argparse.Namespace) -> int:
 
 
 def _add_image_options(s: argparse.ArgumentParser) -> None:
-    g = s.add_argument_group("image classification (--task images; docs/training.md)")
+    g = s.add_argument_group("image classification (--task images; docs/vision.md)")
     g.add_argument("--shots", type=int, default=None, help="training images per class, a seeded choice "
                    "(few-shot protocol; default: all)")
     g.add_argument("--augment", action="store_true", help="random horizontal flips and shifts of training images")

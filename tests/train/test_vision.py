@@ -202,3 +202,37 @@ def test_cli_bad_images_fail_cleanly(colors, tmp_path, capsys, vit_dir):
     assert main(["train", "--task", "images", "--data-dir", str(colors), "--out", str(run)]) == 2
     assert "--task images needs --model" in capsys.readouterr().err
     assert not run.exists()
+
+
+FAMILY = {  # model_type -> (config class, model class, kwargs) of tiny random image classifiers
+    "deit": ("DeiTConfig", "DeiTForImageClassification", {}),
+    "beit": ("BeitConfig", "BeitForImageClassification", {}),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", {}),
+    "swin": ("SwinConfig", "SwinForImageClassification", {"image_size": 32, "embed_dim": 16, "depths": [1, 1],
+                                                          "num_heads": [1, 2], "window_size": 4}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY))
+def test_default_targets_cover_the_vit_family(model_type):
+    """Each family member gets VeRA on query/value by default, the head is saved, and merging is exact."""
+    import transformers
+
+    config_cls, model_cls, extra = FAMILY[model_type]
+    kw = {"image_size": 16, "patch_size": 4, "num_labels": 3, **extra}
+    if model_type != "swin":
+        kw |= {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    attach(model, VeraConfig(r=8))
+    names = list(vera_layers(model))
+    assert len(names) == 4 and {n.rsplit(".", 1)[1] for n in names} <= {"q_proj", "v_proj", "query", "value"}
+    from verakit.inject import vera_state
+
+    assert vera_state(model).saved_modules == ("classifier",)
+    randomize_vectors(model, seed=1)
+    side = kw["image_size"]
+    pixels = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    got = _logits(model, pixels)
+    merge(model)
+    assert (_logits(model, pixels) - got).abs().max() < 1e-5

@@ -60,7 +60,7 @@ IMAGE_TASK = "images"
 EVAL_BATCH = 64
 # method -> (epochs, adapter/body lr, head lr, rank). Ranks follow the paper's ViT-B counts: VeRA's
 # 24.6K = 24 layers x (768 + r) gives r = 256; LoRA's 294.9K = 24 x 8 x (768 + 768) gives r = 8.
-# The learning rates are CPU-budget choices (docs/training.md), not the paper's vision table.
+# The learning rates are CPU-budget choices (docs/vision.md), not the paper's vision table.
 IMAGE_DEFAULTS: Mapping[str, tuple[int, float, float, int]] = MappingProxyType({
     "vera": (10, 1e-2, 4e-3, 256),
     "lora": (10, 1e-3, 4e-3, 8),
