@@ -5,6 +5,8 @@ submodules that need them, so importing this package stays cheap.
 
 Classification (`verakit train` / `verakit eval`):
     from verakit.train.classify import TrainArgs, train_classifier, evaluate_classifier
+Image classification (`verakit train --task images`, docs/vision.md):
+    from verakit.train.vision import ImageArgs, train_images, evaluate_images
 The generic loop, for other recipes (causal LM, images):
     from verakit.train.loop import Recipe, ParamGroup, LoopConfig, run_loop
 """
@@ -24,6 +26,9 @@ __all__ = [
     "TrainingInterrupted",
     "run_loop",
     "METHODS",
+    "ImageArgs",
+    "train_images",
+    "evaluate_images",
 ]
 
 # name -> submodule; resolved on first access (PEP 562) so `import verakit.train` imports nothing heavy.
@@ -37,6 +42,9 @@ _EXPORTS = {
     "TrainingInterrupted": "loop",
     "run_loop": "loop",
     "METHODS": "methods",
+    "ImageArgs": "vision",
+    "train_images": "vision",
+    "evaluate_images": "vision",
 }
 
 
