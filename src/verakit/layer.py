@@ -184,9 +184,7 @@ class VeraLinear(nn.Module):
         """Add the delta into the base weight (computed in fp32, cast once). Idempotent."""
         if self.merged:
             return
-        w = self.base.weight
-        with torch.no_grad():
-            w.copy_((w.float() + self._weight_delta().to(w.device)).to(w.dtype))
+        self._fold(1.0)
         self._merged_versions = (self.vera_d._version, self.vera_b._version)
         self.merged = True
 
@@ -199,11 +197,23 @@ class VeraLinear(nn.Module):
                 "VeRA vectors were modified while merged, so the merged delta can no longer be removed "
                 "exactly; unmerge before training or loading new vectors"
             )
-        w = self.base.weight
-        with torch.no_grad():
-            w.copy_((w.float() - self._weight_delta().to(w.device)).to(w.dtype))
+        self._fold(-1.0)
         self.merged = False
         self._merged_versions = None
+
+    def _fold(self, sign: float) -> None:
+        """W0 += sign * delta: in place in one addmm for fp32 weights, else in fp32 and cast once."""
+        w = self.base.weight
+        with torch.no_grad():
+            if w.dtype != torch.float32:
+                w.copy_((w.float() + sign * self._weight_delta().to(w.device)).to(w.dtype))
+                return
+            A, B = self.slices(w.device, torch.float32)
+            left = B * (self.vera_b.detach().float().unsqueeze(1) * (self.vera_d.detach().float() * self.scale))
+            if self.transposed:
+                w.addmm_(A.t(), left.t(), alpha=sign)  # (d_in, d_out)
+            else:
+                w.addmm_(left, A, alpha=sign)  # (d_out, d_in)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
