@@ -191,9 +191,9 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     `batch` from `collate_lm`: input_ids, attention_mask, labels, each (B, T).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["labels"][:, 1:]  # (B, T-1): token t predicts token t+1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    # Shift the labels, not the logits: (B, T, V) stays one contiguous tensor, flattened as a view.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t predicts t+1
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
