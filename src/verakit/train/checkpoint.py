@@ -34,6 +34,7 @@ class Checkpoint:
     best: dict[str, Any]
     seconds: float  # training wall time so far
     window: tuple[float, float]  # (loss sum, units) of the steps since the last evaluation
+    losses: list[float]  # per-step mean losses so far (for the report's curve)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -54,7 +55,7 @@ def save_checkpoint(run_dir: str | Path, rank: int, ckpt: Checkpoint, *, write_s
         shared = {
             "format": _FORMAT, "step": ckpt.step, "tensors": ckpt.tensors, "optimizer": ckpt.optimizer,
             "scheduler": ckpt.scheduler, "history": ckpt.history, "best": ckpt.best, "seconds": ckpt.seconds,
-            "window": list(ckpt.window),
+            "window": list(ckpt.window), "losses": ckpt.losses,
         }
         atomic_write_bytes(folder / "state.pt", _to_bytes(shared))
 
@@ -74,7 +75,7 @@ def load_checkpoint(run_dir: str | Path, rank: int) -> Checkpoint | None:
     rng = torch.load(rng_path, map_location="cpu", weights_only=False)
     return Checkpoint(
         state["step"], state["tensors"], state["optimizer"], state["scheduler"], rng,
-        state["history"], state["best"], state["seconds"], tuple(state["window"]),
+        state["history"], state["best"], state["seconds"], tuple(state["window"]), state["losses"],
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,11 @@ class TrainArgs:
     r: int | None = None  # VeRA 1024, LoRA 8
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | None = None  # None: the model type's default (query, value)
+    # VeRA ablation options (VeraConfig documents them; docs/tuning.md shows what they do).
+    train_d: bool = True
+    train_b: bool = True
+    distribution: str = "kaiming_uniform"  # or kaiming_normal, or uniform (on [0, 0.1), the paper's bad case)
+    projection_sharing: str = "shared"  # or unique (one pair per layer)
     epochs: int | None = None
     batch_size: int = 32  # global batch
     max_length: int = 128  # tokens per example (pairs together), truncated
@@ -66,13 +71,18 @@ class TrainArgs:
     resume: bool = False
     quiet: bool = False
 
+    def method_spec(self) -> MethodSpec:
+        """The MethodSpec these arguments train (after `resolved()`)."""
+        return MethodSpec(self.method, int(self.r or 0), self.d_initial, self.target_modules, self.seed,
+                          self.train_d, self.train_b, self.distribution, self.projection_sharing)
+
     def resolved(self) -> TrainArgs:
         """A copy with every None default filled in for this task and method."""
         task = self.task.lower().replace("-", "").replace("_", "")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         epochs, lr, head_lr = task_defaults(task, self.method)
-        return replace(
+        out = replace(
             self,
             task=task,
             r=self.r if self.r is not None else METHOD_RANK.get(self.method, 0),
@@ -80,6 +90,13 @@ class TrainArgs:
             lr=self.lr if self.lr is not None else lr,
             head_lr=self.head_lr if self.head_lr is not None else head_lr,
         )
+        spec = out.method_spec()  # refuses VeRA options with another method
+        if spec.method == "vera":  # bad VeRA options fail here, before any data is read
+            from ..config import VeraConfig
+
+            VeraConfig(r=spec.r, d_initial=spec.d_initial, train_d=spec.train_d, train_b=spec.train_b,
+                       distribution=spec.distribution, projection_sharing=spec.projection_sharing)
+        return out
 
 
 def _model_path(name: str | None) -> str:
@@ -204,8 +221,12 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
 
 
-def train_classifier(args: TrainArgs) -> dict[str, Any]:
-    """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
+def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train per `args`, write RUN_DIR, and return the content of metrics.json.
+
+    `on_eval(record)` is passed to `run_loop`: called after each dev evaluation (e.g. by `verakit tune`
+    to report to Optuna and prune); an exception it raises stops training and propagates.
+    """
     from accelerate import PartialState
 
     from .report import write_report
@@ -219,8 +240,7 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
     model, tokenizer = build_classifier(args.model, data.spec)
-    spec = MethodSpec(args.method, int(args.r or 0), args.d_initial, args.target_modules, args.seed)
-    prepared = prepare_model(model, spec)
+    prepared = prepare_model(model, args.method_spec())
     info = {
         "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
@@ -237,7 +257,7 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", config)
-    result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
+    result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume, on_eval=on_eval)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
     artifact = artifact_path(args.method, run_dir)
@@ -260,6 +280,7 @@ def train_classifier(args: TrainArgs) -> dict[str, Any]:
         "n_train": len(data.train),
         "n_eval": len(data.dev),
         "epochs": result.history,
+        "step_losses": [round(x, 5) for x in result.losses],
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
     }
     _write_json(run_dir / "metrics.json", metrics)

@@ -116,6 +116,7 @@ class StepInfo:
 @dataclass(frozen=True)
 class LoopResult:
     history: list[dict[str, Any]]  # one record per evaluation: epoch, step, train_loss, lr, seconds, metrics
+    losses: list[float]  # global mean loss of every optimizer step, in order
     best: dict[str, Any]  # the record of the best evaluation (its artifact is in run_dir)
     train_seconds: float  # wall time of training and evaluation, summed over resumed sessions
     total_steps: int
@@ -206,6 +207,7 @@ def run_loop(
     resume: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
     optimizer_factory: OptimizerFactory | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
     """Train `recipe.model` in place; the best evaluation's artifact ends up in `run_dir`.
 
@@ -213,6 +215,9 @@ def run_loop(
     uninterrupted run: trainable tensors, optimizer, schedule, RNG states and data position are restored.
     `optimizer_factory(groups, weight_decay)` replaces the default AdamW (e.g. per-slot AdamW for
     grouped training); its param groups must carry "lr", which the schedule scales.
+    `on_eval(record)` runs on the main process after each evaluation, once the best artifact is saved
+    (record: epoch, step, train_loss, lr, seconds, metrics); an exception it raises (e.g. Optuna's
+    TrialPruned) stops training and propagates, without a checkpoint.
     """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
@@ -234,7 +239,7 @@ def run_loop(
     model = acc.prepare_model(recipe.model)
     raw_model = acc.unwrap_model(model)
 
-    start_step, history, best, seconds_before = 0, [], {}, 0.0
+    start_step, history, best, seconds_before, losses = 0, [], {}, 0.0, []
     resumed_window = (0.0, 0.0)
     torch.manual_seed(config.seed + rank)
     if resume:
@@ -250,7 +255,7 @@ def run_loop(
             scheduler.load_state_dict(ckpt.scheduler)
             _set_rng_state(ckpt.rng)
             start_step, history, best, seconds_before = ckpt.step, ckpt.history, ckpt.best, ckpt.seconds
-            resumed_window = ckpt.window
+            resumed_window, losses = ckpt.window, list(ckpt.losses)
             log.info("resuming %s at step %d of %d", run_dir, start_step, total_steps)
 
     bar = _progress(acc.is_main_process and not config.quiet, total_steps, start_step)
@@ -283,6 +288,8 @@ def run_loop(
                 bar.write(line)
             else:
                 log.info(line)
+            if on_eval is not None:
+                on_eval(record)
         acc.wait_for_everyone()
 
     model.train()
@@ -307,6 +314,7 @@ def run_loop(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             batch_loss = stats[1].item() / global_units
+            losses.append(batch_loss)
             window_loss += stats[1].item()
             window_units += global_units
             window_examples += len(global_idx)
@@ -336,6 +344,7 @@ def run_loop(
                     best=best,
                     seconds=seconds,
                     window=(window_loss, window_units),
+                    losses=list(losses),
                 )
                 save_checkpoint(run_dir, rank, state, write_shared=acc.is_main_process)
                 acc.wait_for_everyone()
@@ -347,7 +356,7 @@ def run_loop(
     if acc.is_main_process:
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
-    return LoopResult(history, best, seconds_before + time.perf_counter() - t0, total_steps, world)
+    return LoopResult(history, losses, best, seconds_before + time.perf_counter() - t0, total_steps, world)
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:

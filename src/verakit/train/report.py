@@ -12,8 +12,10 @@ from typing import Any
 __all__ = ["write_report", "plot_curve", "render_report"]
 
 
-def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path, title: str) -> None:
-    """Two panels over optimizer steps: mean train loss since the previous evaluation, and the dev metric."""
+def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path, title: str,
+               step_losses: list[float] | None = None) -> None:
+    """Two panels over optimizer steps: train loss (per step, and the mean since the previous evaluation),
+    and the dev metric at each evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +25,10 @@ def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path
 
     steps = [h["step"] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
-    ax_loss.plot(steps, [h["train_loss"] for h in history], marker="o")
+    if step_losses:
+        ax_loss.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="per step")
+    ax_loss.plot(steps, [h["train_loss"] for h in history], marker="o", label="mean since last eval")
+    ax_loss.legend(fontsize=8)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("train loss")
     ax_metric.plot(steps, [h["metrics"][main_metric] for h in history], marker="o", color="tab:green")
@@ -79,5 +84,5 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], config: dict[str,
 
     run_dir = Path(run_dir)
     title = f"{metrics['task']} / {metrics['method']}"
-    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", title)
+    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", title, metrics.get("step_losses"))
     atomic_write_bytes(run_dir / "report.md", render_report(metrics, config).encode())
