@@ -114,10 +114,25 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _add_vera_options(s: argparse.ArgumentParser) -> None:
+    from .config import DISTRIBUTIONS, SHARING_MODES
+
+    g = s.add_argument_group("VeRA options (the paper's ablations; docs/tuning.md)")
+    g.add_argument("--train-d", action=argparse.BooleanOptionalAction, default=True,
+                   help="train d (--no-train-d: d stays at --d-initial; the paper's 'only b' uses 1.0)")
+    g.add_argument("--train-b", action=argparse.BooleanOptionalAction, default=True,
+                   help="train b (--no-train-b: b is fixed at ones; the paper's 'only d' uses --d-initial 0)")
+    g.add_argument("--distribution", default="kaiming_uniform", choices=DISTRIBUTIONS,
+                   help="projection values (default kaiming_uniform; uniform is on [0, 0.1), the paper's bad case)")
+    g.add_argument("--projection-sharing", default="shared", choices=SHARING_MODES,
+                   help="one projection pair for all layers (default) or a unique pair per layer")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.causal_data import CAUSAL_TASKS
     from .train.classify import TrainArgs, train_classifier
     from .train.loop import TrainingInterrupted
+    from .train.methods import VERA_OPTION_DEFAULTS
     from .train.vision import IMAGE_TASK
 
     if args.group_column is not None:
@@ -125,6 +140,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.shared_head or args.max_groups is not None or args.min_group_examples is not None:
         print("verakit train: error: --shared-head, --max-groups and --min-group-examples need --group-column",
               file=sys.stderr)
+        return 2
+    ablation = [("--no-" if getattr(args, k) is False else "--") + k.replace("_", "-")
+                for k, v in VERA_OPTION_DEFAULTS.items() if getattr(args, k) != v]
+    if ablation and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
+        print(f"verakit train: error: {', '.join(ablation)}: VeRA ablation options are wired for classification "
+              "tasks only", file=sys.stderr)
         return 2
     if args.task in CAUSAL_TASKS:
         return _train_causal(args)
@@ -390,6 +411,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
     s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    _add_vera_options(s)
     _add_group_options(s)
     _add_causal_options(s, train=True)
     _add_image_options(s)

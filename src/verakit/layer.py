@@ -106,7 +106,10 @@ class VeraLinear(nn.Module):
         dev = base.weight.device
         # Vectors stay fp32 whatever the base dtype: they are tiny and carry the whole adaptation.
         self.vera_d = nn.Parameter(torch.full((r,), float(d_initial), device=dev), requires_grad=train_d)
-        self.vera_b = nn.Parameter(torch.zeros(self.out_features, device=dev), requires_grad=train_b)
+        # b starts at zero when trained (the adapted model equals the base at init). A frozen b is the
+        # paper's "only d" ablation, which omits b: ones, since a frozen zero b would silence d forever.
+        b0 = torch.zeros if train_b else torch.ones
+        self.vera_b = nn.Parameter(b0(self.out_features, device=dev), requires_grad=train_b)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_versions: tuple[int, int] | None = None

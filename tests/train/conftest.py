@@ -59,7 +59,7 @@ def make_recipe(tiny_bert_dir, tiny_task):
     """make_recipe(method="vera", **TrainArgs fields) -> ClassificationRecipe on the tiny model and task."""
     from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
     from verakit.train.data import load_task
-    from verakit.train.methods import MethodSpec, prepare_model
+    from verakit.train.methods import prepare_model
 
     def make(method: str = "vera", **kw):
         kw = {"r": 64, "epochs": 2, "batch_size": 16, "lr": 1e-2, "head_lr": 1e-2, **kw}
@@ -68,7 +68,7 @@ def make_recipe(tiny_bert_dir, tiny_task):
         data = load_task("csv", tiny_task, max_train_samples=args.max_train_samples, seed=args.seed)
         torch.manual_seed(args.seed)
         model, tok = build_classifier(tiny_bert_dir, data.spec)
-        prepared = prepare_model(model, MethodSpec(method, args.r, args.d_initial, args.target_modules, args.seed))
+        prepared = prepare_model(model, args.method_spec())  # with any VeRA options passed in kw
         info = {"task": "csv", "model": tiny_bert_dir, "labels": list(data.spec.label_names), "max_length": 128,
                 "seed": args.seed, "max_eval_samples": None, "data_dir": str(tiny_task)}
         return ClassificationRecipe(prepared, tok, data.spec, data.train, data.dev, args, info)

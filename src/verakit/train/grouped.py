@@ -256,7 +256,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
     """Train one adapter per group per `args`, write RUN_DIR, and return the content of metrics.json."""
     from accelerate import PartialState
 
-    from .methods import MethodSpec, prepare_model
+    from .methods import prepare_model
 
     targs = args.train.resolved()
     args = replace(args, train=targs)
@@ -274,7 +274,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
                          f"{args.group_column!r}, so no adapter could be evaluated")
     torch.manual_seed(targs.seed)  # the head's initialisation, the same for every group
     model, tokenizer = build_classifier(targs.model, data.spec)
-    prepare_model(model, MethodSpec("vera", int(targs.r or 0), targs.d_initial, targs.target_modules, targs.seed))
+    prepare_model(model, targs.method_spec())  # with the VeRA options (--no-train-b, --distribution...)
     tables = to_slot_tables(model, len(groups) + 1, per_slot_heads=not args.shared_head)
     info = {"task": targs.task, "model": targs.model, "labels": list(data.spec.label_names),
             "is_regression": data.spec.is_regression, "max_length": targs.max_length, "seed": targs.seed,

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "METHODS",
+    "VERA_OPTION_DEFAULTS",
     "MethodSpec",
     "Prepared",
     "ArtifactError",
@@ -52,6 +53,22 @@ class MethodSpec:
     d_initial: float  # VeRA's initial d
     target_modules: tuple[str, ...] | None  # None: the model type's default (query, value for BERT)
     seed: int  # VeRA's projection seed
+    # VeRA ablation options (VeraConfig documents them): freeze d or b, projection values, sharing.
+    train_d: bool = True
+    train_b: bool = True
+    distribution: str = "kaiming_uniform"
+    projection_sharing: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.method != "vera":
+            changed = [f for f, default in VERA_OPTION_DEFAULTS.items() if getattr(self, f) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: VeRA options, but the method is {self.method!r}")
+
+
+# MethodSpec's VeRA ablation fields and their defaults (VeraConfig's); other methods must keep them.
+VERA_OPTION_DEFAULTS = {"train_d": True, "train_b": True, "distribution": "kaiming_uniform",
+                         "projection_sharing": "shared"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,9 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
         from ..config import VeraConfig
         from ..inject import attach, trainable_parameters
 
-        attach(model, VeraConfig(r=spec.r, target_modules=_targets(model, spec), d_initial=spec.d_initial, seed=spec.seed))
+        attach(model, VeraConfig(r=spec.r, target_modules=_targets(model, spec), d_initial=spec.d_initial, seed=spec.seed,
+                                 train_d=spec.train_d, train_b=spec.train_b, distribution=spec.distribution,
+                                 projection_sharing=spec.projection_sharing))
         trainable = trainable_parameters(model)
     else:
         for p in model.parameters():
