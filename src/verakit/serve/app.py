@@ -276,9 +276,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        resident, capacity, loads, evictions, failures = engine.bank_stats()
         return {"status": "ok", "task": engine.task, "model": engine.base_name, "rank": engine.bank.config.r,
-                "resident": resident, "capacity": capacity}
+                "resident": len(engine.resident), "capacity": engine.bank.capacity}
 
     @app.get("/metrics")
     def prometheus() -> Any:

@@ -158,6 +158,8 @@ class Engine:
         if task is None and chosen:
             task = "generate" if chosen[0].architecture.endswith("ForCausalLM") else "classify"
         if task is None and name is not None:
+            if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+                raise FileNotFoundError(f"model folder {name} does not exist")
             archs = transformers.AutoConfig.from_pretrained(name).architectures or []
             task = "generate" if any(a.endswith("ForCausalLM") for a in archs) else "classify"
         task = task or "classify"
