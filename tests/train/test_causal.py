@@ -196,6 +196,12 @@ def test_cli_train_generate_and_eval(tmp_path, llama_dir, jsonl_dir, capsys):
 
     assert printed == [{"prompt": prompt, "generation": generate_with_artifact(adapter, [prompt],
                                                                                config=DecodeConfig(max_new_tokens=6))[0]}]
+    prompts = [r["prompt"].strip() for r in e2e_like(2, seed=6)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert main(["generate", "--adapter", adapter, "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "6", "--num-beams", "2"]) == 0
+    want = generate_with_artifact(adapter, prompts, config=DecodeConfig(max_new_tokens=6, num_beams=2))
+    assert capsys.readouterr().out == "\n\n".join(want) + "\n"
     assert main(["eval", "--adapter", adapter]) == 0
     result = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
