@@ -203,31 +203,65 @@ def test_one_sgd_step_equals_each_group_trained_alone(tiny_bert_clf, shared_head
         torch.testing.assert_close(p.detach(), b - 0.5 * p.grad, atol=0, rtol=0)
 
 
+def _grouped_recipe(model_dir, data_dir: Path):
+    """(GroupedRecipe over the tiny task's groups with r=8 and per-group heads, the initial adapter, data)."""
+    from verakit.train.classify import TrainArgs, build_classifier
+    from verakit.train.data import load_task
+    from verakit.train.grouped import GroupedArgs, GroupedRecipe, plan_groups
+    from verakit.train.methods import MethodSpec, prepare_model
+
+    data = load_task("csv", data_dir, group_column="customer")
+    groups = plan_groups(data.train, "customer", 10, 1, "test")
+    args = GroupedArgs(TrainArgs(task="csv", data_dir=str(data_dir), out="unused", model=model_dir, r=8,
+                                 epochs=3, batch_size=8, lr=2e-2, head_lr=1e-2, quiet=True).resolved(), "customer")
+    torch.manual_seed(0)
+    model, tok = build_classifier(model_dir, data.spec)
+    prepare_model(model, MethodSpec("vera", 8, 0.1, None, 0))
+    init = adapter_from_model(model)
+    tables = to_slot_tables(model, len(groups) + 1)
+    return GroupedRecipe(model, tables, groups, tok, data.spec, data.train, data.dev, args, {}), init, data
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted_grouped_run(tmp_path, tiny_bert_dir):
+    """The loop's checkpoint carries the slot tables and SlotAdamW's per-slot moments and step counts."""
+    import os
+    import signal
+
+    from verakit.train.loop import LoopConfig, TrainingInterrupted, run_loop
+
+    data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 9)
+    cfg = LoopConfig(epochs=2, batch_size=8, seed=1, quiet=True)
+    full, _, _ = _grouped_recipe(tiny_bert_dir, data_dir)
+    run_loop(full, cfg, tmp_path / "full", optimizer_factory=full.make_optimizer)
+
+    def ctrl_c_at_step_5(info):
+        if info.step == 5:  # mid epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first, _, _ = _grouped_recipe(tiny_bert_dir, data_dir)
+    with pytest.raises(TrainingInterrupted):
+        run_loop(first, cfg, tmp_path / "resumed", optimizer_factory=first.make_optimizer, on_step=ctrl_c_at_step_5)
+    resumed, _, _ = _grouped_recipe(tiny_bert_dir, data_dir)
+    run_loop(resumed, cfg, tmp_path / "resumed", resume=True, optimizer_factory=resumed.make_optimizer)
+    for a, b in zip(resumed.tables.slotted_params(), full.tables.slotted_params(), strict=True):
+        assert torch.equal(a, b)
+    steps = [s["slot_steps"] for s in resumed.optimizer.state.values()]
+    assert all(torch.equal(t, steps[0]) for t in steps) and steps[0][0] == 0 and steps[0][1:].min() > 0
+    assert json.loads((tmp_path / "resumed" / "group_metrics.json").read_text()) == full.group_metrics
+
+
 def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
     """A whole run_loop of GroupedRecipe (3 epochs, warmup, weight decay) against the slow reference: per
     group, a model of its own with torch's AdamW, stepped only at the global steps where its rows were in
     the batch, on those rows' share of the batch loss, at the schedule's lr of that step."""
     from transformers import get_linear_schedule_with_warmup
 
-    from verakit.train.classify import TrainArgs
-    from verakit.train.grouped import GroupedArgs, GroupedRecipe, plan_groups
+    from verakit.train.classify import build_classifier
     from verakit.train.loop import LoopConfig, _epoch_order, run_loop
-    from verakit.train.methods import MethodSpec, prepare_model
 
     data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 9)
-    from verakit.train.classify import build_classifier
-    from verakit.train.data import load_task
-
-    data = load_task("csv", data_dir, group_column="customer")
-    groups = plan_groups(data.train, "customer", 10, 1, "test")
-    args = GroupedArgs(TrainArgs(task="csv", data_dir=str(data_dir), out="unused", model=tiny_bert_dir, r=8,
-                                 epochs=3, batch_size=8, lr=2e-2, head_lr=1e-2, quiet=True).resolved(), "customer")
-    torch.manual_seed(0)
-    model, tok = build_classifier(tiny_bert_dir, data.spec)
-    prepare_model(model, MethodSpec("vera", 8, 0.1, None, 0))
-    init = adapter_from_model(model)
-    tables = to_slot_tables(model, len(groups) + 1)
-    recipe = GroupedRecipe(model, tables, groups, tok, data.spec, data.train, data.dev, args, {})
+    recipe, init, data = _grouped_recipe(tiny_bert_dir, data_dir)
+    model, tables, groups = recipe.model, recipe.tables, recipe.groups
     cfg = LoopConfig(epochs=3, batch_size=8, warmup_ratio=0.2, weight_decay=0.05, seed=1, quiet=True)
     run_loop(recipe, cfg, tmp_path / "run", optimizer_factory=recipe.make_optimizer)
 
