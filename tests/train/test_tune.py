@@ -1,0 +1,160 @@
+"""`verakit tune` end to end on the tiny random BERT and task: a 3-trial study writes its trials, report,
+importance plot and summary; rerunning resumes the same SQLite storage (the first trials untouched, only
+the missing ones run); a pruner stops trials after their first evaluation; bad budgets, empty or invalid
+spaces and resumes with other settings fail naming the culprit, before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from verakit.cli import main
+from verakit.train.classify import TrainArgs
+from verakit.train.tune import SearchDim, SpaceError, TuneArgs, load_space, parse_dim, tune
+
+optuna = pytest.importorskip("optuna", reason="pip install optuna (the tune extra) for verakit tune")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cli(run_dir, tiny_bert_dir, tiny_task, *extra, d_choices="1e-7,0.1,1.0"):
+    return ["tune", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model", tiny_bert_dir,
+            "--r", "16", "--epochs", "2", "--batch-size", "32", "--eval-every", "2", "--max-train-samples", "64",
+            "--param", "lr=float:1e-3:5e-2:log", "--param", f"d_initial=choice:{d_choices}", *extra]
+
+
+def test_three_trial_search_reports_and_resumes(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    run_dir = tmp_path / "study"
+    assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "3")) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("3 trials (") and "best dev accuracy" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_trials"] == 3 and summary["states"]["FAIL"] == 0
+    assert summary["states"]["COMPLETE"] + summary["states"]["PRUNED"] == 3
+    first = {t["number"]: t for t in summary["trials"]}
+
+    study = optuna.load_study(study_name="verakit-tune", storage=f"sqlite:///{run_dir / 'study.db'}")
+    for t in study.trials:
+        assert 1e-3 <= t.params["lr"] <= 5e-2 and t.params["d_initial"] in (1e-7, 0.1, 1.0)
+        # Reported after every evaluation at step = examples seen: 64 rows, 2 steps of 32 per epoch,
+        # eval every 2 steps and at each epoch end (the same step here).
+        # A trial is never pruned at its final evaluation (training is over by then).
+        assert sorted(t.intermediate_values) == ([64, 128] if t.state.name == "COMPLETE" else [64])
+        trial_dir = run_dir / "trials" / f"{t.number:04d}"
+        if t.state.name == "COMPLETE":
+            m = json.loads((trial_dir / "metrics.json").read_text())
+            assert t.value == m["metric"]["accuracy"] == max(t.intermediate_values.values())
+            cfg = json.loads((trial_dir / "config.json").read_text())["args"]
+            assert (cfg["lr"], cfg["d_initial"], cfg["r"]) == (t.params["lr"], t.params["d_initial"], 16)
+    best = summary["best"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert best["value"] == max(t.value for t in complete)
+    assert f"--lr {best['params']['lr']}" in best["command"] and "--r 16" in best["command"]
+    report = (run_dir / "report.md").read_text()
+    assert f"**{best['value']:.4f}**" in report and "| # | state | dev accuracy | lr | d_initial |" in report
+    if len(complete) >= 2:
+        assert set(summary["importance"]) == {"lr", "d_initial"}
+        assert sum(summary["importance"].values()) == pytest.approx(1.0)
+        assert (run_dir / "importance.png").stat().st_size > 1000
+
+    # Same command again: the study already holds 3 finished trials, nothing runs.
+    assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "3")) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["n_trials"] == 3
+    # A larger budget resumes the same storage: 4 trials, the first 3 unchanged, a new folder for the 4th.
+    assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "4")) == 0, capsys.readouterr().err
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["n_trials"] == 4
+    for t in resumed["trials"][:3]:
+        assert {k: t[k] for k in ("state", "value", "params")} == {k: first[t["number"]][k] for k in ("state", "value", "params")}
+    assert resumed["trials"][3]["params"] != first[0]["params"]  # the sampler was reseeded, not replayed
+    assert (run_dir / "trials" / "0003" / "config.json").is_file()
+
+    # Resuming with other fixed settings or another space is refused, naming the storage and the field.
+    assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "5", d_choices="0.1,1.0")) == 2
+    err = capsys.readouterr().err
+    assert "study.db: the study was started with other settings (space: changed)" in err
+    args = _cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "5")
+    args[args.index("--batch-size") + 1] = "16"
+    assert main(args) == 2
+    assert "batch_size: 32 -> 16" in capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["n_trials"] == 4
+
+
+def test_pruned_trials_stop_after_their_first_evaluation(tmp_path, tiny_bert_dir, tiny_task):
+    """A pruner that prunes any score (ThresholdPruner above 1.01 never holds for accuracy) stops each
+    trial at its first evaluation: 1 report of 2, no metrics.json, the best-so-far artifact kept."""
+    base = TrainArgs(task="csv", data_dir=str(tiny_task), out=str(tmp_path / "study"), model=tiny_bert_dir, r=16,
+                     epochs=2, batch_size=32, max_train_samples=64)
+    summary = tune(TuneArgs(base, (SearchDim("lr", "float", 1e-3, 1e-2, log=True),), trials=2,
+                            pruner=optuna.pruners.ThresholdPruner(lower=1.01)))
+    assert summary["states"] == {"COMPLETE": 0, "PRUNED": 2, "FAIL": 0, "RUNNING": 0}
+    assert summary["best"] is None and "needs at least 2 completed trials, the study has 0" in summary["importance_note"]
+    for t in summary["trials"]:
+        assert t["examples_at_last_report"] == 64
+        trial_dir = tmp_path / "study" / "trials" / f"{t['number']:04d}"
+        assert (trial_dir / "adapter.safetensors").is_file() and not (trial_dir / "metrics.json").exists()
+    assert "No trial has completed yet." in (tmp_path / "study" / "report.md").read_text()
+
+
+BAD = {
+    # case -> (extra CLI flags, message that must appear in stderr)
+    "no budget": ([], "tune budget: give a number of trials (--trials N) and/or a timeout (--timeout SECONDS)"),
+    "zero trials": (["--trials", "0"], "tune budget: trials must be an integer >= 1, got 0"),
+    "negative timeout": (["--timeout", "-5"], "tune budget: timeout must be a number of seconds > 0, got -5.0"),
+    "inverted range": (["--trials", "2", "--param", "head_lr=float:0.1:0.01"],
+                       "search space: head_lr: low 0.1 must be below high 0.01"),
+    "log of zero": (["--trials", "2", "--param", "warmup_ratio=float:0:0.2:log"],
+                    "search space: warmup_ratio: a log range needs low > 0, got 0.0"),
+    "one choice": (["--trials", "2", "--param", "r=choice:16"], "search space: r: needs at least two distinct choices"),
+    "unknown field": (["--trials", "2", "--param", "momentum=float:0.1:0.9"], "search space: momentum: not a tunable field"),
+    "bad choice": (["--trials", "2", "--param", "distribution=choice:kaiming_uniform,gaussian"],
+                   "search space: distribution: 'gaussian' is not one of"),
+    "twice": (["--trials", "2", "--param", "lr=float:1e-3:1e-2"], "search space: lr given more than once"),
+    "vera option for lora": (["--trials", "2", "--method", "lora", "--param", "train_b=choice:true,false"],
+                             "search space: d_initial, train_b: VeRA options, but the method is 'lora'"),
+    "zero frozen d": (["--trials", "2", "--no-train-d", "--param", "d_initial=choice:0,1"],
+                      "train_d=False with d_initial=0 trains nothing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_budgets_and_spaces_fail_clearly_and_write_nothing(tmp_path, capsys, tiny_bert_dir, tiny_task, case):
+    flags, message = BAD[case]
+    run_dir = tmp_path / "study"
+    argv = ["tune", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model", tiny_bert_dir,
+            "--param", "lr=float:1e-3:5e-2:log", *flags]
+    if case == "vera option for lora":
+        argv += ["--param", "d_initial=float:1e-3:1"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_empty_space_file_and_spec_syntax(tmp_path):
+    empty = tmp_path / "space.json"
+    empty.write_text("{}")
+    with pytest.raises(SpaceError, match="space.json: the search space is empty"):
+        load_space(empty)
+    with pytest.raises(SpaceError, match="search space is empty"):
+        TuneArgs(TrainArgs(task="csv", data_dir=None, out=str(tmp_path)), (), trials=1)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                "epochs": {"type": "int", "low": 1, "high": 3},
+                                "train_b": {"type": "categorical", "choices": [True, False]}}))
+    assert load_space(good) == (SearchDim("lr", "float", 1e-4, 1e-2, log=True), SearchDim("epochs", "int", 1, 3),
+                                SearchDim("train_b", "categorical", choices=(True, False)))
+    assert parse_dim("head-lr=float:1e-3:1e-2:log") == SearchDim("head_lr", "float", 1e-3, 1e-2, log=True)
+    assert parse_dim("r=choice:256,1024") == SearchDim("r", "categorical", choices=(256, 1024))
+    assert parse_dim("train_d=choice:true,false").choices == (True, False)
+    for spec, message in (("lr=1e-3", "expected NAME=float"), ("lr=float:a:b", "bounds must be numbers"),
+                          ("epochs=int:1.5:3", "int bounds must be integers"), ("r=choice:8,x", "'x' is not a valid int")):
+        with pytest.raises(SpaceError, match=message):
+            parse_dim(spec)
