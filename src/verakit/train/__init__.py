@@ -7,6 +7,9 @@ Classification (`verakit train` / `verakit eval`):
     from verakit.train.classify import TrainArgs, train_classifier, evaluate_classifier
 Image classification (`verakit train --task images`, docs/vision.md):
     from verakit.train.vision import ImageArgs, train_images, evaluate_images
+Hyperparameter search over classification runs (`verakit tune`, docs/tuning.md; the function is
+not re-exported here because the submodule has its name):
+    from verakit.train.tune import TuneArgs, SearchDim, tune
 The generic loop, for other recipes (causal LM, images):
     from verakit.train.loop import Recipe, ParamGroup, LoopConfig, run_loop
 """
@@ -29,6 +32,8 @@ __all__ = [
     "ImageArgs",
     "train_images",
     "evaluate_images",
+    "TuneArgs",
+    "SearchDim",
 ]
 
 # name -> submodule; resolved on first access (PEP 562) so `import verakit.train` imports nothing heavy.
@@ -45,6 +50,8 @@ _EXPORTS = {
     "ImageArgs": "vision",
     "train_images": "vision",
     "evaluate_images": "vision",
+    "TuneArgs": "tune",
+    "SearchDim": "tune",
 }
 
 
