@@ -124,7 +124,7 @@ def _vector_grads(Q: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 
 class _Tail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, B, d, b, scale):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, u, B, d, b, scale):
         c = (d * scale).to(u.dtype)
         out = F.linear(u * c, B) * b.to(u.dtype)  # (..., m)
         ctx.save_for_backward(u, B, d, b)
@@ -132,7 +132,7 @@ class _Tail(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         u, B, d, b = ctx.saved_tensors
         need_u, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         g2, u2 = _flat(g), _flat(u)  # (T, m), (T, r)
@@ -164,14 +164,14 @@ def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 
 class _Materialized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight):  # noqa: ANN001, ANN205
+    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight):
         W = vera_weight(w0, A, B, d, b, scale)  # (m, n)
         ctx.save_for_backward(x, w0, A, B, d, b, W if keep_weight else None)
         ctx.scale = scale
         return F.linear(x, W, bias)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, g):
         x, w0, A, B, d, b, W = ctx.saved_tensors
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_d, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
