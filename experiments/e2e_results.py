@@ -6,11 +6,11 @@ whose output already exists is skipped, so the script can be stopped and restart
     python experiments/e2e_results.py run    [--runs runs/e2e]   # probe, train, test-set generation
     python experiments/e2e_results.py report [--runs runs/e2e]   # prints the Markdown table
 
-Phases (a shared 2-core CPU, no GPU; sized to about half an hour of two free cores, which the shared
-machine stretches several-fold):
+Phases (a shared 2-core CPU, no GPU; sized to about half an hour of two free cores, which a busy shared
+machine stretches ten-fold):
 1. learning-rate probe: 2 learning rates per method, 12 steps of batch 8 (96 train examples), scored by
    held-out loss on 40 dev MRs; the better learning rate of each method goes on to phase 2.
-2. training: 600 examples of trainset.csv (a seeded subset), one epoch (75 steps), batch 8, max length 96,
+2. training: 400 examples of trainset.csv (a seeded subset), one epoch (50 steps), batch 8, max length 96,
    q_proj and v_proj targets; VeRA r=1024, LoRA r=8 (alpha 8); held-out loss on 50 dev MRs at the end.
 3. test: greedy decoding (at most 64 new tokens) of 50 test MRs (a seeded subset of testset_w_refs.csv),
    BLEU / ROUGE-L / chrF against all of each MR's references; also for the base model with no training.
@@ -33,7 +33,7 @@ PROBE_LRS = {"vera": (1e-2, 5e-2), "lora": (5e-4, 2e-3)}
 RANK = {"vera": 1024, "lora": 8}
 COMMON = ["--task", "e2e", "--data-dir", str(DATA), "--batch-size", "8", "--max-length", "96", "--seed", "0",
           "--gen-eval-samples", "0", "--quiet"]
-N_TRAIN, N_DEV, N_TEST = 600, 50, 50
+N_TRAIN, N_DEV, N_TEST = 400, 50, 50
 
 
 def _run(cmd: list[str], log: Path, stdout_to: Path | None = None) -> float:

@@ -8,11 +8,11 @@ already has metrics.json is skipped, so the script can be stopped and restarted 
     python experiments/instruct_results.py report [--runs runs/instruct]
 
 Setting (the paper's instruction-tuning setup scaled down to a shared 2-core CPU): shared/data/alpaca
-(5,000 Alpaca examples; the seed-0 held-out 10% split, of which 50 examples are scored), 200 training
-examples, one epoch (50 steps), batch 4, max length 256 (97% of examples fit), the model's chat template, every
+(5,000 Alpaca examples; the seed-0 held-out 10% split, of which 40 examples are scored), 120 training
+examples, one epoch (30 steps), batch 4, max length 256 (97% of examples fit), the model's chat template, every
 linear layer but the LM head as target ("all-linear", as the paper's Llama runs); VeRA r=256 (the paper's
 r=1024 would be 1.8x the hidden size of this 576-wide model), LoRA r=8 (alpha 8). The base model's
-held-out loss is measured on the same 50 examples.
+held-out loss is measured on the same 40 examples.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 RANK = {"vera": 256, "lora": 8}
-N_TRAIN, N_EVAL = 200, 50
+N_TRAIN, N_EVAL = 120, 40
 
 
 def command(method: str, lr: float, out: Path) -> list[str]:
     return ["verakit", "train", "--task", "instruct", "--data-dir", str(DATA), "--out", str(out),
             "--method", method, "--r", str(RANK[method]), "--target-modules", "all-linear", "--lr", f"{lr:g}",
             "--batch-size", "4", "--max-length", "256", "--max-train-samples", str(N_TRAIN),
-            "--max-eval-samples", str(N_EVAL), "--eval-every", "25", "--report-samples", "3",
+            "--max-eval-samples", str(N_EVAL), "--eval-every", "15", "--report-samples", "3",
             "--max-new-tokens", "64", "--seed", "0", "--quiet"]
 
 
