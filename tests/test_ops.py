@@ -107,10 +107,10 @@ def test_refs_agree_with_naive():
 
 
 def test_cost_model_golden_counts_and_switch():
-    # Hand-counted for T=10, n=3, m=2, r=4 with gradients for x: factored 2*10*4*5 fwd + (2*10*2*4 + 2*10*4*5)
+    # Hand-counted for T=10, n=3, m=2, r=4 with gradients for x: factored 2*10*4*5 fwd + (2*10*2*4 + 2*10*4*3)
     # bwd; materialized 2*2*3*4 fwd, Q by the outer route 2*10*2*3 + 2*2*3*4 (projected: 400 > 168).
     c = ops.path_costs(10, 3, 2, 4, grad=True, keep_weight=True)
-    assert c["factored"] == ops.PathCost(400 + 160 + 400, 40)
+    assert c["factored"] == ops.PathCost(400 + 160 + 240, 10 * (4 + 2))
     assert c["materialized"] == ops.PathCost(48 + 168, 30 + 6)
     assert ops.path_costs(10, 3, 2, 4, grad=True, keep_weight=False)["materialized"] == ops.PathCost(48 + 168 + 48, 30)
     assert ops.path_costs(10, 3, 2, 4, grad=False)["factored"] == ops.PathCost(400, 0)

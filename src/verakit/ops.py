@@ -4,7 +4,8 @@ Notation (one adapted layer): x (T, n) tokens in, A = A_sl (r, n), B = B_sl (m, 
 shared tables, c = s * d (r), b (m). The adapter adds  b * (B (c * (A x)))  to the frozen  W0 x + bias.
 
 * factored:     u = A x per token (computed by the caller, so sibling layers reading the same x can
-                share it), then `vera_tail`. Cost ~ T * r * (n + m) per pass; saves u (T, r).
+                share it), then `vera_tail`. Cost ~ T * r * (n + m) per pass; saves u (T, r), shared
+                by siblings, and h (T, m).
 * materialized: W = W0 + diag(b) B diag(c) A once per call, then one matmul: `vera_materialized`.
                 Cost ~ m * n * r per call plus, when training, the weight-gradient-shaped G = g^T x
                 (T * m * n) or the projected P = g^T (x A^T) (T * r * (n + m)), whichever is cheaper.
@@ -63,12 +64,13 @@ def path_costs(
     fwd_m = 2 * m * n * r  # W = W0 + b B c A; the matmul with W replaces the frozen one
     if not grad:
         return {"factored": PathCost(fwd_f, 0), "materialized": PathCost(fwd_m, 0)}
-    # factored backward: z = (b g) B and dx += (c z) A when x needs a gradient; P = g^T u for grad_b
-    bwd_f = 2 * T * m * r + (2 * T * r * (n + m) if input_grad else 0)
+    # factored backward: z = (b g) B for grad_d (and dx += (c z) A when x needs a gradient); grad_b
+    # = colsum(g * h) from the saved h
+    bwd_f = 2 * T * m * r + (2 * T * r * n if input_grad else 0)
     q = 2 * T * r * (n + m) if _projected_cheaper(T, n, m, r) else 2 * T * m * n + 2 * m * n * r
     bwd_m = q + (0 if keep_weight else fwd_m)  # dx = g W replaces the frozen layer's dx
     return {
-        "factored": PathCost(fwd_f + bwd_f, T * r),
+        "factored": PathCost(fwd_f + bwd_f, T * (r + m)),
         "materialized": PathCost(fwd_m + bwd_m, T * n + (m * n if keep_weight else 0)),
     }
 
@@ -125,26 +127,25 @@ def _vector_grads(Q: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 class _Tail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, B, d, b, scale):
-        c = (d * scale).to(u.dtype)
-        out = F.linear(u * c, B) * b.to(u.dtype)  # (..., m)
-        ctx.save_for_backward(u, B, d, b)
+        h = F.linear(u * (d * scale).to(u.dtype), B)  # (..., m)
+        ctx.save_for_backward(u, B, d, b, h)
         ctx.scale = scale
-        return out
+        return h * b.to(u.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        u, B, d, b = ctx.saved_tensors
+        u, B, d, b, h = ctx.saved_tensors
         need_u, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         g2, u2 = _flat(g), _flat(u)  # (T, m), (T, r)
         grad_u = grad_d = grad_b = None
-        if need_u:
+        if need_u or need_d:
             z = (g2 * b.to(g.dtype)) @ B  # (T, r)
-            grad_u = (z * (d * ctx.scale).to(g.dtype)).view(u.shape)
+            if need_u:
+                grad_u = (z * (d * ctx.scale).to(g.dtype)).view(u.shape)
             if need_d:
                 grad_d = (z.float() * u2.float()).sum(0) * ctx.scale
-        if need_b or (need_d and grad_d is None):
-            gd, grad_b = _vector_grads(g2.t() @ u2, B, d, b, ctx.scale, grad_d is None and need_d, need_b)
-            grad_d = gd if grad_d is None else grad_d
+        if need_b:
+            grad_b = (g2.float() * _flat(h).float()).sum(0)
         return grad_u, None, grad_d, grad_b, None
 
 
@@ -152,7 +153,8 @@ def vera_tail(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor
     """Semantics: out = b * (B (scale * d * u)), the factored adapter path after u = A x.
 
     u (..., r) in the compute dtype, B (m, r) compute dtype, d (r,), b (m,) float32. Returns (..., m).
-    Saves only u (shared with sibling layers that were handed the same u); no gradient for B.
+    Saves u (shared with sibling layers that were handed the same u) and h = B (c u) (..., m), which
+    makes grad_b elementwise; no gradient for B.
     """
     return _Tail.apply(u, B, d, b, scale)
 
