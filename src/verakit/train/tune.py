@@ -109,7 +109,8 @@ def default_space(method: str) -> tuple[SearchDim, ...]:
     if method == "lora":
         return (SearchDim("lr", "float", 1e-4, 1e-2, log=True), SearchDim("head_lr", "float", 1e-3, 2e-2, log=True),
                 SearchDim("r", "categorical", choices=(4, 8, 16)))
-    return (SearchDim("lr", "float", 1e-5, 1e-2, log=True), SearchDim("head_lr", "float", 1e-3, 2e-2, log=True))
+    head = (SearchDim("head_lr", "float", 1e-3, 2e-2, log=True),)
+    return head if method == "head" else (SearchDim("lr", "float", 1e-6, 1e-3, log=True), *head)
 
 
 def _value(name: str, text: str) -> Any:
@@ -206,6 +207,8 @@ class TuneArgs:
                              f"{self.base.method!r}")
         if "r" in names and self.base.method not in ("vera", "lora"):
             raise SpaceError(f"search space: r: method {self.base.method!r} has no rank")
+        if "lr" in names and self.base.method == "head":
+            raise SpaceError("search space: lr: method 'head' trains the head only (search head_lr)")
 
     def settings(self) -> dict[str, Any]:
         """What must not change when a study resumes (the budget and seed may)."""
