@@ -120,6 +120,7 @@ BAD = {
     "twice": (["--trials", "2", "--param", "lr=float:1e-3:1e-2"], "search space: lr given more than once"),
     "vera option for lora": (["--trials", "2", "--method", "lora", "--param", "train_b=choice:true,false"],
                              "search space: d_initial, train_b: VeRA options, but the method is 'lora'"),
+    "lr of head": (["--trials", "2", "--method", "head"], "search space: lr: method 'head' trains the head only"),
     "zero frozen d": (["--trials", "2", "--no-train-d", "--param", "d_initial=choice:0,1"],
                       "train_d=False with d_initial=0 trains nothing"),
 }
