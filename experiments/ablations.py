@@ -103,6 +103,15 @@ PAPER = {
 }
 
 
+# The paper's direction for some contrasts: "lower" (the setting hurts) or "not lower" (VeRA holds up).
+EXPECT: dict[str, list[tuple[str, str, str]]] = {
+    "vectors": [("only_d", "base", "lower"), ("only_b", "base", "lower")],
+    "dinit": [("dinit_1", "base", "lower")],
+    "init": [("uniform", "base", "lower")],
+    "matched": [("vera_r384", "lora_r1", "not lower"), ("vera_r1152", "lora_r2", "not lower")],
+}
+
+
 def train_args(task: str, cell: str, seed: int, runs: Path) -> dict[str, Any]:
     b = TASKS[task]
     return {
@@ -167,6 +176,7 @@ def collect(runs: Path) -> list[dict[str, Any]]:
         rows.append({
             "task": task, "cell": cell, "seed": int(seed), "main_metric": m["main_metric"],
             "value": m["metric"][m["main_metric"]], "metrics": m["metric"], "trainable_params": m["trainable_params"],
+            "head_params": m["head_params"],
             "train_seconds": m["train_seconds"],
             "wall_seconds": json.loads(wall.read_text())["wall_seconds"] if wall.is_file() else None,
             "n_train": m["n_train"], "n_eval": m["n_eval"],
@@ -211,15 +221,33 @@ def _stats(rows: list[dict[str, Any]], task: str, cell: str, metric: str | None 
     return vals, f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f} (n={len(vals)})"
 
 
-def _contrast(rows: list[dict[str, Any]], task: str, cell: str, ref: str) -> str | None:
-    """Mean difference (points) with its standard error over seeds; flagged when beyond 2 s.e."""
+def _diff(rows: list[dict[str, Any]], task: str, cell: str, ref: str) -> tuple[float, float] | None:
+    """(mean difference, its standard error) in points over seeds; None below 2 seeds on either side."""
     a, b = _stats(rows, task, cell)[0], _stats(rows, task, ref)[0]
     if len(a) < 2 or len(b) < 2:
         return None
     diff = 100 * (statistics.mean(a) - statistics.mean(b))
-    se = 100 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-    verdict = "beyond 2 s.e." if abs(diff) > 2 * se else "within seed noise"
-    return f"{diff:+.1f} (s.e. {se:.1f}, {verdict})"
+    return diff, 100 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+
+
+def _contrast(rows: list[dict[str, Any]], task: str, cell: str, ref: str) -> str | None:
+    d = _diff(rows, task, cell, ref)
+    if d is None:
+        return None
+    verdict = "beyond 2 s.e." if abs(d[0]) > 2 * d[1] else "within seed noise"
+    return f"{d[0]:+.1f} (s.e. {d[1]:.1f}, {verdict})"
+
+
+def _agreement(rows: list[dict[str, Any]], task: str, cell: str, ref: str, expect: str) -> str | None:
+    """Whether our difference goes the paper's way, judged at 2 standard errors."""
+    d = _diff(rows, task, cell, ref)
+    if d is None:
+        return None
+    diff, se = d
+    if expect == "lower":
+        return ("agrees (lower)" if diff < -2 * se else "disagrees (higher)" if diff > 2 * se
+                else "not reproduced (no difference beyond seed noise)")
+    return "agrees (not lower)" if diff >= -2 * se else "disagrees (lower)"
 
 
 def section(rows: list[dict[str, Any]], runs: Path) -> str:
@@ -227,7 +255,10 @@ def section(rows: list[dict[str, Any]], runs: Path) -> str:
     lines = ["## Ablations", "",
              "The VeRA paper's ablations (Kopiczko et al., 2024: Tables 6a-c, 7, Figure 2) repeated on "
              "all-MiniLM-L6-v2 by `experiments/ablations.py`. Each cell is one `verakit train` run; values are the "
-             "best dev score (x100) over the run's epoch-end evaluations, mean ± sample std over seeds.", ""]
+             "best dev score (x100) over the run's epoch-end evaluations, mean ± sample std over seeds. "
+             "\"trainable params\" counts the adapter only; every cell also trains the same task head "
+             f"({max(r['head_params'] for r in rows):,} parameters: BERT's pooler, which this sentence model "
+             "never trained, and the classifier), as in docs/training.md.", ""]
     for t in tasks:
         b = TASKS[t]
         n_eval = next(r["n_eval"] for r in rows if r["task"] == t)
@@ -252,6 +283,10 @@ def section(rows: list[dict[str, Any]], runs: Path) -> str:
             shown = [f"{labels[a]} − {labels[b]}: {d}" for (a, b), d in zip(CONTRASTS[name], diffs, strict=True) if d]
             if shown:
                 lines.append(f"- {t} (main metric, points): " + "; ".join(shown))
+            verdicts = [(a, b, _agreement(rows, t, a, b, e)) for a, b, e in EXPECT.get(name, [])]
+            verdicts = [f"{labels[a]} vs {labels[b]} {v}" for a, b, v in verdicts if v]
+            if verdicts:
+                lines.append(f"- {t}, against the paper's direction: " + "; ".join(verdicts))
         lines.append("")
     walls = [r["wall_seconds"] for r in rows if r["wall_seconds"] is not None]
     if walls:
