@@ -303,7 +303,7 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     prepared = prepare_causal(model, MethodSpec(args.method, int(args.r or 0), args.d_initial,
                                                 args.target_modules, args.seed))  # type: ignore[arg-type]
     info = {"task": args.task, "model": args.model, "max_length": args.max_length, "seed": args.seed,
-            "chat_template": args.chat_template, "data_dir": args.data_dir, "held_out": args.held_out,
+            "chat_template": args.chat_template, "data_dir": str(Path(args.data_dir).resolve()), "held_out": args.held_out,
             "max_eval_samples": args.max_eval_samples, "gen_eval_samples": args.gen_eval_samples,
             "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     recipe = CausalRecipe(prepared, tokenizer, train, dev, args, info)
@@ -331,6 +331,7 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
         "train_tokens": sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in recipe.train),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "epochs": result.history,
+        "step_losses": [round(x, 5) for x in result.losses],
         "samples": [{"prompt": e.prompt, "reference": e.completion, "before": b, "after": a}
                     for e, b, a in zip(shown, before, after, strict=True)],
         "best_generations": recipe.best_generations[: args.report_samples],
@@ -338,7 +339,8 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
                         "python": platform.python_version()},
     }
     _write_json(run_dir / "metrics.json", metrics)
-    plot_curve(result.history, recipe.main_metric, run_dir / "curve.png", f"{args.task} / {args.method}")
+    plot_curve(result.history, recipe.main_metric, run_dir / "curve.png", f"{args.task} / {args.method}",
+               metrics["step_losses"])
     atomic_write_bytes(run_dir / "report.md", render_causal_report(metrics, config).encode())
     return metrics
 
