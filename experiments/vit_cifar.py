@@ -168,6 +168,25 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _paired(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Per regime, last-epoch accuracy differences between methods, paired by seed (a seed fixes the shots,
+    the head's initialisation and the data order for every method)."""
+    out = []
+    for regime in REGIMES:
+        by_method = {m: {r["seed"]: r["final_metric"]["accuracy"] for r in cells.get((regime, m), [])} for m in METHODS}
+        parts = []
+        for a, b in (("vera", "head"), ("lora", "head"), ("vera", "lora")):
+            seeds = sorted(set(by_method[a]) & set(by_method[b]))
+            if seeds:
+                diffs = [100 * (by_method[a][s] - by_method[b][s]) for s in seeds]
+                spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+                shown = ", ".join(f"{d:+.1f}" for d in diffs)
+                parts.append(f"{a} − {b} {statistics.mean(diffs):+.1f}{spread} points (seeds: {shown})")
+        if parts:
+            out.append(f"* {regime}, paired by seed: " + "; ".join(parts) + ".")
+    return out
+
+
 def section() -> str:
     """The Markdown of the `## Vision` section, from the cached backbone info and the finished runs."""
     info = json.loads((backbone_dir() / "pretrain.json").read_text())
@@ -221,6 +240,9 @@ def section() -> str:
                 f"| {ms[0]['head_params']:,} | {ms[0]['adapter_tensor_bytes']:,} | {ms[0]['adapter_bytes']:,} "
                 f"| {statistics.mean(m['train_seconds'] for m in ms):.0f} |"
             )
+    lines += ["", *_paired(cells), "",
+              "Wall times come from a shared 2-core machine with other jobs running (one thread per process): "
+              "compare them within this table only."]
     lines += ["", "Reproduce: `python experiments/vit_cifar.py pretrain && python experiments/vit_cifar.py run "
               "&& python experiments/vit_cifar.py report` (runs in `runs/vit_cifar/`, one thread per process).", ""]
     return "\n".join(lines)
