@@ -5,7 +5,7 @@ in seed-major order so that a partial grid still covers every task and method on
 RUN_DIR already has metrics.json is skipped, so the script can be stopped and restarted at will.
 
     python experiments/glue_results.py run  [--seeds 0 1 2] [--tasks sst2 mrpc ...] [--runs runs/glue]
-    python experiments/glue_results.py report [--runs runs/glue]   # writes docs/results.md, docs/results.png
+    python experiments/glue_results.py report [--runs runs/glue]   # prints the table, writes docs/results.png
 
 Budget (a shared 2-core CPU, no GPU): each cell trains on a random subset of the train split for one
 epoch and evaluates on at most 500 dev rows, with the paper's learning rates (docs/training.md). These
@@ -105,7 +105,8 @@ def report(args: argparse.Namespace) -> None:
         gap = statistics.mean(medians[(t, "lora")] - medians[(t, "vera")] for t in complete)
         lines += ["", f"Mean (LoRA - VeRA) over {', '.join(complete)}: {100 * gap:+.2f} points."]
     table = "\n".join(lines)
-    Path(args.table).write_text(table + "\n")
+    if args.table:
+        Path(args.table).write_text(table + "\n")
     _plot(cells, Path(args.plot))
     print(table)
 
@@ -152,7 +153,7 @@ def main() -> None:
     r.set_defaults(func=run)
     s = sub.add_parser("report")
     s.add_argument("--runs", default=str(REPO / "runs" / "glue"))
-    s.add_argument("--table", default=str(REPO / "docs" / "results_table.md"))
+    s.add_argument("--table", default=None, help="also write the table to this file (it is always printed)")
     s.add_argument("--plot", default=str(REPO / "docs" / "results.png"))
     s.set_defaults(func=report)
     args = p.parse_args()
