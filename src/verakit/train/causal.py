@@ -62,9 +62,10 @@ log = logging.getLogger("verakit.train")
 
 CAUSAL_METHODS = ("vera", "lora", "full")  # "head" has no meaning for a language-model head
 EVAL_BATCH = 16  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
-# Learning rates when --lr is not given: starting points for short CPU runs, not tuned per task (the
-# E2E learning-rate probe in docs/results.md, ## Generation, is the only measurement behind them).
-DEFAULT_LR = {"vera": 1e-2, "lora": 1e-3, "full": 5e-5}
+# Learning rates when --lr is not given: the better of the two each method tried in the E2E learning-rate
+# probe of docs/results.md (## Generation; 12 steps on SmolLM2), the only measurement behind them. Short
+# runs favour large rates; full fine-tuning was not probed.
+DEFAULT_LR = {"vera": 5e-2, "lora": 2e-3, "full": 5e-5}
 DEFAULT_RANK = {"vera": 1024, "lora": 8, "full": 0}
 
 
