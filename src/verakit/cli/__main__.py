@@ -1,0 +1,7 @@
+"""`python -m verakit.cli` (and `torchrun -m verakit.cli`): the `verakit` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""`verakit inspect`, `verakit convert` and `verakit merge`: file-level operations on saved adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_parsers", "run_convert", "run_inspect", "run_inspect_peft", "run_merge"]
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Describe a verakit adapter file (a directory goes to `run_inspect_peft`)."""
+    from ..fileformat import read_adapter
+
+    if Path(args.file).is_dir():
+        return run_inspect_peft(args)
+    ad = read_adapter(args.file)
+    size = Path(args.file).stat().st_size
+    vec = sum(t.numel() for t in (*ad.d.values(), *ad.b.values()))
+    info = {
+        "file": str(args.file),
+        "bytes": size,
+        "dtype": ad.dtype,
+        "config": ad.config.to_dict(),
+        "model_type": ad.model_type,
+        "architecture": ad.architecture,
+        "fingerprint": ad.fingerprint,
+        "layers": len(ad.modules),
+        "vector_params": vec,
+        "saved_params": ad.trained_numel - vec,
+        "saved_tensors": sorted(ad.saved),
+        "extra": ad.extra,
+    }
+    if args.json:
+        info["modules"] = {n: list(v) for n, v in ad.modules.items()}
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = ad.config
+    print(f"{args.file}: verakit adapter, {size:,} bytes ({ad.dtype})")
+    print(f"  base          {ad.architecture} (model_type={ad.model_type}), fingerprint {ad.fingerprint}")
+    kind = "" if cfg.projection_kind == "philox4x32-10" else f" kind={cfg.projection_kind}"
+    print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}{kind}")
+    print(f"  targets       {cfg.target_modules} -> {len(ad.modules)} layers")
+    print(f"  trained       {vec:,} vector params (d, b) + {info['saved_params']:,} in saved modules")
+    if ad.saved:
+        print(f"  saved modules {', '.join(cfg.modules_to_save)}")
+    if ad.extra:
+        print(f"  extra         {json.dumps(ad.extra)[:200]}")
+    for n, (d_out, d_in, kind) in list(ad.modules.items())[: args.max_layers]:
+        print(f"    {n}  ({d_out} x {d_in}, {kind})")
+    if len(ad.modules) > args.max_layers:
+        print(f"    ... {len(ad.modules) - args.max_layers} more (--max-layers)")
+    return 0
+
+
+def run_inspect_peft(args: argparse.Namespace) -> int:
+    """Describe a PEFT VeRA or LoRA adapter directory."""
+    from ..interop import describe_peft_dir
+
+    info = describe_peft_dir(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    kind = "PEFT VeRA" if info["peft_type"] == "VERA" else "PEFT LoRA"
+    print(f"{args.file}: {kind} adapter directory, {info['bytes']:,} bytes (peft_version {info['peft_version']})")
+    print(f"  base          {info['base_model_name_or_path']} (task_type={info['task_type']})")
+    if info["peft_type"] == "VERA":
+        proj = info["projection"]
+        where = f"saved: vera_A {proj['vera_A']}, vera_B {proj['vera_B']}" if proj["saved"] else "not saved, regenerated"
+        print(f"  projection    r={info['r']} projection_prng_key={proj['projection_prng_key']}, {where}")
+    else:
+        print(f"  rank          r={info['r']} lora_alpha={info['lora_alpha']} (scaling {info['scaling']})")
+    print(f"  targets       {info['layers']} layers")
+    print(f"  trained       {info['adapter_params']:,} adapter params + {info['saved_params']:,} in saved modules")
+    for n, (d_out, d_in) in list(info["modules"].items())[: args.max_layers]:
+        print(f"    {n}  ({d_out} x {'?' if d_in is None else d_in})")
+    if len(info["modules"]) > args.max_layers:
+        print(f"    ... {len(info['modules']) - args.max_layers} more (--max-layers)")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert between verakit, PEFT VeRA and LoRA; print the summary as JSON."""
+    from ..interop import convert
+
+    summary = convert(args.direction, args.src, args.dst, model=args.model, max_rank=args.max_rank)
+    print(json.dumps(summary))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Write a transformers model directory with the adapter merged into its weights."""
+    from ..merge import merge_pretrained
+
+    out = merge_pretrained(args.model, args.adapter, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `inspect`, `convert` and `merge`, in that order."""
+    from ..interop import DIRECTIONS
+
+    s = sub.add_parser("inspect", help="show an adapter's config, layers, size and fingerprint "
+                       "(verakit file, PEFT VeRA or LoRA directory)")
+    s.add_argument("file", help="verakit .safetensors file or PEFT adapter directory")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--max-layers", type=int, default=8, help="layers to list (default 8)")
+    s.set_defaults(func=run_inspect)
+
+    s = sub.add_parser("convert", help="PEFT VeRA -> verakit, verakit -> PEFT VeRA, verakit -> LoRA (exact)")
+    s.add_argument("direction", choices=DIRECTIONS)
+    s.add_argument("src", help="from-peft: PEFT VeRA directory; to-peft / to-lora: verakit adapter file")
+    s.add_argument("dst", help="from-peft: verakit adapter file; to-peft / to-lora: new directory")
+    s.add_argument("--model", default=None, help="from-peft: base model directory (needed for layer widths); "
+                   "to-*: recorded as base_model_name_or_path")
+    s.add_argument("--max-rank", type=int, default=None, help="to-lora: truncate by SVD above this rank "
+                   "(vLLM serves <= 512); the relative error is reported")
+    s.set_defaults(func=run_convert)
+
+    s = sub.add_parser("merge", help="merge an adapter into a transformers model directory")
+    s.add_argument("--model", required=True, help="base model directory (or hub id when online)")
+    s.add_argument("--adapter", required=True, help="adapter .safetensors file")
+    s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    s.set_defaults(func=run_merge)

@@ -1,0 +1,45 @@
+"""`verakit generate`: text from a trained causal-LM adapter, or from the base model alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_parsers", "run_generate"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate for every --prompt and every non-blank line of --prompts-file; 2 when there is none."""
+    from ..train.generate import DecodeConfig, generate_with_artifact
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        print("verakit generate: error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
+                                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams))
+    if args.json:
+        print(json.dumps([{"prompt": p, "generation": t} for p, t in zip(prompts, texts, strict=True)], indent=2))
+    else:
+        print("\n\n".join(texts))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `generate`."""
+    s = sub.add_parser("generate", help="generate text with a trained causal-LM adapter (or the base model)")
+    s.add_argument("--adapter", default=None, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) or "
+                   "RUN_DIR/trained.safetensors (default: none, the base model alone)")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    s.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    s.add_argument("--model", default=None, help="base model (default: the adapter's, else SmolLM2-135M-Instruct)")
+    s.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: as the adapter was trained; for the base model, on when it has a template")
+    s.add_argument("--num-beams", type=int, default=1, help="1: greedy (default); > 1: beam search")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--json", action="store_true", help="print a JSON list of {prompt, generation}")
+    s.set_defaults(func=run_generate)

@@ -1,0 +1,235 @@
+"""`verakit train` and `verakit eval`: dispatch by task to the classification, grouped, causal-LM and
+image recipes of `verakit.train`, each a small function calling one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import add_vera_options, csv_list, print_evaluation, run_training
+
+__all__ = [
+    "add_parsers",
+    "run_eval",
+    "run_eval_causal",
+    "run_eval_images",
+    "run_train",
+    "run_train_causal",
+    "run_train_grouped",
+    "run_train_images",
+]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Refuse flags the task cannot use (2), then train the recipe the task and flags name."""
+    from ..train.causal_data import CAUSAL_TASKS
+    from ..train.classify import TrainArgs, train_classifier
+    from ..train.methods import VERA_OPTION_DEFAULTS
+    from ..train.vision import IMAGE_TASK
+
+    if args.group_column is not None:
+        return run_train_grouped(args)
+    if args.shared_head or args.max_groups is not None or args.min_group_examples is not None:
+        print("verakit train: error: --shared-head, --max-groups and --min-group-examples need --group-column",
+              file=sys.stderr)
+        return 2
+    ablation = [("--no-" if getattr(args, k) is False else "--") + k.replace("_", "-")
+                for k, v in VERA_OPTION_DEFAULTS.items() if getattr(args, k) != v]
+    if ablation and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
+        print(f"verakit train: error: {', '.join(ablation)}: VeRA ablation options are wired for classification "
+              "tasks only", file=sys.stderr)
+        return 2
+    if args.task in CAUSAL_TASKS:
+        return run_train_causal(args)
+    if args.task == IMAGE_TASK:
+        return run_train_images(args)
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    code, metrics = run_training(lambda: train_classifier(TrainArgs(**fields)))
+    if metrics:
+        main = metrics["main_metric"]
+        print(f"{metrics['task']} {metrics['method']}: best dev {main} {metrics['metric'][main]:.4f} "
+              f"(step {metrics['best_step']}); {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
+              f"head params; artifact {metrics['adapter_bytes']:,} bytes; {metrics['train_seconds']:.1f} s; "
+              f"results in {args.out}")
+    return code
+
+
+def run_train_grouped(args: argparse.Namespace) -> int:
+    """--group-column: one VeRA adapter per group in one run."""
+    from ..train.classify import TrainArgs
+    from ..train.grouped import GroupedArgs, train_grouped
+
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    limits = {k: getattr(args, k) for k in ("max_groups", "min_group_examples") if getattr(args, k) is not None}
+    code, m = run_training(
+        lambda: train_grouped(GroupedArgs(TrainArgs(**fields), args.group_column, args.shared_head, **limits)))
+    if m:
+        main = m["main_metric"]
+        print(f"{m['task']} vera x {m['n_groups']} groups: best dev {main} {m['metric'][main]:.4f} "
+              f"(step {m['best_step']}); {m['trainable_params']:,} adapter + {m['head_params']:,} head params per "
+              f"group; {m['adapters_total_bytes']:,} bytes of adapters; {m['train_seconds']:.1f} s; "
+              f"adapters in {Path(args.out) / 'adapters'}")
+    return code
+
+
+def run_train_causal(args: argparse.Namespace) -> int:
+    """Causal-LM tasks (e2e, instruct, jsonl): vera, lora or full, no head."""
+    from ..train.causal import CAUSAL_METHODS, CausalArgs, train_causal
+
+    if args.head_lr is not None or args.method not in CAUSAL_METHODS:
+        print(f"verakit train: error: causal-LM tasks take --method {'/'.join(CAUSAL_METHODS)} and no --head-lr "
+              "(a language model has no task head)", file=sys.stderr)
+        return 2
+    fields = {k: getattr(args, k) for k in CausalArgs.__dataclass_fields__}
+    fields["epochs"] = args.epochs or 1
+    code, m = run_training(lambda: train_causal(CausalArgs(**fields)))
+    if m:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m["metric"].items())
+        print(f"{m['task']} {m['method']}: best held-out {shown} (step {m['best_step']}); {m['trainable_params']:,} "
+              f"trainable params; artifact {m['adapter_bytes']:,} bytes; {m['train_seconds']:.1f} s; peak RSS "
+              f"{m['peak_rss_mib']:,.0f} MiB; results in {args.out}")
+    return code
+
+
+def run_train_images(args: argparse.Namespace) -> int:
+    """--task images: an image classifier on class folders."""
+    from ..train.vision import ImageArgs, train_images
+
+    fields = {k: getattr(args, k) for k in ImageArgs.__dataclass_fields__}
+    code, m = run_training(lambda: train_images(ImageArgs(**fields)))
+    if m:
+        print(f"images {m['method']}: best {m['eval_split']} accuracy {m['metric']['accuracy']:.4f} (step "
+              f"{m['best_step']}), last {m['final_metric']['accuracy']:.4f}; {m['trainable_params']:,} adapter + "
+              f"{m['head_params']:,} head params; artifact {m['adapter_bytes']:,} bytes; {m['train_seconds']:.1f} s; "
+              f"results in {args.out}")
+    return code
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved artifact with the recipe of its task (--task, else the one it was trained on)."""
+    from ..train.causal_data import CAUSAL_TASKS
+    from ..train.classify import evaluate_classifier
+    from ..train.methods import read_artifact_info
+    from ..train.vision import IMAGE_TASK
+
+    task = args.task or read_artifact_info(args.adapter).get("task")
+    if task in CAUSAL_TASKS:
+        return run_eval_causal(args)
+    if task == IMAGE_TASK:
+        return run_eval_images(args)
+    return print_evaluation(lambda: evaluate_classifier(
+        args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples))
+
+
+def run_eval_causal(args: argparse.Namespace) -> int:
+    """Held-out loss (and generation metrics) of a causal-LM artifact."""
+    from ..train.causal import evaluate_causal
+    from ..train.generate import DecodeConfig
+
+    decode = None
+    if args.num_beams is not None or args.max_new_tokens is not None:
+        decode = DecodeConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams or 1)
+    return print_evaluation(lambda: evaluate_causal(
+        args.adapter, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
+        gen_eval_samples=args.gen_eval_samples, eval_split=args.split, decode=decode))
+
+
+def run_eval_images(args: argparse.Namespace) -> int:
+    """Accuracy of an image-classifier artifact on the test split."""
+    from ..train.vision import evaluate_images
+
+    return print_evaluation(lambda: evaluate_images(
+        args.adapter, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples))
+
+
+def _add_group_options(s: argparse.ArgumentParser) -> None:
+    from ..train.grouped import GroupedArgs
+
+    defaults = GroupedArgs.__dataclass_fields__
+    g = s.add_argument_group("one adapter per group (classification, e.g. --task csv)")
+    g.add_argument("--group-column", default=None, help="train one VeRA adapter per distinct value of this column "
+                   "in one run over mixed batches; writes RUN_DIR/adapters/NAME.safetensors (docs/grouped.md)")
+    g.add_argument("--shared-head", action="store_true", help="train one classifier head for all groups "
+                   "(default: one head per group)")
+    g.add_argument("--max-groups", type=int, default=None, help="refuse more distinct groups than this "
+                   f"(default {defaults['max_groups'].default})")
+    g.add_argument("--min-group-examples", type=int, default=None, help="refuse groups with fewer training rows "
+                   f"(default {defaults['min_group_examples'].default})")
+
+
+def _add_causal_options(s: argparse.ArgumentParser, train: bool) -> None:
+    g = s.add_argument_group("causal-LM tasks (e2e, instruct, jsonl)")
+    if train:
+        g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                       help="render prompts with the tokenizer's chat template (default: on for instruct when "
+                       "the tokenizer has one, else off)")
+        g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
+                       "in backward: less memory, one more forward per step")
+        g.add_argument("--held-out", type=float, default=0.1, help="instruct / one-file jsonl: fraction held out "
+                       "for evaluation (default 0.1)")
+        g.add_argument("--report-samples", type=int, default=4, help="held-out generations shown in report.md, "
+                       "before and after training (default 4)")
+    g.add_argument("--gen-eval-samples", type=int, default=None, help="held-out examples generated and scored "
+                   "(BLEU, ROUGE-L, chrF) at each evaluation (default: e2e 100, others 0)")
+    g.add_argument("--num-beams", type=int, default=1 if train else None, help="1: greedy (default); > 1: beam search")
+    g.add_argument("--max-new-tokens", type=int, default=64 if train else None, help="generation limit (default 64)")
+    if not train:
+        g.add_argument("--split", default="dev", choices=["dev", "test"], help="e2e: dev or test set (default dev)")
+
+
+def _add_image_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("image classification (--task images; docs/vision.md)")
+    g.add_argument("--shots", type=int, default=None, help="training images per class, a seeded choice "
+                   "(few-shot protocol; default: all)")
+    g.add_argument("--augment", action="store_true", help="random horizontal flips and shifts of training images")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `train` and `eval`, in that order."""
+    from ..train.causal_data import CAUSAL_TASKS
+    from ..train.data import TASKS
+    from ..train.methods import METHODS
+    from ..train.vision import IMAGE_TASK
+
+    s = sub.add_parser("train", help="finetune a sequence classifier with VeRA, LoRA, full or head-only")
+    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK])
+    s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
+                   "holding train and dev .csv/.jsonl/.tsv; for images, a folder or .zip of train/<class>/ and test/<class>/")
+    s.add_argument("--out", required=True, help="RUN_DIR: adapter, metrics.json, report.md, curve.png")
+    s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
+    s.add_argument("--method", default="vera", choices=list(METHODS))
+    # --adapter-rank: the same flag under torchrun, whose own parser rejects "--r" as an ambiguous prefix.
+    s.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None,
+                   help="rank: VeRA 1024, LoRA 8 by default")
+    s.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
+    s.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
+                   "(default: the model type's, query,value for BERT)")
+    s.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
+    s.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    s.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    s.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: per task)")
+    s.add_argument("--head-lr", type=float, default=None, help="classifier head learning rate (default: per task)")
+    s.add_argument("--warmup-ratio", type=float, default=0.06)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-train-samples", type=int, default=None)
+    s.add_argument("--max-eval-samples", type=int, default=None)
+    s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
+    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
+    s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    add_vera_options(s)
+    _add_group_options(s)
+    _add_causal_options(s, train=True)
+    _add_image_options(s)
+    s.set_defaults(func=run_train)
+
+    s = sub.add_parser("eval", help="evaluate a trained adapter on a task's dev set")
+    s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
+                   help="default: the task it was trained on")
+    s.add_argument("--data-dir", default=None, help="default: the folder it was trained on")
+    s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
+                   "or RUN_DIR/trained.safetensors (full, head)")
+    s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
+    s.add_argument("--max-eval-samples", type=int, default=None, help="default: as in training")
+    _add_causal_options(s, train=False)
+    s.set_defaults(func=run_eval)

@@ -1,0 +1,83 @@
+"""`verakit tune`: a resumable Optuna search over `verakit train` runs (docs/tuning.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_vera_options, csv_list, log_to_stderr
+
+__all__ = ["add_parsers", "run_tune"]
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Run the study; print its one-line summary (0), or why it stopped (130 on Ctrl-C, 2 when bad)."""
+    from ..train.classify import TrainArgs
+    from ..train.loop import TrainingInterrupted
+    from ..train.tune import TuneArgs, default_space, load_space, parse_dim, tune
+
+    log_to_stderr()
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
+    try:
+        space = tuple(parse_dim(p) for p in args.param or ())
+        space += load_space(args.space) if args.space else ()
+        if not args.param and not args.space:
+            space = default_space(args.method)
+        s = tune(TuneArgs(TrainArgs(**fields), space, trials=args.trials, timeout=args.timeout, pruner=args.pruner,
+                          seed=args.sampler_seed, study_name=args.study_name))
+    except TrainingInterrupted as e:
+        print(f"verakit tune: {e.args[0].split(';')[0]}; rerun the same command to resume the study (the "
+              "interrupted trial is recorded as failed and not continued)", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad space, budget, data or settings: the message names the culprit
+        print(f"verakit tune: error: {e}", file=sys.stderr)
+        return 2
+    st, best = s["states"], s["best"]
+    print(f"{s['n_trials']} trials ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed); "
+          + (f"best dev {s['main_metric']} {best['value']:.4f} (trial {best['number']}: "
+             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+             + ")" if best else "no trial completed") + f"; report in {s['report']}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `tune`."""
+    from ..train.data import TASKS
+    from ..train.methods import METHODS
+    from ..train.tune import PRUNERS, TUNABLE
+
+    s = sub.add_parser("tune", help="hyperparameter search (Optuna) over verakit train runs, resumable, with a report")
+    s.add_argument("--task", required=True, choices=list(TASKS))
+    s.add_argument("--data-dir", required=True, help="as for verakit train")
+    s.add_argument("--out", required=True, help="RUN_DIR: study.db (resume by rerunning), trials/NNNN/, report.md, "
+                   "importance.png, summary.json")
+    s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
+    s.add_argument("--method", default="vera", choices=list(METHODS))
+    g = s.add_argument_group("budget and search")
+    g.add_argument("--trials", type=int, default=None, help="finished (complete + pruned) trials the study should "
+                   "hold; a rerun runs only the missing ones")
+    g.add_argument("--timeout", type=float, default=None, help="seconds for this invocation (no trial starts after it)")
+    g.add_argument("--param", action="append", metavar="SPEC", help="a searched setting (repeatable): NAME=float:LOW:"
+                   "HIGH[:log], NAME=int:LOW:HIGH[:log] or NAME=choice:A,B,...; NAME one of " + ", ".join(TUNABLE)
+                   + " (default space: docs/tuning.md)")
+    g.add_argument("--space", default=None, help="JSON file of dimensions (docs/tuning.md), with or instead of --param")
+    g.add_argument("--pruner", default="median", choices=list(PRUNERS), help="stop trials below the median of "
+                   "earlier ones at the same point (default), or never")
+    g.add_argument("--sampler-seed", type=int, default=0)
+    g.add_argument("--study-name", default="verakit-tune")
+    f = s.add_argument_group("fixed training settings (as verakit train; a searched setting overrides its flag)")
+    f.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None)
+    f.add_argument("--d-initial", type=float, default=0.1)
+    f.add_argument("--target-modules", type=csv_list, default=None)
+    f.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--max-length", type=int, default=128)
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--head-lr", type=float, default=None)
+    f.add_argument("--warmup-ratio", type=float, default=0.06)
+    f.add_argument("--seed", type=int, default=0, help="training seed of every trial (data subset, order, init)")
+    f.add_argument("--max-train-samples", type=int, default=None)
+    f.add_argument("--max-eval-samples", type=int, default=None)
+    f.add_argument("--eval-every", type=int, default=None, help="also evaluate (and maybe prune) every N steps")
+    add_vera_options(s)
+    s.set_defaults(func=run_tune)
