@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -19,14 +20,28 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
-def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, tiny_bert_dir, tiny_task):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    single.mkdir()
-    ddp.mkdir()
-    subprocess.run([sys.executable, str(WORKER), tiny_bert_dir, str(tiny_task), str(single)], env=_env(),
+# Both launchers a user would reach for; each starts 2 CPU processes that join one gloo group.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_bert_dir, tiny_task) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    subprocess.run([sys.executable, str(WORKER), tiny_bert_dir, str(tiny_task), str(out)], env=_env(),
                    check=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(WORKER), tiny_bert_dir, str(tiny_task), str(ddp)], env=_env(), check=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_gloo_ranks_match_each_other_and_one_process(launcher, tmp_path, tiny_bert_dir, tiny_task, single_run):
+    single, ddp = single_run, tmp_path / "ddp"
+    ddp.mkdir()
+    subprocess.run([*LAUNCHERS[launcher], str(WORKER), tiny_bert_dir, str(tiny_task), str(ddp)], env=_env(),
+                   check=True, timeout=300)
     one = torch.load(single / "rank0.pt")
     r0, r1 = torch.load(ddp / "rank0.pt"), torch.load(ddp / "rank1.pt")
     assert (one["world"], r0["world"], r1["world"]) == (1, 2, 2)
