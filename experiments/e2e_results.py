@@ -5,6 +5,7 @@ whose output already exists is skipped, so the script can be stopped and restart
 
     python experiments/e2e_results.py run    [--runs runs/e2e]   # probe, train, test-set generation
     python experiments/e2e_results.py report [--runs runs/e2e]   # prints the Markdown table
+    python experiments/e2e_results.py paired [--runs runs/e2e]   # VeRA - LoRA on the test MRs, paired bootstrap
 
 Phases (a shared 2-core CPU, no GPU; sized to about half an hour of two free cores, which a busy shared
 machine stretches ten-fold):
@@ -107,6 +108,47 @@ def _base_test() -> dict:
     return {"metric": metrics, "n_eval": len(test), "generations": texts[:8]}
 
 
+def paired(args: argparse.Namespace) -> None:
+    """VeRA - LoRA differences on the same test MRs with a paired bootstrap over MRs (1,000 resamples):
+    generations are redone (greedy, so identical to phase 3's) and kept whole in paired.json."""
+    import random
+
+    from verakit.train.causal_data import load_causal_data
+    from verakit.train.gen_metrics import generation_metrics
+    from verakit.train.generate import DecodeConfig, generate_with_artifact
+
+    runs = Path(args.runs)
+    out = runs / "paired.json"
+    _, test = load_causal_data("e2e", str(DATA), max_train_samples=1, max_eval_samples=N_TEST, eval_split="test")
+    refs = [list(e.references) for e in test]
+    result = json.loads(out.read_text()) if out.is_file() else {"generations": {}}
+    for method, artifact in (("vera", "train-vera/adapter.safetensors"), ("lora", "train-lora/adapter")):
+        if method not in result["generations"]:
+            result["generations"][method] = generate_with_artifact(
+                runs / artifact, [e.prompt for e in test], config=DecodeConfig(max_new_tokens=64))
+            out.write_text(json.dumps(result, indent=1))
+    gens = result["generations"]
+    full = {m: generation_metrics(gens[m], refs) for m in gens}
+    rng = random.Random(0)
+    diffs: dict[str, list[float]] = {k: [] for k in full["vera"]}
+    for _ in range(1000):
+        idx = [rng.randrange(len(test)) for _ in test]
+        a = generation_metrics([gens["vera"][i] for i in idx], [refs[i] for i in idx])
+        b = generation_metrics([gens["lora"][i] for i in idx], [refs[i] for i in idx])
+        for k in diffs:
+            diffs[k].append(a[k] - b[k])
+    summary = {}
+    for k, ds in diffs.items():
+        ds.sort()
+        summary[k] = {"vera": full["vera"][k], "lora": full["lora"][k], "diff": full["vera"][k] - full["lora"][k],
+                      "ci95": [ds[24], ds[974]], "p_vera_lower": sum(d < 0 for d in ds) / len(ds)}
+    result.update({"n_mrs": len(test), "resamples": 1000, "summary": summary})
+    out.write_text(json.dumps(result, indent=1))
+    print("| metric | VeRA | LoRA | VeRA - LoRA | 95% paired bootstrap interval |\n|---|---|---|---|---|")
+    for k, v in summary.items():
+        print(f"| {k} | {v['vera']:.2f} | {v['lora']:.2f} | {v['diff']:+.2f} | [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |")
+
+
 def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     probe = ["| method | lr | held-out loss (40 dev MRs) | train wall time (s) |", "|---|---|---|---|"]
@@ -138,12 +180,12 @@ def report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("action", choices=["run", "report", "paired"])
     p.add_argument("--runs", default=str(REPO / "runs" / "e2e"))
     args = p.parse_args()
     if not DATA.is_dir():
         sys.exit(f"E2E data not found at {DATA}")
-    run(args) if args.action == "run" else report(args)
+    {"run": run, "report": report, "paired": paired}[args.action](args)
 
 
 if __name__ == "__main__":
