@@ -310,7 +310,7 @@ def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
 def _alone(model_dir, data_dir: Path):
     """evaluate(adapter_path, group, max_length) -> (dev metrics, logits) of one adapter file loaded alone
     (load_adapter on a fresh copy of the base classifier), on its group's dev rows."""
-    from verakit.train.classify import _Encoded, build_classifier, evaluate_encoded
+    from verakit.train.classify import Encoded, build_classifier, evaluate_encoded
     from verakit.train.data import load_task
 
     data = load_task("csv", data_dir, group_column="customer")
@@ -319,7 +319,7 @@ def _alone(model_dir, data_dir: Path):
 
     def evaluate(adapter_path, group: str, max_length: int = 128):
         model = load_adapter(copy.deepcopy(base), adapter_path).eval()
-        dev = _Encoded(tok, [e for e in data.dev if e.group == group], max_length, False)
+        dev = Encoded(tok, [e for e in data.dev if e.group == group], max_length, False)
         batch = dev.batch(range(len(dev)))
         batch.pop("labels")
         with torch.no_grad():

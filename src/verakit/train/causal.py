@@ -14,9 +14,7 @@ Data is loaded and validated before RUN_DIR is created, so bad data leaves nothi
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import resource
 import sys
 from collections.abc import Sequence
@@ -42,6 +40,7 @@ from .methods import (
     read_artifact_info,
     save_artifact,
 )
+from .rundir import check_run_dir, environment, jsonable, loop_metrics, write_json
 
 __all__ = [
     "CAUSAL_METHODS",
@@ -293,7 +292,7 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     if args.method not in CAUSAL_METHODS:  # before any loading
         raise ValueError(f"method {args.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
     run_dir = Path(args.out)
-    _check_run_dir(run_dir, args.resume)
+    check_run_dir(run_dir, args.resume)
     train, dev = load_causal_data(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                                   max_eval_samples=args.max_eval_samples, seed=args.seed, held_out=args.held_out)
     torch.manual_seed(args.seed)  # LoRA's A initialisation
@@ -313,9 +312,8 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     loop_cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
-    args_json = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
-    config = {"args": args_json, "loop": asdict(loop_cfg), "method": _method_config(prepared, args.method)}
-    _write_json(run_dir / "config.json", config)
+    config = {"args": jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args.method)}
+    write_json(run_dir / "config.json", config)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
@@ -326,8 +324,7 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
         "metric": result.best["metrics"], "main_metric": recipe.main_metric,
         "best_step": result.best["step"], "best_epoch": result.best["epoch"],
         "trainable_params": prepared.adapter_numel, "adapter_bytes": artifact_bytes(artifact),
-        "artifact": artifact.name, "train_seconds": round(result.train_seconds, 2),
-        "total_steps": result.total_steps, "world_size": result.world_size,
+        "artifact": artifact.name, **loop_metrics(result),
         "n_train": len(train), "n_eval": len(dev), "n_generated": len(recipe.gen_examples),
         "train_tokens": sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in recipe.train),
         "peak_rss_mib": round(peak_rss_mib(), 1),
@@ -336,25 +333,18 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
         "samples": [{"prompt": e.prompt, "reference": e.completion, "before": b, "after": a}
                     for e, b, a in zip(shown, before, after, strict=True)],
         "best_generations": recipe.best_generations[: args.report_samples],
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
+        "environment": environment(),
     }
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     plot_curve(result.history, recipe.main_metric, run_dir / "curve.png", f"{args.task} / {args.method}",
                metrics["step_losses"])
     atomic_write_bytes(run_dir / "report.md", render_causal_report(metrics, config).encode())
     return metrics
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoint" / "state.pt").is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
-
-
 def _method_config(prepared: Prepared, method: str) -> dict[str, Any]:
+    # Not methods.method_config: a causal LM has no head to save, its LoRA targets may be "all-linear",
+    # and full fine-tuning trains every parameter, so config.json says so instead of listing names.
     if method == "vera":
         from ..inject import vera_state
 
@@ -364,10 +354,6 @@ def _method_config(prepared: Prepared, method: str) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)
                 if not isinstance(cfg.target_modules, str) else cfg.target_modules}
     return {"trainable": "all parameters"}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------- saved artifacts

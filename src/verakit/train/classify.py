@@ -8,9 +8,7 @@ validated before RUN_DIR is created, so bad data leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,15 +25,33 @@ from .methods import (
     METHODS,
     MethodSpec,
     Prepared,
-    artifact_bytes,
     artifact_path,
     load_artifact,
+    method_config,
     prepare_model,
     read_artifact_info,
     save_artifact,
 )
+from .rundir import (
+    artifact_metrics,
+    check_run_dir,
+    environment,
+    jsonable,
+    loop_metrics,
+    start_run,
+    write_json,
+)
 
-__all__ = ["TrainArgs", "ClassificationRecipe", "train_classifier", "evaluate_classifier", "build_classifier"]
+__all__ = [
+    "EVAL_BATCH",
+    "TrainArgs",
+    "ClassificationRecipe",
+    "Encoded",
+    "train_classifier",
+    "evaluate_classifier",
+    "evaluate_encoded",
+    "build_classifier",
+]
 
 log = logging.getLogger("verakit.train")
 EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
@@ -129,7 +145,7 @@ def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module,
     return model, tokenizer
 
 
-class _Encoded:
+class Encoded:
     """Examples tokenized once (truncated to max_length, unpadded) with their labels."""
 
     def __init__(self, tokenizer: Any, examples: Sequence[Example], max_length: int, regression: bool) -> None:
@@ -168,8 +184,8 @@ class ClassificationRecipe:
         self.main_metric = spec.main_metric
         self.args = args
         self.info = info
-        self.train = _Encoded(tokenizer, train, args.max_length, spec.is_regression)
-        self.dev = _Encoded(tokenizer, dev, args.max_length, spec.is_regression)
+        self.train = Encoded(tokenizer, train, args.max_length, spec.is_regression)
+        self.dev = Encoded(tokenizer, dev, args.max_length, spec.is_regression)
 
     def param_groups(self) -> list[ParamGroup]:
         return [
@@ -197,7 +213,7 @@ class ClassificationRecipe:
         save_artifact(self.args.method, model, run_dir, self.info)
 
 
-def evaluate_encoded(model: nn.Module, data: _Encoded, spec: TaskSpec) -> dict[str, float]:
+def evaluate_encoded(model: nn.Module, data: Encoded, spec: TaskSpec) -> dict[str, float]:
     """GLUE metrics of `model` on `data`, batched by length (the result does not depend on the order)."""
     from .metrics import compute_metrics
 
@@ -213,14 +229,6 @@ def evaluate_encoded(model: nn.Module, data: _Encoded, spec: TaskSpec) -> dict[s
     return compute_metrics(spec, outputs.numpy(), data.labels.numpy())
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoint" / "state.pt").is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
-
-
 def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train per `args`, write RUN_DIR, and return the content of metrics.json.
 
@@ -233,9 +241,9 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
 
     args = args.resolved()
     run_dir = Path(args.out)
-    # Under torchrun every rank checks RUN_DIR before any writes to it (barrier below); rank 0 writes.
+    # Under torchrun every rank checks RUN_DIR before any writes to it (start_run waits for all); rank 0 writes.
     state = PartialState(cpu=not torch.cuda.is_available())
-    _check_run_dir(run_dir, args.resume)
+    check_run_dir(run_dir, args.resume)
     data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
@@ -250,13 +258,8 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
-    config = {"args": _jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args)}
-    if args.resume:
-        _check_same_args(run_dir, config["args"])
-    state.wait_for_everyone()
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", config)
+    config = {"args": jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": method_config(prepared, args.method)}
+    start_run(run_dir, config, resume=args.resume, state=state)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume, on_eval=on_eval)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
@@ -269,56 +272,17 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         "main_metric": data.spec.main_metric,
         "best_step": result.best["step"],
         "best_epoch": result.best["epoch"],
-        "trainable_params": prepared.adapter_numel,
-        "head_params": prepared.head_numel,
-        "adapter_bytes": artifact_bytes(artifact),
-        "adapter_tensor_bytes": 4 * prepared.adapter_numel,  # the adapter's own fp32 tensors, no head
-        "artifact": artifact.name,
-        "train_seconds": round(result.train_seconds, 2),
-        "total_steps": result.total_steps,
-        "world_size": result.world_size,
+        **artifact_metrics(prepared, artifact),
+        **loop_metrics(result),
         "n_train": len(data.train),
         "n_eval": len(data.dev),
         "epochs": result.history,
         "step_losses": [round(x, 5) for x in result.losses],
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "environment": environment(),
     }
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     write_report(run_dir, metrics, config)
     return metrics
-
-
-def _check_same_args(run_dir: Path, args: dict[str, Any]) -> None:
-    """--resume must repeat the interrupted command: other settings would not continue the same run."""
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
-    ignore = {"resume", "quiet"}
-    diff = sorted(k for k in args if k not in ignore and saved.get(k) != args[k])
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {args[k]!r}" for k in diff)
-        raise ValueError(f"{run_dir / 'config.json'}: --resume with different settings ({shown}); "
-                         "repeat the interrupted command with --resume")
-
-
-def _method_config(prepared: Prepared, args: TrainArgs) -> dict[str, Any]:
-    if args.method == "vera":
-        from ..inject import vera_state
-
-        return vera_state(prepared.model).config.to_dict()
-    if args.method == "lora":
-        cfg = prepared.model.peft_config["default"]  # PEFT's own adapter name; one adapter per run
-        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                "modules_to_save": sorted(cfg.modules_to_save or [])}
-    return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from ..fileformat import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def evaluate_classifier(
@@ -345,6 +309,6 @@ def evaluate_classifier(
         raise ValueError(f"{adapter}: trained with labels {info['labels']}, but {task} data has {list(spec.label_names)}")
     base, tokenizer = build_classifier(model or info.get("model"), spec)
     trained = load_artifact(adapter, base).eval()
-    dev = _Encoded(tokenizer, data.dev, int(info.get("max_length", 128)), spec.is_regression)
+    dev = Encoded(tokenizer, data.dev, int(info.get("max_length", 128)), spec.is_regression)
     return {"task": spec.name, "method": info.get("method"), "metric": evaluate_encoded(trained, dev, spec),
             "n_eval": len(dev), "adapter": str(adapter)}

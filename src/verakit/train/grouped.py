@@ -36,18 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileformat import Adapter, write_adapter
-from .classify import (
-    EVAL_BATCH,
-    TrainArgs,
-    _check_run_dir,
-    _check_same_args,
-    _Encoded,
-    _jsonable,
-    _write_json,
-    build_classifier,
-)
+from .classify import EVAL_BATCH, Encoded, TrainArgs, build_classifier
 from .data import DataError, Example, TaskSpec, load_task
 from .loop import LoopConfig, ParamGroup, run_loop
+from .rundir import check_run_dir, environment, jsonable, loop_metrics, start_run, write_json
 from .slot_optim import SlotAdamW
 from .slot_tables import SlotTables, to_slot_tables
 
@@ -156,11 +148,11 @@ class GroupedRecipe:
         targs = args.train
         self.model, self.tables, self.groups, self.spec, self.args, self.info = model, tables, groups, spec, args, info
         self.main_metric = f"mean_group_{spec.main_metric}"
-        self.train = _Encoded(tokenizer, train, targs.max_length, spec.is_regression)
+        self.train = Encoded(tokenizer, train, targs.max_length, spec.is_regression)
         self.train_slots = torch.tensor([groups.slot(e.group) for e in train], dtype=torch.int64)  # [N]
         known = [e for e in dev if e.group in groups]
         self.dev_without_adapter = len(dev) - len(known)
-        self.dev = _Encoded(tokenizer, known, targs.max_length, spec.is_regression)
+        self.dev = Encoded(tokenizer, known, targs.max_length, spec.is_regression)
         self.dev_slots = torch.tensor([groups.slot(e.group) for e in known], dtype=torch.int64)  # [N_dev]
         self.optimizer: SlotAdamW | None = None
         self.group_metrics: dict[str, dict[str, float] | None] = {}  # of the latest evaluation
@@ -215,10 +207,10 @@ class GroupedRecipe:
             extra = {**self.info, "method": "vera", "group": value, "dev_metric": self.group_metrics.get(name)}
             adapters[name] = self.tables.export(model, i + 1, extra)
         write_adapter_dir(run_dir / "adapters", adapters)
-        _write_json(run_dir / "group_metrics.json", self.group_metrics)
+        write_json(run_dir / "group_metrics.json", self.group_metrics)
 
 
-def predict_slots(model: nn.Module, tables: SlotTables, data: _Encoded, slots: torch.Tensor) -> torch.Tensor:
+def predict_slots(model: nn.Module, tables: SlotTables, data: Encoded, slots: torch.Tensor) -> torch.Tensor:
     """Model outputs (N, num_labels) of every example under its own slot, in batches sorted by length."""
     device = next(model.parameters()).device
     order = sorted(range(len(data)), key=lambda i: len(data.columns["input_ids"][i]))
@@ -264,7 +256,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
         raise ValueError(f"--group-column trains VeRA adapters; --method {targs.method} is not supported with it")
     run_dir = Path(targs.out)
     state = PartialState(cpu=not torch.cuda.is_available())
-    _check_run_dir(run_dir, targs.resume)
+    check_run_dir(run_dir, targs.resume)
     data = load_task(targs.task, targs.data_dir, max_train_samples=targs.max_train_samples,
                      max_eval_samples=targs.max_eval_samples, seed=targs.seed, group_column=args.group_column)
     groups = plan_groups(data.train, args.group_column, args.max_groups, args.min_group_examples,
@@ -285,19 +277,14 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
     loop_cfg = LoopConfig(epochs=int(targs.epochs or 1), batch_size=targs.batch_size, warmup_ratio=targs.warmup_ratio,
                           seed=targs.seed, eval_every=targs.eval_every, quiet=targs.quiet)
     grouped_args = {k: v for k, v in asdict(args).items() if k != "train"}
-    config = {"args": {**_jsonable(asdict(targs)), **grouped_args}, "loop": asdict(loop_cfg),
+    config = {"args": {**jsonable(asdict(targs)), **grouped_args}, "loop": asdict(loop_cfg),
               "method": tables.template.config.to_dict()}
-    if targs.resume:
-        _check_same_args(run_dir, config["args"])
-    state.wait_for_everyone()
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", config)
+    start_run(run_dir, config, resume=targs.resume, state=state)
     result = run_loop(recipe, loop_cfg, run_dir, resume=targs.resume, optimizer_factory=recipe.make_optimizer)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
     metrics = _metrics(args, data.spec, groups, recipe, result, run_dir)
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     _write_report(run_dir, metrics, config)
     return metrics
 
@@ -314,7 +301,6 @@ def _warn_about_dev(recipe: GroupedRecipe, groups: Groups) -> None:
 def _metrics(args: GroupedArgs, spec: TaskSpec, groups: Groups, recipe: GroupedRecipe, result: Any,
              run_dir: Path) -> dict[str, Any]:
     import json
-    import platform
 
     targs = args.train
     per = json.loads((run_dir / "group_metrics.json").read_text())  # of the best evaluation (survives --resume)
@@ -345,14 +331,11 @@ def _metrics(args: GroupedArgs, spec: TaskSpec, groups: Groups, recipe: GroupedR
         "adapters_total_bytes": sum(sizes),
         "adapter_tensor_bytes": 4 * adapter_numel,
         "artifact": "adapters/",
-        "train_seconds": round(result.train_seconds, 2),
-        "total_steps": result.total_steps,
-        "world_size": result.world_size,
+        **loop_metrics(result),
         "n_train": len(recipe.train),
         "n_eval": len(recipe.dev),
         "epochs": result.history,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
+        "environment": environment(),
     }
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "save_artifact",
     "read_artifact_info",
     "load_artifact",
+    "method_config",
 ]
 
 METHODS = ("vera", "lora", "full", "head")
@@ -156,6 +157,19 @@ def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
     adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
     head = tuple((n, p) for n, p in trainable if id(p) in in_head)
     return Prepared(peft_model, adapter, head)
+
+
+def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
+    """config.json's "method" entry: the VeraConfig, the LoRA settings, or the first 50 trained names."""
+    if method == "vera":
+        from ..inject import vera_state
+
+        return vera_state(prepared.model).config.to_dict()
+    if method == "lora":
+        cfg = prepared.model.peft_config["default"]  # PEFT's own adapter name; one adapter per run
+        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                "modules_to_save": sorted(cfg.modules_to_save or [])}
+    return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
 
 
 def artifact_path(method: str, run_dir: str | Path) -> Path:

@@ -16,7 +16,6 @@ normalisation with mean = std = 0.5 (ViT's convention), with a warning. No torch
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,13 +32,22 @@ from .methods import (
     METHODS,
     MethodSpec,
     Prepared,
-    artifact_bytes,
     artifact_path,
     head_modules,
     load_artifact,
+    method_config,
     prepare_model,
     read_artifact_info,
     save_artifact,
+)
+from .rundir import (
+    artifact_metrics,
+    check_run_dir,
+    environment,
+    jsonable,
+    loop_metrics,
+    start_run,
+    write_json,
 )
 
 __all__ = [
@@ -250,13 +258,12 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
     """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
     from accelerate import PartialState
 
-    from .classify import _check_run_dir, _check_same_args, _jsonable, _method_config, _write_json
     from .vision_report import write_image_report
 
     args = args.resolved()
     run_dir = Path(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())
-    _check_run_dir(run_dir, args.resume)
+    check_run_dir(run_dir, args.resume)
     data = load_images(args.data_dir, shots=args.shots, max_train_samples=args.max_train_samples,
                        max_eval_samples=args.max_eval_samples, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
@@ -268,13 +275,8 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
     recipe = ImageRecipe(prepared, processor, data, args, info)
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
-    config = {"args": _jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args)}
-    if args.resume:
-        _check_same_args(run_dir, config["args"])
-    state.wait_for_everyone()
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", config)
+    config = {"args": jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": method_config(prepared, args.method)}
+    start_run(run_dir, config, resume=args.resume, state=state)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
@@ -296,23 +298,16 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
         "shots": args.shots,
         "per_class_accuracy": recipe.best_detail["per_class_accuracy"],
         "confusion_matrix": recipe.best_detail["confusion_matrix"],
-        "trainable_params": prepared.adapter_numel,
-        "head_params": prepared.head_numel,
-        "adapter_bytes": artifact_bytes(artifact),
-        "adapter_tensor_bytes": 4 * prepared.adapter_numel,  # the adapter's own fp32 tensors, no head
-        "artifact": artifact.name,
-        "train_seconds": round(result.train_seconds, 2),
-        "total_steps": result.total_steps,
-        "world_size": result.world_size,
+        **artifact_metrics(prepared, artifact),
+        **loop_metrics(result),
         "n_train": len(data.train),
         "n_eval": len(data.test),
         "eval_split": data.test.name,
         "data": class_counts(data),
         "epochs": result.history,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
+        "environment": environment(),
     }
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     write_image_report(run_dir, metrics, config)
     return metrics
 

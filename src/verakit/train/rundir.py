@@ -1,0 +1,110 @@
+"""RUN_DIR, as every training recipe (classify, vision, causal, grouped) uses it: the checks before a
+run starts, `config.json` and `metrics.json` written atomically, and the entries of metrics.json that
+every recipe measures the same way.
+
+Under torchrun every process checks RUN_DIR before any process writes to it; only the main one writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from .loop import LoopResult
+from .methods import Prepared, artifact_bytes
+
+__all__ = [
+    "ProcessState",
+    "artifact_metrics",
+    "check_run_dir",
+    "check_same_args",
+    "environment",
+    "jsonable",
+    "loop_metrics",
+    "start_run",
+    "write_json",
+]
+
+
+class ProcessState(Protocol):
+    """What `start_run` needs of accelerate's `PartialState`."""
+
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse a run that would mix two runs' files: without `resume`, RUN_DIR must be absent or empty;
+    with it, RUN_DIR/checkpoint/state.pt (written on Ctrl-C) must exist."""
+    if resume:
+        if not (run_dir / "checkpoint" / "state.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
+
+
+def check_same_args(run_dir: Path, args: dict[str, Any]) -> None:
+    """Refuse --resume with other settings than RUN_DIR/config.json's ("resume" and "quiet" aside): they
+    would not continue the same run."""
+    saved = json.loads((run_dir / "config.json").read_text())["args"]
+    ignore = {"resume", "quiet"}
+    diff = sorted(k for k in args if k not in ignore and saved.get(k) != args[k])
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {args[k]!r}" for k in diff)
+        raise ValueError(f"{run_dir / 'config.json'}: --resume with different settings ({shown}); "
+                         "repeat the interrupted command with --resume")
+
+
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with tuple values as lists, as they read back from JSON (so that saved and new args compare)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON (str() for what JSON lacks, e.g. paths), written atomically."""
+    from ..fileformat import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def start_run(run_dir: Path, config: dict[str, Any], *, resume: bool, state: ProcessState) -> None:
+    """Refuse a --resume with other settings (`check_same_args`), then, once every process got this far,
+    create RUN_DIR and write `config` to RUN_DIR/config.json from the main process."""
+    if resume:
+        check_same_args(run_dir, config["args"])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config)
+
+
+def artifact_metrics(prepared: Prepared, artifact: Path) -> dict[str, Any]:
+    """metrics.json's sizes: trainable adapter and head parameters, the artifact's bytes on disk and the
+    adapter's own fp32 tensor bytes (no head), and the artifact's name in RUN_DIR."""
+    return {
+        "trainable_params": prepared.adapter_numel,
+        "head_params": prepared.head_numel,
+        "adapter_bytes": artifact_bytes(artifact),
+        "adapter_tensor_bytes": 4 * prepared.adapter_numel,
+        "artifact": artifact.name,
+    }
+
+
+def loop_metrics(result: LoopResult) -> dict[str, Any]:
+    """metrics.json's cost of training: wall seconds (summed over resumed sessions), steps, processes."""
+    return {
+        "train_seconds": round(result.train_seconds, 2),
+        "total_steps": result.total_steps,
+        "world_size": result.world_size,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """metrics.json's "environment": the torch version and threads, and the Python version."""
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
