@@ -1,0 +1,70 @@
+"""The user's own classification or regression data (``--task csv``): ``train`` and ``dev`` (or
+``validation``) files in one folder, each .csv, .jsonl or .tsv, with columns ``text``, optional
+``text_pair``, ``label``. Labels that are all numbers with a non-integer among them make a regression
+task; any others are classes, sorted. Every bad-data case raises DataError naming ``path:line``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .rows import Labels, Row, find_split, open_text, raw_label, read_delimited, to_examples
+from .tasks import REGRESSION_METRICS, TASKS, DataError, Example, TaskSpec
+
+__all__ = ["USER_EXTS", "load_user_task"]
+
+USER_EXTS = ("csv", "jsonl", "tsv")
+
+
+def load_user_task(folder: Path, group_column: str | None) -> tuple[TaskSpec, list[Example], list[Example]]:
+    """(the task's TaskSpec, fitted to the train labels; train Examples; dev Examples) of `folder`."""
+    paths: dict[str, Path] = {}
+    for split, stems in (("train", ("train",)), ("dev", ("dev", "validation"))):
+        path = find_split(folder, stems, USER_EXTS)
+        if path is None:
+            raise DataError(f"{folder / (split + '.csv')}: file not found (also tried .jsonl and .tsv)")
+        paths[split] = path
+    rows = {split: _user_rows(path) for split, path in paths.items()}
+    labels = Labels.fit([raw_label(paths["train"], line, row, "label") for line, row in rows["train"]])
+    if not labels.is_regression and len(labels.names) < 2:
+        raise DataError(
+            f"{paths['train']}:{rows['train'][0][0]}: every label is {labels.names[0]!r}; "
+            "classification needs at least two classes"
+        )
+    # text_pair is optional; once train has it, every row of both splits must.
+    pair = "text_pair" if any("text_pair" in row for _, row in rows["train"]) else None
+    train, dev = (to_examples(paths[s], rows[s], "text", pair, "label", labels, group_column) for s in paths)
+    if labels.is_regression:
+        return TaskSpec("csv", (), True, REGRESSION_METRICS, "pearson"), train, dev
+    template = TASKS["csv"]
+    return TaskSpec("csv", labels.names, False, template.metric_names, template.main_metric), train, dev
+
+
+def _user_rows(path: Path) -> list[Row]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    return read_delimited(path, "\t" if path.suffix == ".tsv" else ",", None)
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows: list[Row] = []
+    line_no = 0
+    with open_text(path) as fh:
+        try:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{line_no}: invalid JSON: {exc.msg} (column {exc.colno})"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(obj).__name__}")
+                rows.append((line_no, obj))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{line_no + 1}: not valid UTF-8 ({exc.reason})") from exc
+    if not rows:
+        raise DataError(f"{path}:1: empty split: no examples in the file")
+    return rows
