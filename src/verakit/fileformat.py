@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write_bytes  # public here too: callers have always imported it from this module
 from .config import PROJECTION_KINDS, ConfigError, VeraConfig
 from .inject import VeraState, attach, detach, vera_state
 from .projection import GENERATOR, GENERATORS, Projection
@@ -107,30 +107,6 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
         info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
     proj = state.projection if state.config.projection_kind != PROJECTION_KINDS[0] else None
     return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync and os.replace.
-
-    A crash or error mid-write leaves the previous file (if any) untouched and no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:

@@ -6,13 +6,12 @@ Merging is only ever an explicit call. Deltas are computed in float32 and cast o
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import vera_state
 from .projection import Projection, matrix_ids
@@ -103,16 +102,8 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
                     k = new + k[len(old) :]
                     break
             sd[k] = v
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
+        with new_dir(out) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         for n, layer in state.layers.items():
             if not was_merged[n]:

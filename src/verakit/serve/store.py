@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..atomic import staged_file
 from ..config import VeraConfig
 from ..fileformat import FORMAT_NAME, Adapter, AdapterError, read_adapter
 
@@ -113,26 +113,12 @@ class AdapterStore:
         final = self.path(name)
         if final.exists() and not overwrite:
             raise FileExistsError(f"adapter {name!r} already exists; delete it first or pass overwrite=true")
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".upload-{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with staged_file(final, data, prefix=f".upload-{name}.") as tmp:
             try:
                 adapter = read_adapter(tmp)
                 validate(adapter)
             except AdapterError as e:
                 raise type(e)(str(e).replace(tmp, f"upload {name!r}")) from None
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename durable
-        finally:
-            os.close(dir_fd)
         return replace(adapter, path=str(final))
 
     def delete(self, name: str) -> None:

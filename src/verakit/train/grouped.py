@@ -21,9 +21,7 @@ the serve store's rule, so the folder can be passed to `verakit serve --adapters
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import replacing_dir
 from ..fileformat import Adapter, write_adapter
 from .classify import EVAL_BATCH, Encoded, TrainArgs, build_classifier
 from .data import DataError, Example, TaskSpec, load_task
@@ -229,19 +228,9 @@ def write_adapter_dir(folder: Path, adapters: Mapping[str, Adapter]) -> None:
     """Write NAME.safetensors for every adapter into a sibling temp folder, then swap it in for `folder`,
     so `folder` never holds a mix of two evaluations' adapters or a half-written file (between the two
     renames it is briefly absent)."""
-    tmp, old = folder.with_name(f".{folder.name}.tmp{os.getpid()}"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_dir(folder) as tmp:
         for name, adapter in adapters.items():
             write_adapter(adapter, tmp / f"{name}.safetensors")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_grouped(args: GroupedArgs) -> dict[str, Any]:

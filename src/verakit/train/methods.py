@@ -13,14 +13,13 @@ counted separately from the adapter's, as in the paper.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from ..atomic import replacing_dir
 
 __all__ = [
     "METHODS",
@@ -212,18 +211,9 @@ def save_artifact(method: str, model: nn.Module, run_dir: str | Path, info: dict
 def _save_lora(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
     # save_pretrained writes several files: build the folder beside the target, then swap it in, so a
     # crash never leaves a half-written adapter/ behind.
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with replacing_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / _LORA_INFO).write_text(json.dumps(info, indent=2))
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_artifact_info(path: str | Path) -> dict[str, Any]:

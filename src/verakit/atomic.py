@@ -1,0 +1,87 @@
+"""Crash-safe writes: a file or folder appears whole under its name, or not at all. stdlib only.
+
+Everything is first written under a hidden temporary name in the destination's own folder (so the final
+`os.replace` is a rename within one file system), then renamed into place; on failure the temporary
+copy is removed and whatever was there before is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "new_dir", "replacing_dir", "staged_file"]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory, fsync and os.replace.
+
+    A crash or error mid-write leaves the previous file (if any) untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(path, data):
+        pass
+
+
+@contextmanager
+def staged_file(path: Path, data: bytes, prefix: str | None = None) -> Iterator[str]:
+    """Write `data` to a hidden temp file beside `path` (name starting with `prefix`, default ".NAME."),
+    fsynced, and yield its name, e.g. to validate it; when the block returns, rename it to `path` and fsync
+    the folder; when the block (or a write) raises, delete it. `path`'s folder must exist."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+@contextmanager
+def new_dir(out: Path) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `out` to fill; when the block returns, it becomes `out` in one
+    rename (`out` must be absent or an empty folder, which it replaces); when the block raises, it is deleted.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # raises if something was written into `out` meanwhile: never merge two folders
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def replacing_dir(folder: Path) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `folder` to fill; when the block returns, it replaces `folder` and
+    all it held, so `folder` never holds a mix of old and new files or a half-written one (between the two
+    renames it is briefly absent). The temp folder is removed in any case."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = folder.with_name(f".{folder.name}.old")
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
