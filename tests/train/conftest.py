@@ -30,6 +30,17 @@ def write_task(folder: Path, n_train: int = 96, n_dev: int = 48, seed: int = 0) 
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread during the test, restored afterwards: the CPU is shared, and results compared
+    bit for bit should not depend on how many cores there are. Modules that want it for every test say
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """A saved BertForSequenceClassification (2 layers, hidden 32, dropout 0) with a word-level vocab.

@@ -23,13 +23,7 @@ from verakit.fileformat import adapter_from_model
 from verakit.train.slot_optim import SlotAdamW
 from verakit.train.slot_tables import to_slot_tables
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_grouped_task(folder: Path, groups: list[str], n_train: int, n_dev: int, seed: int = 0) -> Path:

@@ -13,13 +13,7 @@ import torch.nn.functional as F
 
 from verakit.train.loop import LoopConfig, TrainingInterrupted, _epoch_order, _local_slice, run_loop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(recipe) -> dict[str, torch.Tensor]:

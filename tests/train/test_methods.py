@@ -16,12 +16,7 @@ HIDDEN, LAYERS, LABELS = 32, 2, 2
 HEAD = (HIDDEN * HIDDEN + HIDDEN) + (LABELS * HIDDEN + LABELS)  # pooler.dense + classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(tmp_path, tiny_bert_dir, tiny_task, method, **kw):

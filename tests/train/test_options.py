@@ -20,13 +20,7 @@ from verakit.config import ConfigError
 from verakit.projection import distribution_scale, matrix_ids, unit_table
 from verakit.train.loop import LoopConfig, run_loop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vectors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

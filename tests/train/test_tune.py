@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from verakit.cli import main
 from verakit.train.classify import TrainArgs
@@ -17,12 +16,7 @@ from verakit.train.tune import SearchDim, SpaceError, TuneArgs, load_space, pars
 optuna = pytest.importorskip("optuna", reason="pip install optuna (the tune extra) for verakit tune")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(run_dir, tiny_bert_dir, tiny_task, *extra, d_choices="1e-7,0.1,1.0"):

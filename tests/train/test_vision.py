@@ -18,13 +18,7 @@ from verakit import VeraConfig, attach, detach, load_adapter, merge, save_adapte
 from verakit.cli import main
 from verakit.projection import Projection
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
