@@ -6,6 +6,7 @@ already has metrics.json is skipped, so the script can be stopped and restarted 
 
     python experiments/instruct_results.py run    [--runs runs/instruct] [--lr-vera X] [--lr-lora Y]
     python experiments/instruct_results.py report [--runs runs/instruct]
+    python experiments/instruct_results.py run --lr-vera 5e-2 --lr-lora 2e-3   # the E2E probe's best rates
 
 Setting (the paper's instruction-tuning setup scaled down to a shared 2-core CPU): shared/data/alpaca
 (5,000 Alpaca examples; the seed-0 held-out 10% split, of which 40 examples are scored), 120 training
@@ -40,11 +41,19 @@ def command(method: str, lr: float, out: Path) -> list[str]:
             "--max-new-tokens", "64", "--seed", "0", "--quiet"]
 
 
+DEFAULT_LR = {"vera": 1e-2, "lora": 1e-3}
+
+
+def _run_name(method: str, lr: float) -> str:
+    """train-METHOD at the default learning rate, train-METHOD-lrX at another (a second probe point)."""
+    return f"train-{method}" if lr == DEFAULT_LR[method] else f"train-{method}-lr{lr:g}"
+
+
 def run(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     for method, lr in (("vera", args.lr_vera), ("lora", args.lr_lora)):
-        out = runs / f"train-{method}"
+        out = runs / _run_name(method, lr)
         if (out / "metrics.json").is_file():
             continue
         cmd = command(method, lr, out)
@@ -77,15 +86,15 @@ def report(args: argparse.Namespace) -> None:
         b = json.loads((runs / "base.json").read_text())["metric"]
         rows.append(f"| none (base model) | | | 0 | 0 | {b['loss']:.4f} | {b['perplexity']:.2f} | | | |")
     for method in RANK:
-        mp = runs / f"train-{method}" / "metrics.json"
-        if not mp.is_file():
+        done = sorted(runs.glob(f"train-{method}*/metrics.json"))
+        if not done:
             rows.append(f"| {method} | not yet measured | | | | | | | | |")
-            continue
-        m = json.loads(mp.read_text())
-        lr = json.loads((runs / f"train-{method}" / "config.json").read_text())["args"]["lr"]
-        rows.append(f"| {method} | all-linear, {RANK[method]} | {lr:g} | {m['trainable_params']:,} | {m['adapter_bytes']:,} "
-                    f"| {m['metric']['loss']:.4f} | {m['metric']['perplexity']:.2f} | {m['total_steps']} "
-                    f"| {m['train_seconds']:.0f} | {m['peak_rss_mib']:,.0f} |")
+        for mp in done:
+            m = json.loads(mp.read_text())
+            lr = json.loads((mp.parent / "config.json").read_text())["args"]["lr"]
+            rows.append(f"| {method} | all-linear, {RANK[method]} | {lr:g} | {m['trainable_params']:,} "
+                        f"| {m['adapter_bytes']:,} | {m['metric']['loss']:.4f} | {m['metric']['perplexity']:.2f} "
+                        f"| {m['total_steps']} | {m['train_seconds']:.0f} | {m['peak_rss_mib']:,.0f} |")
     print("\n".join(rows))
 
 
@@ -93,8 +102,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["run", "report"])
     p.add_argument("--runs", default=str(REPO / "runs" / "instruct"))
-    p.add_argument("--lr-vera", type=float, default=1e-2)
-    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lr-vera", type=float, default=DEFAULT_LR["vera"])
+    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
     args = p.parse_args()
     if not DATA.is_file():
         sys.exit(f"Alpaca data not found at {DATA}")
