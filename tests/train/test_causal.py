@@ -1,10 +1,12 @@
 """The causal-LM recipe: completion-only loss vs transformers' own, training runs and their outputs,
-save/load/merge parity of generations, gradient checkpointing, bad data, and (real SmolLM2) E2E and
-Alpaca runs."""
+save/load/merge parity of generations, gradient checkpointing, --resume, eval of an adapter without run
+info, bad data, and (real SmolLM2) E2E and Alpaca runs."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,80 @@ def test_cli_train_generate_and_eval(tmp_path, llama_dir, jsonl_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert result["metric"] == pytest.approx(metrics["metric"], rel=1e-5, abs=1e-5)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_other_settings_and_continues_the_same_run(tmp_path, llama_dir, jsonl_dir, capsys, monkeypatch):
+    """Ctrl-C mid-run, then --resume: with another --epochs it is refused (2, the setting named, RUN_DIR
+    untouched); the same command ends with the metrics and adapter of an uninterrupted run."""
+    from verakit import read_adapter
+    from verakit.train.causal import CausalRecipe
+
+    def train(out: Path, epochs: str = "2", *extra: str) -> int:
+        return main(["train", "--task", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--model", llama_dir,
+                     "--r", "32", "--epochs", epochs, "--batch-size", "16", "--max-length", "48", "--lr", "0.05",
+                     "--report-samples", "1", "--max-new-tokens", "4", "--quiet", *extra])
+
+    assert train(tmp_path / "full") == 0
+    loss, steps = CausalRecipe.loss, []
+
+    def ctrl_c_at_step_6(recipe, model, batch):
+        steps.append(len(steps) + 1)
+        if len(steps) == 6:  # mid epoch 2 of 2 (64 rows, batch 16): data position and RNG are restored
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(recipe, model, batch)
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(CausalRecipe, "loss", ctrl_c_at_step_6)
+        assert train(run_dir) == 130
+    before = _files(run_dir)
+    assert "checkpoint/state.pt" in before and json.loads(before["config.json"])["args"]["epochs"] == 2
+    capsys.readouterr()
+    assert train(run_dir, "3", "--resume") == 2
+    assert (f"verakit train: error: {run_dir / 'config.json'}: --resume with different settings (epochs: 2 -> 3); "
+            "repeat the interrupted command with --resume") in capsys.readouterr().err.splitlines()
+    assert _files(run_dir) == before
+    assert train(run_dir, "2", "--resume") == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, tmp_path / "full"))
+    assert len(want["step_losses"]) == 8 and got["step_losses"] == want["step_losses"]
+    assert (got["metric"], got["best_step"]) == (want["metric"], want["best_step"])
+    assert [e["metrics"] for e in got["epochs"]] == [e["metrics"] for e in want["epochs"]]
+    x, y = read_adapter(run_dir / "adapter.safetensors"), read_adapter(tmp_path / "full" / "adapter.safetensors")
+    assert all(torch.equal(x.d[n], y.d[n]) and torch.equal(x.b[n], y.b[n]) for n in y.d)
+    assert not (run_dir / "checkpoint").exists()
+
+
+def test_eval_of_an_adapter_without_run_info_needs_task_and_data_dir(tmp_path, llama_dir, jsonl_dir, capsys):
+    """`verakit.save_adapter` records no task or data: `verakit eval` names the flags to pass, one at a time,
+    then scores the adapter with training's defaults (max length 128, no chat template for jsonl)."""
+    from verakit import VeraConfig, attach, save_adapter
+
+    model, tok = build_causal_lm(llama_dir)
+    dev = tokenize_examples(tok, [LMExample(r["prompt"], r["completion"]) for r in e2e_like(12, seed=1)], 128, False)
+    base, _ = evaluate_lm(model.eval(), tok, dev, [], use_chat_template=False, decode=DecodeConfig())
+    attach(model, VeraConfig(r=32))
+    randomize_vectors(model, seed=4, std=1.0)
+    adapter = tmp_path / "plain.safetensors"
+    save_adapter(model, adapter)
+    want, _ = evaluate_lm(model.eval(), tok, dev, [], use_chat_template=False, decode=DecodeConfig())
+    assert abs(want["loss"] - base["loss"]) > 0.1, (base, want)
+    capsys.readouterr()
+    why = "(it was not saved by `verakit train`); pass"
+    assert main(["eval", "--adapter", str(adapter)]) == 2
+    assert capsys.readouterr().err == f"verakit eval: error: {adapter}: no task recorded with this artifact {why} " \
+                                      "--task and --data-dir\n"
+    assert main(["eval", "--adapter", str(adapter), "--task", "jsonl"]) == 2
+    assert capsys.readouterr().err == f"verakit eval: error: {adapter}: no data_dir recorded with this artifact {why} " \
+                                      "--data-dir\n"
+    assert main(["eval", "--adapter", str(adapter), "--task", "jsonl", "--data-dir", str(jsonl_dir),
+                 "--model", llama_dir]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert (result["n_eval"], result["n_generated"], result["method"]) == (12, 0, "vera")
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,47 @@ def test_eval_of_a_missing_adapter_is_a_clean_error(tmp_path, capsys):
     assert "nope.safetensors: no such adapter file or folder" in capsys.readouterr().err
 
 
+def test_eval_of_an_artifact_without_run_info_says_what_to_pass(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """A VeRA file from `verakit.save_adapter` and a folder PEFT saved itself record no task: `verakit eval`
+    refuses each with one line naming it and the flags to pass; given them, it scores what was saved."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from helpers import randomize_vectors
+    from verakit import VeraConfig, attach, save_adapter
+    from verakit.train.classify import Encoded, build_classifier, evaluate_encoded
+    from verakit.train.data import load_task
+
+    data = load_task("csv", tiny_task)
+    base, tok = build_classifier(tiny_bert_dir, data.spec)
+    dev = Encoded(tok, data.dev, 128, False)  # max_length: training's default, as eval assumes without run info
+    base_metric = evaluate_encoded(base.eval(), dev, data.spec)
+    vera, _ = build_classifier(tiny_bert_dir, data.spec)
+    attach(vera, VeraConfig(r=16, target_modules=("query", "value")))
+    randomize_vectors(vera, seed=3, std=2.0)
+    save_adapter(vera, tmp_path / "plain.safetensors")
+    lora = get_peft_model(build_classifier(tiny_bert_dir, data.spec)[0], LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "peft")
+    capsys.readouterr()  # model loading's progress bars
+    for artifact, model in ((tmp_path / "plain.safetensors", vera), (tmp_path / "peft", lora)):
+        assert main(["eval", "--adapter", str(artifact)]) == 2
+        assert capsys.readouterr().err == (f"verakit eval: error: {artifact}: no task recorded with this artifact (it was "
+                                           "not saved by `verakit train`); pass --task and --data-dir\n")
+        assert main(["eval", "--adapter", str(artifact), "--task", "csv", "--data-dir", str(tiny_task),
+                     "--model", tiny_bert_dir]) == 0
+        result = json.loads(capsys.readouterr().out)
+        want = evaluate_encoded(model.eval(), dev, data.spec)
+        assert want != base_metric, "the saved weights should change the dev predictions"
+        assert result["metric"] == want and result["n_eval"] == 48
+    # The image recipe asks for what it cannot default: the image folder, then the base model.
+    args = ["eval", "--adapter", str(tmp_path / "plain.safetensors"), "--task", "images"]
+    assert main(args) == 2
+    assert "plain.safetensors: no data_dir recorded with this artifact" in capsys.readouterr().err
+    assert main([*args, "--data-dir", str(tmp_path)]) == 2
+    assert "plain.safetensors: no model recorded with this artifact (it was not saved by `verakit train`); pass " \
+           "--model" in capsys.readouterr().err
+
+
 def test_minilm_sst2_end_to_end(tmp_path, capsys, shared_data, minilm_path):
     """Real MiniLM, real SST-2: 2,000 train rows, 1 epoch, the full 872-row dev set.
 

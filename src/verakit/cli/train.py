@@ -107,13 +107,14 @@ def run_train_images(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate a saved artifact with the recipe of its task (--task, else the one it was trained on)."""
+    """Evaluate a saved artifact with the recipe of its task (--task, else the one it was trained on); one
+    that records no task (saved outside `verakit train`) and gets no --task is refused (2)."""
     from ..train.causal_data import CAUSAL_TASKS
     from ..train.classify import evaluate_classifier
-    from ..train.methods import read_artifact_info
+    from ..train.methods import read_artifact_info, recorded
     from ..train.vision import IMAGE_TASK
 
-    task = args.task or read_artifact_info(args.adapter).get("task")
+    task = recorded(read_artifact_info(args.adapter), args.adapter, "task", args.task, "--task and --data-dir")
     if task in CAUSAL_TASKS:
         return run_eval_causal(args)
     if task == IMAGE_TASK:
@@ -131,7 +132,7 @@ def run_eval_causal(args: argparse.Namespace) -> int:
     if args.num_beams is not None or args.max_new_tokens is not None:
         decode = DecodeConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams or 1)
     return print_evaluation(lambda: evaluate_causal(
-        args.adapter, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
+        args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
         gen_eval_samples=args.gen_eval_samples, eval_split=args.split, decode=decode))
 
 

@@ -38,9 +38,10 @@ from .methods import (
     artifact_path,
     load_artifact,
     read_artifact_info,
+    recorded,
     save_artifact,
 )
-from .rundir import check_run_dir, environment, jsonable, loop_metrics, write_json
+from .rundir import check_run_dir, environment, jsonable, loop_metrics, start_run, write_json
 
 __all__ = [
     "CAUSAL_METHODS",
@@ -66,6 +67,9 @@ EVAL_BATCH = 16  # fixed, so that `verakit eval` pads exactly as training-time e
 # runs favour large rates; full fine-tuning was not probed.
 DEFAULT_LR = {"vera": 5e-2, "lora": 2e-3, "full": 5e-5}
 DEFAULT_RANK = {"vera": 1024, "lora": 8, "full": 0}
+# CausalArgs saved with the artifact beside task, model, data_dir: eval re-encodes and decodes as training did.
+_RUN_INFO = ("max_length", "seed", "chat_template", "held_out", "max_eval_samples", "gen_eval_samples",
+             "max_new_tokens", "num_beams")
 
 
 @dataclass(frozen=True)
@@ -286,12 +290,16 @@ def _samples(model: nn.Module, tokenizer: Any, examples: Sequence[LMExample], ar
 
 def train_causal(args: CausalArgs) -> dict[str, Any]:
     """Train per `args`, write RUN_DIR, and return the content of metrics.json."""
+    from accelerate import PartialState
+
     from .causal_report import render_causal_report
     from .report import plot_curve
 
     if args.method not in CAUSAL_METHODS:  # before any loading
         raise ValueError(f"method {args.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
     run_dir = Path(args.out)
+    # Under torchrun every rank checks RUN_DIR before any writes to it (start_run waits for all); rank 0 writes.
+    state = PartialState(cpu=not torch.cuda.is_available())
     check_run_dir(run_dir, args.resume)
     train, dev = load_causal_data(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                                   max_eval_samples=args.max_eval_samples, seed=args.seed, held_out=args.held_out)
@@ -302,18 +310,15 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
         enable_gradient_checkpointing(model)
     prepared = prepare_causal(model, MethodSpec(args.method, int(args.r or 0), args.d_initial,
                                                 args.target_modules, args.seed))  # type: ignore[arg-type]
-    info = {"task": args.task, "model": args.model, "max_length": args.max_length, "seed": args.seed,
-            "chat_template": args.chat_template, "data_dir": str(Path(args.data_dir).resolve()), "held_out": args.held_out,
-            "max_eval_samples": args.max_eval_samples, "gen_eval_samples": args.gen_eval_samples,
-            "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    info = {"task": args.task, "model": args.model, "data_dir": str(Path(args.data_dir).resolve()),
+            **{k: getattr(args, k) for k in _RUN_INFO}}
     recipe = CausalRecipe(prepared, tokenizer, train, dev, args, info)
-    shown = dev[: args.report_samples]
-    before = _samples(recipe.model, tokenizer, shown, args)
     loop_cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = {"args": jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": _method_config(prepared, args.method)}
-    write_json(run_dir / "config.json", config)
+    start_run(run_dir, config, resume=args.resume, state=state)  # before the samples: a refused --resume fails fast
+    shown = dev[: args.report_samples]
+    before = _samples(recipe.model, tokenizer, shown, args)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
@@ -362,6 +367,7 @@ def _method_config(prepared: Prepared, method: str) -> dict[str, Any]:
 def evaluate_causal(
     adapter: str | Path,
     *,
+    task: str | None = None,
     data_dir: str | None = None,
     model: str | None = None,
     max_eval_samples: int | None = None,
@@ -370,20 +376,26 @@ def evaluate_causal(
     decode: DecodeConfig | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of a saved artifact. Unset arguments come from the run info saved with it, so by
-    default this reproduces the evaluation that picked the checkpoint (same data subset, length, decoding)."""
+    default this reproduces the evaluation that picked the checkpoint (same data subset, length, decoding);
+    what an artifact saved outside `verakit train` does not record takes training's defaults, except
+    `task` and `data_dir`, which it must then be given."""
     info = read_artifact_info(adapter)
-    if info.get("task") not in CAUSAL_TASKS:
-        raise ValueError(f"{adapter}: trained on task {info.get('task')!r}, not a causal-LM task")
-    max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
-    _, dev = load_causal_data(info["task"], data_dir or info["data_dir"], max_train_samples=1, max_eval_samples=max_eval,
-                              seed=int(info["seed"]), held_out=float(info["held_out"]), eval_split=eval_split)
+    task = recorded(info, adapter, "task", task, "--task and --data-dir")
+    if task not in CAUSAL_TASKS:
+        raise ValueError(f"{adapter}: task {task!r} is not a causal-LM task; choose one of {', '.join(CAUSAL_TASKS)}")
+    data_dir = recorded(info, adapter, "data_dir", data_dir, "--data-dir")
+    run = CausalArgs(task=task, data_dir=data_dir, out="", **{k: info[k] for k in _RUN_INFO if k in info})
+    max_eval = max_eval_samples if max_eval_samples is not None else run.max_eval_samples
+    _, dev = load_causal_data(task, data_dir, max_train_samples=1, max_eval_samples=max_eval, seed=int(run.seed),
+                              held_out=float(run.held_out), eval_split=eval_split)
     base, tokenizer = build_causal_lm(model or info.get("model"))
     trained = load_artifact(adapter, base).eval()
-    chat = bool(info["chat_template"])
-    n_gen = gen_eval_samples if gen_eval_samples is not None else int(info["gen_eval_samples"])
-    decode = decode or DecodeConfig(max_new_tokens=int(info["max_new_tokens"]), num_beams=int(info["num_beams"]))
-    encoded = tokenize_examples(tokenizer, dev, int(info["max_length"]), chat)
-    metrics, texts = evaluate_lm(trained, tokenizer, encoded, dev[:n_gen], use_chat_template=chat, decode=decode)
-    return {"task": info["task"], "method": info.get("method"), "split": eval_split, "metric": metrics,
+    run = run.resolved(bool(getattr(tokenizer, "chat_template", None)))  # fills what the info lacks, as training did
+    chat = bool(run.chat_template)
+    n_gen = gen_eval_samples if gen_eval_samples is not None else int(run.gen_eval_samples or 0)
+    encoded = tokenize_examples(tokenizer, dev, int(run.max_length), chat)
+    metrics, texts = evaluate_lm(trained, tokenizer, encoded, dev[:n_gen], use_chat_template=chat,
+                                 decode=decode or run.decode())
+    return {"task": task, "method": info.get("method"), "split": eval_split, "metric": metrics,
             "n_eval": len(dev), "n_generated": len(texts), "adapter": str(adapter),
             "generations": [{"prompt": e.prompt, "generation": t} for e, t in zip(dev, texts, strict=False)][:8]}

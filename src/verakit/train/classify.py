@@ -30,6 +30,7 @@ from .methods import (
     method_config,
     prepare_model,
     read_artifact_info,
+    recorded,
     save_artifact,
 )
 from .rundir import (
@@ -299,7 +300,7 @@ def evaluate_classifier(
     evaluation that picked the checkpoint: same task, data subset (seed), max_length and base model.
     """
     info = read_artifact_info(adapter)
-    task = task or info["task"]
+    task = recorded(info, adapter, "task", task, "--task and --data-dir")
     data_dir = data_dir or info.get("data_dir")
     max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
     # Only the dev split is scored, but load_task reads both (it validates the whole task folder).

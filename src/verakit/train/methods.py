@@ -33,6 +33,7 @@ __all__ = [
     "artifact_bytes",
     "save_artifact",
     "read_artifact_info",
+    "recorded",
     "load_artifact",
     "method_config",
 ]
@@ -221,19 +222,41 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         info_path = path / _LORA_INFO
-        if not (path / "adapter_config.json").is_file() or not info_path.is_file():
-            raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_LORA_INFO})")
-        return json.loads(info_path.read_text())
+        if info_path.is_file() and (path / "adapter_config.json").is_file():
+            return json.loads(info_path.read_text())
+        if _is_peft_lora(path):  # saved by PEFT itself: no run info, so eval needs --task, --data-dir, --model
+            return {"method": "lora"}
+        raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_LORA_INFO})")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such adapter file or folder")
     fmt = _metadata(path).get("format")
     if fmt == "verakit.adapter":
         from ..fileformat import read_adapter
 
-        return dict(read_adapter(path).extra)
+        # A file from `verakit.save_adapter` holds VeRA vectors whatever run info (if any) it was given.
+        return {**read_adapter(path).extra, "method": "vera"}
     if fmt == _TRAINED_FORMAT:
         return json.loads(_metadata(path)["verakit"])
     raise ArtifactError(f"{path}: not a verakit artifact (safetensors metadata format is {fmt!r})")
+
+
+def recorded(info: dict[str, Any], path: str | Path, key: str, given: Any, flags: str) -> Any:
+    """`given` when set, else the run info's `key` (`info` read from the artifact at `path`); neither:
+    an ArtifactError naming the artifact, what it lacks and the `flags` that supply it."""
+    if given is not None:
+        return given
+    if info.get(key) is not None:
+        return info[key]
+    raise ArtifactError(f"{path}: no {key} recorded with this artifact (it was not saved by `verakit train`); "
+                        f"pass {flags}")
+
+
+def _is_peft_lora(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type") == "LORA"
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -38,6 +38,7 @@ from .methods import (
     method_config,
     prepare_model,
     read_artifact_info,
+    recorded,
     save_artifact,
 )
 from .rundir import (
@@ -325,14 +326,13 @@ def evaluate_images(
     so by default this reproduces the evaluation that picked the checkpoint.
     """
     info = read_artifact_info(adapter)
-    data_dir = data_dir or info.get("data_dir")
-    if data_dir is None:
-        raise ValueError(f"{adapter}: no data folder recorded with the artifact; pass --data-dir")
+    data_dir = recorded(info, adapter, "data_dir", data_dir, "--data-dir")
+    model = recorded(info, adapter, "model", model, "--model")  # images have no default model
     max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
     data = load_images(data_dir, max_eval_samples=max_eval, seed=int(info.get("seed", 0)), decode_train=False)
     if info.get("labels") and list(data.classes) != list(info["labels"]):
         raise ValueError(f"{adapter}: trained on classes {info['labels']}, but {data_dir} has {list(data.classes)}")
-    base, processor = build_image_classifier(str(model or info.get("model")), data.classes)
+    base, processor = build_image_classifier(str(model), data.classes)
     trained = load_artifact(adapter, base).eval()
     metrics, detail = score_split(trained, processor, data.test, data.classes)
     return {"task": IMAGE_TASK, "method": info.get("method"), "metric": metrics, **detail,

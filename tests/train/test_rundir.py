@@ -1,0 +1,45 @@
+"""RUN_DIR's start under several processes: every process checks a --resume's settings before any
+writes, and only the main process creates RUN_DIR and writes config.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verakit.train.rundir import start_run
+
+
+class _Process:
+    """A ProcessState that records its barrier calls and RUN_DIR's files at the time of each."""
+
+    def __init__(self, is_main_process: bool, run_dir) -> None:
+        self.is_main_process = is_main_process
+        self.run_dir = run_dir
+        self.seen_at_barrier: list[list[str]] = []
+
+    def wait_for_everyone(self) -> None:
+        files = sorted(p.name for p in self.run_dir.iterdir()) if self.run_dir.exists() else []
+        self.seen_at_barrier.append(files)
+
+
+def test_only_the_main_process_writes_config_after_the_barrier(tmp_path):
+    run_dir, config = tmp_path / "run", {"args": {"epochs": 2, "resume": False}, "loop": {}}
+    other = _Process(False, run_dir)
+    start_run(run_dir, config, resume=False, state=other)
+    assert other.seen_at_barrier == [[]] and not run_dir.exists()
+    main = _Process(True, run_dir)
+    start_run(run_dir, config, resume=False, state=main)
+    assert main.seen_at_barrier == [[]]  # nothing written before every process got there
+    assert json.loads((run_dir / "config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_every_process_refuses_a_resume_with_other_settings_before_the_barrier(tmp_path, is_main):
+    run_dir = tmp_path / "run"
+    start_run(run_dir, {"args": {"epochs": 2, "lr": 0.05, "resume": False}}, resume=False, state=_Process(True, run_dir))
+    saved = (run_dir / "config.json").read_bytes()
+    state = _Process(is_main, run_dir)
+    with pytest.raises(ValueError, match=r"config\.json: --resume with different settings \(lr: 0\.05 -> 0\.02\)"):
+        start_run(run_dir, {"args": {"epochs": 2, "lr": 0.02, "resume": True}}, resume=True, state=state)
+    assert state.seen_at_barrier == [] and (run_dir / "config.json").read_bytes() == saved
