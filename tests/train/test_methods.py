@@ -110,3 +110,14 @@ def test_artifact_errors_name_the_path(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ArtifactError, match="not a verakit LoRA run folder"):
         read_artifact_info(tmp_path / "folder")
+
+
+def test_a_peft_vera_folder_is_pointed_to_convert(tmp_path):
+    # What PEFT's save_pretrained writes for VeRA: verakit cannot read it as a run artifact directly.
+    folder = tmp_path / "peft-vera"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "VERA", "r": 256}')
+    with pytest.raises(ArtifactError) as err:
+        read_artifact_info(folder)
+    assert str(err.value) == (f"{folder}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
+                              f"`verakit convert from-peft {folder} ADAPTER.safetensors`")

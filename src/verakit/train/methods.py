@@ -224,8 +224,12 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
         info_path = path / _LORA_INFO
         if info_path.is_file() and (path / "adapter_config.json").is_file():
             return json.loads(info_path.read_text())
-        if _is_peft_lora(path):  # saved by PEFT itself: no run info, so eval needs --task, --data-dir, --model
+        peft_type = _peft_type(path)
+        if peft_type == "LORA":  # saved by PEFT itself: no run info, so eval needs --task, --data-dir, --model
             return {"method": "lora"}
+        if peft_type == "VERA":  # PEFT's own VeRA format: verakit reads it after one conversion
+            raise ArtifactError(f"{path}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
+                                f"`verakit convert from-peft {path} ADAPTER.safetensors`")
         raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_LORA_INFO})")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such adapter file or folder")
@@ -251,12 +255,13 @@ def recorded(info: dict[str, Any], path: str | Path, key: str, given: Any, flags
                         f"pass {flags}")
 
 
-def _is_peft_lora(folder: Path) -> bool:
+def _peft_type(folder: Path) -> str | None:
+    """The `peft_type` of a folder's adapter_config.json (None without a readable one)."""
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("peft_type") == "LORA"
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def _metadata(path: Path) -> dict[str, str]:
