@@ -8,7 +8,15 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, VeraConfig  # noqa: E402
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter, save_adapter  # noqa: E402
-from .inject import AttachError, attach, detach, trainable_parameters, vera_layers, vera_state  # noqa: E402
+from .inject import (  # noqa: E402
+    AttachError,
+    attach,
+    detach,
+    set_compute_dtype,
+    trainable_parameters,
+    vera_layers,
+    vera_state,
+)
 from .layer import VeraLinear  # noqa: E402
 from .merge import export_merged, merge, unmerge  # noqa: E402
 
@@ -22,6 +30,7 @@ __all__ = [
     "VeraLinear",
     "attach",
     "detach",
+    "set_compute_dtype",
     "trainable_parameters",
     "vera_layers",
     "vera_state",

@@ -26,6 +26,8 @@ __all__ = [
     "vera_layers",
     "trainable_parameters",
     "find_targets",
+    "set_compute_dtype",
+    "COMPUTE_DTYPES",
 ]
 
 _STATE_ATTR = "verakit_state"
@@ -236,6 +238,27 @@ def detach(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
     delattr(model, _STATE_ATTR)
+    return model
+
+
+# Lower dtypes `set_compute_dtype` accepts for the adapter's products (None: the model's own dtype).
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Compute the adapter's own products of every VeRA layer in `dtype` during training; return `model`.
+
+    Opt-in speed for fp32 models on hardware with fast bf16 (CPUs with avx512_bf16 or AMX, GPUs): with
+    torch.bfloat16, training calls form the delta diag(b) B diag(c) A, G = g^T x and Q = G A^T (or, per
+    token, A x and B (c A x)) from bf16 operands, while W0 x, dx = g W, the vectors d and b and their
+    gradients stay float32 (docs/performance.md, "bf16 adapter products"). No effect on gradient-free
+    calls (evaluation, serving), merge and the saved file, nor on a model already in bf16/fp16. A runtime
+    setting: never in the state_dict or the adapter file. None restores the exact default.
+    """
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"set_compute_dtype: dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
+    for layer in vera_layers(model).values():
+        layer.compute_dtype = dtype
     return model
 
 

@@ -114,6 +114,9 @@ class VeraLinear(nn.Module):
         self.merged = False
         self._merged_versions: tuple[int, int] | None = None
         self.shared_input: SharedInput | None = None  # set by share_inputs for sibling layers
+        # Runtime only (never saved): a lower dtype for the adapter's own products in training calls; see
+        # `compute_dtype_for` and verakit.set_compute_dtype. None: everything in the input's dtype.
+        self.compute_dtype: torch.dtype | None = None
         # Inference cache of W0 + delta: (key of what it was built from, weight or None, tokens seen).
         self._cache: tuple[tuple, torch.Tensor | None, int] | None = None
 
@@ -141,19 +144,35 @@ class VeraLinear(nn.Module):
             W = self._cached_weight(tokens, A, B)  # (d_out, d_in) or None while it does not pay
             if W is not None:
                 return F.linear(x, W, self.base.bias)
+        low = self.compute_dtype_for(x, grad)
         path, keep = ops.choose_path(tokens, self.in_features, self.out_features, self.r, grad, x.requires_grad)
         if one_matmul and path == "materialized":
-            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep)
-        return self.base(x) + ops.vera_tail(self._projected(x, A), B, d, b, self.scale)  # (..., d_out)
+            A_c = None if low is None else self.slices(x.device, low)[0]
+            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep, A_c)
+        if low is not None:
+            A, B = self.slices(x.device, low)  # cached per dtype by the projection, not cast per call
+        u = self._projected(x, A)  # (..., r) in A's dtype
+        return self.base(x) + ops.vera_tail(u, B, d, b, self.scale, None if low is None else x.dtype)  # (..., d_out)
+
+    def compute_dtype_for(self, x: torch.Tensor, grad: bool) -> torch.dtype | None:
+        """The dtype of the adapter's products for this call, or None for x's own dtype: `compute_dtype`
+        only applies to calls with gradients (gradient-free calls stay exact, so evaluation matches the
+        saved file), only when it is narrower than x's dtype (a bf16 or fp16 model is low precision
+        already), and not under autocast (which picks dtypes itself)."""
+        low = self.compute_dtype
+        if low is None or not grad or low.itemsize >= x.dtype.itemsize or torch.is_autocast_enabled(x.device.type):
+            return None
+        return low
 
     def _projected(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """u = A_sl dropout(x) (..., r), shared with siblings unless dropout draws a mask per layer."""
+        """u = A_sl dropout(x) (..., r) in A's dtype, shared with siblings unless dropout draws a mask per
+        layer (or a sibling computed u in another compute dtype)."""
         share = self.shared_input
         if share is None or (self.training and isinstance(self.dropout, nn.Dropout)) or torch.compiler.is_compiling():
-            return F.linear(self.dropout(x), A)
+            return F.linear(self.dropout(x).to(A.dtype), A)
         u = share.take(x, self)
-        if u is None:
-            u = F.linear(x, A)
+        if u is None or u.dtype != A.dtype:
+            u = F.linear(x.to(A.dtype), A)
             share.put(x, self, u)
         return u
 
@@ -219,4 +238,5 @@ class VeraLinear(nn.Module):
                 w.addmm_(left, A, alpha=sign)  # (d_out, d_in)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+        low = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"
+        return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}{low}"

@@ -12,7 +12,9 @@ shared tables, c = s * d (r), b (m). The adapter adds  b * (B (c * (A x)))  to t
                 Saves x (T, n), shared with sibling layers, and optionally W (m, n).
 
 Neither path ever forms a gradient for A, B or W0; d and b get theirs in float32 whatever the compute
-dtype. `choose_path` picks per layer and per call from the actual shapes and token count
+dtype. Both take an optional lower compute dtype for the adapter's own products (`VeraLinear.compute_dtype`,
+e.g. bf16 in an fp32 model): the caller hands A (and B) already cast to it; the frozen layer's own work
+(W0 x, and dx = g W on the materialized path) stays in the model's dtype. `choose_path` picks per layer and per call from the actual shapes and token count
 (docs/performance.md derives the counts). Every fast op has a `*_ref` beside it: plain autograd through
 the naive formula, used by the tests.
 """
@@ -100,14 +102,18 @@ def cache_pays(tokens_seen: int, n: int, m: int) -> bool:
 
 
 def vera_weight(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, A_c: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: W = W0 + diag(b) B diag(scale * d) A, in W0's dtype (vectors cast to it once).
 
     w0 (m, n) (any strides), A (r, n), B (m, r), d (r,), b (m,). Returns a new (m, n) tensor.
+    A_c: A in a lower compute dtype; then diag(b) B diag(c) (m, r) is rounded to it once, the (m, r, n)
+    product runs in it, and the delta is added to W0 in W0's dtype.
     """
     dt = w0.dtype
     bc = b.to(dt).unsqueeze(1) * (d * scale).to(dt)  # (m, r) outer product b c^T
-    return torch.addmm(w0, B * bc, A)  # (m, n)
+    if A_c is None:
+        return torch.addmm(w0, B * bc, A)  # (m, n)
+    return torch.add(w0, (B * bc).to(A_c.dtype) @ A_c)  # (m, r) @ (r, n) in the compute dtype, sum in dt
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -126,11 +132,11 @@ def _vector_grads(Q: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 
 class _Tail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, B, d, b, scale):
-        h = F.linear(u * (d * scale).to(u.dtype), B)  # (..., m)
+    def forward(ctx, u, B, d, b, scale, out_dtype):
+        h = F.linear(u * (d * scale).to(u.dtype), B)  # (..., m) in u's (compute) dtype
         ctx.save_for_backward(u, B, d, b, h)
         ctx.scale = scale
-        return h * b.to(u.dtype)
+        return h.to(out_dtype) * b.to(out_dtype)  # b applied in the output dtype: one rounding less
 
     @staticmethod
     def backward(ctx, g):
@@ -139,24 +145,25 @@ class _Tail(torch.autograd.Function):
         g2, u2 = _flat(g), _flat(u)  # (T, m), (T, r)
         grad_u = grad_d = grad_b = None
         if need_u or need_d:
-            z = (g2 * b.to(g.dtype)) @ B  # (T, r)
+            z = (g2 * b.to(g.dtype)).to(B.dtype) @ B  # (T, r), in the compute dtype
             if need_u:
-                grad_u = (z * (d * ctx.scale).to(g.dtype)).view(u.shape)
+                grad_u = (z * (d * ctx.scale).to(z.dtype)).view(u.shape)
             if need_d:
                 grad_d = (z.float() * u2.float()).sum(0) * ctx.scale
         if need_b:
             grad_b = (g2.float() * _flat(h).float()).sum(0)
-        return grad_u, None, grad_d, grad_b, None
+        return grad_u, None, grad_d, grad_b, None, None
 
 
-def vera_tail(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def vera_tail(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Semantics: out = b * (B (scale * d * u)), the factored adapter path after u = A x.
 
-    u (..., r) in the compute dtype, B (m, r) compute dtype, d (r,), b (m,) float32. Returns (..., m).
-    Saves u (shared with sibling layers that were handed the same u) and h = B (c u) (..., m), which
-    makes grad_b elementwise; no gradient for B.
+    u (..., r) in the compute dtype, B (m, r) compute dtype, d (r,), b (m,) float32. Returns (..., m) in
+    `out_dtype` (default u's). Saves u (shared with sibling layers that were handed the same u) and
+    h = B (c u) (..., m) in the compute dtype, which makes grad_b elementwise; no gradient for B.
     """
-    return _Tail.apply(u, B, d, b, scale)
+    return _Tail.apply(u, B, d, b, scale, u.dtype if out_dtype is None else out_dtype)
 
 
 def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -166,47 +173,51 @@ def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 
 class _Materialized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight):
-        W = vera_weight(w0, A, B, d, b, scale)  # (m, n)
-        ctx.save_for_backward(x, w0, A, B, d, b, W if keep_weight else None)
+    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c):
+        W = vera_weight(w0, A, B, d, b, scale, A_c)  # (m, n) in x's dtype
+        ctx.save_for_backward(x, w0, A, B, d, b, W if keep_weight else None, A_c)
         ctx.scale = scale
         return F.linear(x, W, bias)
 
     @staticmethod
     def backward(ctx, g):
-        x, w0, A, B, d, b, W = ctx.saved_tensors
+        x, w0, A, B, d, b, W, A_c = ctx.saved_tensors
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_d, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         g2, x2 = _flat(g), _flat(x)  # (T, m), (T, n)
         grad_x = grad_bias = grad_d = grad_b = None
-        if need_x:
-            W = vera_weight(w0, A, B, d, b, ctx.scale) if W is None else W
+        if need_x:  # the frozen layer's own dx: in x's dtype, with the very W of forward
+            W = vera_weight(w0, A, B, d, b, ctx.scale, A_c) if W is None else W
             grad_x = (g2 @ W).view(x.shape)  # (T, n)
         if need_d or need_b:
             (m, n), r = w0.shape, A.shape[0]
+            Ac = A if A_c is None else A_c
+            g_c, x_c = g2.to(Ac.dtype), x2.to(Ac.dtype)  # no copies without a compute dtype
             if _projected_cheaper(g2.shape[0], n, m, r):
-                Q = g2.t() @ (x2 @ A.t())  # (m, T) @ (T, r)
+                Q = g_c.t() @ (x_c @ Ac.t())  # (m, T) @ (T, r)
             else:
-                Q = (g2.t() @ x2) @ A.t()  # (m, n) @ (n, r)
+                Q = (g_c.t() @ x_c) @ Ac.t()  # (m, n) @ (n, r)
             grad_d, grad_b = _vector_grads(Q, B, d, b, ctx.scale, need_d, need_b)
         if need_bias:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None
 
 
 def vera_materialized(
     x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-    d: torch.Tensor, b: torch.Tensor, scale: float, keep_weight: bool = True,
+    d: torch.Tensor, b: torch.Tensor, scale: float, keep_weight: bool = True, A_c: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Semantics: y = (W0 + diag(b) B diag(scale * d) A) x + bias, the whole adapted layer in one matmul.
 
     x (..., n), w0 (m, n) frozen (a transposed view is fine), bias (m,) or None, A (r, n), B (m, r) in
     x's dtype; d (r,), b (m,) float32. Returns (..., m). Saves x and, if keep_weight, W (m, n); backward
     rebuilds W otherwise. No gradient for w0, A or B (w0 must not require one).
+    A_c: A (r, n) in a lower compute dtype for the adapter's products: the delta (m, r, n), G = g^T x
+    (or x A^T) and Q = G A^T run in it, W and dx = g W stay in x's dtype, grad_d and grad_b in float32.
     """
     if w0.requires_grad:
         raise ValueError("vera_materialized: the base weight requires grad; use the factored path")
-    return _Materialized.apply(x, w0, bias, A, B, d, b, scale, keep_weight)
+    return _Materialized.apply(x, w0, bias, A, B, d, b, scale, keep_weight, A_c)
 
 
 def vera_materialized_ref(
