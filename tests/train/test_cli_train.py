@@ -165,3 +165,42 @@ def test_resume_with_different_settings_is_refused(tmp_path, capsys, tiny_bert_d
     assert main([*args[:-3], "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "config.json: --resume with different settings (epochs: 1 -> 2)" in err
+
+
+def test_adapter_compute_dtype_bf16_trains_records_and_is_refused_elsewhere(tmp_path, capsys, tiny_bert_dir,
+                                                                             tiny_task):
+    """--adapter-compute-dtype bf16: the same run as fp32 up to bf16 rounding (the losses differ, slightly),
+    recorded in config.json so --resume without it is refused; eval of its file reproduces its dev score;
+    refused (2, nothing written) for LoRA, causal-LM tasks and --group-column."""
+    common = ["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--r", "16",
+              "--epochs", "1", "--quiet"]
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        assert main([*common, "--out", str(tmp_path / dtype), "--adapter-compute-dtype", dtype]) == 0
+        runs[dtype] = json.loads((tmp_path / dtype / "metrics.json").read_text())
+        assert json.loads((tmp_path / dtype / "config.json").read_text())["args"]["adapter_compute_dtype"] == dtype
+    from safetensors.torch import load_file
+
+    low, exact = (load_file(tmp_path / d / "adapter.safetensors") for d in ("bf16", "fp32"))
+    vectors = [k for k in exact if "vera_" in k]
+    diff = max(float((low[k] - exact[k]).abs().max()) for k in vectors)
+    # bf16 was used, and stays close: measured 8e-5 against max |value| 0.10 (8e-4 relative).
+    assert 0 < diff < 5e-3 * max(float(exact[k].abs().max()) for k in vectors)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "bf16" / "adapter.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == runs["bf16"]["metric"]
+    (tmp_path / "bf16" / "checkpoint").mkdir()  # as if interrupted; the settings are checked before it is read
+    (tmp_path / "bf16" / "checkpoint" / "state.pt").write_bytes(b"")
+    assert main([*common, "--out", str(tmp_path / "bf16"), "--resume"]) == 2
+    assert "(adapter_compute_dtype: 'bf16' -> 'fp32')" in capsys.readouterr().err
+
+    refused = {
+        "lora": (["--method", "lora"], "--adapter-compute-dtype bf16: sets VeRA's adapter products, but the method "
+                 "is 'lora'"),
+        "causal": (["--task", "e2e"], "--adapter-compute-dtype is wired for classification tasks without"),
+        "grouped": (["--group-column", "g"], "--adapter-compute-dtype is wired for classification tasks without"),
+    }
+    for name, (extra, message) in refused.items():
+        assert main([*common, *extra, "--out", str(tmp_path / name), "--adapter-compute-dtype", "bf16"]) == 2, name
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / name).exists()

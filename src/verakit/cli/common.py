@@ -30,6 +30,10 @@ def add_vera_options(s: argparse.ArgumentParser) -> None:
                    help="projection values (default kaiming_uniform; uniform is on [0, 0.1), the paper's bad case)")
     g.add_argument("--projection-sharing", default="shared", choices=SHARING_MODES,
                    help="one projection pair for all layers (default) or a unique pair per layer")
+    g.add_argument("--adapter-compute-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: VeRA's own products (delta, g^T x, A x) in bf16 during training steps, faster on "
+                   "CPUs with avx512_bf16/AMX and on GPUs; evaluation and the saved file stay exact (default fp32; "
+                   "classification tasks only; docs/performance.md)")
 
 
 def log_to_stderr() -> None:

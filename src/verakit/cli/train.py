@@ -28,6 +28,11 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.methods import VERA_OPTION_DEFAULTS
     from ..train.vision import IMAGE_TASK
 
+    if args.adapter_compute_dtype != "fp32" and (
+            args.group_column is not None or args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
+        print("verakit train: error: --adapter-compute-dtype is wired for classification tasks without "
+              "--group-column only", file=sys.stderr)
+        return 2
     if args.group_column is not None:
         return run_train_grouped(args)
     if args.shared_head or args.max_groups is not None or args.min_group_examples is not None:

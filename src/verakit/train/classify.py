@@ -44,6 +44,7 @@ from .rundir import (
 )
 
 __all__ = [
+    "ADAPTER_COMPUTE_DTYPES",
     "EVAL_BATCH",
     "TrainArgs",
     "ClassificationRecipe",
@@ -56,6 +57,8 @@ __all__ = [
 
 log = logging.getLogger("verakit.train")
 EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
+# --adapter-compute-dtype -> the dtype of VeRA's own products in training steps (verakit.set_compute_dtype).
+ADAPTER_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class TrainArgs:
     train_b: bool = True
     distribution: str = "kaiming_uniform"  # or kaiming_normal, or uniform (on [0, 0.1), the paper's bad case)
     projection_sharing: str = "shared"  # or unique (one pair per layer)
+    # fp32: exact; bf16: VeRA's own products in bf16 during training steps (vera only; docs/performance.md).
+    adapter_compute_dtype: str = "fp32"
     epochs: int | None = None
     batch_size: int = 32  # global batch
     max_length: int = 128  # tokens per example (pairs together), truncated
@@ -108,6 +113,12 @@ class TrainArgs:
             head_lr=self.head_lr if self.head_lr is not None else head_lr,
         )
         spec = out.method_spec()  # refuses VeRA options with another method
+        if self.adapter_compute_dtype not in ADAPTER_COMPUTE_DTYPES:
+            raise ValueError(f"adapter_compute_dtype must be one of {', '.join(ADAPTER_COMPUTE_DTYPES)}, "
+                             f"got {self.adapter_compute_dtype!r}")
+        if self.adapter_compute_dtype != "fp32" and self.method != "vera":
+            raise ValueError(f"--adapter-compute-dtype {self.adapter_compute_dtype}: sets VeRA's adapter products, "
+                             f"but the method is {self.method!r}")
         if spec.method == "vera":  # bad VeRA options fail here, before any data is read
             from ..config import VeraConfig
 
@@ -250,6 +261,10 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
     model, tokenizer = build_classifier(args.model, data.spec)
     prepared = prepare_model(model, args.method_spec())
+    if ADAPTER_COMPUTE_DTYPES[args.adapter_compute_dtype] is not None:
+        from ..inject import set_compute_dtype
+
+        set_compute_dtype(prepared.model, ADAPTER_COMPUTE_DTYPES[args.adapter_compute_dtype])
     info = {
         "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
