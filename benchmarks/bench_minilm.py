@@ -2,10 +2,11 @@
 
     python benchmarks/bench_minilm.py --task sst2 --train-rows 2000 --epochs 1 --batch 32
 
-LoRA r=8 (PEFT), PEFT VeRA r=1024 and verakit VeRA r=1024 on query+value, each training the pooler and
-classifier with it (the pooler of this sentence encoder was never trained; see MODELS.md). The three
-models see the same batches in the same order; steps are interleaved (method order rotating per step),
-so machine load hits all three alike. Reports summed step wall time, ratios and dev accuracy.
+LoRA r=8 (PEFT), PEFT VeRA r=1024, verakit VeRA r=1024 and verakit with its adapter products in bf16
+(verakit.set_compute_dtype; row verakit-1024-bf16) on query+value, each training the pooler and
+classifier with it (the pooler of this sentence encoder was never trained; see MODELS.md). All models
+see the same batches in the same order; steps are interleaved (method order rotating per step), so
+machine load hits all alike. Reports summed step wall time, ratios and dev accuracy.
 Skips (exit 0 with a message) when the model package or ../shared/data is missing.
 """
 
@@ -30,8 +31,9 @@ def _model(path: str, method: str, r: int, seed: int):
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if method == "verakit":
-        return verakit.attach(model, verakit.VeraConfig(r=r, target_modules=("query", "value")))
+    if method.startswith("verakit"):
+        model = verakit.attach(model, verakit.VeraConfig(r=r, target_modules=("query", "value")))
+        return verakit.set_compute_dtype(model, torch.bfloat16 if method == "verakit-bf16" else None)
     kw = dict(r=r, target_modules=["query", "value"], modules_to_save=["classifier", "pooler"])
     cfg = peft.LoraConfig(lora_alpha=2 * r, **kw) if method == "lora" else peft.VeraConfig(**kw)
     return peft.get_peft_model(model, cfg)
@@ -82,7 +84,7 @@ def main() -> None:
         rng.shuffle(rows)
         batches += [encode(rows[i:i + args.batch]) for i in range(0, len(rows), args.batch)]
     methods = {"lora-8": ("lora", 8, args.lr_lora), "peft-vera-1024": ("peft-vera", 1024, args.lr_vera),
-               "verakit-1024": ("verakit", 1024, args.lr_vera)}
+               "verakit-1024": ("verakit", 1024, args.lr_vera), "verakit-1024-bf16": ("verakit-bf16", 1024, args.lr_vera)}
     setups = {}
     for k, (m, r, lr) in methods.items():
         model = _model(path, m, r, seed=0).train()
@@ -91,7 +93,7 @@ def main() -> None:
     wall = dict.fromkeys(setups, 0.0)
     names = list(setups)
     for i, batch in enumerate(batches):
-        for k in names[i % 3:] + names[: i % 3]:
+        for k in names[i % len(names):] + names[: i % len(names)]:
             model, opt = setups[k]
             start = now()
             model(**batch).loss.backward()

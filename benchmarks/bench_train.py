@@ -2,6 +2,9 @@
 
     python benchmarks/bench_train.py --model roberta --layers 12 --batches 8x128 24x128 --ranks 1024 256
 
+--adapter-dtype bf16 adds rows verakit-R-bf16: verakit with its adapter products in bf16
+(verakit.set_compute_dtype), timed interleaved with the others.
+
 Time: every method's model lives in this process; one optimizer step (forward, backward, AdamW) per
 method per round, the order rotating each round; we report the median step and the median (min-max)
 over rounds of the per-round ratios. Memory: one subprocess per method (glibc told to mmap large
@@ -37,7 +40,12 @@ from _common import (  # noqa: E402
 
 
 def _setup(model_name: str, layers: int, method: str, r: int, lr: float = 1e-3):
-    model = adapt(build_model(model_name, layers), model_name, method, r)
+    """Model and optimizer; method "verakit-bf16" is verakit with verakit.set_compute_dtype(model, bf16)."""
+    model = adapt(build_model(model_name, layers), model_name, method.removesuffix("-bf16"), r)
+    if method.endswith("-bf16"):
+        import verakit
+
+        verakit.set_compute_dtype(model, torch.bfloat16)
     opt = torch.optim.AdamW(trainable(model), lr=lr)
     return model, opt
 
@@ -82,6 +90,8 @@ def main() -> None:
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: this process's CPU seconds, steadier on a machine shared with other jobs")
     ap.add_argument("--memory-batch", default="24x128", help="batch for the memory rows ('' to skip)")
+    ap.add_argument("--adapter-dtype", default=None, choices=["bf16"],
+                    help="bf16: also verakit with bf16 adapter products (rows verakit-R-bf16)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--r", type=int, help=argparse.SUPPRESS)
@@ -95,12 +105,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# bench_train: model={args.model} layers={args.layers} threads={args.threads} "
           f"repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
+    verakits = ["verakit"] + ([f"verakit-{args.adapter_dtype}"] if args.adapter_dtype else [])
+    label = lambda method, r: f"verakit-{r}{method.removeprefix('verakit')}"  # noqa: E731
     setups = {}
     if args.batches:
         setups["lora-8"] = _setup(args.model, args.layers, "lora", 8)
         for r in args.ranks:
             setups[f"peft-vera-{r}"] = _setup(args.model, args.layers, "peft-vera", r)
-            setups[f"verakit-{r}"] = _setup(args.model, args.layers, "verakit", r)
+            for method in verakits:
+                setups[label(method, r)] = _setup(args.model, args.layers, method, r)
         print(f"| batch | method | step {args.clock} s (median) | / PEFT VeRA same r | / LoRA r=8 |")
         print("|---|---|---|---|---|")
     for b in args.batches:
@@ -111,7 +124,7 @@ def main() -> None:
         times = interleaved(fns, args.repeats, clock=args.clock)
         for k in setups:
             med = statistics.median(times[k])
-            vs_peft = _fmt(ratio_summary(times, k, "peft-vera-" + k.split("-")[-1])) if k.startswith("verakit") else ""
+            vs_peft = _fmt(ratio_summary(times, k, "peft-vera-" + k.split("-")[1])) if k.startswith("verakit") else ""
             print(f"| {b} | {k} | {med:.2f} | {vs_peft} | {_fmt(ratio_summary(times, k, 'lora-8'))} |", flush=True)
     if args.memory_batch:
         mb = parse(args.memory_batch)
@@ -122,9 +135,10 @@ def main() -> None:
         mem = {"lora-8": measure_memory(args, "lora", 8, mb)}
         for r in args.ranks:
             mem[f"peft-vera-{r}"] = measure_memory(args, "peft-vera", r, mb)
-            mem[f"verakit-{r}"] = measure_memory(args, "verakit", r, mb)
+            for method in verakits:
+                mem[label(method, r)] = measure_memory(args, method, r, mb)
         for k, v in mem.items():
-            vs_peft = f"{v / mem['peft-vera-' + k.split('-')[-1]]:.2f}" if k.startswith("verakit") else ""
+            vs_peft = f"{v / mem['peft-vera-' + k.split('-')[1]]:.2f}" if k.startswith("verakit") else ""
             print(f"| {args.memory_batch} | {k} | {v:.0f} | {vs_peft} | {v / mem['lora-8']:.2f} |", flush=True)
 
 
