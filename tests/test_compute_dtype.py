@@ -5,10 +5,11 @@ both sides of the cost model's switch; the default (None) bit for bit as without
 setting stays out of the state_dict and the adapter file; a model trained with it saves a normal file.
 
 Tolerances: bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3) and each adapter product rounds
-its operands and its result once or twice. Measured over seeds 0-4 (tests/test_compute_dtype.py shapes):
-worst max-abs error relative to max |reference| 4.6e-3 (materialized: output, dx, grad_d, grad_b alike)
-and 7.4e-3 (factored). Asserted: BF16_REL = 2e-2 of max |reference| everywhere; and, so that the tests
-cannot pass on an fp32 path by accident, at least ENGAGED = 1e-4 of it somewhere (fp32 stays < 1e-6).
+its operands and its result once or twice. Measured on this CPU, as max-abs error over max |reference|:
+one op (these shapes, seeds 0-4): worst 6.1e-3 materialized, 7.4e-3 factored; the four-layer Block (q,
+k, v, o; seeds 0-8): worst 1.5e-2, a grad_b at 2 tokens, whose 2-term sums partly cancel. Asserted:
+BF16_REL = 2e-2 for one op, BF16_REL_BLOCK = 4e-2 for the Block; and, so that the tests cannot pass on
+an fp32 path by accident, at least ENGAGED = 1e-4 somewhere (the fp32 path stays near 1e-7).
 """
 
 import copy
@@ -33,7 +34,8 @@ from verakit import (
 
 torch.set_num_threads(1)
 
-BF16_REL = 2e-2  # allowed max-abs error / max |reference| (measured worst 7.4e-3)
+BF16_REL = 2e-2  # allowed max-abs error / max |reference| for one op (measured worst 7.4e-3)
+BF16_REL_BLOCK = 4e-2  # the same through the four-layer Block (measured worst 1.5e-2)
 ENGAGED = 1e-4  # smallest error showing bf16 was used (fp32 gives ~1e-7)
 
 
@@ -41,9 +43,9 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.detach().double() - want.detach().double()).abs().max() / want.detach().double().abs().max())
 
 
-def _check(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _check(pairs: list[tuple[torch.Tensor, torch.Tensor]], bound: float = BF16_REL) -> None:
     errors = [_rel(g, w) for g, w in pairs]
-    assert max(errors) < BF16_REL, errors
+    assert max(errors) < bound, errors
     assert max(errors) > ENGAGED, errors  # the products did run in bf16
 
 
@@ -113,7 +115,7 @@ def test_layer_bf16_paths_match_reference(tokens, path):
     for name, (gd, gb) in _vector_grads_of(model).items():
         assert gd.dtype == gb.dtype == torch.float32
         pairs += [(gd, getattr(ref, name).vd.grad), (gb, getattr(ref, name).vb.grad)]
-    _check(pairs)
+    _check(pairs, BF16_REL_BLOCK)
 
 
 @pytest.mark.parametrize("tokens", [2, 96])
