@@ -43,3 +43,23 @@ def test_every_process_refuses_a_resume_with_other_settings_before_the_barrier(t
     with pytest.raises(ValueError, match=r"config\.json: --resume with different settings \(lr: 0\.05 -> 0\.02\)"):
         start_run(run_dir, {"args": {"epochs": 2, "lr": 0.02, "resume": True}}, resume=True, state=state)
     assert state.seen_at_barrier == [] and (run_dir / "config.json").read_bytes() == saved
+
+
+def test_a_setting_an_older_config_lacks_counts_as_its_default(tmp_path):
+    # config.json written before the option existed: resuming with the option at its default continues the
+    # run; resuming with another value is a different run and is refused.
+    from verakit.train.classify import TrainArgs
+    from verakit.train.rundir import field_defaults
+
+    run_dir = tmp_path / "run"
+    start_run(run_dir, {"args": {"epochs": 2, "resume": False}}, resume=False, state=_Process(True, run_dir))
+    defaults = field_defaults(TrainArgs)
+    assert defaults["adapter_compute_dtype"] == "fp32"
+    new = {"epochs": 2, "adapter_compute_dtype": "fp32", "resume": True}
+    with pytest.raises(ValueError, match=r"adapter_compute_dtype: None -> 'fp32'"):  # without defaults: refused
+        start_run(run_dir, {"args": new}, resume=True, state=_Process(True, run_dir))
+    with pytest.raises(ValueError, match=r"adapter_compute_dtype: 'fp32' -> 'bf16'"):
+        start_run(run_dir, {"args": {**new, "adapter_compute_dtype": "bf16"}}, resume=True,
+                  state=_Process(True, run_dir), defaults=defaults)
+    start_run(run_dir, {"args": new}, resume=True, state=_Process(True, run_dir), defaults=defaults)
+    assert json.loads((run_dir / "config.json").read_text())["args"] == new

@@ -37,6 +37,7 @@ from .rundir import (
     artifact_metrics,
     check_run_dir,
     environment,
+    field_defaults,
     jsonable,
     loop_metrics,
     start_run,
@@ -275,7 +276,7 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     loop_cfg = LoopConfig(epochs=int(args.epochs or 1), batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
                           seed=args.seed, eval_every=args.eval_every, quiet=args.quiet)
     config = {"args": jsonable(asdict(args)), "loop": asdict(loop_cfg), "method": method_config(prepared, args.method)}
-    start_run(run_dir, config, resume=args.resume, state=state)
+    start_run(run_dir, config, resume=args.resume, state=state, defaults=field_defaults(TrainArgs))
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume, on_eval=on_eval)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}

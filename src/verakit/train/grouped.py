@@ -38,7 +38,7 @@ from ..fileformat import Adapter, write_adapter
 from .classify import EVAL_BATCH, Encoded, TrainArgs, build_classifier
 from .data import DataError, Example, TaskSpec, load_task
 from .loop import LoopConfig, ParamGroup, run_loop
-from .rundir import check_run_dir, environment, jsonable, loop_metrics, start_run, write_json
+from .rundir import check_run_dir, environment, field_defaults, jsonable, loop_metrics, start_run, write_json
 from .slot_optim import SlotAdamW
 from .slot_tables import SlotTables, to_slot_tables
 
@@ -268,7 +268,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
     grouped_args = {k: v for k, v in asdict(args).items() if k != "train"}
     config = {"args": {**jsonable(asdict(targs)), **grouped_args}, "loop": asdict(loop_cfg),
               "method": tables.template.config.to_dict()}
-    start_run(run_dir, config, resume=targs.resume, state=state)
+    start_run(run_dir, config, resume=targs.resume, state=state, defaults=field_defaults(TrainArgs))
     result = run_loop(recipe, loop_cfg, run_dir, resume=targs.resume, optimizer_factory=recipe.make_optimizer)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}

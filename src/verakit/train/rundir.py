@@ -7,7 +7,9 @@ Under torchrun every process checks RUN_DIR before any process writes to it; onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +22,7 @@ __all__ = [
     "check_run_dir",
     "check_same_args",
     "environment",
+    "field_defaults",
     "jsonable",
     "loop_metrics",
     "start_run",
@@ -45,16 +48,23 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
 
 
-def check_same_args(run_dir: Path, args: dict[str, Any]) -> None:
+def check_same_args(run_dir: Path, args: dict[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse --resume with other settings than RUN_DIR/config.json's ("resume" and "quiet" aside): they
-    would not continue the same run."""
+    would not continue the same run. A setting missing from an older config.json (an option added since)
+    counts as its value in `defaults`: the run was made with what is now that option's default."""
     saved = json.loads((run_dir / "config.json").read_text())["args"]
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     ignore = {"resume", "quiet"}
     diff = sorted(k for k in args if k not in ignore and saved.get(k) != args[k])
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {args[k]!r}" for k in diff)
         raise ValueError(f"{run_dir / 'config.json'}: --resume with different settings ({shown}); "
                          "repeat the interrupted command with --resume")
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """{field: default} of a dataclass's fields that have a plain default (for `start_run`'s `defaults`)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -69,11 +79,13 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def start_run(run_dir: Path, config: dict[str, Any], *, resume: bool, state: ProcessState) -> None:
-    """Refuse a --resume with other settings (`check_same_args`), then, once every process got this far,
-    create RUN_DIR and write `config` to RUN_DIR/config.json from the main process."""
+def start_run(run_dir: Path, config: dict[str, Any], *, resume: bool, state: ProcessState,
+              defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse a --resume with other settings (`check_same_args`, with `defaults` for settings an older
+    config.json lacks), then, once every process got this far, create RUN_DIR and write `config` to
+    RUN_DIR/config.json from the main process."""
     if resume:
-        check_same_args(run_dir, config["args"])
+        check_same_args(run_dir, config["args"], defaults)
     state.wait_for_everyone()
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
