@@ -9,12 +9,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["add_vera_options", "csv_list", "log_to_stderr", "print_evaluation", "run_training"]
+__all__ = ["add_vera_options", "csv_list", "fields_of", "log_to_stderr", "print_evaluation", "run_training"]
 
 
 def csv_list(value: str) -> tuple[str, ...]:
     """A comma-separated option value as a tuple of its non-empty, stripped items."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def fields_of(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """{field: value} of dataclass `cls`'s fields read from the parsed arguments (each must exist)."""
+    return {k: getattr(args, k) for k in cls.__dataclass_fields__}
 
 
 def add_vera_options(s: argparse.ArgumentParser) -> None:

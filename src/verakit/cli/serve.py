@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .common import fields_of
+
 __all__ = ["add_parsers", "run_serve"]
 
 
@@ -14,7 +16,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..serve.app import run_server
     from ..serve.options import ServeOptions
 
-    fields = {k: getattr(args, k) for k in ServeOptions.__dataclass_fields__}
+    fields = fields_of(ServeOptions, args)
     try:
         options = ServeOptions(**fields)
     except ValueError as e:

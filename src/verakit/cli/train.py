@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_vera_options, csv_list, print_evaluation, run_training
+from .common import add_vera_options, csv_list, fields_of, print_evaluation, run_training
 
 __all__ = [
     "add_parsers",
@@ -49,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
         return run_train_causal(args)
     if args.task == IMAGE_TASK:
         return run_train_images(args)
-    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    fields = fields_of(TrainArgs, args)
     code, metrics = run_training(lambda: train_classifier(TrainArgs(**fields)))
     if metrics:
         main = metrics["main_metric"]
@@ -65,7 +65,7 @@ def run_train_grouped(args: argparse.Namespace) -> int:
     from ..train.classify import TrainArgs
     from ..train.grouped import GroupedArgs, train_grouped
 
-    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    fields = fields_of(TrainArgs, args)
     limits = {k: getattr(args, k) for k in ("max_groups", "min_group_examples") if getattr(args, k) is not None}
     code, m = run_training(
         lambda: train_grouped(GroupedArgs(TrainArgs(**fields), args.group_column, args.shared_head, **limits)))
@@ -86,7 +86,7 @@ def run_train_causal(args: argparse.Namespace) -> int:
         print(f"verakit train: error: causal-LM tasks take --method {'/'.join(CAUSAL_METHODS)} and no --head-lr "
               "(a language model has no task head)", file=sys.stderr)
         return 2
-    fields = {k: getattr(args, k) for k in CausalArgs.__dataclass_fields__}
+    fields = fields_of(CausalArgs, args)
     fields["epochs"] = args.epochs or 1
     code, m = run_training(lambda: train_causal(CausalArgs(**fields)))
     if m:
@@ -101,7 +101,7 @@ def run_train_images(args: argparse.Namespace) -> int:
     """--task images: an image classifier on class folders."""
     from ..train.vision import ImageArgs, train_images
 
-    fields = {k: getattr(args, k) for k in ImageArgs.__dataclass_fields__}
+    fields = fields_of(ImageArgs, args)
     code, m = run_training(lambda: train_images(ImageArgs(**fields)))
     if m:
         print(f"images {m['method']}: best {m['eval_split']} accuracy {m['metric']['accuracy']:.4f} (step "
