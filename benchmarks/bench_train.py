@@ -39,13 +39,33 @@ from _common import (  # noqa: E402
 )
 
 
-def _setup(model_name: str, layers: int, method: str, r: int, lr: float = 1e-3):
-    """Model and optimizer; method "verakit-bf16" is verakit with verakit.set_compute_dtype(model, bf16)."""
-    model = adapt(build_model(model_name, layers), model_name, method.removesuffix("-bf16"), r)
-    if method.endswith("-bf16"):
-        import verakit
+# verakit variants, as suffixes of the method name: "-bf16" verakit.set_compute_dtype(model, bf16);
+# "-keepx" verakit.set_input_recompute(model, False) (keep each layer's x, the pre-recompute behaviour);
+# "-ckpt" transformers' gradient checkpointing (non-reentrant). Method "floor": no adapter at all, but
+# gradients flow through every layer (transformers' enable_input_require_grads) and the head trains: the
+# frozen network's own activations, the least any adapter reaching the first layer can keep.
+VARIANTS = ("bf16", "keepx", "ckpt")
 
-        verakit.set_compute_dtype(model, torch.bfloat16)
+
+def _setup(model_name: str, layers: int, method: str, r: int, lr: float = 1e-3):
+    """Model and optimizer for `method` ("lora", "peft-vera", "floor", "verakit[-VARIANT...]")."""
+    base, *variants = method.split("-") if method.startswith("verakit") else (method,)
+    model = build_model(model_name, layers)
+    if base == "floor":
+        model = adapt(model, model_name, "base", r)
+        model.enable_input_require_grads()
+    else:
+        model = adapt(model, model_name, base, r)
+    if variants:
+        import verakit
+        from verakit.train.causal import enable_gradient_checkpointing
+
+        if "bf16" in variants:
+            verakit.set_compute_dtype(model, torch.bfloat16)
+        if "keepx" in variants:
+            verakit.set_input_recompute(model, False)
+        if "ckpt" in variants:
+            enable_gradient_checkpointing(model)
     opt = torch.optim.AdamW(trainable(model), lr=lr)
     return model, opt
 
@@ -92,6 +112,10 @@ def main() -> None:
     ap.add_argument("--memory-batch", default="24x128", help="batch for the memory rows ('' to skip)")
     ap.add_argument("--adapter-dtype", default=None, choices=["bf16"],
                     help="bf16: also verakit with bf16 adapter products (rows verakit-R-bf16)")
+    ap.add_argument("--variants", nargs="*", default=[], choices=VARIANTS,
+                    help="also these verakit variants (rows verakit-R-VARIANT; see VARIANTS above)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also the no-adapter floor: gradients through every frozen layer, head trained")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--r", type=int, help=argparse.SUPPRESS)
@@ -105,11 +129,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# bench_train: model={args.model} layers={args.layers} threads={args.threads} "
           f"repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
-    verakits = ["verakit"] + ([f"verakit-{args.adapter_dtype}"] if args.adapter_dtype else [])
+    variants = ([args.adapter_dtype] if args.adapter_dtype else []) + args.variants
+    verakits = ["verakit"] + [f"verakit-{v}" for v in variants]
     label = lambda method, r: f"verakit-{r}{method.removeprefix('verakit')}"  # noqa: E731
     setups = {}
     if args.batches:
         setups["lora-8"] = _setup(args.model, args.layers, "lora", 8)
+        if args.floor:
+            setups["floor"] = _setup(args.model, args.layers, "floor", 0)
         for r in args.ranks:
             setups[f"peft-vera-{r}"] = _setup(args.model, args.layers, "peft-vera", r)
             for method in verakits:
@@ -133,6 +160,8 @@ def main() -> None:
         print("\n| batch | method | peak MiB above loaded model (separate process) | / PEFT VeRA same r | / LoRA r=8 |")
         print("|---|---|---|---|---|")
         mem = {"lora-8": measure_memory(args, "lora", 8, mb)}
+        if args.floor:
+            mem["floor"] = measure_memory(args, "floor", 0, mb)
         for r in args.ranks:
             mem[f"peft-vera-{r}"] = measure_memory(args, "peft-vera", r, mb)
             for method in verakits:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import recompute
 from .config import DEFAULT_TARGETS, VeraConfig
 from .layer import VeraLinear, is_linear_leaf, linear_shape, share_inputs
 from .projection import Projection, matrix_ids
@@ -27,6 +28,7 @@ __all__ = [
     "trainable_parameters",
     "find_targets",
     "set_compute_dtype",
+    "set_input_recompute",
     "COMPUTE_DTYPES",
 ]
 
@@ -192,6 +194,7 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
         original_saved=original_saved,
     )
     setattr(model, _STATE_ATTR, state)
+    recompute.enable(model)  # adapted layers fed by a norm keep the norm's input, not their own x
     return model
 
 
@@ -237,6 +240,7 @@ def detach(model: nn.Module) -> nn.Module:
             model.get_parameter(key).copy_(value)
     for n, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
+    recompute.disable(model)
     delattr(model, _STATE_ATTR)
     return model
 
@@ -259,6 +263,16 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         raise ValueError(f"set_compute_dtype: dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
     for layer in vera_layers(model).values():
         layer.compute_dtype = dtype
+    return model
+
+
+def set_input_recompute(model: nn.Module, enabled: bool) -> nn.Module:
+    """Whether VeRA layers whose input is a LayerNorm / RMSNorm output recompute it in backward from the
+    norm's input (which the norm keeps anyway) instead of keeping it: on by `attach`, exact (the norm
+    runs again, deterministically), one norm forward per such input per step. Runtime only. Returns
+    `model`. See verakit.recompute and docs/performance.md."""
+    vera_state(model)  # raises AttachError on a model without VeRA
+    (recompute.enable if enabled else recompute.disable)(model)
     return model
 
 

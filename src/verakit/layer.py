@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, recompute
 from .projection import Projection
 
 __all__ = ["VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "linear_shape"]
@@ -148,7 +148,8 @@ class VeraLinear(nn.Module):
         path, keep = ops.choose_path(tokens, self.in_features, self.out_features, self.r, grad, x.requires_grad)
         if one_matmul and path == "materialized":
             A_c = None if low is None else self.slices(x.device, low)[0]
-            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep, A_c)
+            src = recompute.source_of(x) if grad else None  # x rebuilt from its norm's input in backward
+            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep, A_c, src)
         if low is not None:
             A, B = self.slices(x.device, low)  # cached per dtype by the projection, not cast per call
         u = self._projected(x, A)  # (..., r) in A's dtype

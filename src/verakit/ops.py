@@ -9,7 +9,8 @@ shared tables, c = s * d (r), b (m). The adapter adds  b * (B (c * (A x)))  to t
 * materialized: W = W0 + diag(b) B diag(c) A once per call, then one matmul: `vera_materialized`.
                 Cost ~ m * n * r per call plus, when training, the weight-gradient-shaped G = g^T x
                 (T * m * n) or the projected P = g^T (x A^T) (T * r * (n + m)), whichever is cheaper.
-                Saves x (T, n), shared with sibling layers, and optionally W (m, n).
+                Saves x (T, n), shared with sibling layers, or, when x is a norm's output, the norm's
+                input, which the norm keeps anyway (`recompute`); and optionally W (m, n).
 
 Neither path ever forms a gradient for A, B or W0; d and b get theirs in float32 whatever the compute
 dtype. Both take an optional lower compute dtype for the adapter's own products (`VeraLinear.compute_dtype`,
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .recompute import NormSource
 
 __all__ = [
     "PathCost",
@@ -173,15 +176,19 @@ def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 
 class _Materialized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c):
+    def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c, source):
         W = vera_weight(w0, A, B, d, b, scale, A_c)  # (m, n) in x's dtype
-        ctx.save_for_backward(x, w0, A, B, d, b, W if keep_weight else None, A_c)
-        ctx.scale = scale
+        # With a source, keep what the norm keeps anyway (its input) and rebuild x from it in backward.
+        kept = x if source is None else source.input
+        ctx.save_for_backward(kept, w0, A, B, d, b, W if keep_weight else None, A_c)
+        ctx.scale, ctx.source = scale, source
         return F.linear(x, W, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, w0, A, B, d, b, W, A_c = ctx.saved_tensors
+        if ctx.source is not None:
+            x = ctx.source.recompute(x)  # (..., n): bit for bit the forward's x
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_d, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         g2, x2 = _flat(g), _flat(x)  # (T, m), (T, n)
@@ -200,12 +207,13 @@ class _Materialized(torch.autograd.Function):
             grad_d, grad_b = _vector_grads(Q, B, d, b, ctx.scale, need_d, need_b)
         if need_bias:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None, None
 
 
 def vera_materialized(
     x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
     d: torch.Tensor, b: torch.Tensor, scale: float, keep_weight: bool = True, A_c: torch.Tensor | None = None,
+    source: NormSource | None = None,
 ) -> torch.Tensor:
     """Semantics: y = (W0 + diag(b) B diag(scale * d) A) x + bias, the whole adapted layer in one matmul.
 
@@ -214,10 +222,11 @@ def vera_materialized(
     rebuilds W otherwise. No gradient for w0, A or B (w0 must not require one).
     A_c: A (r, n) in a lower compute dtype for the adapter's products: the delta (m, r, n), G = g^T x
     (or x A^T) and Q = G A^T run in it, W and dx = g W stay in x's dtype, grad_d and grad_b in float32.
+    source: x's `recompute.NormSource`: save the norm's input instead of x and recompute x in backward.
     """
     if w0.requires_grad:
         raise ValueError("vera_materialized: the base weight requires grad; use the factored path")
-    return _Materialized.apply(x, w0, bias, A, B, d, b, scale, keep_weight, A_c)
+    return _Materialized.apply(x, w0, bias, A, B, d, b, scale, keep_weight, A_c, source)
 
 
 def vera_materialized_ref(
