@@ -66,7 +66,8 @@ def _setup(model_name: str, layers: int, method: str, r: int, lr: float = 1e-3):
             verakit.set_input_recompute(model, False)
         if "ckpt" in variants:
             enable_gradient_checkpointing(model)
-    opt = torch.optim.AdamW(trainable(model), lr=lr)
+    # a causal LM's floor trains nothing: a stand-in parameter keeps the optimizer step in the loop
+    opt = torch.optim.AdamW(trainable(model) or [torch.nn.Parameter(torch.zeros(1))], lr=lr)
     return model, opt
 
 

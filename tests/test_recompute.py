@@ -176,3 +176,16 @@ def test_is_norm_by_class_and_name():
     assert recompute.is_norm(nn.LayerNorm(4)) and recompute.is_norm(nn.RMSNorm(4))
     assert recompute.is_norm(T5LayerNorm())
     assert not recompute.is_norm(nn.Linear(4, 4)) and not recompute.is_norm(nn.BatchNorm1d(4))
+
+
+def test_compiled_model_with_norms_matches_eager():
+    """Under torch.compile the tag steps aside (the layer saves x); gradients match eager's."""
+    model = _tiny()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = torch.randn(40, 16, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    compiled(x).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)

@@ -96,6 +96,8 @@ def _has_hook(module: nn.Module) -> bool:
 
 def source_of(x: torch.Tensor) -> NormSource | None:
     """The tag of a norm output `x` if `x` is unmodified since the norm produced it, else None."""
+    if torch.compiler.is_compiling():
+        return None  # compiled graphs do their own activation planning; tensor attributes do not trace
     src = getattr(x, _ATTR, None)
     if src is None or x.is_inference() or x._version != src.out_version:
         return None
