@@ -6,6 +6,7 @@ hooks), and must fall back to saving x whenever x is not a norm's untouched outp
 """
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -189,3 +190,46 @@ def test_compiled_model_with_norms_matches_eager():
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_tag_never_keeps_the_norm_input_alive():
+    model = _tiny()
+    x = torch.randn(40, 16, requires_grad=True)
+    h = model.norm(x * 1.0)  # the norm's input is a temporary kept only by the norm's autograd node
+    ref = recompute.source_of(h).input_ref
+    assert ref() is not None
+    h.sum().backward()  # frees the graph
+    gc.collect()
+    assert ref() is None and recompute.source_of(h) is None  # h is still held; its input is not
+
+
+class ReluRMSNorm(nn.Module):
+    """Named like a norm, but its autograd graph does not keep its input (relu keeps its output)."""
+
+    def __init__(self, n=16):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return torch.relu(x) * self.w
+
+
+class TempThenNorm(NormThenLinear):
+    def forward(self, x):
+        return self.lin(self.norm(x * 1.0))  # the norm's input: a temporary nothing else holds
+
+
+def test_norm_that_does_not_keep_its_input_falls_back_to_saving_x():
+    torch.manual_seed(0)
+    plain = TempThenNorm()
+    plain.norm = ReluRMSNorm()
+    model = attach(copy.deepcopy(plain), VeraConfig(r=64, target_modules=("lin",), modules_to_save=("norm",)))
+    randomize_vectors(model)
+    twin = copy.deepcopy(model)
+    set_input_recompute(twin, False)
+    x = torch.randn(40, 16)
+    assert not _kept_input(model, x)  # the temporary relu input died with the norm's forward
+    twin(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name

@@ -179,7 +179,9 @@ class _Materialized(torch.autograd.Function):
     def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c, source):
         W = vera_weight(w0, A, B, d, b, scale, A_c)  # (m, n) in x's dtype
         # With a source, keep what the norm keeps anyway (its input) and rebuild x from it in backward.
-        kept = x if source is None else source.input
+        kept = None if source is None else source.input
+        if kept is None:
+            kept, source = x, None
         ctx.save_for_backward(kept, w0, A, B, d, b, W if keep_weight else None, A_c)
         ctx.scale, ctx.source = scale, source
         return F.linear(x, W, bias)

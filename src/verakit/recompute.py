@@ -7,8 +7,8 @@ of a LayerNorm / RMSNorm, whose backward already keeps that norm's *input*. Savi
 instead of `x` (the same storage the norm holds anyway) and re-running the norm in backward (T * d_in
 elementwise work) removes it: docs/performance.md, "Recomputing x from the norm".
 
-How: a forward hook on every norm module tags its output tensor with (module, input, output version,
-parameter versions) while gradients are recorded and the norm keeps its input (its output has a grad_fn). `source_of(x)` returns that tag only when `x` is that
+How: a forward hook on every norm module tags its output tensor with (module, a weak reference to its
+input, output version, parameter versions) while gradients are recorded and the norm keeps its input (its output has a grad_fn). `source_of(x)` returns that tag only when `x` is that
 very tensor, unmodified; anything else (a view, a dropout output, an in-place edit, a hook that replaced
 the output, torch.compile) gets None and the layer saves `x` as before. Norms are deterministic, so the
 recomputed `x` is bit for bit the forward one and gradients are unchanged.
@@ -16,6 +16,7 @@ recomputed `x` is bit for bit the forward one and gradients are unchanged.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +30,19 @@ _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 @dataclass(frozen=True)
 class NormSource:
-    """Where a norm output came from: `module.forward(input)` reproduces it while `versions` hold."""
+    """Where a norm output came from: `module.forward(input)` reproduces it while `versions` hold.
+
+    The input is held weakly: it lives exactly as long as the norm's autograd node keeps it, so a tag
+    never keeps a tensor alive (e.g. hidden states a caller holds after backward)."""
 
     module: nn.Module
-    input: torch.Tensor
+    input_ref: weakref.ref
     out_version: int
     param_versions: tuple[int, ...]
+
+    @property
+    def input(self) -> torch.Tensor | None:
+        return self.input_ref()
 
     def recompute(self, inp: torch.Tensor) -> torch.Tensor:
         """The norm's output again, from `inp` (the saved input); raises if the norm's parameters were
@@ -66,7 +74,7 @@ def _tag(module: nn.Module, args: tuple, out: object) -> None:
         return
     if out is args[0] or out.is_inference() or not out.requires_grad:
         return  # without a grad_fn the norm keeps nothing: saving its input would cost what x does
-    setattr(out, _ATTR, NormSource(module, args[0], out._version, _param_versions(module)))
+    setattr(out, _ATTR, NormSource(module, weakref.ref(args[0]), out._version, _param_versions(module)))
 
 
 def enable(model: nn.Module) -> None:
@@ -95,10 +103,11 @@ def _has_hook(module: nn.Module) -> bool:
 
 
 def source_of(x: torch.Tensor) -> NormSource | None:
-    """The tag of a norm output `x` if `x` is unmodified since the norm produced it, else None."""
+    """The tag of a norm output `x` if `x` is unmodified since the norm produced it and the norm still
+    keeps its input, else None."""
     if torch.compiler.is_compiling():
         return None  # compiled graphs do their own activation planning; tensor attributes do not trace
     src = getattr(x, _ATTR, None)
-    if src is None or x.is_inference() or x._version != src.out_version:
+    if src is None or x.is_inference() or x._version != src.out_version or src.input is None:
         return None
     return src
