@@ -85,7 +85,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, to
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

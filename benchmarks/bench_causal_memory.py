@@ -4,7 +4,8 @@ checkpointing: does instruction tuning fit a 24 GiB, 2-core machine at batch 4 x
 Each case runs in its own process (peak RSS only grows within a process): build the model, adapt it,
 then `--steps` AdamW steps of `verakit.train.causal.token_loss` on a fixed batch (labels = inputs, so
 every token counts, the worst case). Cases alternate checkpointing off/on per method, so the time ratio
-compares neighbouring runs.
+compares neighbouring runs. Children run with glibc told to mmap blocks >= 64 KiB (`_common.MALLOC_ENV`),
+so the peak follows live tensors rather than heap high-water marks.
 
     python benchmarks/bench_causal_memory.py [--batch 4] [--seq 256] [--steps 3] [--threads 2]
 """
@@ -18,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import child_env  # noqa: E402
+
 CASES = [  # (method, targets, rank)
     ("vera", "q_proj,v_proj", 1024),
     ("vera", "all-linear", 256),
@@ -30,7 +34,6 @@ def one(args: argparse.Namespace) -> None:
     """Child process: one case, JSON on stdout."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from _common import batch_for, build_model
 
     from verakit.train.causal import enable_gradient_checkpointing, peak_rss_mib, prepare_causal, token_loss
@@ -42,6 +45,10 @@ def one(args: argparse.Namespace) -> None:
         enable_gradient_checkpointing(model)
     targets = args.targets if args.targets in ("", "all-linear") else tuple(args.targets.split(","))
     prepared = prepare_causal(model, MethodSpec(args.method, args.r, 0.1, targets or None, 0))  # type: ignore[arg-type]
+    if args.keepx:
+        import verakit
+
+        verakit.set_input_recompute(prepared.model, False)
     loaded = peak_rss_mib()
     opt = torch.optim.AdamW([p for _, p in prepared.adapter], lr=1e-4)
     batch = batch_for("smollm2", args.batch, args.seq, 49152)
@@ -69,6 +76,7 @@ def main() -> None:
     p.add_argument("--targets", default="", help=argparse.SUPPRESS)
     p.add_argument("--r", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--keepx", action="store_true", help=argparse.SUPPRESS)  # VeRA: keep x, no recompute
     args = p.parse_args()
     if args.child:
         one(args)
@@ -83,7 +91,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--method", method, "--targets", targets, "--r", str(r),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                    "--threads", str(args.threads), *(["--ckpt"] if ckpt else [])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env()).stdout
             rows[ckpt] = m = json.loads(out.strip().splitlines()[-1])
             print(f"| {method} | {targets or 'all parameters'} | {r or ''} | {m['trainable']:,} | {'on' if ckpt else 'off'} "
                   f"| {m['peak_rss_mib']:,.0f} | {m['after_load_mib']:,.0f} | {m['step_s']:.2f} |", flush=True)
