@@ -13,9 +13,10 @@ shared tables, c = s * d (r), b (m). The adapter adds  b * (B (c * (A x)))  to t
                 input, which the norm keeps anyway (`recompute`); and optionally W (m, n).
 
 Neither path ever forms a gradient for A, B or W0; d and b get theirs in float32 whatever the compute
-dtype. Both take an optional lower compute dtype for the adapter's own products (`VeraLinear.compute_dtype`,
-e.g. bf16 in an fp32 model): the caller hands A (and B) already cast to it; the frozen layer's own work
-(W0 x, and dx = g W on the materialized path) stays in the model's dtype. `choose_path` picks per layer and per call from the actual shapes and token count
+dtype. Both take an optional lower compute dtype for the adapter's own products
+(`VeraLinear.compute_dtype`, e.g. bf16 in an fp32 model): the caller hands A (and B) already cast to
+it; the frozen layer's own work (W0 x, and dx = g W on the materialized path) stays in the model's
+dtype. `choose_path` picks per layer and per call from the actual shapes and token count
 (docs/performance.md derives the counts). Every fast op has a `*_ref` beside it: plain autograd through
 the naive formula, used by the tests.
 """
@@ -179,9 +180,7 @@ class _Materialized(torch.autograd.Function):
     def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c, source):
         W = vera_weight(w0, A, B, d, b, scale, A_c)  # (m, n) in x's dtype
         # With a source, keep what the norm keeps anyway (its input) and rebuild x from it in backward.
-        kept = None if source is None else source.input
-        if kept is None:
-            kept, source = x, None
+        kept = x if source is None else source.input
         ctx.save_for_backward(kept, w0, A, B, d, b, W if keep_weight else None, A_c)
         ctx.scale, ctx.source = scale, source
         return F.linear(x, W, bias)
@@ -224,7 +223,8 @@ def vera_materialized(
     rebuilds W otherwise. No gradient for w0, A or B (w0 must not require one).
     A_c: A (r, n) in a lower compute dtype for the adapter's products: the delta (m, r, n), G = g^T x
     (or x A^T) and Q = G A^T run in it, W and dx = g W stay in x's dtype, grad_d and grad_b in float32.
-    source: x's `recompute.NormSource`: save the norm's input instead of x and recompute x in backward.
+    source: x's `recompute.NormSource` (from `recompute.source_of`, so its input is alive): save the
+    norm's input instead of x and recompute x in backward.
     """
     if w0.requires_grad:
         raise ValueError("vera_materialized: the base weight requires grad; use the factored path")
