@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import child_env  # noqa: E402
+from _common import batch_for, build_model, child_env  # noqa: E402
 
 CASES = [  # (method, targets, rank)
     ("vera", "q_proj,v_proj", 1024),
@@ -33,8 +33,6 @@ CASES = [  # (method, targets, rank)
 def one(args: argparse.Namespace) -> None:
     """Child process: one case, JSON on stdout."""
     import torch
-
-    from _common import batch_for, build_model
 
     from verakit.train.causal import enable_gradient_checkpointing, peak_rss_mib, prepare_causal, token_loss
     from verakit.train.methods import MethodSpec

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_train.py --model roberta --layers 12 --batches 8x128 24x128 --ranks 1024 256
 
---adapter-dtype bf16 adds rows verakit-R-bf16: verakit with its adapter products in bf16
-(verakit.set_compute_dtype), timed interleaved with the others.
+--variants bf16 keepx ckpt adds rows verakit-R-VARIANT (see VARIANTS below), --floor a no-adapter row;
+all are timed interleaved with the others and measured like them.
 
 Time: every method's model lives in this process; one optimizer step (forward, backward, AdamW) per
 method per round, the order rotating each round; we report the median step and the median (min-max)
@@ -111,8 +111,6 @@ def main() -> None:
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: this process's CPU seconds, steadier on a machine shared with other jobs")
     ap.add_argument("--memory-batch", default="24x128", help="batch for the memory rows ('' to skip)")
-    ap.add_argument("--adapter-dtype", default=None, choices=["bf16"],
-                    help="bf16: also verakit with bf16 adapter products (rows verakit-R-bf16)")
     ap.add_argument("--variants", nargs="*", default=[], choices=VARIANTS,
                     help="also these verakit variants (rows verakit-R-VARIANT; see VARIANTS above)")
     ap.add_argument("--floor", action="store_true",
@@ -130,18 +128,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# bench_train: model={args.model} layers={args.layers} threads={args.threads} "
           f"repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
-    variants = ([args.adapter_dtype] if args.adapter_dtype else []) + args.variants
-    verakits = ["verakit"] + [f"verakit-{v}" for v in variants]
-    label = lambda method, r: f"verakit-{r}{method.removeprefix('verakit')}"  # noqa: E731
+    # (row label, method, rank) of every row, in print order; the same rows for time and memory
+    cases = [("lora-8", "lora", 8)] + ([("floor", "floor", 0)] if args.floor else [])
+    for r in args.ranks:
+        cases.append((f"peft-vera-{r}", "peft-vera", r))
+        for suffix in ["", *(f"-{v}" for v in args.variants)]:
+            cases.append((f"verakit-{r}{suffix}", f"verakit{suffix}", r))
     setups = {}
     if args.batches:
-        setups["lora-8"] = _setup(args.model, args.layers, "lora", 8)
-        if args.floor:
-            setups["floor"] = _setup(args.model, args.layers, "floor", 0)
-        for r in args.ranks:
-            setups[f"peft-vera-{r}"] = _setup(args.model, args.layers, "peft-vera", r)
-            for method in verakits:
-                setups[label(method, r)] = _setup(args.model, args.layers, method, r)
+        setups = {k: _setup(args.model, args.layers, method, r) for k, method, r in cases}
         print(f"| batch | method | step {args.clock} s (median) | / PEFT VeRA same r | / LoRA r=8 |")
         print("|---|---|---|---|---|")
     for b in args.batches:
@@ -160,13 +155,7 @@ def main() -> None:
         gc.collect()
         print("\n| batch | method | peak MiB above loaded model (separate process) | / PEFT VeRA same r | / LoRA r=8 |")
         print("|---|---|---|---|---|")
-        mem = {"lora-8": measure_memory(args, "lora", 8, mb)}
-        if args.floor:
-            mem["floor"] = measure_memory(args, "floor", 0, mb)
-        for r in args.ranks:
-            mem[f"peft-vera-{r}"] = measure_memory(args, "peft-vera", r, mb)
-            for method in verakits:
-                mem[label(method, r)] = measure_memory(args, method, r, mb)
+        mem = {k: measure_memory(args, method, r, mb) for k, method, r in cases}
         for k, v in mem.items():
             vs_peft = f"{v / mem['peft-vera-' + k.split('-')[1]]:.2f}" if k.startswith("verakit") else ""
             print(f"| {args.memory_batch} | {k} | {v:.0f} | {vs_peft} | {v / mem['lora-8']:.2f} |", flush=True)
