@@ -3,13 +3,17 @@
 Everything is first written under a hidden temporary name in the destination's own folder (so the final
 `os.replace` is a rename within one file system), then renamed into place; on failure the temporary
 copy is removed and whatever was there before is left untouched.
+
+Permissions are those of a plain `open()` / `mkdir()`: files 0o666 and folders 0o777, less the umask
+(and any default ACL of the folder). tempfile's mkstemp/mkdtemp would make them 0o600 / 0o700, and the
+rename would carry that into place: a server running as another user could not read a trained adapter.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,12 +32,38 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         pass
 
 
+_ATTEMPTS = 100  # random names tried before giving up (a clash is already a 1 in 2**48 event)
+
+
+def _temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """(open fd, path) of a new file in `folder`, created exclusively with mode 0o666 less the umask."""
+    for _ in range(_ATTEMPTS):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temporary name starting with {prefix!r} after {_ATTEMPTS} tries")
+
+
+def _temp_dir(folder: Path, prefix: str) -> Path:
+    """A new empty folder in `folder`, mode 0o777 less the umask."""
+    for _ in range(_ATTEMPTS):
+        path = folder / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temporary name starting with {prefix!r} after {_ATTEMPTS} tries")
+
+
 @contextmanager
 def staged_file(path: Path, data: bytes, prefix: str | None = None) -> Iterator[str]:
     """Write `data` to a hidden temp file beside `path` (name starting with `prefix`, default ".NAME."),
     fsynced, and yield its name, e.g. to validate it; when the block returns, rename it to `path` and fsync
     the folder; when the block (or a write) raises, delete it. `path`'s folder must exist."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path.parent, prefix or f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,7 +87,7 @@ def new_dir(out: Path) -> Iterator[Path]:
     rename (`out` must be absent or an empty folder, which it replaces); when the block raises, it is deleted.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = _temp_dir(out.parent, f".{out.name}.")
     try:
         yield tmp
         if out.exists():
@@ -74,7 +104,7 @@ def replacing_dir(folder: Path) -> Iterator[Path]:
     all it held, so `folder` never holds a mix of old and new files or a half-written one (between the two
     renames it is briefly absent). The temp folder is removed in any case."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = _temp_dir(folder.parent, f".{folder.name}.")
     old = folder.with_name(f".{folder.name}.old")
     try:
         yield tmp

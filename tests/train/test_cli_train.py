@@ -204,3 +204,24 @@ def test_adapter_compute_dtype_bf16_trains_records_and_is_refused_elsewhere(tmp_
         assert main([*common, *extra, "--out", str(tmp_path / name), "--adapter-compute-dtype", "bf16"]) == 2, name
         assert message in capsys.readouterr().err
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_follow_the_umask(tmp_path, capsys, tiny_bert_dir, tiny_task, umask):
+    """A server running as another user must be able to read a run trained under umask 022: every file
+    is 0o666 and every folder 0o777 less the umask (atomic writes once made them 0o600)."""
+    import os
+    import stat
+
+    run_dir = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        rc = main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model",
+                   tiny_bert_dir, "--r", "16", "--epochs", "1", "--quiet"])
+    finally:
+        os.umask(old)
+    assert rc == 0, capsys.readouterr().err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run_dir.iterdir()}
+    assert set(modes) == {"adapter.safetensors", "config.json", "metrics.json", "report.md", "curve.png"}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o777 & ~umask
