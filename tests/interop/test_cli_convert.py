@@ -72,3 +72,17 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     (tmp_path / "empty" / "adapter_model.bin").write_bytes(b"junk")
     code, _, err = _run(capsys, "inspect", tmp_path / "empty")
     assert code == 2 and "adapter_model.bin: unreadable" in err
+
+
+def test_to_lora_reports_per_layer_ranks_and_exactness_truthfully(tiny_llama, tmp_path, capsys):
+    # q_proj 64 x 64, v_proj 32 x 64 (grouped KV heads); r = 48, so the deltas have rank 48 and 32
+    model = attach(tiny_llama, VeraConfig(r=48, target_modules=("q_proj", "v_proj")))
+    randomize_vectors(model, std=0.1)
+    src = tmp_path / "a.safetensors"
+    save_adapter(model, src)
+    for extra, ranks, exact in (((), [32, 48], True), (("--max-rank", 48), [32, 48], True),
+                                (("--max-rank", 40), [32, 40], False), (("--max-rank", 8), [8], False)):
+        code, out, _ = _run(capsys, "convert", "to-lora", src, tmp_path / f"lora{extra}", *extra)
+        summary = json.loads(out)
+        assert code == 0 and summary["ranks"] == ranks and summary["rank"] == max(ranks), extra
+        assert summary["exact"] is exact and (summary["max_rel_error"] < 1e-6) is exact, extra

@@ -24,7 +24,8 @@ def convert(
     from-peft: SRC is a PEFT VeRA directory, DST a verakit .safetensors file; `model` is the base
         model directory (default: the adapter's base_model_name_or_path when local).
     to-peft / to-lora: SRC is a verakit adapter file, DST a new directory; `model` is recorded as
-        base_model_name_or_path. to-lora truncates by SVD above `max_rank` and reports the error.
+        base_model_name_or_path. to-lora gives each layer rank min(r, d_in, d_out, max_rank) (exact unless
+        max_rank is below a layer's min(r, d_in, d_out)) and reports the error and whether it is exact.
     """
     if direction == "from-peft":
         adapter = from_peft(src, model)
@@ -39,4 +40,4 @@ def convert(
         return {"direction": direction, "dst": str(path), "layers": len(adapter.modules)}
     export = to_lora(adapter, dst, max_rank=max_rank, base_model_name_or_path=model)
     return {"direction": direction, "dst": str(Path(dst)), "layers": len(adapter.modules), "rank": export.rank,
-            "exact": export.exact, "max_rel_error": export.max_rel_error}
+            "ranks": sorted(set(export.ranks.values())), "exact": export.exact, "max_rel_error": export.max_rel_error}
