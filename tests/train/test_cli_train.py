@@ -225,3 +225,24 @@ def test_run_files_follow_the_umask(tmp_path, capsys, tiny_bert_dir, tiny_task, 
     assert set(modes) == {"adapter.safetensors", "config.json", "metrics.json", "report.md", "curve.png"}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o777 & ~umask
+
+
+def test_one_epoch_run_prints_its_plan_and_reports_step_zero(tmp_path, caplog, capsys, tiny_bert_dir, tiny_task):
+    """The plan comes first; step 0 (before training) is evaluated, kept in metrics.json's history and shown
+    in report.md, so a one-epoch run has two points to compare and to draw."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="verakit.train")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model",
+                 tiny_bert_dir, "--r", "16", "--epochs", "1", "--batch-size", "32", "--quiet"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "verakit.train"]
+    assert lines[0] == ("plan: 96 training rows, 1 epoch x 3 steps of batch 32 = 3 optimizer steps; dev evaluation "
+                        "at step 0 and each epoch end")
+    assert lines[1].startswith("eval step 0 (before training): accuracy ")
+    assert any(line.startswith("estimated ") for line in lines)  # after 2 of the 3 steps
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["epochs"]] == [0, 3] and metrics["epochs"][0]["train_loss"] is None
+    assert metrics["best_step"] == 3
+    start = metrics["epochs"][0]["metrics"]["accuracy"]
+    assert f"| before training | 0 | {start:.4f} |" in (run_dir / "report.md").read_text()

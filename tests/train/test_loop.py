@@ -59,18 +59,19 @@ def test_loop_matches_plain_reference(make_recipe, tmp_path, method):
         assert not torch.equal(got[name], before[name]) or "bias" in name, f"{name} did not train"
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     assert result.total_steps == 2 * math.ceil(96 / 20) == 10
-    assert [h["step"] for h in result.history] == [5, 10]  # one evaluation per epoch
+    assert [h["step"] for h in result.history] == [0, 5, 10]  # before training, then one evaluation per epoch
 
 
 def test_same_seed_same_metrics_and_eval_every(make_recipe, tmp_path):
     cfg = LoopConfig(epochs=2, batch_size=16, seed=1, eval_every=4, quiet=True)
     a = run_loop(make_recipe(seed=1), cfg, tmp_path / "a")
     b = run_loop(make_recipe(seed=1), cfg, tmp_path / "b")
-    # 6 steps per epoch: evaluations at steps 4, 6 (epoch end), 8, 12 (epoch end, also a multiple of 4).
-    assert [h["step"] for h in a.history] == [4, 6, 8, 12]
+    # 6 steps per epoch: evaluations at step 0 (before training), 4, 6 (epoch end), 8, 12 (epoch end, also a
+    # multiple of 4).
+    assert [h["step"] for h in a.history] == [0, 4, 6, 8, 12]
     assert [h["metrics"] for h in a.history] == [h["metrics"] for h in b.history]
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
-    best = max(a.history, key=lambda h: h["metrics"]["accuracy"])
+    best = max(a.history[1:], key=lambda h: h["metrics"]["accuracy"])
     assert a.best["step"] == best["step"]  # the first evaluation with the highest metric
 
 
@@ -90,7 +91,7 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(make_recipe, tmp_pat
     resumed_recipe = make_recipe(seed=2)  # a fresh process would rebuild the model the same way
     resumed = run_loop(resumed_recipe, cfg, run_dir, resume=True)
     assert not (run_dir / "checkpoint").exists()  # removed once training completed
-    assert [h["step"] for h in resumed.history] == [6, 12, 18]
+    assert [h["step"] for h in resumed.history] == [0, 6, 12, 18]  # step 0 evaluated once, before the interruption
     assert [h["metrics"] for h in resumed.history] == [h["metrics"] for h in full.history]
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
     assert resumed.losses == full.losses and len(full.losses) == 18
@@ -120,3 +121,113 @@ def test_loop_config_rejects(field, value):
     kw = {"epochs": 1, "batch_size": 8, field: value}
     with pytest.raises(ValueError, match=f"LoopConfig.{field}"):
         LoopConfig(**kw)
+
+
+class _FakeClock:
+    """The loop's clock (loop._clock): advances only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow_steps(recipe, clock: _FakeClock, seconds: float):
+    """Each training step of `recipe` takes `seconds` on `clock` (evaluations take none)."""
+    loss = recipe.loss
+
+    def slow(model, batch):
+        clock.now += seconds
+        return loss(model, batch)
+
+    recipe.loss = slow
+    return recipe
+
+
+def _lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "verakit.train"]
+
+
+def test_plan_then_estimate_and_no_warning_for_a_short_run(make_recipe, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from verakit.train import loop
+
+    clock = _FakeClock()
+    monkeypatch.setattr(loop, "_clock", clock)
+    caplog.set_level(logging.INFO, logger="verakit.train")
+    recipe = _slow_steps(make_recipe(), clock, 2.0)
+    run_loop(recipe, LoopConfig(epochs=2, batch_size=16, eval_every=4, quiet=True), tmp_path)
+    lines = _lines(caplog)
+    # 96 rows, batch 16: 6 steps per epoch, 12 in all.
+    assert lines[0] == ("plan: 96 training rows, 2 epochs x 6 steps of batch 16 = 12 optimizer steps; dev evaluation "
+                        "at step 0 and each epoch end and every 4 steps")
+    assert lines[1].startswith("eval step 0 (before training): accuracy ")
+    # After 5 timed steps of 2 s: 7 steps left (14 s), evaluations at 6, 8 and 12 (0 s each on this clock).
+    assert "estimated 24 s in all, 14 s left for 7 more steps (2.00 s/step, 3 evaluations of 0.0 s)" in lines
+    assert not any("warning" in line for line in lines)
+
+
+def test_a_cpu_run_over_an_hour_is_warned_about_naming_the_budget_flags(make_recipe, tmp_path, caplog, monkeypatch):
+    import logging
+
+    import torch
+
+    from verakit.train import loop
+
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for CPU runs")
+    clock = _FakeClock()
+    monkeypatch.setattr(loop, "_clock", clock)
+    caplog.set_level(logging.INFO, logger="verakit.train")
+    recipe = _slow_steps(make_recipe(), clock, 1000.0)  # 12 steps of 1000 s: 3.3 h
+    run_loop(recipe, LoopConfig(epochs=2, batch_size=16, quiet=True), tmp_path)
+    lines = _lines(caplog)
+    assert "estimated 3.3 h in all, 1.9 h left for 7 more steps (1000.00 s/step, 2 evaluations of 0.0 s)" in lines
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["warning: this run needs about 3.3 h on this CPU (over an hour); to shrink it, pass "
+                        "--max-train-samples N and/or --epochs N (fewer rows per epoch, fewer epochs)"]
+    # Without a progress bar (quiet), slow steps still print progress: at most one line a minute.
+    assert "step 1/12 (epoch 1/2) loss" in next(line for line in lines if line.startswith("step 1/12"))
+
+
+def test_step_zero_is_recorded_but_never_saved_as_best(make_recipe, tmp_path, caplog):
+    """Step 0 scores the model before any step (VeRA: b = 0, the base model and its fresh head); the best
+    checkpoint is the best *trained* evaluation even when step 0 scored higher."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="verakit.train")
+    fresh = make_recipe()
+    fresh.model.eval()
+    before = fresh.evaluate(fresh.model)
+    recipe = make_recipe()
+    scores, saved = iter([0.9, 0.5, 0.6]), []
+    real = recipe.evaluate
+
+    def evaluate(model):
+        return {**real(model), "accuracy": next(scores)}
+
+    recipe.evaluate = evaluate
+    recipe.save_best = lambda model, run_dir: saved.append(len(saved))
+    recipe.baseline = lambda: {"accuracy": 0.5, "f1": 0.6667}
+    result = run_loop(recipe, LoopConfig(epochs=2, batch_size=16, quiet=True), tmp_path)
+    first = result.history[0]
+    assert (first["step"], first["epoch"], first["train_loss"]) == (0, 0.0, None)
+    assert {k: v for k, v in first["metrics"].items() if k != "accuracy"} == {
+        k: v for k, v in before.items() if k != "accuracy"}
+    assert [h["metrics"]["accuracy"] for h in result.history] == [0.9, 0.5, 0.6]
+    assert result.best["step"] == 12 and len(saved) == 2  # saved at step 6 (first trained), then 12 (better)
+    assert result.baseline == {"accuracy": 0.5, "f1": 0.6667}
+    assert any(line.startswith("eval step 0 (before training): accuracy 0.9000") and
+               line.endswith("; trivial baseline: accuracy 0.5000 f1 0.6667") for line in _lines(caplog))
+
+
+def test_evaluation_count_matches_a_brute_force_count():
+    from verakit.train.loop import _evaluations
+
+    for spe, total_epochs, every in ((6, 3, None), (6, 3, 4), (5, 2, 5), (7, 4, 3), (1, 5, 2)):
+        total = spe * total_epochs
+        for step in range(total + 1):
+            want = sum(1 for s in range(step + 1, total + 1) if s % spe == 0 or (every and s % every == 0))
+            assert _evaluations(step, total, spe, every) == want, (spe, total_epochs, every, step)

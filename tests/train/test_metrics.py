@@ -96,3 +96,19 @@ def test_bad_inputs_raise() -> None:
         compute_metrics(TASKS["sst2"], [], [])
     with pytest.raises(ValueError, match="unknown metric"):
         compute_metrics(TaskSpec("x", ("a", "b"), False, ("bleu",), "bleu"), [0], [0])
+
+
+def test_trivial_baseline_is_the_majority_class_or_the_mean() -> None:
+    from verakit.train.metrics import trivial_baseline
+
+    refs = [1, 1, 1, 0, 0]  # majority class 1: accuracy 3/5; always-1 has P = 3/5, R = 1, F1 = 2PR/(P+R) = 3/4
+    assert trivial_baseline(TASKS["mrpc"], refs) == {"f1": pytest.approx(0.75), "accuracy": pytest.approx(0.6)}
+    assert trivial_baseline(TASKS["cola"], refs) == {"matthews_correlation": 0.0}
+    # Majority class 0: always-0 never predicts the positive class, F1 0; a tie picks the lowest id (0).
+    assert trivial_baseline(TASKS["mrpc"], [0, 0, 1]) == {"f1": 0.0, "accuracy": pytest.approx(2 / 3)}
+    assert trivial_baseline(TASKS["sst2"], [1, 0, 1, 0]) == {"accuracy": 0.5}
+    assert trivial_baseline(TASKS["stsb"], [0.5, 2.0, 4.5]) == {"pearson": 0.0, "spearmanr": 0.0}
+    qnli = trivial_baseline(TASKS["qnli"], np.array([0, 1, 1, 1]))
+    assert qnli == {"accuracy": pytest.approx(0.75)}
+    with pytest.raises(ValueError, match="trivial_baseline\\('sst2'\\): references must be a non-empty"):
+        trivial_baseline(TASKS["sst2"], [])

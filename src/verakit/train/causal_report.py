@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .report import evaluation_row, scores_table
+
 __all__ = ["render_causal_report"]
 
 
@@ -26,10 +28,13 @@ def render_causal_report(metrics: dict[str, Any], config: dict[str, Any]) -> str
         f"Best held-out **{main} = {best[main]:.4f}** at step {metrics['best_step']} "
         f"(epoch {metrics['best_epoch']:.2f} of {args['epochs']}); artifact `{metrics['artifact']}`.",
         "",
+        *scores_table(metrics, list(best), split="held-out"),
+        "",
+        "## Run",
+        "",
         "| | |",
         "|---|---|",
         f"| model | {metrics['model']} |",
-        f"| held-out metrics (best) | {', '.join(f'{k} {v:.4f}' for k, v in best.items())} |",
         f"| trainable params | {metrics['trainable_params']:,} |",
         f"| artifact bytes | {metrics['adapter_bytes']:,} |",
         f"| train / held-out examples (generated) | {metrics['n_train']:,} / {metrics['n_eval']:,} "
@@ -48,9 +53,7 @@ def render_causal_report(metrics: dict[str, Any], config: dict[str, Any]) -> str
         f"| epoch | step | train loss | lr | {' | '.join(best)} |",
         "|---|---|---|---|" + "---|" * len(best),
     ]
-    for h in metrics["epochs"]:
-        vals = " | ".join(f"{h['metrics'][k]:.4f}" for k in best)
-        lines.append(f"| {h['epoch']:.2f} | {h['step']} | {h['train_loss']:.4f} | {h['lr']:.2e} | {vals} |")
+    lines += [evaluation_row(h, [h["metrics"][k] for k in best]) for h in metrics["epochs"]]
     lines += ["", "![curve](curve.png)", "", "## Sample generations (held-out prompts)", ""]
     if not metrics["samples"]:
         lines += ["None requested (report_samples = 0).", ""]

@@ -9,6 +9,7 @@ when training finishes.
 from __future__ import annotations
 
 import io
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from ..fileformat import atomic_write_bytes
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "remove_checkpoint", "checkpoint_dir"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "remove_checkpoint", "checkpoint_dir", "rng_state",
+           "set_rng_state"]
 
 _FORMAT = "verakit.checkpoint/1"
 
@@ -35,6 +37,27 @@ class Checkpoint:
     seconds: float  # training wall time so far
     window: tuple[float, float]  # (loss sum, units) of the steps since the last evaluation
     losses: list[float]  # per-step mean losses so far (for the report's curve)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, python, numpy, and cuda when present), for Checkpoint.rng."""
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -11,6 +11,12 @@ global batch: one process with batch 32 and two with batch 32 take the same opti
 
 Under DDP (through `accelerate`) only trainable parameters (VeRA's d and b, the head) are all-reduced;
 the frozen projections are plain attributes regenerated from the seed on every rank, never sent.
+
+What a user sees (one place for every recipe): the plan first (rows, epochs, steps, batch), the dev
+score before the first step (step 0: for VeRA b = 0, so the base model with its fresh head) beside the
+recipe's trivial baseline, then after a few steps an estimate of the whole run, with a warning naming
+the budget flags when a CPU run would take over an hour. Step 0 is recorded in the history but never
+picks the saved checkpoint: the best evaluation is the best *trained* one.
 """
 
 from __future__ import annotations
@@ -28,9 +34,18 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 __all__ = [
+    "ESTIMATE_AFTER",
+    "LONG_RUN_SECONDS",
     "LoopConfig",
     "LoopResult",
     "OptimizerFactory",
@@ -43,6 +58,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("verakit.train")
+ESTIMATE_AFTER = 5  # optimizer steps timed before the loop prints its estimate of the whole run
+LONG_RUN_SECONDS = 3600.0  # a CPU run estimated above this gets a warning naming the budget flags
+BUDGET_FLAGS = "--max-train-samples N and/or --epochs N"  # how `verakit train` / `tune` shrink a run
+_QUIET_PROGRESS_SECONDS = 60.0  # with `quiet`, a progress line at most this often (there is no bar)
+_clock = time.perf_counter  # every duration the loop measures; tests replace it with a fake clock
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,11 @@ class Recipe(Protocol):
         """Write the artifact of the current (best so far) weights into run_dir, atomically."""
         ...
 
+    # Optional: `baseline(self) -> dict[str, float]`, the dev metrics of a trivial predictor (a constant:
+    # the most frequent dev class, the mean dev score), with `evaluate`'s keys, e.g. from
+    # metrics.trivial_baseline. The loop shows it beside step 0 and returns it in LoopResult.baseline;
+    # a recipe without one (a causal LM has no trivial predictor worth the name) gets None.
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -115,12 +140,15 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class LoopResult:
-    history: list[dict[str, Any]]  # one record per evaluation: epoch, step, train_loss, lr, seconds, metrics
+    # One record per evaluation: epoch, step, train_loss, lr, seconds, metrics. The first is step 0, before
+    # any training (train_loss None), unless the run was resumed from a checkpoint written without it.
+    history: list[dict[str, Any]]
     losses: list[float]  # global mean loss of every optimizer step, in order
-    best: dict[str, Any]  # the record of the best evaluation (its artifact is in run_dir)
+    best: dict[str, Any]  # the record of the best evaluation after step 0 (its artifact is in run_dir)
     train_seconds: float  # wall time of training and evaluation, summed over resumed sessions
     total_steps: int
     world_size: int
+    baseline: dict[str, float] | None = None  # recipe.baseline() (main process), None without one
 
 
 class TrainingInterrupted(Exception):
@@ -180,25 +208,6 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def run_loop(
     recipe: Recipe,
     config: LoopConfig,
@@ -215,9 +224,9 @@ def run_loop(
     uninterrupted run: trainable tensors, optimizer, schedule, RNG states and data position are restored.
     `optimizer_factory(groups, weight_decay)` replaces the default AdamW (e.g. per-slot AdamW for
     grouped training); its param groups must carry "lr", which the schedule scales.
-    `on_eval(record)` runs on the main process after each evaluation, once the best artifact is saved
-    (record: epoch, step, train_loss, lr, seconds, metrics); an exception it raises (e.g. Optuna's
-    TrialPruned) stops training and propagates, without a checkpoint.
+    `on_eval(record)` runs on the main process after each evaluation of a trained model (not step 0),
+    once the best artifact is saved (record: epoch, step, train_loss, lr, seconds, metrics); an exception
+    it raises (e.g. Optuna's TrialPruned) stops training and propagates, without a checkpoint.
     """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
@@ -253,48 +262,70 @@ def run_loop(
                     p.copy_(ckpt.tensors[n])
             optimizer.load_state_dict(ckpt.optimizer)
             scheduler.load_state_dict(ckpt.scheduler)
-            _set_rng_state(ckpt.rng)
+            set_rng_state(ckpt.rng)
             start_step, history, best, seconds_before = ckpt.step, ckpt.history, ckpt.best, ckpt.seconds
             resumed_window, losses = ckpt.window, list(ckpt.losses)
-            log.info("resuming %s at step %d of %d", run_dir, start_step, total_steps)
 
-    bar = _progress(acc.is_main_process and not config.quiet, total_steps, start_step)
-    t0 = time.perf_counter()
-    (window_loss, window_units), window_examples, window_t = resumed_window, 0, time.perf_counter()
+    main = acc.is_main_process
+    bar = _progress(main and not config.quiet, total_steps, start_step)
+
+    def say(line: str, warning: bool = False) -> None:
+        if not main:
+            return
+        if bar is not None:
+            bar.write(line)
+        else:
+            (log.warning if warning else log.info)(line)
+
+    say(_plan_line(n_train, config, steps_per_epoch, total_steps, world, start_step))
+    baseline = _baseline(recipe) if main else None
+    t0 = _clock()
+    (window_loss, window_units), window_examples, window_t = resumed_window, 0, _clock()
     step = start_step
+    eval_seconds: float | None = None  # of the latest evaluation, for the estimate
 
     def evaluate(epoch_float: float) -> None:
-        nonlocal best, window_loss, window_units
+        nonlocal best, window_loss, window_units, eval_seconds
         record: dict[str, Any] = {
             "epoch": round(epoch_float, 4),
             "step": step,
-            "train_loss": window_loss / window_units if window_units else float("nan"),
+            # None, not NaN, before the first step: metrics.json stays valid JSON.
+            "train_loss": window_loss / window_units if window_units else None,
             "lr": scheduler.get_last_lr()[0],
-            "seconds": round(seconds_before + time.perf_counter() - t0, 3),
+            "seconds": round(seconds_before + _clock() - t0, 3),
         }
         window_loss, window_units = 0.0, 0.0
-        if acc.is_main_process:
+        if main:
+            started = _clock()
             raw_model.eval()
             with torch.no_grad():
                 record["metrics"] = recipe.evaluate(raw_model)
             raw_model.train()
+            eval_seconds = _clock() - started
             history.append(record)
-            if not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric]:
+            # Step 0 never becomes "best": the saved artifact is always a trained one (the first trained
+            # evaluation replaces nothing), and the report shows step 0 beside it for comparison.
+            if step > 0 and (not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric]):
                 best = record
                 recipe.save_best(raw_model, run_dir)
             shown = " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
-            line = f"eval epoch {record['epoch']:.2f} step {step}: train_loss {record['train_loss']:.4f} {shown}"
-            if bar is not None:
-                bar.write(line)
+            if step == 0:
+                say(f"eval step 0 (before training): {shown}" + (
+                    "; trivial baseline: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()) if baseline else ""))
             else:
-                log.info(line)
-            if on_eval is not None:
+                say(f"eval epoch {record['epoch']:.2f} step {step}: train_loss {record['train_loss']:.4f} {shown}")
+            if on_eval is not None and step > 0:
                 on_eval(record)
         acc.wait_for_everyone()
 
     model.train()
+    timed_steps, step_seconds, last_line = 0, 0.0, _clock()
+    estimate_at = min(ESTIMATE_AFTER, total_steps - start_step - 1)
     with _SigintFlag() as sigint:
+        if step == 0 and not history:
+            evaluate(0.0)  # one dev pass: the score every trained evaluation is compared with
         while step < total_steps:
+            step_start = _clock()
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = _epoch_order(n_train, config.seed, epoch)
             global_idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size]
@@ -318,45 +349,102 @@ def run_loop(
             window_loss += stats[1].item()
             window_units += global_units
             window_examples += len(global_idx)
+            timed_steps, step_seconds = timed_steps + 1, step_seconds + _clock() - step_start
             if on_step is not None:
                 on_step(StepInfo(epoch, step, total_steps, batch_loss, scheduler.get_last_lr()[0]))
             if bar is not None:
-                now = time.perf_counter()
+                now = _clock()
                 eps = window_examples / max(now - window_t, 1e-9)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{config.epochs} loss {batch_loss:.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} {eps:.1f} ex/s", refresh=False
                 )
                 bar.update(1)
+            elif main and _clock() - last_line >= _QUIET_PROGRESS_SECONDS:
+                last_line = _clock()
+                left = step_seconds / timed_steps * (total_steps - step)
+                say(f"step {step}/{total_steps} (epoch {epoch + 1}/{config.epochs}) loss {batch_loss:.4f}; "
+                    f"about {_duration(left)} of steps left")
+            if timed_steps == estimate_at:
+                evals_left = _evaluations(step, total_steps, steps_per_epoch, config.eval_every)
+                for line, warning in _estimate(step_seconds / timed_steps, eval_seconds, total_steps - step,
+                                               evals_left, _clock() - t0, acc.device.type == "cpu"):
+                    say(line, warning)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or (config.eval_every and step % config.eval_every == 0):
                 evaluate(step / steps_per_epoch)
-                window_examples, window_t = 0, time.perf_counter()
+                window_examples, window_t, last_line = 0, _clock(), _clock()
             if stats[2].item() > 0 and step < total_steps:
-                seconds = seconds_before + time.perf_counter() - t0
+                seconds = seconds_before + _clock() - t0
                 state = Checkpoint(
                     step=step,
                     tensors={n: p.detach().cpu().clone() for n, p in trainable.items()},
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
-                    rng=_rng_state(),
+                    rng=rng_state(),
                     history=history,
                     best=best,
                     seconds=seconds,
                     window=(window_loss, window_units),
                     losses=list(losses),
                 )
-                save_checkpoint(run_dir, rank, state, write_shared=acc.is_main_process)
+                save_checkpoint(run_dir, rank, state, write_shared=main)
                 acc.wait_for_everyone()
                 if bar is not None:
                     bar.close()
                 raise TrainingInterrupted(run_dir / "checkpoint", step)
     if bar is not None:
         bar.close()
-    if acc.is_main_process:
+    if main:
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
-    return LoopResult(history, losses, best, seconds_before + time.perf_counter() - t0, total_steps, world)
+    return LoopResult(history, losses, best, seconds_before + _clock() - t0, total_steps, world, baseline)
+
+
+def _baseline(recipe: Recipe) -> dict[str, float] | None:
+    make = getattr(recipe, "baseline", None)  # optional in the Recipe protocol
+    return None if make is None else {k: float(v) for k, v in make().items()}
+
+
+def _plan_line(n_train: int, config: LoopConfig, steps_per_epoch: int, total_steps: int, world: int,
+               start_step: int) -> str:
+    evals = "at step 0 and each epoch end" + (f" and every {config.eval_every} steps" if config.eval_every else "")
+    return (f"plan: {n_train:,} training rows, {config.epochs} epoch{'s' if config.epochs > 1 else ''} x "
+            f"{steps_per_epoch:,} steps of batch {config.batch_size} = {total_steps:,} optimizer steps"
+            + (f" on {world} processes" if world > 1 else "") + f"; dev evaluation {evals}"
+            + (f"; resuming at step {start_step:,}" if start_step else ""))
+
+
+def _evaluations(step: int, total_steps: int, steps_per_epoch: int, eval_every: int | None) -> int:
+    """The evaluations still to come after `step`: at each epoch end and every `eval_every` steps."""
+    ends = total_steps // steps_per_epoch - step // steps_per_epoch
+    if not eval_every:
+        return ends
+    both = math.lcm(steps_per_epoch, eval_every)  # steps counted twice above
+    return ends + total_steps // eval_every - step // eval_every - (total_steps // both - step // both)
+
+
+def _estimate(seconds_per_step: float, eval_seconds: float | None, steps_left: int, evals_left: int,
+              elapsed: float, on_cpu: bool) -> list[tuple[str, bool]]:
+    """The estimate line (and the CPU warning) after the first timed steps: [(line, is_warning)]."""
+    left = seconds_per_step * steps_left + (eval_seconds or 0.0) * evals_left
+    total = elapsed + left
+    evals = (f", {evals_left} evaluation{'s' if evals_left != 1 else ''} of {eval_seconds:.1f} s"
+             if eval_seconds is not None else ", evaluations not included")
+    out = [(f"estimated {_duration(total)} in all, {_duration(left)} left for {steps_left:,} more steps "
+            f"({seconds_per_step:.2f} s/step{evals})", False)]
+    if on_cpu and total > LONG_RUN_SECONDS:
+        out.append((f"warning: this run needs about {_duration(total)} on this CPU (over an hour); to shrink "
+                    f"it, pass {BUDGET_FLAGS} (fewer rows per epoch, fewer epochs)", True))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:

@@ -5,6 +5,11 @@ name in ``spec.metric_names``, with GLUE's definitions: ``f1`` is binary F1 of c
 "equivalent"), ``macro_f1`` the unweighted mean over classes, correlations are Pearson's r and
 Spearman's rho between predicted and reference scores.
 
+``trivial_baseline(spec, references)`` is ``compute_metrics`` of the best constant prediction one can
+read off the references: the most frequent class (the lowest id on a tie), or the mean score for
+regression. It is the floor a trained model must clear: accuracy = the majority share, F1 of always
+predicting that class, Matthews and both correlations 0.
+
 scikit-learn and scipy are imported inside the functions: importing this module stays cheap.
 """
 
@@ -16,7 +21,7 @@ import numpy as np
 
 from verakit.train.data import TaskSpec
 
-__all__ = ["METRIC_NAMES", "compute_metrics"]
+__all__ = ["METRIC_NAMES", "compute_metrics", "trivial_baseline"]
 
 METRIC_NAMES = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr")
 
@@ -49,6 +54,21 @@ def compute_metrics(
     if spec.is_regression:
         preds, refs = preds.astype(np.float64), refs.astype(np.float64)
     return {name: _metric(name, preds, refs) for name in spec.metric_names}
+
+
+def trivial_baseline(spec: TaskSpec, references: Sequence[int] | Sequence[float] | np.ndarray) -> dict[str, float]:
+    """``compute_metrics`` of always predicting the most frequent reference class (regression: the mean
+    reference score), on ``references`` (N,): the score of a model that learned nothing about the input."""
+    refs = np.asarray(references)
+    if refs.ndim != 1 or len(refs) == 0:
+        raise ValueError(f"trivial_baseline({spec.name!r}): references must be a non-empty (N,) array, "
+                         f"got shape {refs.shape}")
+    if spec.is_regression:
+        constant = np.full(len(refs), refs.astype(np.float64).mean())
+    else:
+        values, counts = np.unique(refs, return_counts=True)  # sorted values: argmax picks the lowest on a tie
+        constant = np.full(len(refs), values[counts.argmax()])
+    return compute_metrics(spec, constant, refs)
 
 
 def _metric(name: str, preds: np.ndarray, refs: np.ndarray) -> float:

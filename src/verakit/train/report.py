@@ -1,5 +1,11 @@
 """Run reports: `report.md` (a human-readable summary) and `curve.png` (train loss and dev metric per
 evaluation). matplotlib is imported inside `plot_curve`, with the non-interactive Agg backend.
+
+Every report puts the best score beside what it must beat: the trivial baseline (a constant prediction,
+when the recipe computes one; metrics.json "baseline") and the model before its first step (step 0, the
+first record of the history). The curve starts at step 0 too, so a run with a single evaluation (one
+epoch, no --eval-every) still draws an honest two-point line from the untrained model to the trained
+one, instead of one point on a meaningless axis.
 """
 
 from __future__ import annotations
@@ -9,31 +15,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "plot_curve", "render_report"]
+__all__ = ["write_report", "plot_curve", "render_report", "scores_table"]
 
 
 def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path, title: str,
-               step_losses: list[float] | None = None) -> None:
+               step_losses: list[float] | None = None, baseline: dict[str, float] | None = None) -> None:
     """Two panels over optimizer steps: train loss (per step, and the mean since the previous evaluation),
-    and the dev metric at each evaluation."""
+    and the dev metric at each evaluation from step 0 on, with the trivial baseline as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from ..fileformat import atomic_write_bytes
 
-    steps = [h["step"] for h in history]
+    trained = [h for h in history if h["train_loss"] is not None]  # step 0 has no train loss yet
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
     if step_losses:
         ax_loss.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="per step")
-    ax_loss.plot(steps, [h["train_loss"] for h in history], marker="o", label="mean since last eval")
+    ax_loss.plot([h["step"] for h in trained], [h["train_loss"] for h in trained], marker="o",
+                 label="mean since last eval")
     ax_loss.legend(fontsize=8)
-    ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("train loss")
-    ax_metric.plot(steps, [h["metrics"][main_metric] for h in history], marker="o", color="tab:green")
-    ax_metric.set_xlabel("step")
+    ax_metric.plot([h["step"] for h in history], [h["metrics"][main_metric] for h in history], marker="o",
+                   color="tab:green", label="dev (step 0: before training)")
+    if baseline and main_metric in baseline:
+        ax_metric.axhline(baseline[main_metric], ls="--", color="tab:gray", label="trivial baseline")
+    ax_metric.legend(fontsize=8)
     ax_metric.set_ylabel(f"dev {main_metric}")
+    for ax in (ax_loss, ax_metric):
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -41,20 +54,61 @@ def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path
     atomic_write_bytes(path, buf.getvalue())
 
 
+def scores_table(metrics: dict[str, Any], names: list[str], split: str = "dev") -> list[str]:
+    """report.md's score section: the trivial baseline, step 0, the best (saved) and the final evaluation,
+    one column per metric in `names`, and a plain warning when the best does not beat step 0 or the baseline."""
+    history, main = metrics["epochs"], metrics["main_metric"]
+    start = history[0] if history and history[0]["step"] == 0 else None
+    baseline = metrics.get("baseline")
+
+    def row(label: str, step: Any, values: dict[str, float]) -> str:
+        return f"| {label} | {step} | " + " | ".join(f"{values[k]:.4f}" if k in values else "-" for k in names) + " |"
+
+    lines = [f"## {split.capitalize()} scores", "", "| | step | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    if baseline:
+        lines.append(row("trivial baseline (constant prediction: the most frequent class, or the mean score)",
+                         "-", baseline))
+    if start is not None:
+        lines.append(row("before training", 0, start["metrics"]))
+    lines.append(row("best (saved artifact)", metrics["best_step"], metrics["metric"]))
+    if history:
+        lines.append(row("final evaluation", history[-1]["step"], history[-1]["metrics"]))
+    best = metrics["metric"][main]
+    beaten = [(what, ref[main]) for what, ref in (("the trivial baseline", baseline),
+                                                  ("the model before training", start and start["metrics"]))
+              if ref and main in ref and best <= ref[main]]
+    if beaten:
+        lines += ["", "**Warning:** the best trained " + split + f" {main} ({best:.4f}) does not beat "
+                  + " nor ".join(f"{what} ({value:.4f})" for what, value in beaten)
+                  + ": the run learned nothing useful; try a larger learning rate or more steps."]
+    return lines
+
+
+def evaluation_row(h: dict[str, Any], values: list[float]) -> str:
+    """One row of a report's evaluations table: epoch, step, train loss ('-' at step 0), lr, values."""
+    loss = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
+    return f"| {h['epoch']:.2f} | {h['step']} | {loss} | {h['lr']:.2e} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
+
+
 def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     """The Markdown text of report.md."""
     args = config["args"]
     main = metrics["main_metric"]
+    names = list(metrics["metric"])
     lines = [
         f"# {metrics['task']} / {metrics['method']}",
         "",
         f"Best dev **{main} = {metrics['metric'][main]:.4f}** at step {metrics['best_step']} "
         f"(epoch {metrics['best_epoch']:.2f} of {args['epochs']}); artifact `{metrics['artifact']}`.",
         "",
+        *scores_table(metrics, names),
+        "",
+        "## Run",
+        "",
         "| | |",
         "|---|---|",
         f"| model | {metrics['model']} |",
-        f"| dev metrics (best) | {', '.join(f'{k} {v:.4f}' for k, v in metrics['metric'].items())} |",
         f"| trainable adapter params | {metrics['trainable_params']:,} |",
         f"| head params (trained separately) | {metrics['head_params']:,} |",
         f"| artifact bytes | {metrics['adapter_bytes']:,} |",
@@ -67,12 +121,10 @@ def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         "",
         "## Evaluations",
         "",
-        f"| epoch | step | train loss | lr | {' | '.join(metrics['metric'])} |",
-        "|---|---|---|---|" + "---|" * len(metrics["metric"]),
+        f"| epoch | step | train loss | lr | {' | '.join(names)} |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
-    for h in metrics["epochs"]:
-        vals = " | ".join(f"{h['metrics'][k]:.4f}" for k in metrics["metric"])
-        lines.append(f"| {h['epoch']:.2f} | {h['step']} | {h['train_loss']:.4f} | {h['lr']:.2e} | {vals} |")
+    lines += [evaluation_row(h, [h["metrics"][k] for k in names]) for h in metrics["epochs"]]
     lines += ["", "![curve](curve.png)", "", "Method config:", "", "```json"]
     lines += [json.dumps(config["method"], indent=2), "```", ""]
     return "\n".join(lines)
@@ -84,5 +136,6 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], config: dict[str,
 
     run_dir = Path(run_dir)
     title = f"{metrics['task']} / {metrics['method']}"
-    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", title, metrics.get("step_losses"))
+    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", title, metrics.get("step_losses"),
+               metrics.get("baseline"))
     atomic_write_bytes(run_dir / "report.md", render_report(metrics, config).encode())

@@ -105,11 +105,13 @@ def artifact_metrics(prepared: Prepared, artifact: Path) -> dict[str, Any]:
 
 
 def loop_metrics(result: LoopResult) -> dict[str, Any]:
-    """metrics.json's cost of training: wall seconds (summed over resumed sessions), steps, processes."""
+    """metrics.json's entries from the loop: the cost of training (wall seconds summed over resumed
+    sessions, steps, processes) and the trivial baseline's dev metrics (None when the recipe has none)."""
     return {
         "train_seconds": round(result.train_seconds, 2),
         "total_steps": result.total_steps,
         "world_size": result.world_size,
+        "baseline": result.baseline,
     }
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .report import evaluation_row, scores_table
+
 __all__ = ["render_image_report", "write_image_report"]
 
 _MAX_MATRIX = 20  # classes up to which report.md shows the confusion matrix (metrics.json always has it)
@@ -24,13 +26,16 @@ def render_image_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         f"(epoch {metrics['best_epoch']:.2f} of {args['epochs']}); last evaluation {final:.4f}; "
         f"artifact `{metrics['artifact']}`.",
         "",
+        *scores_table(metrics, list(metrics["metric"]), split=metrics["eval_split"]),
+        "",
+        "## Run",
+        "",
         "| | |",
         "|---|---|",
         f"| model | {metrics['model']} |",
         f"| data | {args['data_dir']} ({len(metrics['classes'])} classes) |",
         f"| training images | {metrics['n_train']:,} (shots: {shots}) |",
         f"| {metrics['eval_split']} images | {metrics['n_eval']:,} |",
-        f"| metrics (best) | {', '.join(f'{k} {v:.4f}' for k, v in metrics['metric'].items())} |",
         f"| trainable adapter params | {metrics['trainable_params']:,} |",
         f"| head params (trained separately) | {metrics['head_params']:,} |",
         f"| artifact bytes | {metrics['adapter_bytes']:,} |",
@@ -56,10 +61,8 @@ def render_image_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
             lines.append(f"| {cls} | " + " | ".join(str(v) for v in row) + " |")
     lines += ["", "## Evaluations", "", "| epoch | step | train loss | lr | accuracy | mean class accuracy |",
               "|---|---|---|---|---|---|"]
-    for h in metrics["epochs"]:
-        m = h["metrics"]
-        lines.append(f"| {h['epoch']:.2f} | {h['step']} | {h['train_loss']:.4f} | {h['lr']:.2e} "
-                     f"| {m['accuracy']:.4f} | {m['mean_class_accuracy']:.4f} |")
+    lines += [evaluation_row(h, [h["metrics"]["accuracy"], h["metrics"]["mean_class_accuracy"]])
+              for h in metrics["epochs"]]
     lines += ["", "![curve](curve.png)", "", "Method config:", "", "```json", json.dumps(config["method"], indent=2),
               "```", ""]
     return "\n".join(lines)
@@ -71,5 +74,6 @@ def write_image_report(run_dir: str | Path, metrics: dict[str, Any], config: dic
     from .report import plot_curve
 
     run_dir = Path(run_dir)
-    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", f"images / {metrics['method']}")
+    plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", f"images / {metrics['method']}",
+               baseline=metrics.get("baseline"))
     atomic_write_bytes(run_dir / "report.md", render_image_report(metrics, config).encode())
