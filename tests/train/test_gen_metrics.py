@@ -69,3 +69,19 @@ def test_perplexity():
     for bad in (-0.1, math.nan):
         with pytest.raises(ValueError, match=r"mean_loss must be a non-negative cross-entropy"):
             perplexity(bad)
+
+
+def test_rouge_scores_print_nothing_under_info_logging_but_absl_warnings_still_show():
+    """`verakit train` logs at INFO on stderr; rouge-score's absl INFO line "Using default tokenizer."
+    leaked into training output at every evaluation. Run as the CLI does, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "from verakit.train.gen_metrics import generation_metrics\n"
+            "generation_metrics(['a b c'], [['a b d']]); generation_metrics(['x'], [['x']])\n"
+            "logging.getLogger('absl').warning('a real absl warning')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Using default tokenizer" not in done.stderr
+    assert done.stderr.strip() == "WARNING:absl:a real absl warning"

@@ -19,6 +19,7 @@ numbers E2E tables report).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -33,6 +34,8 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
     _check(hypotheses, references)
     import sacrebleu
     from rouge_score import rouge_scorer
+
+    _quiet_absl()
 
     # sacrebleu wants reference *streams* (stream k = every segment's k-th reference); a segment with
     # fewer references is padded with None, which sacrebleu drops, rather than "" which would count
@@ -49,6 +52,16 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
         for hyp, refs in zip(hyps, references, strict=True)
     ) / len(hyps)
     return {"bleu": float(bleu), "rouge_l": 100.0 * rouge, "chrf": float(chrf)}
+
+
+def _quiet_absl() -> None:
+    # rouge-score logs "Using default tokenizer." at INFO through absl's python logger on every
+    # RougeScorer, which `verakit train`'s INFO logging would print into training output at each
+    # evaluation. Raise that logger to WARNING, so absl's warnings and errors still show; a level the
+    # user set on it themselves is left alone.
+    absl = logging.getLogger("absl")
+    if absl.level == logging.NOTSET:
+        absl.setLevel(logging.WARNING)
 
 
 def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
