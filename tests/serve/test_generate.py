@@ -114,3 +114,14 @@ def test_streamed_text_equals_final_text_and_sampling_runs(llama_bank):
         results = generate_rows(bank.model, tok, rows)
     assert "".join(pieces) == results[0].text and len(pieces) > 1
     assert results[1].tokens == 6
+
+
+def test_row_stop_ids_end_only_their_row():
+    """A row's own stop tokens (training's end-of-turn marker) end it like EOS; other rows run on."""
+    rows = [GenRow((1,), 10, stop_ids=(ord("c"),)), GenRow((1,), 10)]
+    stops = RowStops(_CharTokenizer(), rows, prompt_len=1, eos_ids=[2])
+    for step in range(1, 6):
+        done = stops(torch.tensor([[1] + [ord(c) for c in "abcde"[:step]]] * 2))
+    assert done.tolist() == [True, False]
+    res = stops.finish(torch.tensor([[1] + [ord(c) for c in "abcde"]] * 2))
+    assert [(r.text, r.finish_reason, r.tokens) for r in res] == [("ab", "stop", 2), ("abcde", "length", 5)]

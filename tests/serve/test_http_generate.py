@@ -1,5 +1,8 @@
 """A real `verakit serve` process (tiny Llama, no admin token) over real HTTP: OpenAI-compatible
-completions and chat equal offline greedy generation per adapter under concurrency; SSE streaming; limits."""
+completions and chat equal offline greedy generation per adapter under concurrency; SSE streaming; limits.
+
+The completions here send `"raw": true` (the prompt's token ids are then just `tok(prompt)`); the default,
+the prompt format each adapter was trained with, is tested in test_prompt_format.py."""
 
 import copy
 import json
@@ -49,7 +52,7 @@ def test_concurrent_completions_equal_offline_generation(generate_server, offlin
     url, tok = generate_server.url, offline.tok
     prompts = ["hello world", "The answer is", "x", "a b c d e f", "Once upon a time", "42"]
     bodies = [{"model": ["g0", "g1", "llama", "g2"][i % 4], "prompt": prompts[i % len(prompts)], "max_tokens": 6 + i % 5,
-               "temperature": 0} for i in range(10)]
+               "temperature": 0, "raw": True} for i in range(10)]
     barrier = threading.Barrier(len(bodies))
 
     def call(body):
@@ -92,7 +95,7 @@ def test_chat_completion_and_streaming_equal_offline(generate_server, offline):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 3
 
     r = httpx.post(f"{url}/v1/completions", json={"model": "g0", "prompt": "hello", "max_tokens": 8, "temperature": 0,
-                                                    "stream": True}, timeout=60)
+                                                    "stream": True, "raw": True}, timeout=60)
     chunks = _sse(r)
     assert "".join(c["choices"][0]["text"] for c in chunks) == offline("g0", tok("hello").input_ids, 8)
 
@@ -100,7 +103,7 @@ def test_chat_completion_and_streaming_equal_offline(generate_server, offline):
 def test_n_prompts_stop_and_sampling(generate_server, offline):
     url, tok = generate_server.url, offline.tok
     full = offline("g2", tok("abc").input_ids, 10)
-    body = {"model": "g2", "prompt": ["abc", "zz"], "max_tokens": 10, "temperature": 0, "n": 2}
+    body = {"model": "g2", "prompt": ["abc", "zz"], "max_tokens": 10, "temperature": 0, "n": 2, "raw": True}
     out = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
     texts = [c["text"] for c in out["choices"]]
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
@@ -130,7 +133,7 @@ def test_generation_errors_and_disabled_admin(generate_server, llama_dirs):
     _error(post("/v1/completions", {"model": "nope", "prompt": "x", "stream": True}), 404, "'nope' not found")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "max_tokens": 33}), 422, "max_tokens 33 exceeds the limit of 32")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "n": 4}), 422, "n 4 exceeds the limit of 3")
-    _error(post("/v1/completions", {"model": "g0", "prompt": "x" * 110, "max_tokens": 30}), 422, "exceed the context of 128")
+    _error(post("/v1/completions", {"model": "g0", "prompt": "x" * 110, "max_tokens": 30, "raw": True}), 422, "exceed the context of 128")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "temperature": 3}), 422, "temperature")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 422, "stop")
     _error(post("/v1/completions", {"model": "g0", "prompt": ""}), 422, "prompt")

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,14 +28,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fileformat import AdapterError
-from .engine import Engine, IncompatibleAdapter, InputError, UnknownAdapter
+from .engine import EncodedPrompt, Engine, IncompatibleAdapter, InputError, UnknownAdapter, UntrainedHead
 from .generate import GenResult, GenRow
 from .metrics import ServeMetrics
 from .options import ServeOptions
 from .schemas import ChatRequest, ClassifyRequest, CompletionRequest
 from .store import InvalidName
 
-__all__ = ["create_app", "run_server"]
+__all__ = ["Server", "create_app", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 _STATUS: dict[type[BaseException], tuple[int, str]] = {
     UnknownAdapter: (404, "not_found"),
     IncompatibleAdapter: (409, "incompatible_adapter"),
+    UntrainedHead: (422, "untrained_head"),
     AdapterError: (422, "invalid_adapter"),
     InputError: (422, "invalid_request"),
     InvalidName: (422, "invalid_name"),
@@ -169,19 +171,20 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
             raise InputError(f"{prompts} prompts exceed the limit of {options.max_inputs} per request")
 
     async def run_generation(
-        ref: str | None, prompts: list[tuple[int, ...]], body: CompletionRequest | ChatRequest, max_tokens: int,
+        ref: str | None, prompts: list[EncodedPrompt], body: CompletionRequest | ChatRequest, max_tokens: int,
         render: Callable[[list[GenResult]], dict[str, Any]], chunk: Callable[[int, str | None, str | None], dict[str, Any]],
     ) -> Any:
         n, stops = body.n, body.stops()
         if not body.stream:
-            rows = [GenRow(p, max_tokens, body.temperature, body.top_p, stops) for p in prompts for _ in range(n)]
+            rows = [GenRow(p.ids, max_tokens, body.temperature, body.top_p, stops, stop_ids=p.stop_ids)
+                    for p in prompts for _ in range(n)]
             return render(await asyncio.wrap_future(engine.generate(ref, rows)))
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(index: int) -> Callable[[str], None]:
             return lambda text: loop.call_soon_threadsafe(queue.put_nowait, (index, text))
 
-        rows = [GenRow(p, max_tokens, body.temperature, body.top_p, stops, sink(k * n + j))
+        rows = [GenRow(p.ids, max_tokens, body.temperature, body.top_p, stops, sink(k * n + j), p.stop_ids)
                 for k, p in enumerate(prompts) for j in range(n)]
         future = engine.generate(ref, rows)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, (None, f)))
@@ -211,8 +214,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def usage(prompts: list[tuple[int, ...]], results: list[GenResult]) -> dict[str, int]:
-        p, c = sum(len(x) for x in prompts), sum(r.tokens for r in results)
+    def usage(prompts: list[EncodedPrompt], results: list[GenResult]) -> dict[str, int]:
+        p, c = sum(len(x.ids) for x in prompts), sum(r.tokens for r in results)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @app.post("/v1/completions", dependencies=[Depends(require_task("generate"))])
@@ -220,7 +223,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         check_sampling(body.n, body.max_tokens, len(texts))
         ref = engine.adapter_ref(body.model)
-        prompts = [engine.encode_prompt(t, body.max_tokens) for t in texts]
+        fmt = None if body.raw else engine.prompt_format(ref)
+        prompts = [engine.encode_prompt(t, body.max_tokens, fmt) for t in texts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": body.model}
 
         def render(results: list[GenResult]) -> dict[str, Any]:
@@ -238,8 +242,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
         check_sampling(body.n, max_tokens, 1)
         ref = engine.adapter_ref(body.model)
-        text = engine.chat_prompt([m.model_dump() for m in body.messages])
-        prompts = [engine.encode_prompt(text, max_tokens, chat=True)]
+        fmt = None if body.raw else engine.prompt_format(ref)
+        prompts = [engine.encode_chat([m.model_dump() for m in body.messages], max_tokens, fmt, ref)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.model}
 
@@ -287,22 +291,68 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
     return app
 
 
-def run_server(options: ServeOptions) -> None:
-    """Load the model and adapters named by `options` and serve until interrupted."""
-    import uvicorn
+class Server:
+    """A loaded engine, its app and a bound, listening socket; `serve()` then runs until interrupted.
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    holder: list[Engine] = []
-    metrics = ServeMetrics(lambda: holder[0].bank_stats() if holder else (0, 0, 0, 0, 0))
-    engine = Engine(options, on_batch=metrics.observe_batch)
-    holder.append(engine)
-    app = create_app(engine, metrics, options)
-    log.info(
-        "serving %s model %r: bank rank %d over %d layers, capacity %d, slot tables %.1f MiB; adapters from %s",
-        engine.task, engine.base_name, engine.bank.config.r, len(engine.bank.layers), options.capacity,
-        engine.bank.nbytes() / 2**20, options.adapters,
-    )
+    Binding before serving lets the caller say where the server listens (the real port, when asked for 0)
+    and report a port in use as an error of its own rather than a log line from inside uvicorn.
+    """
+
+    def __init__(self, options: ServeOptions) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        holder: list[Engine] = []
+        self.metrics = ServeMetrics(lambda: holder[0].bank_stats() if holder else (0, 0, 0, 0, 0))
+        self.engine = engine = Engine(options, on_batch=self.metrics.observe_batch)
+        holder.append(engine)
+        self.options = options
+        try:
+            self.app = create_app(engine, self.metrics, options)
+            self.socket = _listen(options.host, options.port)
+        except BaseException:
+            engine.close()
+            raise
+        log.info(
+            "serving %s model %r: bank rank %d over %d layers, capacity %d, slot tables %.1f MiB; adapters from %s",
+            engine.task, engine.base_name, engine.bank.config.r, len(engine.bank.layers), options.capacity,
+            engine.bank.nbytes() / 2**20, options.adapters,
+        )
+
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT with the port actually bound."""
+        host, port = self.socket.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def describe(self) -> str:
+        """One line: where it listens, the task, the model and how many adapters it can serve."""
+        e = self.engine
+        refused = f", {e.adapters_refused} refused (409)" if e.adapters_refused else ""
+        count = f"{e.adapters_planned} adapter{'' if e.adapters_planned == 1 else 's'}"
+        return f"listening on {self.url} (task {e.task}, model {e.base_name}, {count}{refused})"
+
+    def serve(self) -> None:
+        """Serve until interrupted (Ctrl-C, SIGTERM); the engine and socket are closed afterwards."""
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        try:
+            uvicorn.Server(config).run(sockets=[self.socket])
+        finally:
+            self.engine.close()
+            self.socket.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); OSError naming the address when that is impossible."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
-    finally:
-        engine.close()
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run_server(options: ServeOptions) -> None:
+    """Load the model and adapters named by `options`, print where it listens, and serve until interrupted."""
+    server = Server(options)
+    print(f"verakit serve: {server.describe()}", flush=True)
+    server.serve()

@@ -22,13 +22,15 @@ import torch
 from ..config import PROJECTION_KINDS, VeraConfig
 from ..fileformat import Adapter, AdapterError
 from ..inject import attach
+from ..prompting import PromptFormat, prompt_format, stop_token_ids
 from .bank import AdapterBank
 from .batcher import Batcher, Job
 from .generate import GenResult, GenRow, generate_rows
 from .options import ServeOptions
 from .store import AdapterInfo, AdapterStore, check_name
 
-__all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "ClassifyResult", "plan_config"]
+__all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "UntrainedHead", "ClassifyResult",
+           "EncodedPrompt", "plan_config"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,17 @@ class IncompatibleAdapter(AdapterError):
 
 class InputError(ValueError):
     """A request is well-formed JSON but asks for something out of bounds (HTTP 422)."""
+
+
+class UntrainedHead(InputError):
+    """Classification without an adapter, but the base model's head was freshly initialised at load time
+    (a plain encoder folder such as MiniLM): its answers would be noise (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    ids: tuple[int, ...]  # what the model reads, special tokens included
+    stop_ids: tuple[int, ...]  # tokens that end the completion as training ended it (beyond the model's EOS)
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,7 @@ class Engine:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar before the start-up line
         if options.threads is not None:
             torch.set_num_threads(options.threads)
         self.options = options
@@ -116,17 +130,25 @@ class Engine:
         if len(chosen) < len(infos):
             log.warning("%d of %d adapters do not share the bank's projection/base and will answer 409",
                         len(infos) - len(chosen), len(infos))
+        self.adapters_planned, self.adapters_refused = len(chosen), len(infos) - len(chosen)
         self.task, path = self._resolve_model(options, chosen)
         self.base_name = Path(options.model or path).name  # what `model` names to get the base model
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         dtype = getattr(torch, options.dtype)
+        # Weights the base folder lacks, which transformers initialised at random ("newly initialized").
+        self.untrained: tuple[str, ...] = ()
         if self.task == "classify":
             labels = _label_names(chosen)
             kw: dict[str, Any] = {}
             if labels:
                 kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {n: i for i, n in enumerate(labels)}}
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kw)
+            model, loading = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, output_loading_info=True, **kw)
+            self.untrained = tuple(sorted(loading.get("missing_keys") or ()))
+            if self.untrained:
+                log.warning("the base model %s has no trained classification head (%s newly initialised): requests "
+                            "without an adapter will be refused", path, ", ".join(self.untrained))
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.eval()
@@ -144,26 +166,33 @@ class Engine:
         self._lock = threading.Lock()
         # Encode once here so the fast tokenizer's truncation/padding state is fixed before threads share it.
         self.tokenizer("warm up", "pair", truncation=False)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._stop_ids: dict[bool, tuple[int, ...]] = {}
+        if self.task == "generate":
+            for chat in (False, True) if self.has_chat_template else (False,):
+                self._stop_ids[chat] = tuple(stop_token_ids(self.tokenizer, chat))
         self.batcher = Batcher(self._run, options.max_batch, options.max_wait_ms / 1000.0)
 
     @staticmethod
     def _resolve_model(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> tuple[str, str]:
+        """(task, what from_pretrained loads). Names go through `models.resolve_model`, as everywhere in verakit."""
         import transformers
 
         from ..models import resolve_model
 
+        kinds = {"classify": "classifier", "generate": "causal-lm"}
         task, name = options.task, options.model
-        if task is None and name is not None and name.lower() in ("minilm", "smollm2"):
-            task = "classify" if name.lower() == "minilm" else "generate"
         if task is None and chosen:
             task = "generate" if chosen[0].architecture.endswith("ForCausalLM") else "classify"
-        if task is None and name is not None:
-            if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-                raise FileNotFoundError(f"model folder {name} does not exist")
-            archs = transformers.AutoConfig.from_pretrained(name).architectures or []
-            task = "generate" if any(a.endswith("ForCausalLM") for a in archs) else "classify"
-        task = task or "classify"
-        return task, resolve_model(name, "classifier" if task == "classify" else "causal-lm")
+        if task is not None or name is None:
+            task = task or "classify"
+            return task, resolve_model(name, kinds[task])  # an alias of the other task fails here, naming it
+        try:
+            path = resolve_model(name, "classifier")
+        except ValueError:  # resolve_model owns the aliases: this is one of a causal LM (or fails again, for good)
+            path = resolve_model(name, "causal-lm")
+        archs = transformers.AutoConfig.from_pretrained(path).architectures or []
+        return ("generate" if any(a.endswith("ForCausalLM") for a in archs) else "classify"), path
 
     # ---------------------------------------------------------------- request side (any thread)
 
@@ -191,15 +220,51 @@ class Engine:
             out.append({k: list(v) for k, v in enc.items()})
         return out
 
-    def encode_prompt(self, text: str, max_tokens: int, chat: bool = False) -> tuple[int, ...]:
-        ids = self.tokenizer(text, add_special_tokens=not chat, truncation=False)["input_ids"]
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """How `adapter` (None: the base model) was trained to read prompts, from its file's run info."""
+        extra: dict[str, Any] = {}
+        if adapter is not None:
+            try:
+                extra = self.store.info(adapter).extra
+            except AdapterError as e:  # deleted since adapter_ref, or a header the batch would fail to load too
+                if not self.store.exists(adapter):
+                    raise UnknownAdapter(f"adapter {adapter!r} not found") from None
+                raise IncompatibleAdapter(f"adapter {adapter!r} cannot be served: {e}") from None
+        return prompt_format(extra, self.has_chat_template)
+
+    def encode_prompt(self, text: str, max_tokens: int, fmt: PromptFormat | None) -> EncodedPrompt:
+        """A completion prompt in format `fmt` (None: raw, the text as sent, BOS as the tokenizer adds it)."""
+        if fmt is None:
+            return self._checked(self.tokenizer(text, truncation=False)["input_ids"], max_tokens, ())
+        try:
+            ids = fmt.token_ids(self.tokenizer, text)
+        except ValueError as e:  # the adapter wants a chat template this tokenizer lacks
+            raise InputError(str(e)) from None
+        return self._checked(ids, max_tokens, self._stop_ids[fmt.chat_template])
+
+    def encode_chat(self, messages: list[dict[str, str]], max_tokens: int, fmt: PromptFormat | None,
+                    adapter: str | None) -> EncodedPrompt:
+        """A conversation: the tokenizer's chat template over `messages` (raw, or an adapter trained with it);
+        for an adapter trained on plain prompts, one user message encoded as its completion prompt would be."""
+        if fmt is not None and not fmt.chat_template:
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                who = (f"adapter {adapter!r} reads plain-text prompts (it was trained without a chat template)"
+                       if adapter is not None else f"the base model {self.base_name!r} has no chat template")
+                raise InputError(f"{who}: send one user message, use /v1/completions, or set \"raw\": true to "
+                                 "apply the tokenizer's chat template anyway")
+            return self.encode_prompt(messages[0]["content"], max_tokens, fmt)
+        text = self.chat_prompt(messages)
+        return self._checked(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"], max_tokens,
+                             self._stop_ids[True])
+
+    def _checked(self, ids: Sequence[int], max_tokens: int, stop_ids: tuple[int, ...]) -> EncodedPrompt:
         if not ids:
             raise InputError("the prompt is empty after tokenization")
         if len(ids) > self.max_input_tokens:
             raise InputError(f"the prompt has {len(ids)} tokens; the limit is {self.max_input_tokens}")
         if len(ids) + max_tokens > self.context:
             raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the context of {self.context}")
-        return tuple(ids)
+        return EncodedPrompt(tuple(ids), stop_ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -207,6 +272,11 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def classify(self, adapter: str | None, encodings: list[dict[str, list[int]]]) -> Future:
+        if adapter is None and self.untrained:
+            raise UntrainedHead(
+                f"the base model {self.base_name!r} has no trained classification head ({', '.join(self.untrained)} "
+                "were newly initialised at load time, so its answers would be random): name an adapter, or serve "
+                "a model folder whose head is trained (e.g. one written by `verakit merge`)")
         return self.batcher.submit(Job("classify", len(encodings), _Classify(adapter, encodings)))
 
     def generate(self, adapter: str | None, rows: list[GenRow]) -> Future:

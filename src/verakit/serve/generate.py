@@ -5,14 +5,14 @@ it; rows stay fixed, so the KV cache is per row as usual). What differs per row 
 
 * `RowSampling`, a logits processor: greedy rows (temperature 0) keep only the argmax; the other rows
   are divided by their temperature and cut to their top-p nucleus; the batch then samples once.
-* `RowStops`, a stopping criterion: per-row max_tokens, stop strings and EOS; it also decodes each row's
+* `RowStops`, a stopping criterion: per-row max_tokens, stop strings, stop tokens and EOS; it also decodes each row's
   new text as it grows and streams it to the row's sink, holding back text that may begin a stop string.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,13 +30,14 @@ class GenRow:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the text is cut before the first occurrence of any of these
     sink: Callable[[str], None] | None = None  # receives text deltas as they become final (streaming)
+    stop_ids: tuple[int, ...] = ()  # tokens that end this row like EOS (e.g. the chat template's end of turn)
 
 
 @dataclass(frozen=True)
 class GenResult:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
-    tokens: int  # tokens generated, EOS excluded
+    tokens: int  # tokens generated, EOS / stop token excluded
 
 
 class RowSampling:
@@ -95,7 +96,7 @@ class RowStops:
         return torch.tensor([r is not None for r in self.results], device=input_ids.device)
 
     def _step(self, i: int, row: GenRow, tokens: list[int]) -> None:
-        eos = bool(tokens) and tokens[-1] in self.eos
+        eos = bool(tokens) and (tokens[-1] in self.eos or tokens[-1] in row.stop_ids)
         if eos:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -120,7 +121,7 @@ class RowStops:
         new = input_ids[:, self.prompt_len :].tolist()
         for i, row in enumerate(self.rows):
             if self.results[i] is None:
-                self._step(i, GenRow(row.prompt, 0, row.temperature, row.top_p, row.stop, row.sink), new[i])
+                self._step(i, replace(row, max_tokens=0), new[i])
         return [r for r in self.results if r is not None]
 
 

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ServeOptions", "TASKS", "DTYPES"]
+__all__ = ["ServeOptions", "OptionError", "TASKS", "DTYPES"]
 
 TASKS = ("classify", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class OptionError(ValueError):
+    """A ServeOptions field is invalid. `field` names it and `rule` says what it must be, so the CLI can name
+    its flag instead (`--admin-token must be ...`) while the library names the field."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"ServeOptions.{field} {rule}")
+        self.field, self.rule = field, rule
 
 
 @dataclass(frozen=True)
@@ -17,7 +26,8 @@ class ServeOptions:
     model: base model: a transformers folder, a hub id (when online), or the aliases "minilm" / "smollm2";
         None picks the default for `task` (MiniLM for classify, SmolLM2 for generate).
     adapters: directory of `<name>.safetensors` adapter files, loaded on first use.
-    host, port: where to listen; loopback by default so nothing is exposed unless asked.
+    host, port: where to listen; loopback by default so nothing is exposed unless asked; port 0 takes a free
+        port (the start-up line names it).
     capacity: adapters resident at once (slot tables are allocated for all of them at start-up); the
         least recently used one is evicted when a new one is needed.
     admin_token: bearer token for POST/DELETE /v1/adapters; None disables those endpoints.
@@ -58,18 +68,19 @@ class ServeOptions:
                   "max_input_tokens", "max_new_tokens", "max_n"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ServeOptions.{f} must be an integer >= 1, got {v!r}")
+                raise OptionError(f, f"must be an integer >= 1, got {v!r}")
         if not 0 <= self.port < 65536:
-            raise ValueError(f"ServeOptions.port must be in 0..65535, got {self.port}")
+            raise OptionError("port", f"must be in 0..65535, got {self.port}")
         if self.max_wait_ms < 0:
-            raise ValueError(f"ServeOptions.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+            raise OptionError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
         if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"ServeOptions.task must be one of {TASKS} or None, got {self.task!r}")
+            raise OptionError("task", f"must be one of {TASKS} or None, got {self.task!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"ServeOptions.rank must be an integer >= 1 or None, got {self.rank!r}")
+            raise OptionError("rank", f"must be an integer >= 1 or None, got {self.rank!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"ServeOptions.threads must be an integer >= 1 or None, got {self.threads!r}")
+            raise OptionError("threads", f"must be an integer >= 1 or None, got {self.threads!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"ServeOptions.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise OptionError("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.admin_token is not None and len(self.admin_token) < 8:
-            raise ValueError("ServeOptions.admin_token must be at least 8 characters")
+            # The value is never echoed: it is a secret, perhaps one typed into the wrong variable.
+            raise OptionError("admin_token", "must be at least 8 characters")

@@ -1,7 +1,8 @@
 """Request bodies of the HTTP API (pydantic). Imported only by the app, never at `import verakit` time.
 
 Field bounds that depend on server options (inputs per request, max_tokens, n) are checked by the app;
-the static ones are here. OpenAI-compatible bodies ignore fields this server does not implement.
+the static ones are here. OpenAI-compatible bodies ignore fields this server does not implement; `raw` is
+this server's own.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1)
     stop: Text | Stop | None = None
     stream: bool = False
+    # Not OpenAI's (clients send it as an extra body field): true sends the prompt / messages as they are,
+    # without the prompt format the adapter was trained with (docs/serving.md, "Prompt format").
+    raw: bool = False
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
