@@ -108,7 +108,7 @@ def test_mixed_batch_real_minilm(minilm_clf, minilm_path, tmp_path):
             load_adapter(model, tmp_path / f"{name}.safetensors")
         with torch.no_grad():
             alone = model(**tok(texts[i], return_tensors="pt")).logits[0]  # no padding at all
-        torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=1e-5)  # padded vs unpadded attention: fp32 rounding
 
 
 def test_lru_eviction_replacement_and_removal(tiny_bert_clf):

@@ -87,7 +87,6 @@ def run_train_causal(args: argparse.Namespace) -> int:
               "(a language model has no task head)", file=sys.stderr)
         return 2
     fields = fields_of(CausalArgs, args)
-    fields["epochs"] = args.epochs or 1
     code, m = run_training(lambda: train_causal(CausalArgs(**fields)))
     if m:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m["metric"].items())
@@ -211,8 +210,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
     s.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
                    "(default: the model type's, query,value for BERT)")
+    s.add_argument("--budget", default="cpu", choices=["cpu", "paper"],
+                   help="preset of epochs, training rows and learning rates: cpu (default; minutes on a laptop CPU "
+                   "with the default MiniLM) or paper (the VeRA/LoRA papers' GPU budgets over the whole training set); "
+                   "--epochs, --max-train-samples, --lr and --head-lr override single values (docs/training.md)")
     s.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
-    s.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: classification 32; "
+                   "causal LMs per --budget, cpu 8)")
     s.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
     s.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: per task)")
     s.add_argument("--head-lr", type=float, default=None, help="classifier head learning rate (default: per task)")

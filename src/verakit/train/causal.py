@@ -29,6 +29,7 @@ from torch import nn
 from ..fileformat import atomic_write_bytes
 from .causal_data import CAUSAL_TASKS, load_causal_data
 from .generate import DecodeConfig, generate_texts
+from .hparams import BUDGETS, CAUSAL_LR, CAUSAL_RANK, causal_budget
 from .lm_data import IGNORE_INDEX, LMExample, collate_lm, tokenize_examples
 from .loop import LoopConfig, ParamGroup, run_loop
 from .methods import (
@@ -62,11 +63,6 @@ log = logging.getLogger("verakit.train")
 
 CAUSAL_METHODS = ("vera", "lora", "full")  # "head" has no meaning for a language-model head
 EVAL_BATCH = 16  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
-# Learning rates when --lr is not given: the better of the two each method tried in the E2E learning-rate
-# probe of docs/results.md (## Generation; 12 steps on SmolLM2), the only measurement behind them. Short
-# runs favour large rates; full fine-tuning was not probed.
-DEFAULT_LR = {"vera": 5e-2, "lora": 2e-3, "full": 5e-5}
-DEFAULT_RANK = {"vera": 1024, "lora": 8, "full": 0}
 # CausalArgs saved with the artifact beside task, model, data_dir: eval re-encodes and decodes as training did.
 _RUN_INFO = ("max_length", "seed", "chat_template", "held_out", "max_eval_samples", "gen_eval_samples",
              "max_new_tokens", "num_beams")
@@ -84,8 +80,10 @@ class CausalArgs:
     r: int | None = None  # VeRA 1024, LoRA 8
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | str | None = None  # leaf names, "all-linear", or None: the model type's
-    epochs: int = 1
-    batch_size: int = 32  # global batch, in examples (as `verakit train`)
+    # cpu: minutes on a laptop CPU with SmolLM2; paper: the papers' budgets. None fields below: the budget's.
+    budget: str = "cpu"
+    epochs: int | None = None
+    batch_size: int | None = None  # global batch, in examples (as `verakit train`)
     max_length: int = 128  # tokens per example (prompt + completion + end marker), truncated
     lr: float | None = None
     warmup_ratio: float = 0.06
@@ -94,7 +92,7 @@ class CausalArgs:
     max_eval_samples: int | None = None  # held-out examples for loss (and generation)
     held_out: float = 0.1  # instruct / single-file jsonl: fraction held out for evaluation
     chat_template: bool | None = None  # None: instruct uses the tokenizer's template when it has one
-    gen_eval_samples: int | None = None  # held-out examples generated at each evaluation; None: e2e 100, else 0
+    gen_eval_samples: int | None = None  # held-out examples generated at each evaluation (budget: e2e 100, else 0)
     report_samples: int = 4  # generations (before and after training) shown in report.md
     max_new_tokens: int = 64
     num_beams: int = 1
@@ -103,23 +101,35 @@ class CausalArgs:
     resume: bool = False
     quiet: bool = False
 
-    def resolved(self, has_chat_template: bool) -> CausalArgs:
+    def budgeted(self) -> CausalArgs:
+        """A copy with the budget's (and method's) value in every field left None; refuses unknown names."""
         if self.task not in CAUSAL_TASKS:
             raise ValueError(f"unknown causal-LM task {self.task!r}; choose one of {', '.join(CAUSAL_TASKS)}")
         if self.method not in CAUSAL_METHODS:
             raise ValueError(f"method {self.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
-        chat = self.chat_template if self.chat_template is not None else (self.task == "instruct" and has_chat_template)
-        tm = self.target_modules
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        b = causal_budget(self.task, self.budget)
+
+        def pick(value: Any, default: Any) -> Any:
+            return value if value is not None else default
+
+        return replace(
+            self, r=pick(self.r, CAUSAL_RANK[self.method]), lr=pick(self.lr, CAUSAL_LR[self.method]),
+            epochs=pick(self.epochs, b.epochs), batch_size=pick(self.batch_size, b.batch_size),
+            max_train_samples=pick(self.max_train_samples, b.max_train_samples),
+            max_eval_samples=pick(self.max_eval_samples, b.max_eval_samples),
+            gen_eval_samples=pick(self.gen_eval_samples, b.gen_eval_samples),
+        )
+
+    def resolved(self, has_chat_template: bool) -> CausalArgs:
+        """`budgeted()`, plus the prompt format: the chat template for instruct when the tokenizer has one."""
+        out = self.budgeted()
+        chat = out.chat_template if out.chat_template is not None else (out.task == "instruct" and has_chat_template)
+        tm = out.target_modules
         if isinstance(tm, tuple) and tm == ("all-linear",):  # what the CLI's comma list gives
             tm = "all-linear"
-        return replace(
-            self,
-            r=self.r if self.r is not None else DEFAULT_RANK[self.method],
-            lr=self.lr if self.lr is not None else DEFAULT_LR[self.method],
-            chat_template=chat,
-            target_modules=tm,
-            gen_eval_samples=self.gen_eval_samples if self.gen_eval_samples is not None else (100 if self.task == "e2e" else 0),
-        )
+        return replace(out, chat_template=chat, target_modules=tm)
 
     def decode(self) -> DecodeConfig:
         return DecodeConfig(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
@@ -295,8 +305,7 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     from .causal_report import render_causal_report
     from .report import plot_curve
 
-    if args.method not in CAUSAL_METHODS:  # before any loading
-        raise ValueError(f"method {args.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
+    args = args.budgeted()  # before any loading: the budget decides how much data is read
     run_dir = Path(args.out)
     # Under torchrun every rank checks RUN_DIR before any writes to it (start_run waits for all); rank 0 writes.
     state = PartialState(cpu=not torch.cuda.is_available())

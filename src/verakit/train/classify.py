@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Example, TaskSpec, load_task
-from .hparams import METHOD_RANK, task_defaults
+from .hparams import BUDGETS, METHOD_RANK, task_defaults
 from .loop import LoopConfig, ParamGroup, run_loop
 from .methods import (
     METHODS,
@@ -64,7 +64,8 @@ ADAPTER_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": t
 
 @dataclass(frozen=True)
 class TrainArgs:
-    """`verakit train`'s arguments. None means "the per-task default" (hparams.py, docs/training.md)."""
+    """`verakit train`'s arguments. None means "the default of this task under `budget`" (hparams.py,
+    docs/training.md)."""
 
     task: str  # sst2, mrpc, rte, cola, stsb, qnli or csv
     data_dir: str | None  # GLUE task folder or root; the user's folder for csv
@@ -81,14 +82,15 @@ class TrainArgs:
     projection_sharing: str = "shared"  # or unique (one pair per layer)
     # fp32: exact; bf16: VeRA's own products in bf16 during training steps (vera only; docs/performance.md).
     adapter_compute_dtype: str = "fp32"
+    budget: str = "cpu"  # cpu: minutes on a laptop CPU with MiniLM; paper: the papers' GPU budgets and rates
     epochs: int | None = None
-    batch_size: int = 32  # global batch
+    batch_size: int | None = None  # global batch; None: 32 (both budgets)
     max_length: int = 128  # tokens per example (pairs together), truncated
     lr: float | None = None  # adapter (or body, for full) learning rate
     head_lr: float | None = None
     warmup_ratio: float = 0.06
     seed: int = 0  # data subset, order, head init, dropout and VeRA projection
-    max_train_samples: int | None = None
+    max_train_samples: int | None = None  # None: the budget's subset (cpu) or the whole training set (paper)
     max_eval_samples: int | None = None
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
     resume: bool = False
@@ -104,12 +106,16 @@ class TrainArgs:
         task = self.task.lower().replace("-", "").replace("_", "")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        epochs, lr, head_lr = task_defaults(task, self.method)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        epochs, lr, head_lr, max_train = task_defaults(task, self.method, self.budget)
         out = replace(
             self,
             task=task,
             r=self.r if self.r is not None else METHOD_RANK.get(self.method, 0),
             epochs=self.epochs if self.epochs is not None else epochs,
+            max_train_samples=self.max_train_samples if self.max_train_samples is not None else max_train,
+            batch_size=self.batch_size if self.batch_size is not None else 32,
             lr=self.lr if self.lr is not None else lr,
             head_lr=self.head_lr if self.head_lr is not None else head_lr,
         )

@@ -1,11 +1,18 @@
-"""Per-task default hyperparameters for GLUE, and where they come from (see docs/training.md).
+"""Per-task default budgets and learning rates for classification, and where they come from
+(docs/training.md, "Default budgets").
 
-VeRA rows: the VeRA paper's appendix table for RoBERTa-base (Kopiczko et al., 2024): r = 1024,
-d_initial = 0.1, batch 64, AdamW, linear schedule, warmup ratio 0.06, separate head learning rate.
-LoRA rows: the LoRA paper's appendix table for RoBERTa-base (Hu et al., 2022): r = 8, alpha = 8,
-batch 16, same schedule. Full fine-tuning: 2e-5, the RoBERTa/BERT GLUE recipe's usual value.
-The paper budgets (25-160 epochs over full GLUE training sets, length 512) are GPU budgets; the CPU
-experiments in docs/results.md override epochs and sample counts explicitly on the command line.
+Two presets, chosen with `--budget`:
+
+* ``cpu`` (the default): sized for the model verakit ships as default (all-MiniLM-L6-v2) on a laptop
+  CPU: a seeded subset of the training set and few epochs, so that `verakit train --task sst2 ...`
+  finishes in minutes. SST-2 and MRPC learning rates come from the sweep of
+  experiments/default_sweep.py (each method's best of four values, scored on rows carved from the
+  training set, never on dev); the other tasks borrow the nearer of the two (named per row).
+* ``paper``: the VeRA paper's RoBERTa-base table (Kopiczko et al., 2024: r = 1024, d_initial = 0.1,
+  AdamW, linear schedule, warmup 0.06, separate head learning rate) and the LoRA paper's (Hu et al.,
+  2022: r = 8, alpha = 8) over the whole training set: GPU budgets of tens of epochs.
+
+Full fine-tuning: 2e-5 for the body in both presets (the usual BERT/RoBERTa GLUE value).
 """
 
 from __future__ import annotations
@@ -14,46 +21,113 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["TaskDefaults", "METHOD_RANK", "TASK_DEFAULTS", "task_defaults"]
+__all__ = [
+    "BUDGETS", "Budget", "CAUSAL_BUDGETS", "CAUSAL_LR", "CAUSAL_RANK", "CausalBudget", "METHOD_RANK", "TASK_BUDGETS",
+    "causal_budget", "task_defaults",
+]
 
 # Rank when --r is not given: VeRA's shared-projection rank, LoRA's per-layer rank.
 METHOD_RANK: Mapping[str, int] = MappingProxyType({"vera": 1024, "lora": 8})
 FULL_LR = 2e-5
+BUDGETS = ("cpu", "paper")
 
 
 @dataclass(frozen=True)
-class TaskDefaults:
-    epochs: int  # VeRA paper's epochs (LoRA's table uses the same, except RTE 80 and STS-B 40)
+class Budget:
+    """One task's defaults under one preset; any of them is overridden by its own flag."""
+
+    epochs: int  # VeRA (and head, full) epochs
+    max_train_samples: int | None  # a seeded subset of the training set; None: all of it
     vera_lr: float  # learning rate of d and b
     head_lr: float  # learning rate of the classification head (every method)
-    lora_lr: float  # LoRA paper's learning rate
+    lora_lr: float
     lora_epochs: int
 
 
-TASK_DEFAULTS: Mapping[str, TaskDefaults] = MappingProxyType(
-    {
-        "sst2": TaskDefaults(epochs=60, vera_lr=4e-3, head_lr=4e-3, lora_lr=5e-4, lora_epochs=60),
-        "mrpc": TaskDefaults(epochs=30, vera_lr=1e-2, head_lr=4e-3, lora_lr=4e-4, lora_epochs=30),
-        "cola": TaskDefaults(epochs=80, vera_lr=1e-2, head_lr=1e-2, lora_lr=4e-4, lora_epochs=80),
-        "qnli": TaskDefaults(epochs=25, vera_lr=1e-2, head_lr=4e-3, lora_lr=4e-4, lora_epochs=25),
-        "rte": TaskDefaults(epochs=160, vera_lr=4e-3, head_lr=1e-2, lora_lr=5e-4, lora_epochs=80),
-        "stsb": TaskDefaults(epochs=80, vera_lr=1e-2, head_lr=1e-2, lora_lr=4e-4, lora_epochs=40),
-        # A user's own data: no paper row; SST-2's VeRA values with a CPU-sized epoch count.
-        "csv": TaskDefaults(epochs=10, vera_lr=4e-3, head_lr=4e-3, lora_lr=5e-4, lora_epochs=10),
-    }
-)
+def _paper(epochs: int, vera_lr: float, head_lr: float, lora_lr: float, lora_epochs: int) -> Budget:
+    return Budget(epochs, None, vera_lr, head_lr, lora_lr, lora_epochs)
 
 
-def task_defaults(task: str, method: str) -> tuple[int, float, float]:
-    """(epochs, lr of the adapted/body parameters, head lr) for `task` and `method`.
+TASK_BUDGETS: Mapping[str, Mapping[str, Budget]] = MappingProxyType({
+    "cpu": MappingProxyType({
+        # Swept (docs/training.md): SST-2 20,000 rows x 1 epoch, MRPC all 3,668 rows x 3 epochs.
+        "sst2": Budget(1, 20_000, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=1),
+        "mrpc": Budget(3, None, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        # Not swept: SST-2's rates for the single-sentence task, MRPC's for the pair tasks.
+        "cola": Budget(3, None, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        "qnli": Budget(1, 8_000, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=1),
+        "rte": Budget(3, None, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        "stsb": Budget(3, None, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        # A user's own data: every row, SST-2's rates.
+        "csv": Budget(3, None, vera_lr=2e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+    }),
+    "paper": MappingProxyType({
+        "sst2": _paper(60, vera_lr=4e-3, head_lr=4e-3, lora_lr=5e-4, lora_epochs=60),
+        "mrpc": _paper(30, vera_lr=1e-2, head_lr=4e-3, lora_lr=4e-4, lora_epochs=30),
+        "cola": _paper(80, vera_lr=1e-2, head_lr=1e-2, lora_lr=4e-4, lora_epochs=80),
+        "qnli": _paper(25, vera_lr=1e-2, head_lr=4e-3, lora_lr=4e-4, lora_epochs=25),
+        "rte": _paper(160, vera_lr=4e-3, head_lr=1e-2, lora_lr=5e-4, lora_epochs=80),
+        "stsb": _paper(80, vera_lr=1e-2, head_lr=1e-2, lora_lr=4e-4, lora_epochs=40),
+        # No paper row: SST-2's learning rates with 10 epochs.
+        "csv": _paper(10, vera_lr=4e-3, head_lr=4e-3, lora_lr=5e-4, lora_epochs=10),
+    }),
+})
+
+
+def task_defaults(task: str, method: str, budget: str = "cpu") -> tuple[int, float, float, int | None]:
+    """(epochs, lr of the adapted/body parameters, head lr, max_train_samples) for `task` and `method`.
 
     For "head" the first learning rate is unused (nothing but the head trains).
     """
-    d = TASK_DEFAULTS[task]
+    if budget not in TASK_BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    d = TASK_BUDGETS[budget][task]
     if method == "vera":
-        return d.epochs, d.vera_lr, d.head_lr
+        return d.epochs, d.vera_lr, d.head_lr, d.max_train_samples
     if method == "lora":
-        return d.lora_epochs, d.lora_lr, d.head_lr
+        return d.lora_epochs, d.lora_lr, d.head_lr, d.max_train_samples
     if method == "full":
-        return d.epochs, FULL_LR, d.head_lr
-    return d.epochs, d.head_lr, d.head_lr
+        return d.epochs, FULL_LR, d.head_lr, d.max_train_samples
+    return d.epochs, d.head_lr, d.head_lr, d.max_train_samples
+
+
+# ------------------------------------------------------------------------------------- causal LMs
+
+
+@dataclass(frozen=True)
+class CausalBudget:
+    """A causal-LM task's defaults under one preset (SmolLM2-135M-Instruct on a CPU for ``cpu``)."""
+
+    epochs: int
+    max_train_samples: int | None  # a seeded subset of the training examples; None: all of them
+    batch_size: int  # global batch, in examples
+    max_eval_samples: int | None  # held-out examples scored by loss (e2e: meaning representations)
+    gen_eval_samples: int  # of those, generated and scored (BLEU, ROUGE-L, chrF) at each evaluation
+
+
+CAUSAL_BUDGETS: Mapping[str, Mapping[str, CausalBudget]] = MappingProxyType({
+    "cpu": MappingProxyType({
+        "e2e": CausalBudget(1, 800, batch_size=8, max_eval_samples=200, gen_eval_samples=100),
+        "instruct": CausalBudget(1, 1_000, batch_size=8, max_eval_samples=200, gen_eval_samples=0),
+        "jsonl": CausalBudget(1, None, batch_size=8, max_eval_samples=200, gen_eval_samples=0),
+    }),
+    # The papers' settings: E2E 5 epochs over the whole training set (VeRA/LoRA papers, GPT-2), instruction
+    # tuning 1 epoch over the (10k-example) Alpaca set, batch 8 as in those tables.
+    "paper": MappingProxyType({
+        "e2e": CausalBudget(5, None, batch_size=8, max_eval_samples=None, gen_eval_samples=100),
+        "instruct": CausalBudget(1, None, batch_size=8, max_eval_samples=None, gen_eval_samples=0),
+        "jsonl": CausalBudget(1, None, batch_size=8, max_eval_samples=None, gen_eval_samples=0),
+    }),
+})
+# Learning rates when --lr is not given (either budget): the better of the two each method tried in the E2E
+# learning-rate probe of docs/results.md (## Generation; SmolLM2), checked again by the CPU default run of
+# docs/training.md. Full fine-tuning was not probed.
+CAUSAL_LR: Mapping[str, float] = MappingProxyType({"vera": 5e-2, "lora": 2e-3, "full": 5e-5})
+CAUSAL_RANK: Mapping[str, int] = MappingProxyType({"vera": 1024, "lora": 8, "full": 0})
+
+
+def causal_budget(task: str, budget: str = "cpu") -> CausalBudget:
+    """The defaults of causal-LM `task` under `budget`."""
+    if budget not in CAUSAL_BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    return CAUSAL_BUDGETS[budget][task]

@@ -90,7 +90,7 @@ class ImageArgs:
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | None = None  # None: the model type's default (query, value)
     epochs: int | None = None
-    batch_size: int = 32  # global batch
+    batch_size: int | None = None  # global batch; None: 32
     lr: float | None = None  # adapter (or body, for full) learning rate
     head_lr: float | None = None
     warmup_ratio: float = 0.06
@@ -116,6 +116,7 @@ class ImageArgs:
             self,
             r=self.r if self.r is not None else rank,
             epochs=self.epochs if self.epochs is not None else epochs,
+            batch_size=self.batch_size if self.batch_size is not None else 32,
             lr=self.lr if self.lr is not None else lr,
             head_lr=self.head_lr if self.head_lr is not None else head_lr,
         )
