@@ -25,11 +25,24 @@ def _cli(run_dir, tiny_bert_dir, tiny_task, *extra, d_choices="1e-7,0.1,1.0"):
             "--param", "lr=float:1e-3:5e-2:log", "--param", f"d_initial=choice:{d_choices}", *extra]
 
 
-def test_three_trial_search_reports_and_resumes(tmp_path, capsys, tiny_bert_dir, tiny_task):
+def test_three_trial_search_reports_and_resumes(tmp_path, capsys, caplog, tiny_bert_dir, tiny_task):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="verakit")
     run_dir = tmp_path / "study"
     assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "3")) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert out.startswith("3 trials (") and "best dev accuracy" in out
+    # Progress: a line as each trial starts (its settings) and ends (score, time, best so far, time left),
+    # and each trial's own training plan in between.
+    lines = [r.getMessage() for r in caplog.records if r.name in ("verakit.tune", "verakit.train")]
+    starts = [line for line in lines if " starts: " in line]
+    assert [line.split(" starts: ")[0] for line in starts] == ["trial 1/3 (#0)", "trial 2/3 (#1)", "trial 3/3 (#2)"]
+    assert all("lr=" in line and "d_initial=" in line for line in starts)
+    ends = [line for line in lines if " ends: " in line]
+    assert len(ends) == 3 and all("best so far " in line for line in ends)
+    assert "left" in ends[0] and "left" not in ends[2]  # the last trial has nothing left after it
+    assert lines[lines.index(starts[0]) + 1].startswith("plan: 64 training rows, 2 epochs x 2 steps of batch 32")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["n_trials"] == 3 and summary["states"]["FAIL"] == 0
     assert summary["states"]["COMPLETE"] + summary["states"]["PRUNED"] == 3
@@ -54,6 +67,13 @@ def test_three_trial_search_reports_and_resumes(tmp_path, capsys, tiny_bert_dir,
     assert f"--lr {best['params']['lr']}" in best["command"] and "--r 16" in best["command"]
     report = (run_dir / "report.md").read_text()
     assert f"**{best['value']:.4f}**" in report and "| # | state | dev accuracy | lr | d_initial |" in report
+    # The searched settings are listed as searched, never as fixed; the fixed ones hold what every trial shares.
+    fixed = report.split("Fixed (the same in every trial; defaults left out): `")[1].split("`")[0]
+    assert "--lr" not in fixed and "--d-initial" not in fixed and "--r 16" in fixed and "--epochs 2" in fixed
+    assert summary["searched"] == ["lr", "d_initial"] and summary["fixed"] == fixed
+    # The trivial baseline: the tiny dev set is balanced, so always one class scores 0.5.
+    assert summary["baseline"] == {"accuracy": 0.5, "macro_f1": pytest.approx(1 / 3)}  # macro F1: (2/3 + 0) / 2
+    assert "trivial baseline (a constant prediction) scores dev `accuracy` 0.5000" in report
     if len(complete) >= 2:
         assert set(summary["importance"]) == {"lr", "d_initial"}
         assert sum(summary["importance"].values()) == pytest.approx(1.0)
@@ -153,3 +173,48 @@ def test_empty_space_file_and_spec_syntax(tmp_path):
                           ("epochs=int:1.5:3", "int bounds must be integers"), ("r=choice:8,x", "'x' is not a valid int")):
         with pytest.raises(SpaceError, match=message):
             parse_dim(spec)
+
+
+def test_ctrl_c_in_a_trial_says_how_to_continue_and_the_rerun_does(tmp_path, capsys, monkeypatch, tiny_bert_dir,
+                                                                    tiny_task):
+    """Ctrl-C in trial #1: exit 130 with a message that says to rerun the same command (there is no
+    --resume for tune), no checkpoint left to suggest one, no Optuna traceback; the rerun continues the
+    study with a new trial in place of the failed one."""
+    import logging
+    import os
+    import signal
+
+    from verakit.train import classify
+
+    real_run_loop, calls = classify.run_loop, []
+
+    def ctrl_c_in_second_trial(recipe, config, run_dir, **kw):
+        calls.append(run_dir)
+
+        def on_step(info):
+            if len(calls) == 2 and info.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return real_run_loop(recipe, config, run_dir, on_step=on_step, **kw)
+
+    monkeypatch.setattr(classify, "run_loop", ctrl_c_in_second_trial)
+    optuna_records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = optuna_records.append
+    logging.getLogger("optuna").addHandler(handler)
+    run_dir = tmp_path / "study"
+    argv = _cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "2", "--pruner", "none")
+    try:
+        assert main(argv) == 130
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "verakit tune: interrupted during trial 1, which is recorded as failed and not continued" in err
+    assert "run the same `verakit tune` command again to continue it" in err
+    assert "--resume" not in err and "Traceback" not in err and "Loading weights" not in err
+    assert not any("Trial 1 failed" in r.getMessage() for r in optuna_records)
+    assert not (run_dir / "trials" / "0001" / "checkpoint").exists()
+
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]

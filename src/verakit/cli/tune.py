@@ -13,8 +13,7 @@ __all__ = ["add_parsers", "run_tune"]
 def run_tune(args: argparse.Namespace) -> int:
     """Run the study; print its one-line summary (0), or why it stopped (130 on Ctrl-C, 2 when bad)."""
     from ..train.classify import TrainArgs
-    from ..train.loop import TrainingInterrupted
-    from ..train.tune import TuneArgs, default_space, load_space, parse_dim, tune
+    from ..train.tune import TuneArgs, TuneInterrupted, default_space, load_space, parse_dim, tune
 
     log_to_stderr()
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
@@ -25,9 +24,12 @@ def run_tune(args: argparse.Namespace) -> int:
             space = default_space(args.method)
         s = tune(TuneArgs(TrainArgs(**fields), space, trials=args.trials, timeout=args.timeout, pruner=args.pruner,
                           seed=args.sampler_seed, study_name=args.study_name))
-    except TrainingInterrupted as e:
-        print(f"verakit tune: {e.args[0].split(';')[0]}; rerun the same command to resume the study (the "
-              "interrupted trial is recorded as failed and not continued)", file=sys.stderr)
+    except TuneInterrupted as e:
+        print(f"verakit tune: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # between trials, or a second Ctrl-C
+        print(f"verakit tune: interrupted; the study in {args.out}/study.db keeps every finished trial: run the "
+              "same `verakit tune` command again to continue it", file=sys.stderr)
         return 130
     except ValueError as e:  # bad space, budget, data or settings: the message names the culprit
         print(f"verakit tune: error: {e}", file=sys.stderr)

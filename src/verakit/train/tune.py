@@ -11,20 +11,31 @@ seconds of one invocation (Optuna starts no trial after it; the running one fini
 
 The search space is data (`SearchDim`), validated before anything is written. Every call ends by writing
 RUN_DIR/report.md, importance.png and summary.json (tune_report.py).
+
+Progress goes to the "verakit.tune" logger: a line when each trial starts (its settings) and ends (its
+score, time, the best so far and the time left), with each trial's own training lines ("verakit.train")
+in between; Optuna's own INFO lines, which would repeat them, are muted while the study runs. Ctrl-C
+stops the running trial (Optuna records it as failed; it is never continued) and raises TuneInterrupted:
+the same command run again resumes the study.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .classify import TrainArgs
 
-__all__ = ["SearchDim", "SpaceError", "TuneArgs", "TUNABLE", "PRUNERS", "default_space", "parse_dim",
-           "load_space", "tune"]
+__all__ = ["SearchDim", "SpaceError", "TuneArgs", "TuneInterrupted", "TUNABLE", "PRUNERS", "default_space",
+           "parse_dim", "load_space", "tune"]
+
+log = logging.getLogger("verakit.tune")
 
 # TrainArgs fields a search may vary -> their value type. VeRA-only fields need method "vera".
 TUNABLE: dict[str, type] = {
@@ -41,6 +52,16 @@ PRUNER_STARTUP = 2  # the median pruner never prunes one of the first trials of 
 
 class SpaceError(ValueError):
     """A search space (dimension, file or CLI spec) is invalid; the message names the dimension."""
+
+
+class TuneInterrupted(Exception):
+    """Ctrl-C stopped trial `number` (recorded as failed, not continued); the study keeps every finished trial."""
+
+    def __init__(self, number: int, run_dir: Path) -> None:
+        super().__init__(f"interrupted during trial {number}, which is recorded as failed and not continued; "
+                         f"the study in {run_dir / 'study.db'} keeps every finished trial: run the same "
+                         "`verakit tune` command again to continue it with new trials")
+        self.number = number
 
 
 @dataclass(frozen=True)
@@ -251,6 +272,8 @@ def tune(args: TuneArgs) -> dict[str, Any]:
 
     from .classify import train_classifier
     from .data import load_task
+    from .loop import TrainingInterrupted
+    from .metrics import trivial_baseline
     from .tune_report import FINISHED, write_report
 
     base = args.base.resolved()  # bad base options fail here, before anything is written
@@ -263,6 +286,7 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     data = load_task(base.task, base.data_dir, max_train_samples=base.max_train_samples,
                      max_eval_samples=base.max_eval_samples, seed=base.seed)
     main_metric, n_train = data.spec.main_metric, len(data.train)
+    baseline = trivial_baseline(data.spec, [e.label for e in data.dev])
     for d in args.space:  # every trial's settings would be valid (e.g. VeRA options for this r)
         for v in (d.choices or (d.low, d.high)):
             replace(base, **{d.name: TUNABLE[d.name](v)}).resolved()
@@ -281,6 +305,9 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials), n_startup_trials=SAMPLER_STARTUP)
     study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=sampler, pruner=pruner)
 
+    remaining = None if args.trials is None else args.trials - finished
+    progress, mute = _Progress(study, main_metric, finished, args.trials, args.timeout), _MuteOptuna()
+
     def objective(trial: Any) -> float:
         params = {d.name: _suggest(trial, d) for d in args.space}
         out = run_dir / "trials" / f"{trial.number:04d}"
@@ -297,11 +324,100 @@ def tune(args: TuneArgs) -> dict[str, Any]:
                 raise optuna.TrialPruned(f"dev {main_metric} {record['metrics'][main_metric]:.4f} after {step} "
                                          "examples is below the median of earlier trials")
 
-        metrics = train_classifier(trial_args, on_eval=on_eval)
+        progress.start(trial.number, params)
+        try:
+            metrics = train_classifier(trial_args, on_eval=on_eval)
+        except optuna.TrialPruned as e:
+            progress.end(trial.number, f"pruned ({e})")
+            raise
+        except (TrainingInterrupted, KeyboardInterrupt):
+            # The trial is never continued (a rerun draws new trials), so its checkpoint would only suggest
+            # a --resume that `verakit tune` does not have.
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+            mute.interrupted.add(trial.number)
+            raise TuneInterrupted(trial.number, run_dir) from None
+        value = float(metrics["metric"][main_metric])
         trial.set_user_attr("train_seconds", metrics["train_seconds"])
-        return float(metrics["metric"][main_metric])
+        progress.end(trial.number, f"dev {main_metric} {value:.4f}", value)
+        return value
 
-    remaining = None if args.trials is None else args.trials - finished
     if remaining is None or remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=args.timeout)
-    return write_report(study, args, base, main_metric, run_dir)
+        with mute:
+            study.optimize(objective, n_trials=remaining, timeout=args.timeout)
+    return write_report(study, args, base, main_metric, run_dir, baseline)
+
+
+class _Progress:
+    """The lines `tune` logs as trials start and end: trial k/N, its settings, score, time, best, time left."""
+
+    def __init__(self, study: Any, metric: str, finished: int, target: int | None, timeout: float | None) -> None:
+        self.study, self.metric, self.finished, self.target, self.timeout = study, metric, finished, target, timeout
+        self.t0 = time.perf_counter()
+        self.started = self.t0
+        self.durations: list[float] = []  # of the trials that ended in this invocation
+
+    def _of(self) -> str:
+        return f"{self.finished + 1}/{self.target}" if self.target is not None else f"{self.finished + 1}"
+
+    def start(self, number: int, params: dict[str, Any]) -> None:
+        self.started = time.perf_counter()
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        log.info("trial %s (#%d) starts: %s", self._of(), number, shown)
+
+    def end(self, number: int, outcome: str, value: float | None = None) -> None:
+        now = time.perf_counter()
+        self.durations.append(now - self.started)
+        done = self._of()
+        self.finished += 1
+        values = [t.value for t in self.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        values += [] if value is None else [value]
+        best = f"best so far {max(values):.4f}" if values else "no trial complete yet"
+        line = f"trial {done} (#{number}) ends: {outcome} in {_minutes(self.durations[-1])}; {best}"
+        mean = sum(self.durations) / len(self.durations)
+        left = None if self.target is None else mean * (self.target - self.finished)
+        if self.timeout is not None:
+            until_timeout = max(0.0, self.timeout - (now - self.t0))
+            left = until_timeout if left is None else min(left, until_timeout)
+        if left is not None and (self.target is None or self.finished < self.target):
+            line += f"; about {_minutes(left)} left"
+        log.info("%s", line)
+
+
+class _MuteOptuna:
+    """While the study runs: Optuna's INFO lines off (`_Progress` says the same, in context), no "Trial N
+    failed" warning with a traceback for a trial that Ctrl-C interrupted (TuneInterrupted says it), and no
+    model-loading progress bar from transformers in every trial."""
+
+    def __init__(self) -> None:
+        self.interrupted: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.interrupted)
+
+    def __enter__(self) -> _MuteOptuna:
+        import optuna
+        from transformers.utils import logging as hf_logging
+
+        self._verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(max(self._verbosity, optuna.logging.WARNING))
+        logging.getLogger("optuna.study._optimize").addFilter(self)  # where "Trial N failed" is logged
+        self._bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import optuna
+        from transformers.utils import logging as hf_logging
+
+        optuna.logging.set_verbosity(self._verbosity)
+        logging.getLogger("optuna.study._optimize").removeFilter(self)
+        if self._bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

@@ -50,27 +50,44 @@ def _importance(study: Any, seed: int) -> tuple[dict[str, float] | None, str | N
         return None, str(e)
 
 
+def _step_zero(trial_dir: str | None) -> dict[str, float] | None:
+    """The dev metrics before training (step 0) of a completed trial's run, from its metrics.json."""
+    path = Path(trial_dir or "") / "metrics.json"
+    if trial_dir is None or not path.is_file():
+        return None
+    history = json.loads(path.read_text()).get("epochs") or [{}]
+    return history[0].get("metrics") if history[0].get("step") == 0 else None
+
+
 def _plot(importance: dict[str, float], path: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import io
+
     import matplotlib.pyplot as plt
+
+    from ..fileformat import atomic_write_bytes
 
     names = list(importance)[::-1]  # most important on top
     fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(names)), constrained_layout=True)
     ax.barh(names, [importance[n] for n in names], color="tab:blue")
     ax.set_xlabel(f"fANOVA importance for dev {metric} (sums to 1)")
     ax.set_xlim(0, 1)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: Path) -> dict[str, Any]:
-    """Write summary.json, report.md (and importance.png when it can be computed); return the summary."""
+def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: Path,
+                 baseline: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write summary.json, report.md (and importance.png when it can be computed); return the summary.
+    `baseline`: the trivial predictor's dev metrics (metrics.trivial_baseline), shown beside the best."""
     from dataclasses import replace
 
     from ..fileformat import atomic_write_bytes
@@ -90,13 +107,17 @@ def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: P
         best_args = replace(base, out=str(run_dir / "best"), **b.params)
         best = {"number": b.number, "value": b.value, "params": b.params, "run_dir": b.user_attrs.get("run_dir"),
                 "command": train_command(best_args)}
+        best["before_training"] = _step_zero(b.user_attrs.get("run_dir"))
     importance, why_not = _importance(study, args.seed)
     if importance:
         _plot(importance, run_dir / "importance.png", metric)
+    searched = [d.name for d in args.space]
     summary = {
         "study": args.study_name, "storage": f"sqlite:///{(run_dir / 'study.db').resolve()}", "task": base.task,
-        "method": base.method, "main_metric": metric, "n_trials": len(trials), "states": states, "best": best,
-        "importance": importance, "importance_note": why_not, "space": args.settings()["space"],
+        "method": base.method, "main_metric": metric, "baseline": baseline, "n_trials": len(trials),
+        "states": states, "best": best, "importance": importance, "importance_note": why_not,
+        "space": args.settings()["space"], "searched": searched,
+        "fixed": train_command(base, omit=("out", *searched)).removeprefix("verakit train "),
         "pruner": args.settings()["pruner"], "trials": rows, "report": str(run_dir / "report.md"),
     }
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
@@ -115,22 +136,34 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
            "trials at N)" if s["pruner"] == "median" else ""),
         f"- storage `{s['storage']}`: rerun the same `verakit tune` command to resume; a larger `--trials` "
         "extends the study",
-        f"- trials: {s['n_trials']} ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed, "
-        f"{st['RUNNING']} running or interrupted)",
-        "- fixed settings: `" + train_command(base, omit=("out",)).removeprefix("verakit train ") + "`", "",
-        "Searched:", "",
+        *([f"- trivial baseline (a constant prediction) scores dev `{s['main_metric']}` "
+           f"{s['baseline'][s['main_metric']]:.4f}: a trial must beat it to have learned anything"]
+          if s.get("baseline") else []),
+        f"- trials: {s['n_trials']} ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed "
+        f"or interrupted, {st['RUNNING']} running)",
+        "", "Searched (each trial draws a value):", "",
         *[f"- `{d.name}`: " + (f"one of {list(d.choices)}" if d.kind == "categorical" else
                                 f"{d.kind} in [{d.low:g}, {d.high:g}]" + (", log scale" if d.log else ""))
           for d in args.space],
+        "", "Fixed (the same in every trial; defaults left out): `" + (s["fixed"] or "(all defaults)") + "`",
         "", "## Best trial", "",
     ]
-    b = s["best"]
+    b, main, baseline = s["best"], s["main_metric"], s.get("baseline") or {}
     if b is None:
         lines.append("No trial has completed yet.")
     else:
         lines += [
-            f"Trial {b['number']}: dev {s['main_metric']} **{b['value']:.4f}** with "
+            f"Trial {b['number']}: dev {main} **{b['value']:.4f}** with "
             + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b["params"].items()) + ".", "",
+            "| | dev " + main + " |", "|---|---|",
+            *([f"| trivial baseline (constant prediction: the most frequent dev class, or the mean score) | "
+               f"{baseline[main]:.4f} |"] if main in baseline else []),
+            *([f"| before training (step 0 of trial {b['number']}) | {b['before_training'][main]:.4f} |"]
+              if b.get("before_training") else []),
+            f"| best trial | {b['value']:.4f} |", "",
+            *([f"**Warning:** the best trial does not beat the trivial baseline ({baseline[main]:.4f}): the search "
+               "found no setting that learns this task at this budget.", ""]
+              if main in baseline and b["value"] <= baseline[main] else []),
             f"Its artifact: `{b['run_dir']}` (the same files as `verakit train` writes). To train it again:", "",
             "```", b["command"], "```", "",
             "The value was selected on the same dev split it is measured on, so it is optimistic: confirm the "
