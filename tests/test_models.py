@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from verakit import models
 from verakit.models import (
     SMOLLM2_SUBDIR,
     ModelNotInstalledError,
+    ModelUnavailableError,
     default_cache_dir,
     default_classifier_path,
+    hub_unreachable_reason,
+    locate_model,
     resolve_model,
     smollm2_dir,
     smollm2_gguf_path,
@@ -148,9 +152,60 @@ def test_resolve_causal_lm_default_uses_the_cache(tmp_path, monkeypatch):
     assert resolve_model("smollm2", "causal-lm") == str(done)
 
 
-def test_resolve_passes_dirs_and_hub_ids_through(tmp_path):
+def test_resolve_passes_dirs_and_reachable_hub_ids_through(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path), "causal-lm") == str(tmp_path)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# ---------------------------------------------------------------- hub ids without a network
+
+
+def test_uncached_hub_id_fails_at_once_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError) as info:
+        resolve_model("some-org/not-a-model", "classifier")
+    msg = str(info.value)
+    assert msg.startswith("model 'some-org/not-a-model' is neither a local folder nor in the Hugging Face cache")
+    assert "the hub cannot be reached (HF_HUB_OFFLINE is set)" in msg
+    assert isinstance(info.value, FileNotFoundError)  # so the CLI prints it as one line, exit code 2
+
+
+def test_cached_hub_id_loads_from_its_snapshot_when_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--some-org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "models--some-org--tiny" / "refs").mkdir()
+    (tmp_path / "models--some-org--tiny" / "refs" / "main").write_text("abc123", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert locate_model("some-org/tiny") == str(snapshot)  # a folder: from_pretrained never tries the network
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
+    assert locate_model("some-org/tiny") == "some-org/tiny"  # online: the hub decides about updates
+
+
+def test_unreachable_hub_is_detected_quickly(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(models.socket, "create_connection", refused)
+    assert hub_unreachable_reason() == "cannot connect to huggingface.co:443: Connection refused"
+
+    def hangs(address, timeout):  # a dead DNS server: the lookup ignores the socket timeout
+        time.sleep(2)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(models.socket, "create_connection", hangs)
+    start = time.perf_counter()
+    assert hub_unreachable_reason(timeout=0.2) == "no connection to huggingface.co:443 within 0.2 s"
+    assert time.perf_counter() - start < 1.0
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    assert hub_unreachable_reason() == "TRANSFORMERS_OFFLINE is set"
 
 
 def test_resolve_rejects_bad_input(tmp_path):

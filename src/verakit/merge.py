@@ -1,12 +1,17 @@
 """Merge VeRA into the base weights: on live modules, and as pure functions over tensors.
 
 Merging is only ever an explicit call. Deltas are computed in float32 and cast once to the weight dtype.
+`merge_pretrained` (what `verakit merge` runs) writes a folder that transformers loads as is: merged
+weights, the trained head, the label names recorded at training and the base model's tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +21,15 @@ from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import vera_state
 from .projection import Projection, matrix_ids
 
-__all__ = ["merge", "unmerge", "is_merged", "adapter_deltas", "merged_state_dict", "export_merged", "merge_pretrained"]
+__all__ = [
+    "merge", "unmerge", "is_merged", "adapter_deltas", "merged_state_dict", "export_merged", "merge_pretrained",
+    "base_model_for",
+]
+
+# Files from which AutoTokenizer / AutoProcessor build a real tokenizer or image processor. A folder with
+# none of them still "loads": a BERT config alone gives a 5-token tokenizer, so we check for them.
+_PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                       "spiece.model", "preprocessor_config.json", "processor_config.json")
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -79,11 +92,13 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, pre
     return out
 
 
-def export_merged(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Write a standard `save_pretrained` directory of the merged model, loadable without verakit.
 
-    The directory appears atomically (built beside it, then renamed); an existing non-empty directory is
-    refused. The live model is left merged or unmerged as it was.
+    `tokenizer` (a tokenizer or processor, anything with `save_pretrained`) is saved into the same
+    directory, so `pipeline(..., model=out_dir)` finds it. The directory appears atomically (built beside
+    it, then renamed); an existing non-empty directory is refused. The live model is left merged or
+    unmerged as it was.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -102,8 +117,10 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
                     k = new + k[len(old) :]
                     break
             sd[k] = v
-        with new_dir(out) as tmp:
+        with new_dir(out) as tmp, _quiet_transformers():
             model.save_pretrained(tmp, state_dict=sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     finally:
         for n, layer in state.layers.items():
             if not was_merged[n]:
@@ -111,11 +128,96 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def merge_pretrained(model_dir: str, adapter_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Load `model_dir` with the architecture the adapter was trained on, load the adapter, export merged."""
-    from .hf import load_base_for_adapter
+def merge_pretrained(
+    model_dir: str | None, adapter_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+) -> Path:
+    """Merge the adapter into its base model and write a folder transformers loads as is.
+
+    `model_dir`: a folder, hub id or alias (`minilm`, `smollm2`); None: the base model the adapter
+    records (`base_model_for`). The folder holds the merged weights, the trained modules to save (e.g.
+    pooler and classifier), `id2label`/`label2id` from the labels recorded at training, and the base
+    model's tokenizer (or image processor). Raises AdapterError when the base model lacks weights the
+    adapter does not supply (the merged model would hold random ones), FileNotFoundError when the base
+    folder has no tokenizer or processor files.
+    """
+    import transformers
 
     adapter = read_adapter(adapter_path)
-    model = load_base_for_adapter(model_dir, adapter)
+    path = base_model_for(adapter, model_dir)
+    arch = adapter.architecture
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise AdapterError(f"{adapter.path}: unknown model architecture {arch!r}; load the model yourself, "
+                           "call load_adapter, then export_merged")
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in _PREPROCESSOR_FILES):
+        raise FileNotFoundError(f"{path}: the base model folder has no tokenizer or processor files "
+                                f"({', '.join(_PREPROCESSOR_FILES[:3])}, ...), so the merged folder would not "
+                                "tokenize; pass the folder the base model was downloaded to")
+    with _quiet_transformers():
+        # The report would list the head as MISSING (newly initialized): the adapter supplies it, checked below.
+        model, loading = cls.from_pretrained(path, output_loading_info=True, **_head_config(adapter))
+        tokenizer = transformers.AutoProcessor.from_pretrained(path)
+    unsupplied = sorted(k for k in loading["missing_keys"] if k not in adapter.saved)
+    if unsupplied:
+        raise AdapterError(f"{adapter.path}: the base model {path} lacks {', '.join(unsupplied[:5])}, which the "
+                           "adapter does not supply either; the merged model would hold random weights there")
     load_adapter(model, adapter)
-    return export_merged(model, out_dir)
+    return export_merged(model, out_dir, tokenizer)
+
+
+def base_model_for(adapter: Adapter, model: str | None = None) -> str:
+    """What `from_pretrained` should load for `adapter`: `model` (folder, hub id, `minilm`, `smollm2`),
+    else the base model recorded in the adapter's run info ("model"), where None means verakit's
+    default for the architecture (MiniLM for a sequence classifier, SmolLM2-135M for a causal LM).
+
+    Resolved offline where possible (`verakit.models.resolve_model` / `locate_model`).
+    """
+    from .models import locate_model, resolve_model
+
+    name = model if model is not None else adapter.extra.get("model")
+    arch = adapter.architecture or ""
+    kind = ("causal-lm" if arch.endswith(("ForCausalLM", "LMHeadModel"))
+            else "classifier" if arch.endswith("ForSequenceClassification") else None)
+    if kind is None:
+        if name is None:
+            raise AdapterError(f"{adapter.path}: a {arch or 'model of unknown architecture'} adapter records no base "
+                               "model and has no default; pass the base model (--model)")
+        return locate_model(name)
+    try:
+        return resolve_model(name, kind)
+    except ValueError as e:  # an alias of the other kind: smollm2 for a classifier
+        raise AdapterError(f"{adapter.path}: a {arch} adapter does not merge into model {name!r}: {e}") from None
+
+
+def _head_config(adapter: Adapter) -> dict[str, Any]:
+    """`from_pretrained` overrides that give a classifier the head and label names recorded at training."""
+    if "Classification" not in (adapter.architecture or ""):
+        return {}
+    labels = adapter.extra.get("labels")
+    regression = bool(adapter.extra.get("is_regression"))
+    if not labels and regression:
+        labels = ["score"]  # the training recipes' name for the one regression output
+    if not labels:
+        return {}
+    out: dict[str, Any] = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                           "label2id": {n: i for i, n in enumerate(labels)}}
+    if regression:
+        out["problem_type"] = "regression"  # so pipeline() reports the raw score, not a sigmoid of it
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for the block, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

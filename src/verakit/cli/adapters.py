@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["add_parsers", "run_convert", "run_inspect", "run_inspect_peft", "run_merge"]
+__all__ = ["add_parsers", "describe_modules", "run_convert", "run_inspect", "run_inspect_peft", "run_merge"]
+
+
+def _block_of(name: str) -> str | None:
+    """`model.layers.7` for `model.layers.7.self_attn.q_proj`: the prefix up to the first all-digit component."""
+    parts = name.split(".")
+    digit = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return None if digit is None else ".".join(parts[: digit + 1])
+
+
+def describe_modules(names: Iterable[str]) -> str:
+    """"60 adapted modules (q_proj, v_proj in 30 blocks)": what is adapted, counted truthfully.
+
+    Blocks are the numbered containers (`model.layers.7`); modules outside any (`lm_head`) are named after them.
+    """
+    names = list(names)
+    leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if _block_of(n) is not None)  # ordered set
+    blocks = {_block_of(n) for n in names} - {None}
+    loose = [n for n in names if _block_of(n) is None]
+    where = [f"{', '.join(leaves)} in {len(blocks)} block{'s' if len(blocks) != 1 else ''}"] if blocks else []
+    where += [", ".join(loose)] if loose else []
+    noun = "adapted module" if len(names) == 1 else "adapted modules"
+    return f"{len(names)} {noun}" + (f" ({'; '.join(where)})" if where else "")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -26,7 +49,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         "model_type": ad.model_type,
         "architecture": ad.architecture,
         "fingerprint": ad.fingerprint,
-        "layers": len(ad.modules),
+        "adapted_modules": len(ad.modules),
+        "blocks": len({_block_of(n) for n in ad.modules} - {None}),
         "vector_params": vec,
         "saved_params": ad.trained_numel - vec,
         "saved_tensors": sorted(ad.saved),
@@ -41,7 +65,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"  base          {ad.architecture} (model_type={ad.model_type}), fingerprint {ad.fingerprint}")
     kind = "" if cfg.projection_kind == "philox4x32-10" else f" kind={cfg.projection_kind}"
     print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}{kind}")
-    print(f"  targets       {cfg.target_modules} -> {len(ad.modules)} layers")
+    print(f"  targets       {cfg.target_modules} -> {describe_modules(ad.modules)}")
     print(f"  trained       {vec:,} vector params (d, b) + {info['saved_params']:,} in saved modules")
     if ad.saved:
         print(f"  saved modules {', '.join(cfg.modules_to_save)}")
@@ -71,7 +95,7 @@ def run_inspect_peft(args: argparse.Namespace) -> int:
         print(f"  projection    r={info['r']} projection_prng_key={proj['projection_prng_key']}, {where}")
     else:
         print(f"  rank          r={info['r']} lora_alpha={info['lora_alpha']} (scaling {info['scaling']})")
-    print(f"  targets       {info['layers']} layers")
+    print(f"  targets       {describe_modules(info['modules'])}")
     print(f"  trained       {info['adapter_params']:,} adapter params + {info['saved_params']:,} in saved modules")
     for n, (d_out, d_in) in list(info["modules"].items())[: args.max_layers]:
         print(f"    {n}  ({d_out} x {'?' if d_in is None else d_in})")
@@ -106,7 +130,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "(verakit file, PEFT VeRA or LoRA directory)")
     s.add_argument("file", help="verakit .safetensors file or PEFT adapter directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--max-layers", type=int, default=8, help="layers to list (default 8)")
+    s.add_argument("--max-layers", type=int, default=8, help="adapted modules to list (default 8)")
     s.set_defaults(func=run_inspect)
 
     s = sub.add_parser("convert", help="PEFT VeRA -> verakit, verakit -> PEFT VeRA, verakit -> LoRA (exact)")
@@ -119,8 +143,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(vLLM serves <= 512); the relative error is reported")
     s.set_defaults(func=run_convert)
 
-    s = sub.add_parser("merge", help="merge an adapter into a transformers model directory")
-    s.add_argument("--model", required=True, help="base model directory (or hub id when online)")
+    s = sub.add_parser("merge", help="merge an adapter into a transformers model directory (with the base "
+                       "model's tokenizer and the adapter's label names, loadable by pipeline())")
+    s.add_argument("--model", default=None, help="base model: folder, hub id (cached, or when online), or the "
+                   "alias minilm / smollm2 (default: the base model the adapter records; none recorded: MiniLM for "
+                   "a classifier, SmolLM2-135M-Instruct for a causal LM)")
     s.add_argument("--adapter", required=True, help="adapter .safetensors file")
     s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     s.set_defaults(func=run_merge)

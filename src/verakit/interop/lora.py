@@ -34,8 +34,8 @@ class LoraExport:
 
     factors: module -> (lora_A (k, d_in), lora_B (d_out, k)), float32, k = ranks[module].
     ranks: module -> its LoRA rank k = min(r, d_in, d_out, max_rank); rank is the largest.
-    rel_errors: module -> ||delta - lora_B lora_A||_F / ||delta||_F of the truncation, in float64 (0 for
-        the closed form; float32 rounding of the written factors comes on top, ~1e-7).
+    rel_errors: module -> ||delta - lora_B lora_A||_F / ||delta||_F of the truncation, in float64 (0 when no
+        singular value is dropped; float32 rounding of the written factors comes on top, ~1e-7).
     exact: every layer's error is <= EXACT_TOL, i.e. the export loses nothing beyond float rounding.
     """
 
