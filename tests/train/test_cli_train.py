@@ -246,3 +246,105 @@ def test_one_epoch_run_prints_its_plan_and_reports_step_zero(tmp_path, caplog, c
     assert metrics["best_step"] == 3
     start = metrics["epochs"][0]["metrics"]["accuracy"]
     assert f"| before training | 0 | {start:.4f} |" in (run_dir / "report.md").read_text()
+
+
+def test_eval_of_an_interrupted_run_says_to_resume_with_the_exact_command(tmp_path, capsys, monkeypatch,
+                                                                         tiny_bert_dir, tiny_task):
+    """Ctrl-C before the first trained evaluation leaves RUN_DIR with a checkpoint and no artifact: `verakit
+    eval` exits 2 saying so, with the `verakit train ... --resume` command that continues it; that command,
+    run as printed, finishes the run, and eval then works."""
+    import os
+    import shlex
+    import signal
+
+    from verakit.train import classify
+
+    real_run_loop = classify.run_loop
+    interrupt_at = [1, 4]  # before the first trained evaluation (step 3), then after it
+
+    def ctrl_c(recipe, config, run_dir, **kw):
+        def on_step(info):
+            if interrupt_at and info.step == interrupt_at[0]:
+                interrupt_at.pop(0)
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return real_run_loop(recipe, config, run_dir, on_step=on_step, **kw)
+
+    monkeypatch.setattr(classify, "run_loop", ctrl_c)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model",
+                 tiny_bert_dir, "--r", "16", "--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--quiet"]) == 130
+    assert (run_dir / "checkpoint" / "state.pt").is_file() and not (run_dir / "adapter.safetensors").exists()
+    capsys.readouterr()
+    for adapter in (run_dir / "adapter.safetensors", run_dir):
+        assert main(["eval", "--adapter", str(adapter)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"verakit eval: error: {run_dir}: this run was interrupted (Ctrl-C) before it saved an "
+                              "artifact to evaluate; continue it with\n  verakit train ")
+    command = err.splitlines()[1].strip()
+    assert command.endswith(" --resume") and f"--out {run_dir}" in command and "--lr 0.02" in command
+    # Interrupted again after the first trained evaluation: eval scores that best-so-far artifact, saying so.
+    assert main(shlex.split(command)[1:]) == 130
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run_dir / "adapter.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"verakit eval: note: {run_dir} was interrupted before it finished: this scores "
+                                   f"its best evaluation so far; finish it with\n  {command}\n")
+    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    assert "results in" in capsys.readouterr().out
+    assert main(["eval", "--adapter", str(run_dir / "adapter.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == json.loads((run_dir / "metrics.json").read_text())["metric"]
+
+
+def _options(command: str):
+    import argparse
+
+    from verakit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return parser, [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "tune"])
+def test_every_option_has_help_with_its_real_default(command):
+    import argparse
+
+    parser, options = _options(command)
+    for a in options:
+        flag, text = a.option_strings[0], a.help or ""
+        assert text.strip(), f"{command} {flag}: no help"
+        assert "per task" not in text, f"{command} {flag}: 'per task' without the values: {text}"
+        if a.required:
+            assert "required" in text, f"{command} {flag}"
+            continue
+        assert "default" in text, f"{command} {flag}: help does not say its default: {text}"
+        if a.default not in (None, False, argparse.SUPPRESS):
+            shown = "on" if a.default is True else f"{a.default:g}" if isinstance(a.default, float) else str(a.default)
+            said = (f"default {shown}", f"default: {shown}", f"{shown} (default")
+            assert any(s in text for s in said), f"{command} {flag}: {text}"
+    assert parser.description
+
+
+def test_train_help_names_every_recipe_and_shows_per_task_values_from_the_tables(monkeypatch):
+    """`verakit train --help` is not "finetune a sequence classifier"; per-task defaults are values read from
+    the tables when the parser is built, so changing a table changes the help."""
+    from dataclasses import replace
+
+    from verakit.train import hparams
+
+    parser, options = _options("train")
+    for recipe in ("sequence classification", "causal LM", "image classification", "--group-column"):
+        assert recipe in parser.description
+    epochs = next(a for a in options if a.dest == "epochs").help
+    paper = hparams.TASK_BUDGETS["paper"]
+    assert f"rte {paper['rte'].epochs}" in epochs and f"rte {paper['rte'].lora_epochs}" in epochs
+    cpu = dict(hparams.TASK_BUDGETS["cpu"])
+    cpu["mrpc"] = replace(cpu["mrpc"], epochs=77, max_train_samples=1234, head_lr=0.0321)
+    monkeypatch.setattr(hparams, "TASK_BUDGETS", {**hparams.TASK_BUDGETS, "cpu": cpu})
+    _, options = _options("train")
+    helps = {a.dest: a.help for a in options}
+    assert "mrpc 77" in helps["epochs"] and "mrpc 1234" in helps["max_train_samples"]
+    assert "mrpc 0.0321" in helps["head_lr"]
+    _, options = _options("tune")
+    assert "mrpc 77" in next(a.help for a in options if a.dest == "epochs")

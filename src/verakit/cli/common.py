@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["add_vera_options", "csv_list", "fields_of", "log_to_stderr", "print_evaluation", "run_training"]
+__all__ = ["RECIPES", "add_vera_options", "command_line", "csv_list", "defaults_help", "fields_of",
+           "interrupted_run", "log_to_stderr", "print_evaluation", "run_training"]
+
+RECIPES = ("classification", "causal LMs", "images")  # the recipes `defaults_help` describes, in this order
+_UNUSED = {"r": ("full", "head"), "lr": ("head",)}  # methods for which an option's resolved value means nothing
 
 
 def csv_list(value: str) -> tuple[str, ...]:
@@ -22,23 +28,135 @@ def fields_of(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in cls.__dataclass_fields__}
 
 
+def _recipe_grid(recipe: str) -> tuple[type, dict[str, dict[str, dict[str, Any]]]]:
+    """(args dataclass, {budget: {method: {task: resolved args}}}) of one recipe: every combination resolved
+    exactly as a run would resolve it, so help texts show the values in force (hparams.py and friends)."""
+    from ..train.hparams import BUDGETS
+
+    if recipe == "classification":
+        from ..train.classify import TrainArgs
+        from ..train.data import TASKS
+        from ..train.methods import METHODS
+
+        def make(t: str, m: str, b: str) -> Any:
+            return TrainArgs(task=t, data_dir=None, out="", method=m, budget=b).resolved()
+
+        cls, tasks, methods = TrainArgs, list(TASKS), METHODS
+    elif recipe == "causal LMs":
+        from ..train.causal import CAUSAL_METHODS, CausalArgs
+        from ..train.causal_data import CAUSAL_TASKS
+
+        def make(t: str, m: str, b: str) -> Any:
+            return CausalArgs(task=t, data_dir="", out="", method=m, budget=b).budgeted()
+
+        cls, tasks, methods = CausalArgs, list(CAUSAL_TASKS), CAUSAL_METHODS
+    else:
+        from ..train.methods import METHODS
+        from ..train.vision import IMAGE_TASK, ImageArgs
+
+        def make(t: str, m: str, b: str) -> Any:
+            return ImageArgs(data_dir="", out="", model="m", method=m).resolved()
+
+        cls, tasks, methods = ImageArgs, [IMAGE_TASK], METHODS
+    budgets = BUDGETS if "budget" in cls.__dataclass_fields__ else ("",)
+    return cls, {b: {m: {t: make(t, m, b) for t in tasks} for m in methods} for b in budgets}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "all"  # the only None a resolved sample-count option keeps
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return ",".join(v) if isinstance(v, (tuple, list)) else str(v)
+
+
+def _same(values: Iterable[Any]) -> bool:
+    return len({repr(v) for v in values}) == 1
+
+
+def _cell(by_method: Mapping[str, Mapping[str, Any]]) -> str:
+    """'3', 'sst2 1, mrpc 3, ...' or 'vera/full/head (sst2 60, ...), lora (...)': identical parts merged."""
+    texts: dict[str, list[str]] = {}
+    for method, by_task in by_method.items():
+        text = _fmt(next(iter(by_task.values()))) if _same(by_task.values()) else ", ".join(
+            f"{t} {_fmt(v)}" for t, v in by_task.items())
+        texts.setdefault(text, []).append(method)
+    if len(texts) == 1:
+        return next(iter(texts))
+    return ", ".join(f"{'/'.join(ms)} ({t})" if "," in t else f"{'/'.join(ms)} {t}" for t, ms in texts.items())
+
+
+def defaults_help(dest: str, recipes: Iterable[str] = RECIPES, budget: str | None = None) -> str:
+    """The default of option `dest` as each recipe resolves it, per --budget, method and task where it
+    varies, e.g. "classification, cpu budget: sst2 1, mrpc 3, ...; causal LMs: 1; images: 10". Read from
+    the recipes' tables when the parser is built, so it follows any change of those tables. `budget`: only
+    that preset's values (for a command without --budget)."""
+    recipes = list(recipes)
+    parts = []
+    for recipe in recipes:
+        cls, grid = _recipe_grid(recipe)
+        if dest not in cls.__dataclass_fields__:
+            continue
+        cells = {b: _cell({m: {t: getattr(a, dest) for t, a in by_task.items()}
+                           for m, by_task in by_method.items() if m not in _UNUSED.get(dest, ())})
+                 for b, by_method in grid.items() if budget is None or b in (budget, "")}
+        label = f"{recipe}, " if len(recipes) > 1 else ""  # one recipe described: no need to name it
+        if _same(cells.values()):
+            parts.append(f"{label.removesuffix(', ')}: {next(iter(cells.values()))}" if label else
+                         next(iter(cells.values())))
+        else:
+            parts += [f"{label}{b} budget: {text}" for b, text in cells.items()]
+    return "; ".join(parts)
+
+
 def add_vera_options(s: argparse.ArgumentParser) -> None:
     """The VeRA ablation flags of `verakit train` and `verakit tune` (VeraConfig's fields)."""
     from ..config import DISTRIBUTIONS, SHARING_MODES
 
     g = s.add_argument_group("VeRA options (the paper's ablations; docs/tuning.md)")
     g.add_argument("--train-d", action=argparse.BooleanOptionalAction, default=True,
-                   help="train d (--no-train-d: d stays at --d-initial; the paper's 'only b' uses 1.0)")
+                   help="train d (default on; --no-train-d: d stays at --d-initial; the paper's 'only b' uses 1.0)")
     g.add_argument("--train-b", action=argparse.BooleanOptionalAction, default=True,
-                   help="train b (--no-train-b: b is fixed at ones; the paper's 'only d' uses --d-initial 0)")
+                   help="train b (default on; --no-train-b: b is fixed at ones; the paper's 'only d' uses "
+                   "--d-initial 0)")
     g.add_argument("--distribution", default="kaiming_uniform", choices=DISTRIBUTIONS,
                    help="projection values (default kaiming_uniform; uniform is on [0, 0.1), the paper's bad case)")
     g.add_argument("--projection-sharing", default="shared", choices=SHARING_MODES,
-                   help="one projection pair for all layers (default) or a unique pair per layer")
+                   help="shared: one projection pair for all layers (default shared); unique: a pair per layer")
     g.add_argument("--adapter-compute-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: VeRA's own products (delta, g^T x, A x) in bf16 during training steps, faster on "
                    "CPUs with avx512_bf16/AMX and on GPUs; evaluation and the saved file stay exact (default fp32; "
                    "classification tasks only; docs/performance.md)")
+
+
+def interrupted_run(adapter: str | Path) -> Path | None:
+    """RUN_DIR when `adapter` is a run folder, or an artifact in one (RUN_DIR/adapters/NAME for groups),
+    whose training was stopped by Ctrl-C and not finished: RUN_DIR/checkpoint/state.pt exists."""
+    adapter = Path(adapter)
+    candidates = [adapter] if adapter.is_dir() else []
+    candidates += [adapter.parent] + ([adapter.parent.parent] if adapter.parent.name == "adapters" else [])
+    return next((d for d in candidates if (d / "checkpoint" / "state.pt").is_file()), None)
+
+
+def command_line(parser: argparse.ArgumentParser, prog: str, values: Mapping[str, Any], extra: Iterable[str] = ()) -> str:
+    """The `prog` command line that gives `parser` these values (e.g. a run's config.json "args"): one flag per
+    option whose value is set and differs from the parser's default; values no option takes are left out."""
+    argv = prog.split()
+    for action in parser._actions:  # argparse has no public list of its options
+        if not action.option_strings or action.dest not in values or action.dest in ("resume", "quiet"):
+            continue
+        v = values[action.dest]
+        if v is None or v == action.default or (isinstance(v, list) and tuple(v) == action.default):
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(action.option_strings[0] if v else action.option_strings[1])
+        elif action.nargs == 0:  # store_true
+            argv += [action.option_strings[0]] if v else []
+        else:
+            argv += [action.option_strings[0], ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return shlex.join([*argv, *extra])
 
 
 def log_to_stderr() -> None:

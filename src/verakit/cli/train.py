@@ -7,7 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_vera_options, csv_list, fields_of, print_evaluation, run_training
+from .common import (
+    add_vera_options,
+    command_line,
+    csv_list,
+    defaults_help,
+    fields_of,
+    interrupted_run,
+    print_evaluation,
+    run_training,
+)
 
 __all__ = [
     "add_parsers",
@@ -118,6 +127,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.methods import read_artifact_info, recorded
     from ..train.vision import IMAGE_TASK
 
+    run_dir = interrupted_run(args.adapter)
+    if run_dir is not None:
+        resume = _resume_command(run_dir)
+        if not Path(args.adapter).is_file() and not (Path(args.adapter) / "adapter_config.json").is_file():
+            print(f"verakit eval: error: {run_dir}: this run was interrupted (Ctrl-C) before it saved an artifact to "
+                  f"evaluate; continue it with\n  {resume}\nthen evaluate what it writes", file=sys.stderr)
+            return 2
+        print(f"verakit eval: note: {run_dir} was interrupted before it finished: this scores its best evaluation "
+              f"so far; finish it with\n  {resume}", file=sys.stderr)
     task = recorded(read_artifact_info(args.adapter), args.adapter, "task", args.task, "--task and --data-dir")
     if task in CAUSAL_TASKS:
         return run_eval_causal(args)
@@ -125,6 +143,19 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_eval_images(args)
     return print_evaluation(lambda: evaluate_classifier(
         args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples))
+
+
+def _resume_command(run_dir: Path) -> str:
+    """`verakit train` with the settings in RUN_DIR/config.json, plus --resume: the command that continues it."""
+    import json
+
+    try:
+        values = json.loads((run_dir / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return "the same `verakit train` command that started it, with --resume"
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parsers(sub)
+    return command_line(sub.choices["train"], "verakit train", values, ["--resume"])
 
 
 def run_eval_causal(args: argparse.Namespace) -> int:
@@ -154,7 +185,8 @@ def _add_group_options(s: argparse.ArgumentParser) -> None:
     defaults = GroupedArgs.__dataclass_fields__
     g = s.add_argument_group("one adapter per group (classification, e.g. --task csv)")
     g.add_argument("--group-column", default=None, help="train one VeRA adapter per distinct value of this column "
-                   "in one run over mixed batches; writes RUN_DIR/adapters/NAME.safetensors (docs/grouped.md)")
+                   "in one run over mixed batches; writes RUN_DIR/adapters/NAME.safetensors (docs/grouped.md; "
+                   "default: none, one adapter for all rows)")
     g.add_argument("--shared-head", action="store_true", help="train one classifier head for all groups "
                    "(default: one head per group)")
     g.add_argument("--max-groups", type=int, default=None, help="refuse more distinct groups than this "
@@ -170,15 +202,18 @@ def _add_causal_options(s: argparse.ArgumentParser, train: bool) -> None:
                        help="render prompts with the tokenizer's chat template (default: on for instruct when "
                        "the tokenizer has one, else off)")
         g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
-                       "in backward: less memory, one more forward per step")
+                       "in backward: less memory, one more forward per step (default off)")
         g.add_argument("--held-out", type=float, default=0.1, help="instruct / one-file jsonl: fraction held out "
                        "for evaluation (default 0.1)")
         g.add_argument("--report-samples", type=int, default=4, help="held-out generations shown in report.md, "
                        "before and after training (default 4)")
     g.add_argument("--gen-eval-samples", type=int, default=None, help="held-out examples generated and scored "
-                   "(BLEU, ROUGE-L, chrF) at each evaluation (default: e2e 100, others 0)")
-    g.add_argument("--num-beams", type=int, default=1 if train else None, help="1: greedy (default); > 1: beam search")
-    g.add_argument("--max-new-tokens", type=int, default=64 if train else None, help="generation limit (default 64)")
+                   "(BLEU, ROUGE-L, chrF) at each evaluation (default: " + (
+                       defaults_help("gen_eval_samples", ("causal LMs",)) if train else "as in training") + ")")
+    g.add_argument("--num-beams", type=int, default=1 if train else None, help="1: greedy; > 1: beam search "
+                   "(default " + ("1" if train else "as in training") + ")")
+    g.add_argument("--max-new-tokens", type=int, default=64 if train else None, help="generation limit "
+                   "(default " + ("64" if train else "as in training") + ")")
     if not train:
         g.add_argument("--split", default="dev", choices=["dev", "test"], help="e2e: dev or test set (default dev)")
 
@@ -187,59 +222,80 @@ def _add_image_options(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("image classification (--task images; docs/vision.md)")
     g.add_argument("--shots", type=int, default=None, help="training images per class, a seeded choice "
                    "(few-shot protocol; default: all)")
-    g.add_argument("--augment", action="store_true", help="random horizontal flips and shifts of training images")
+    g.add_argument("--augment", action="store_true", help="random horizontal flips and shifts of training images "
+                   "(default off)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `train` and `eval`, in that order."""
     from ..train.causal_data import CAUSAL_TASKS
     from ..train.data import TASKS
+    from ..train.hparams import BUDGETS
     from ..train.methods import METHODS
     from ..train.vision import IMAGE_TASK
 
-    s = sub.add_parser("train", help="finetune a sequence classifier with VeRA, LoRA, full or head-only")
-    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK])
+    what = ("train an adapter (VeRA, LoRA, full fine-tuning or head only) for sequence classification or "
+            "regression (GLUE tasks, your csv), a causal LM (e2e, instruct, jsonl), image classification (images), "
+            "or one VeRA adapter per group of rows (--group-column)")
+    s = sub.add_parser("train", help=what, description=what[0].upper() + what[1:] + ". Writes RUN_DIR: the best "
+                       "evaluation's adapter, config.json, metrics.json, report.md, curve.png (docs/training.md).")
+    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
+                   help="GLUE task or csv (classification), e2e / instruct / jsonl (causal LM), images (required)")
     s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
-                   "holding train and dev .csv/.jsonl/.tsv; for images, a folder or .zip of train/<class>/ and test/<class>/")
-    s.add_argument("--out", required=True, help="RUN_DIR: adapter, metrics.json, report.md, curve.png")
-    s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
-    s.add_argument("--method", default="vera", choices=list(METHODS))
+                   "holding train and dev .csv/.jsonl/.tsv; for images, a folder or .zip of train/<class>/ and "
+                   "test/<class>/; for causal LMs, the task's file or folder (required)")
+    s.add_argument("--out", required=True, help="RUN_DIR, absent or empty: adapter, config.json, metrics.json, "
+                   "report.md, curve.png (required)")
+    s.add_argument("--model", default=None, help="model folder or hub id (default: classification "
+                   "all-MiniLM-L6-v2, causal LMs SmolLM2-135M-Instruct, both installed offline; images: required)")
+    s.add_argument("--method", default="vera", choices=list(METHODS), help="what trains (default vera; causal "
+                   "LMs take vera, lora or full)")
     # --adapter-rank: the same flag under torchrun, whose own parser rejects "--r" as an ambiguous prefix.
     s.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None,
-                   help="rank: VeRA 1024, LoRA 8 by default")
+                   help=f"rank (default: {defaults_help('r')})")
     s.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
     s.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
                    "(default: the model type's, query,value for BERT)")
-    s.add_argument("--budget", default="cpu", choices=["cpu", "paper"],
+    s.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help="preset of epochs, training rows and learning rates: cpu (default; minutes on a laptop CPU "
                    "with the default MiniLM) or paper (the VeRA/LoRA papers' GPU budgets over the whole training set); "
                    "--epochs, --max-train-samples, --lr and --head-lr override single values (docs/training.md)")
-    s.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
-    s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: classification 32; "
-                   "causal LMs per --budget, cpu 8)")
-    s.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
-    s.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: per task)")
-    s.add_argument("--head-lr", type=float, default=None, help="classifier head learning rate (default: per task)")
-    s.add_argument("--warmup-ratio", type=float, default=0.06)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-train-samples", type=int, default=None)
-    s.add_argument("--max-eval-samples", type=int, default=None)
-    s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
-    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint (written on Ctrl-C)")
-    s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    s.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {defaults_help('epochs')})")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size, split across processes (default: {defaults_help('batch_size')})")
+    s.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
+    s.add_argument("--lr", type=float, default=None,
+                   help=f"adapter (full: body) learning rate (default: {defaults_help('lr')})")
+    s.add_argument("--head-lr", type=float, default=None,
+                   help=f"classifier head learning rate (default: {defaults_help('head_lr')})")
+    s.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
+                   "of the learning rate (default 0.06)")
+    s.add_argument("--seed", type=int, default=0, help="data subset and order, head init, dropout and VeRA's "
+                   "projection (default 0)")
+    s.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this many "
+                   f"rows (default: {defaults_help('max_train_samples')})")
+    s.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
+                   f"rows (default: {defaults_help('max_eval_samples')})")
+    s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N optimizer steps (default: "
+                   "only before training and at each epoch end)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoint "
+                   "(written on Ctrl-C); repeat the same command with --resume (default off: a new run)")
+    s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar (default: a bar)")
     add_vera_options(s)
     _add_group_options(s)
     _add_causal_options(s, train=True)
     _add_image_options(s)
     s.set_defaults(func=run_train)
 
-    s = sub.add_parser("eval", help="evaluate a trained adapter on a task's dev set")
+    what = "evaluate a trained adapter on its task's dev (or test) set, as training evaluated it"
+    s = sub.add_parser("eval", help=what, description=what[0].upper() + what[1:] + "; prints the metrics as JSON.")
     s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
-                   help="default: the task it was trained on")
-    s.add_argument("--data-dir", default=None, help="default: the folder it was trained on")
+                   help="task to score (default: the task it was trained on)")
+    s.add_argument("--data-dir", default=None, help="data folder (default: the folder it was trained on)")
     s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
-                   "or RUN_DIR/trained.safetensors (full, head)")
+                   "or RUN_DIR/trained.safetensors (full, head) (required)")
     s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
-    s.add_argument("--max-eval-samples", type=int, default=None, help="default: as in training")
+    s.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
+                   "rows (default: as in training)")
     _add_causal_options(s, train=False)
     s.set_defaults(func=run_eval)

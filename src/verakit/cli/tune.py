@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from .common import add_vera_options, csv_list, log_to_stderr
+from .common import add_vera_options, csv_list, defaults_help, log_to_stderr
 
 __all__ = ["add_parsers", "run_tune"]
 
@@ -42,44 +43,67 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec(d: Any) -> str:
+    """A SearchDim as the --param spec that declares it."""
+    if d.kind == "categorical":
+        return f"{d.name}=choice:" + ",".join(str(c) for c in d.choices)
+    return f"{d.name}={d.kind}:{d.low:g}:{d.high:g}" + (":log" if d.log else "")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `tune`."""
     from ..train.data import TASKS
     from ..train.methods import METHODS
-    from ..train.tune import PRUNERS, TUNABLE
+    from ..train.tune import PRUNERS, TUNABLE, default_space
 
-    s = sub.add_parser("tune", help="hyperparameter search (Optuna) over verakit train runs, resumable, with a report")
-    s.add_argument("--task", required=True, choices=list(TASKS))
-    s.add_argument("--data-dir", required=True, help="as for verakit train")
+    what = ("hyperparameter search (Optuna) over `verakit train` runs of a classification task: resumable by "
+            "rerunning the same command, with a report")
+    s = sub.add_parser("tune", help=what, description=what[0].upper() + what[1:] + " (docs/tuning.md).")
+    s.add_argument("--task", required=True, choices=list(TASKS), help="classification task (required)")
+    s.add_argument("--data-dir", required=True, help="as for verakit train (required)")
     s.add_argument("--out", required=True, help="RUN_DIR: study.db (resume by rerunning), trials/NNNN/, report.md, "
-                   "importance.png, summary.json")
+                   "importance.png, summary.json (required)")
     s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
-    s.add_argument("--method", default="vera", choices=list(METHODS))
+    s.add_argument("--method", default="vera", choices=list(METHODS), help="what trains (default vera)")
     g = s.add_argument_group("budget and search")
     g.add_argument("--trials", type=int, default=None, help="finished (complete + pruned) trials the study should "
-                   "hold; a rerun runs only the missing ones")
-    g.add_argument("--timeout", type=float, default=None, help="seconds for this invocation (no trial starts after it)")
+                   "hold; a rerun runs only the missing ones (default: none, give --trials and/or --timeout)")
+    g.add_argument("--timeout", type=float, default=None, help="seconds for this invocation, no trial starts after "
+                   "it (default: none, give --trials and/or --timeout)")
+    spaces = "; ".join(f"{m}: " + ", ".join(_spec(d) for d in default_space(m)) for m in METHODS)
     g.add_argument("--param", action="append", metavar="SPEC", help="a searched setting (repeatable): NAME=float:LOW:"
                    "HIGH[:log], NAME=int:LOW:HIGH[:log] or NAME=choice:A,B,...; NAME one of " + ", ".join(TUNABLE)
-                   + " (default space: docs/tuning.md)")
-    g.add_argument("--space", default=None, help="JSON file of dimensions (docs/tuning.md), with or instead of --param")
-    g.add_argument("--pruner", default="median", choices=list(PRUNERS), help="stop trials below the median of "
-                   "earlier ones at the same point (default), or never")
-    g.add_argument("--sampler-seed", type=int, default=0)
-    g.add_argument("--study-name", default="verakit-tune")
-    f = s.add_argument_group("fixed training settings (as verakit train; a searched setting overrides its flag)")
-    f.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None)
-    f.add_argument("--d-initial", type=float, default=0.1)
-    f.add_argument("--target-modules", type=csv_list, default=None)
-    f.add_argument("--epochs", type=int, default=None, help="default: per task (docs/training.md)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--max-length", type=int, default=128)
-    f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--head-lr", type=float, default=None)
-    f.add_argument("--warmup-ratio", type=float, default=0.06)
-    f.add_argument("--seed", type=int, default=0, help="training seed of every trial (data subset, order, init)")
-    f.add_argument("--max-train-samples", type=int, default=None)
-    f.add_argument("--max-eval-samples", type=int, default=None)
-    f.add_argument("--eval-every", type=int, default=None, help="also evaluate (and maybe prune) every N steps")
+                   + f" (default, without --param and --space: {spaces})")
+    g.add_argument("--space", default=None, help="JSON file of dimensions (docs/tuning.md), with or instead of --param "
+                   "(default: none)")
+    g.add_argument("--pruner", default="median", choices=list(PRUNERS), help="median: stop a trial below the median "
+                   "of earlier ones at the same point; none: never (default median)")
+    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    g.add_argument("--study-name", default="verakit-tune", help="name of the study in study.db (default verakit-tune)")
+    f = s.add_argument_group("fixed training settings (as verakit train with --budget cpu; a searched setting "
+                             "overrides its flag)")
+    per_task = {dest: defaults_help(dest, ("classification",), budget="cpu")
+                for dest in ("r", "epochs", "lr", "head_lr", "max_train_samples", "max_eval_samples")}
+    f.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None, help=f"rank (default: {per_task['r']})")
+    f.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
+    f.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
+                   "(default: the model type's, query,value for BERT)")
+    f.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {per_task['epochs']})")
+    f.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    f.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
+    f.add_argument("--lr", type=float, default=None,
+                   help=f"adapter (full: body) learning rate (default: {per_task['lr']})")
+    f.add_argument("--head-lr", type=float, default=None,
+                   help=f"classifier head learning rate (default: {per_task['head_lr']})")
+    f.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
+                   "of the learning rate (default 0.06)")
+    f.add_argument("--seed", type=int, default=0, help="training seed of every trial: data subset, order, init "
+                   "(default 0)")
+    f.add_argument("--max-train-samples", type=int, default=None, help="train each trial on a seeded subset of "
+                   f"this many rows (default: {per_task['max_train_samples']})")
+    f.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
+                   f"rows (default: {per_task['max_eval_samples']})")
+    f.add_argument("--eval-every", type=int, default=None, help="also evaluate (and maybe prune) every N steps "
+                   "(default: only before training and at each epoch end)")
     add_vera_options(s)
     s.set_defaults(func=run_tune)
