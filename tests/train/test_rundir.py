@@ -63,3 +63,13 @@ def test_a_setting_an_older_config_lacks_counts_as_its_default(tmp_path):
                   state=_Process(True, run_dir), defaults=defaults)
     start_run(run_dir, {"args": new}, resume=True, state=_Process(True, run_dir), defaults=defaults)
     assert json.loads((run_dir / "config.json").read_text())["args"] == new
+
+
+def test_loop_metrics_carry_the_baseline_into_metrics_json():
+    from verakit.train.loop import LoopResult
+    from verakit.train.rundir import loop_metrics
+
+    result = LoopResult([], [], {}, 12.345, 6, 1, baseline={"accuracy": 0.5})
+    assert loop_metrics(result) == {"train_seconds": 12.35, "total_steps": 6, "world_size": 1,
+                                    "baseline": {"accuracy": 0.5}}
+    assert loop_metrics(LoopResult([], [], {}, 1.0, 6, 1))["baseline"] is None  # a recipe without baseline()

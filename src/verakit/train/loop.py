@@ -431,8 +431,8 @@ def _estimate(seconds_per_step: float, eval_seconds: float | None, steps_left: i
     total = elapsed + left
     evals = (f", {evals_left} evaluation{'s' if evals_left != 1 else ''} of {eval_seconds:.1f} s"
              if eval_seconds is not None else ", evaluations not included")
-    out = [(f"estimated {_duration(total)} in all, {_duration(left)} left for {steps_left:,} more steps "
-            f"({seconds_per_step:.2f} s/step{evals})", False)]
+    out = [(f"estimated {_duration(total)} in all, {_duration(left)} left for {steps_left:,} more "
+            f"step{'s' if steps_left != 1 else ''} ({seconds_per_step:.2f} s/step{evals})", False)]
     if on_cpu and total > LONG_RUN_SECONDS:
         out.append((f"warning: this run needs about {_duration(total)} on this CPU (over an hour); to shrink "
                     f"it, pass {BUDGET_FLAGS} (fewer rows per epoch, fewer epochs)", True))
