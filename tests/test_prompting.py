@@ -1,7 +1,8 @@
-"""verakit.prompting: the prompt format recorded with an artifact, and token ids equal to the ones training
-encodes (train.lm_data / train.generate), so serving and `verakit generate` read prompts as training did."""
+"""verakit.prompting: the prompt format recorded with an artifact, and the token ids training encodes with it
+(train.lm_data / train.generate use this module), so serving and `verakit generate` read prompts as training did."""
 
 import pytest
+import torch
 
 from lm_helpers import tiny_tokenizer
 from verakit.prompting import PromptFormat, end_token_ids, prompt_format, prompt_token_ids, stop_token_ids
@@ -36,16 +37,60 @@ def test_text_and_token_ids(tok):
     assert stop_token_ids(tok, False) == [tok.eos_token_id]
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_same_ids_as_training(tok, chat):
-    """Until training imports this module, its own copy of the rule must agree with it."""
-    from verakit.train.generate import stop_token_ids as train_stops
-    from verakit.train.lm_data import _end_tokens, _prompt_tokens
+class CharChat:
+    """One id per character (its code point), BOS=1 on add_special_tokens, EOS=2, and a template that writes
+    "<u>{user}|\n<a>" for a user turn and its generation prompt, so every id below can be written by hand."""
 
-    for prompt in ("name[Zizzi], food[French]\n", "Give three tips for staying healthy.", "  x  "):
-        assert prompt_token_ids(tok, prompt, chat) == _prompt_tokens(tok, prompt, chat)
-    assert end_token_ids(tok, chat) == _end_tokens(tok, chat)
-    assert stop_token_ids(tok, chat) == train_stops(tok, chat)
+    bos_token_id, eos_token_id, pad_token_id, name_or_path = 1, 2, 0, "char-chat"
+    chat_template = "<u>...|<a>"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True) -> str:
+        assert not tokenize
+        text = "".join(f"<{m['role'][0]}>{m['content']}|\n" for m in messages)
+        return text + ("<a>" if add_generation_prompt else "")
+
+
+def _ords(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_training_encodes_by_this_rule(chat):
+    """Training's encoding (train.lm_data, train.generate's stops), pinned to ids built by hand: plain text
+    gets the tokenizer's BOS and ends with EOS; a chat prompt is the rendered user turn with its trailing
+    newline stripped, no second BOS, and the completion ends with what the template writes after a reply."""
+    from verakit.train.generate import DecodeConfig, generate_ids
+    from verakit.train.lm_data import IGNORE_INDEX, LMExample, prompt_ids, tokenize_examples
+
+    tok = CharChat()
+    prompt = _ords("<u>ab|\n<a>") if chat else [1, *_ords("ab\n")]
+    end = _ords("|") if chat else [2]  # "|\n" after the reply, trailing newline dropped; else EOS
+    (row,) = tokenize_examples(tok, [LMExample("ab\n", "xy")], 64, use_chat_template=chat)
+    assert row["input_ids"] == prompt + _ords("xy") + end
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + _ords("xy") + end
+    assert prompt_ids(tok, ["ab\n"], use_chat_template=chat)["input_ids"].tolist() == [prompt]
+    assert prompt_token_ids(tok, "ab\n", chat) == prompt and end_token_ids(tok, chat) == end
+
+    class Echo(torch.nn.Module):
+        """generate() that appends a fixed continuation: the first stop token cuts it."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.stops = None
+
+        def generate(self, input_ids, eos_token_id, **_):
+            self.stops = eos_token_id
+            tail = torch.tensor([_ords("ok") + [ord("|"), 2, ord("z")]] * input_ids.shape[0])
+            return torch.cat([input_ids, tail], dim=1)
+
+    model = Echo()
+    got = generate_ids(model, tok, ["ab\n"], use_chat_template=chat, config=DecodeConfig(max_new_tokens=5))
+    assert model.stops == ([ord("|"), 2] if chat else [2])
+    assert got == [_ords("ok") if chat else _ords("ok|")]
 
 
 def test_missing_template_names_the_tokenizer(tok):

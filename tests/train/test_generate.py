@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lm_helpers import save_tiny_lm
-from verakit.train.generate import DecodeConfig, generate_ids, generate_texts, stop_token_ids
+from verakit.prompting import stop_token_ids
+from verakit.train.generate import DecodeConfig, generate_ids, generate_texts
 from verakit.train.lm_data import prompt_ids
 
 PROMPTS = [
@@ -102,3 +103,36 @@ def test_bad_decode_settings_and_no_prompts(lm):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="no prompts"):
         generate_texts(model, tokenizer, [], use_chat_template=False)
+
+
+@pytest.mark.parametrize("record, has_template, flag, texts, chat", [
+    (None, True, None, ["hi", "ok\n"], True),  # the base model alone: the template when the tokenizer has one
+    (None, False, None, ["hi", "ok\n"], False),
+    ({"task": "e2e", "chat_template": False}, True, None, ["hi\n", "ok\n"], False),  # loaders end prompts with \n
+    ({"task": "instruct", "chat_template": True}, True, None, ["hi\n", "ok\n"], True),
+    ({"task": "jsonl", "chat_template": False}, True, None, ["hi", "ok\n"], False),  # jsonl prompts are the user's
+    ({"task": "jsonl"}, True, None, ["hi", "ok\n"], True),  # nothing recorded: as for the base model
+    ({"task": "e2e", "chat_template": False}, True, True, ["hi\n", "ok\n"], True),  # --chat-template wins
+    ({"task": "instruct", "chat_template": True}, True, False, ["hi\n", "ok\n"], False),
+])
+def test_artifact_prompts_get_the_recorded_format(monkeypatch, record, has_template, flag, texts, chat):
+    """What `verakit generate` hands to generation for prompts "hi" and "ok\\n" under each recorded format."""
+    from types import SimpleNamespace
+
+    from verakit.train import causal, generate, methods
+
+    base = SimpleNamespace(eval=lambda: "model")
+    tokenizer = SimpleNamespace(chat_template="{{ x }}" if has_template else None)
+    seen = {}
+    monkeypatch.setattr(causal, "build_causal_lm", lambda name: (base, tokenizer))
+    monkeypatch.setattr(methods, "read_artifact_info", lambda path: dict(record))
+    monkeypatch.setattr(methods, "load_artifact", lambda path, model: model)
+
+    def fake_generate_texts(model, tok, prompts, *, use_chat_template, config):
+        seen.update(model=model, prompts=list(prompts), chat=use_chat_template)
+        return ["out"] * len(prompts)
+
+    monkeypatch.setattr(generate, "generate_texts", fake_generate_texts)
+    adapter = None if record is None else "adapter.safetensors"
+    assert generate.generate_with_artifact(adapter, ["hi", "ok\n"], chat_template=flag) == ["out", "out"]
+    assert seen == {"model": "model", "prompts": texts, "chat": chat}

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lm_data import LMExample, _end_tokens, prompt_ids
+from ..prompting import prompt_format, stop_token_ids
+from .lm_data import LMExample, prompt_ids
 
-__all__ = ["DecodeConfig", "generate_ids", "generate_texts", "generate_with_artifact", "stop_token_ids"]
+__all__ = ["DecodeConfig", "generate_ids", "generate_texts", "generate_with_artifact"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,6 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size!r}")
 
 
-def stop_token_ids(tokenizer: Any, use_chat_template: bool) -> list[int]:
-    """Token ids that end a generation: the first token of training's end marker, and EOS."""
-    ids = [_end_tokens(tokenizer, use_chat_template)[0]]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def generate_ids(
     model: nn.Module,
     tokenizer: Any,
@@ -61,7 +54,8 @@ def generate_ids(
     use_chat_template: bool,
     config: DecodeConfig | None = None,
 ) -> list[list[int]]:
-    """The generated token ids of each prompt, cut before the first stop token (see `stop_token_ids`).
+    """The generated token ids of each prompt, cut before the first stop token (see
+    `verakit.prompting.stop_token_ids`).
 
     Prompts are batched by token length (less padding), and results come back in the input order.
     `model` is used as is: put it in eval mode, on its device, with or without an adapter.
@@ -137,8 +131,6 @@ def generate_with_artifact(
     info = read_artifact_info(adapter) if adapter is not None else {}
     base, tokenizer = build_causal_lm(model or info.get("model"))
     trained = (load_artifact(adapter, base) if adapter is not None else base).eval()
-    if chat_template is None:
-        chat_template = bool(info["chat_template"]) if "chat_template" in info else bool(tokenizer.chat_template)
-    newline = info.get("task") in ("e2e", "instruct")
-    texts = [p + "\n" if newline and not p.endswith("\n") else p for p in prompts]
-    return generate_texts(trained, tokenizer, texts, use_chat_template=chat_template, config=config)
+    fmt = prompt_format(info, bool(tokenizer.chat_template), chat_template)  # the rule `verakit serve` follows too
+    texts = [fmt.text(p) for p in prompts]
+    return generate_texts(trained, tokenizer, texts, use_chat_template=fmt.chat_template, config=config)

@@ -11,7 +11,8 @@ Loaders return :class:`LMExample` lists from three sources:
 Prompts are plain text on purpose, so one example serves a base model and an instruct model alike.
 :func:`tokenize_examples` and :func:`prompt_ids` decide how a prompt reaches the model: as is, or
 (``use_chat_template=True``) rendered by the tokenizer's chat template as one user message with
-``add_generation_prompt=True``, the completion then being the assistant's reply.
+``add_generation_prompt=True``, the completion then being the assistant's reply. The encoding itself is
+:mod:`verakit.prompting`'s, the one `verakit generate` and `verakit serve` use too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from ..prompting import end_token_ids, prompt_token_ids
 
 __all__ = [
     "E2E_FILES",
@@ -265,47 +268,6 @@ def _subsample(examples: list[LMExample], max_samples: int | None, seed: int) ->
 # ------------------------------------------------------------------------------------ tokenization
 
 
-def _prompt_tokens(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
-    """Token ids of the prompt: the one encoding shared by training and generation."""
-    if not use_chat_template:
-        # add_special_tokens: a BOS where the tokenizer wants one (Llama), nothing where it does not.
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    _require_chat_template(tokenizer)
-    # The trailing newline only separates prompt from completion in plain text; the template has its own.
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt.rstrip()}], add_generation_prompt=True, tokenize=False
-    )
-    # The template already wrote every special token; adding them again would double the BOS.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _end_tokens(tokenizer: Any, use_chat_template: bool) -> list[int]:
-    """What closes a completion: the chat template's end-of-turn marker, else EOS."""
-    if use_chat_template:
-        _require_chat_template(tokenizer)
-        sentinel = "@@VERAKIT-SENTINEL@@"
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], tokenize=False
-        )
-        if sentinel in text:
-            # Whatever the template writes after the reply, minus trailing newlines (e.g. "<|im_end|>").
-            suffix = text.split(sentinel, 1)[1].rstrip()
-            ids = list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
-            if ids:
-                return ids
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id to end completions with")
-    return [tokenizer.eos_token_id]
-
-
-def _require_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"use_chat_template=True but tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} "
-            "has no chat_template; pass use_chat_template=False for a base model"
-        )
-
-
 def tokenize_examples(
     tokenizer: Any, examples: Sequence[LMExample], max_length: int, use_chat_template: bool
 ) -> list[dict[str, list[int]]]:
@@ -323,10 +285,10 @@ def tokenize_examples(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 to hold a prompt and a completion token, got {max_length}")
-    end = _end_tokens(tokenizer, use_chat_template)
+    end = end_token_ids(tokenizer, use_chat_template)
     out: list[dict[str, list[int]]] = []
     for ex in examples:
-        prompt = _prompt_tokens(tokenizer, ex.prompt, use_chat_template)
+        prompt = prompt_token_ids(tokenizer, ex.prompt, use_chat_template)
         completion = list(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + end
         if len(prompt) + len(completion) > max_length:
             keep_completion = min(len(completion), max(max_length - len(prompt), max_length // 2))
@@ -382,7 +344,7 @@ def prompt_ids(
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither pad_token_id nor eos_token_id")
     rows = []
     for p in prompts:
-        ids = _prompt_tokens(tokenizer, p.prompt if isinstance(p, LMExample) else p, use_chat_template)
+        ids = prompt_token_ids(tokenizer, p.prompt if isinstance(p, LMExample) else p, use_chat_template)
         rows.append(ids[-max_length:] if max_length is not None else ids)
     width = max(len(r) for r in rows)
     return {
