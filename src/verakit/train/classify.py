@@ -135,11 +135,10 @@ class TrainArgs:
 
 
 def _model_path(name: str | None) -> str:
-    if name is not None:
-        return name
-    from ..models import default_classifier_path
+    """None or "minilm": the installed MiniLM; else a local folder, or a hub id the hub or cache can serve."""
+    from ..models import resolve_model
 
-    return default_classifier_path()
+    return resolve_model(name, "classifier")
 
 
 def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any]:

@@ -147,11 +147,15 @@ def build_image_classifier(model_name: str, classes: Sequence[str]) -> tuple[nn.
     import transformers
     from transformers import AutoConfig, AutoModelForImageClassification
 
+    from ..models import locate_model
+
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    source = AutoConfig.from_pretrained(model_name)
+    # A hub id the hub cannot serve and the cache lacks fails here in one line, not after a minute of retries.
+    path = locate_model(model_name)
+    source = AutoConfig.from_pretrained(path)
     source_labels = tuple(source.id2label[i] for i in sorted(source.id2label))
     model = AutoModelForImageClassification.from_pretrained(
-        model_name,
+        path,
         num_labels=len(classes),
         id2label=dict(enumerate(classes)),
         label2id={c: i for i, c in enumerate(classes)},
@@ -168,7 +172,7 @@ def build_image_classifier(model_name: str, classes: Sequence[str]) -> tuple[nn.
                         nn.init.trunc_normal_(m.weight, std=std)
                         if m.bias is not None:
                             m.bias.zero_()
-    return model, load_image_processor(model_name, model.config)
+    return model, load_image_processor(path, model.config)
 
 
 def augment_batch(pixels: torch.Tensor) -> torch.Tensor:
