@@ -147,6 +147,7 @@ def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise in a training log
     path = _model_path(model_name)
     labels = spec.label_names or ("score",)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -226,6 +227,12 @@ class ClassificationRecipe:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_encoded(model, self.dev, self.spec)
+
+    def baseline(self) -> dict[str, float]:
+        """Dev metrics of always answering the most common dev label (the mean score, for regression)."""
+        from .metrics import trivial_baseline
+
+        return trivial_baseline(self.spec, self.dev.labels.numpy())
 
     def save_best(self, model: nn.Module, run_dir: Path) -> None:
         save_artifact(self.args.method, model, run_dir, self.info)
