@@ -224,10 +224,25 @@ def test_step_zero_is_recorded_but_never_saved_as_best(make_recipe, tmp_path, ca
 
 
 def test_evaluation_count_matches_a_brute_force_count():
-    from verakit.train.loop import _evaluations
+    from verakit.train.progress import evaluations as _evaluations
 
     for spe, total_epochs, every in ((6, 3, None), (6, 3, 4), (5, 2, 5), (7, 4, 3), (1, 5, 2)):
         total = spe * total_epochs
         for step in range(total + 1):
             want = sum(1 for s in range(step + 1, total + 1) if s % spe == 0 or (every and s % every == 0))
             assert _evaluations(step, total, spe, every) == want, (spe, total_epochs, every, step)
+
+
+def test_without_quiet_the_lines_go_above_a_progress_bar_not_to_the_log(make_recipe, tmp_path, caplog, capsys):
+    """progress.Progress: with a bar (not quiet) the plan and evaluation lines are written through tqdm (to
+    stdout) and the bar's postfix shows epoch, loss, lr and examples per second; nothing goes to the log."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="verakit.train")
+    run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=48, quiet=False), tmp_path)
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == ("plan: 96 training rows, 1 epoch x 2 steps of batch 48 = 2 optimizer steps; "
+                                   "dev evaluation at step 0 and each epoch end")
+    assert "eval step 0 (before training): accuracy " in out and "eval epoch 1.00 step 2: train_loss " in out
+    assert "train: 100%" in err and "epoch 1/1 loss " in err and " ex/s" in err
+    assert _lines(caplog) == []

@@ -12,7 +12,7 @@ global batch: one process with batch 32 and two with batch 32 take the same opti
 Under DDP (through `accelerate`) only trainable parameters (VeRA's d and b, the head) are all-reduced;
 the frozen projections are plain attributes regenerated from the seed on every rank, never sent.
 
-What a user sees (one place for every recipe): the plan first (rows, epochs, steps, batch), the dev
+What a user sees (the same for every recipe; the lines are written by progress.py): the plan first (rows, epochs, steps, batch), the dev
 score before the first step (step 0: for VeRA b = 0, so the base model with its fresh head) beside the
 recipe's trivial baseline, then after a few steps an estimate of the whole run, with a warning naming
 the budget flags when a CPU run would take over an hour. Step 0 is recorded in the history but never
@@ -21,7 +21,6 @@ picks the saved checkpoint: the best evaluation is the best *trained* one.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import signal
@@ -42,10 +41,9 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .progress import ESTIMATE_AFTER, Progress, estimate, eval_line, evaluations, plan_line
 
 __all__ = [
-    "ESTIMATE_AFTER",
-    "LONG_RUN_SECONDS",
     "LoopConfig",
     "LoopResult",
     "OptimizerFactory",
@@ -57,11 +55,6 @@ __all__ = [
     "run_loop",
 ]
 
-log = logging.getLogger("verakit.train")
-ESTIMATE_AFTER = 5  # optimizer steps timed before the loop prints its estimate of the whole run
-LONG_RUN_SECONDS = 3600.0  # a CPU run estimated above this gets a warning naming the budget flags
-BUDGET_FLAGS = "--max-train-samples N and/or --epochs N"  # how `verakit train` / `tune` shrink a run
-_QUIET_PROGRESS_SECONDS = 60.0  # with `quiet`, a progress line at most this often (there is no bar)
 _clock = time.perf_counter  # every duration the loop measures; tests replace it with a fake clock
 
 
@@ -267,17 +260,9 @@ def run_loop(
             resumed_window, losses = ckpt.window, list(ckpt.losses)
 
     main = acc.is_main_process
-    bar = _progress(main and not config.quiet, total_steps, start_step)
-
-    def say(line: str, warning: bool = False) -> None:
-        if not main:
-            return
-        if bar is not None:
-            bar.write(line)
-        else:
-            (log.warning if warning else log.info)(line)
-
-    say(_plan_line(n_train, config, steps_per_epoch, total_steps, world, start_step))
+    progress = Progress(main, config.quiet, total_steps, start_step, config.epochs, _clock())
+    progress.say(plan_line(n_train, config.epochs, config.batch_size, config.eval_every, steps_per_epoch,
+                           total_steps, world, start_step))
     baseline = _baseline(recipe) if main else None
     t0 = _clock()
     (window_loss, window_units), window_examples, window_t = resumed_window, 0, _clock()
@@ -308,18 +293,13 @@ def run_loop(
             if step > 0 and (not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric]):
                 best = record
                 recipe.save_best(raw_model, run_dir)
-            shown = " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
-            if step == 0:
-                say(f"eval step 0 (before training): {shown}" + (
-                    "; trivial baseline: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()) if baseline else ""))
-            else:
-                say(f"eval epoch {record['epoch']:.2f} step {step}: train_loss {record['train_loss']:.4f} {shown}")
+            progress.say(eval_line(record, baseline))
             if on_eval is not None and step > 0:
                 on_eval(record)
         acc.wait_for_everyone()
 
     model.train()
-    timed_steps, step_seconds, last_line = 0, 0.0, _clock()
+    timed_steps, step_seconds = 0, 0.0
     estimate_at = min(ESTIMATE_AFTER, total_steps - start_step - 1)
     with _SigintFlag() as sigint:
         if step == 0 and not history:
@@ -352,28 +332,20 @@ def run_loop(
             timed_steps, step_seconds = timed_steps + 1, step_seconds + _clock() - step_start
             if on_step is not None:
                 on_step(StepInfo(epoch, step, total_steps, batch_loss, scheduler.get_last_lr()[0]))
-            if bar is not None:
-                now = _clock()
-                eps = window_examples / max(now - window_t, 1e-9)
-                bar.set_postfix_str(
-                    f"epoch {epoch + 1}/{config.epochs} loss {batch_loss:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {eps:.1f} ex/s", refresh=False
-                )
-                bar.update(1)
-            elif main and _clock() - last_line >= _QUIET_PROGRESS_SECONDS:
-                last_line = _clock()
-                left = step_seconds / timed_steps * (total_steps - step)
-                say(f"step {step}/{total_steps} (epoch {epoch + 1}/{config.epochs}) loss {batch_loss:.4f}; "
-                    f"about {_duration(left)} of steps left")
+            now = _clock()
+            progress.stepped(now, epoch, step, batch_loss, scheduler.get_last_lr()[0],
+                             window_examples / max(now - window_t, 1e-9),
+                             step_seconds / timed_steps * (total_steps - step))
             if timed_steps == estimate_at:
-                evals_left = _evaluations(step, total_steps, steps_per_epoch, config.eval_every)
-                for line, warning in _estimate(step_seconds / timed_steps, eval_seconds, total_steps - step,
-                                               evals_left, _clock() - t0, acc.device.type == "cpu"):
-                    say(line, warning)
+                evals_left = evaluations(step, total_steps, steps_per_epoch, config.eval_every)
+                for line, warning in estimate(step_seconds / timed_steps, eval_seconds, total_steps - step,
+                                              evals_left, _clock() - t0, acc.device.type == "cpu"):
+                    progress.say(line, warning)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or (config.eval_every and step % config.eval_every == 0):
                 evaluate(step / steps_per_epoch)
-                window_examples, window_t, last_line = 0, _clock(), _clock()
+                window_examples, window_t = 0, _clock()
+                progress.evaluated(_clock())
             if stats[2].item() > 0 and step < total_steps:
                 seconds = seconds_before + _clock() - t0
                 state = Checkpoint(
@@ -390,11 +362,9 @@ def run_loop(
                 )
                 save_checkpoint(run_dir, rank, state, write_shared=main)
                 acc.wait_for_everyone()
-                if bar is not None:
-                    bar.close()
+                progress.close()
                 raise TrainingInterrupted(run_dir / "checkpoint", step)
-    if bar is not None:
-        bar.close()
+    progress.close()
     if main:
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
@@ -405,51 +375,3 @@ def _baseline(recipe: Recipe) -> dict[str, float] | None:
     make = getattr(recipe, "baseline", None)  # optional in the Recipe protocol
     return None if make is None else {k: float(v) for k, v in make().items()}
 
-
-def _plan_line(n_train: int, config: LoopConfig, steps_per_epoch: int, total_steps: int, world: int,
-               start_step: int) -> str:
-    evals = "at step 0 and each epoch end" + (f" and every {config.eval_every} steps" if config.eval_every else "")
-    return (f"plan: {n_train:,} training rows, {config.epochs} epoch{'s' if config.epochs > 1 else ''} x "
-            f"{steps_per_epoch:,} steps of batch {config.batch_size} = {total_steps:,} optimizer steps"
-            + (f" on {world} processes" if world > 1 else "") + f"; dev evaluation {evals}"
-            + (f"; resuming at step {start_step:,}" if start_step else ""))
-
-
-def _evaluations(step: int, total_steps: int, steps_per_epoch: int, eval_every: int | None) -> int:
-    """The evaluations still to come after `step`: at each epoch end and every `eval_every` steps."""
-    ends = total_steps // steps_per_epoch - step // steps_per_epoch
-    if not eval_every:
-        return ends
-    both = math.lcm(steps_per_epoch, eval_every)  # steps counted twice above
-    return ends + total_steps // eval_every - step // eval_every - (total_steps // both - step // both)
-
-
-def _estimate(seconds_per_step: float, eval_seconds: float | None, steps_left: int, evals_left: int,
-              elapsed: float, on_cpu: bool) -> list[tuple[str, bool]]:
-    """The estimate line (and the CPU warning) after the first timed steps: [(line, is_warning)]."""
-    left = seconds_per_step * steps_left + (eval_seconds or 0.0) * evals_left
-    total = elapsed + left
-    evals = (f", {evals_left} evaluation{'s' if evals_left != 1 else ''} of {eval_seconds:.1f} s"
-             if eval_seconds is not None else ", evaluations not included")
-    out = [(f"estimated {_duration(total)} in all, {_duration(left)} left for {steps_left:,} more "
-            f"step{'s' if steps_left != 1 else ''} ({seconds_per_step:.2f} s/step{evals})", False)]
-    if on_cpu and total > LONG_RUN_SECONDS:
-        out.append((f"warning: this run needs about {_duration(total)} on this CPU (over an hour); to shrink "
-                    f"it, pass {BUDGET_FLAGS} (fewer rows per epoch, fewer epochs)", True))
-    return out
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=True)
