@@ -3,7 +3,8 @@
 Request handlers validate and tokenize on their own thread and submit jobs; the batcher's worker thread
 loads the adapters a batch needs (least recently used ones make room), runs one forward or one
 `generate` for every row of the batch whatever its adapter, and resolves each job's future. Everything
-that touches the model or the bank runs on that thread or under `Engine._lock`.
+that touches the model or the bank runs on that thread or under `Engine._lock`. Prompts are encoded in
+each adapter's trained format by `prompts.PromptEncoder`, on the request threads.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import torch
 from ..config import PROJECTION_KINDS, VeraConfig
 from ..fileformat import Adapter, AdapterError
 from ..inject import attach
-from ..prompting import PromptFormat, prompt_format, stop_token_ids
+from ..prompting import PromptFormat
 from .bank import AdapterBank
 from .batcher import Batcher, Job
 from .generate import GenResult, GenRow, generate_rows
 from .options import ServeOptions
+from .prompts import EncodedPrompt, InputError, PromptEncoder
 from .store import AdapterInfo, AdapterStore, check_name
 
 __all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "UntrainedHead", "ClassifyResult",
@@ -43,19 +45,9 @@ class IncompatibleAdapter(AdapterError):
     """An adapter file exists but cannot be served by this bank, or is corrupt (HTTP 409)."""
 
 
-class InputError(ValueError):
-    """A request is well-formed JSON but asks for something out of bounds (HTTP 422)."""
-
-
 class UntrainedHead(InputError):
     """Classification without an adapter, but the base model's head was freshly initialised at load time
     (a plain encoder folder such as MiniLM): its answers would be noise (HTTP 422)."""
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    ids: tuple[int, ...]  # what the model reads, special tokens included
-    stop_ids: tuple[int, ...]  # tokens that end the completion as training ended it (beyond the model's EOS)
 
 
 @dataclass(frozen=True)
@@ -166,11 +158,8 @@ class Engine:
         self._lock = threading.Lock()
         # Encode once here so the fast tokenizer's truncation/padding state is fixed before threads share it.
         self.tokenizer("warm up", "pair", truncation=False)
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self._stop_ids: dict[bool, tuple[int, ...]] = {}
-        if self.task == "generate":
-            for chat in (False, True) if self.has_chat_template else (False,):
-                self._stop_ids[chat] = tuple(stop_token_ids(self.tokenizer, chat))
+        self.prompts = PromptEncoder(self.tokenizer, self.max_input_tokens, self.context, self.base_name,
+                                     generate=self.task == "generate")
         self.batcher = Batcher(self._run, options.max_batch, options.max_wait_ms / 1000.0)
 
     @staticmethod
@@ -230,46 +219,16 @@ class Engine:
                 if not self.store.exists(adapter):
                     raise UnknownAdapter(f"adapter {adapter!r} not found") from None
                 raise IncompatibleAdapter(f"adapter {adapter!r} cannot be served: {e}") from None
-        return prompt_format(extra, self.has_chat_template)
+        return self.prompts.format(extra)
 
     def encode_prompt(self, text: str, max_tokens: int, fmt: PromptFormat | None) -> EncodedPrompt:
-        """A completion prompt in format `fmt` (None: raw, the text as sent, BOS as the tokenizer adds it)."""
-        if fmt is None:
-            return self._checked(self.tokenizer(text, truncation=False)["input_ids"], max_tokens, ())
-        try:
-            ids = fmt.token_ids(self.tokenizer, text)
-        except ValueError as e:  # the adapter wants a chat template this tokenizer lacks
-            raise InputError(str(e)) from None
-        return self._checked(ids, max_tokens, self._stop_ids[fmt.chat_template])
+        """A completion prompt in format `fmt` (None: raw); see `PromptEncoder.encode`."""
+        return self.prompts.encode(text, max_tokens, fmt)
 
     def encode_chat(self, messages: list[dict[str, str]], max_tokens: int, fmt: PromptFormat | None,
                     adapter: str | None) -> EncodedPrompt:
-        """A conversation: the tokenizer's chat template over `messages` (raw, or an adapter trained with it);
-        for an adapter trained on plain prompts, one user message encoded as its completion prompt would be."""
-        if fmt is not None and not fmt.chat_template:
-            if len(messages) != 1 or messages[0]["role"] != "user":
-                who = (f"adapter {adapter!r} reads plain-text prompts (it was trained without a chat template)"
-                       if adapter is not None else f"the base model {self.base_name!r} has no chat template")
-                raise InputError(f"{who}: send one user message, use /v1/completions, or set \"raw\": true to "
-                                 "apply the tokenizer's chat template anyway")
-            return self.encode_prompt(messages[0]["content"], max_tokens, fmt)
-        text = self.chat_prompt(messages)
-        return self._checked(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"], max_tokens,
-                             self._stop_ids[True])
-
-    def _checked(self, ids: Sequence[int], max_tokens: int, stop_ids: tuple[int, ...]) -> EncodedPrompt:
-        if not ids:
-            raise InputError("the prompt is empty after tokenization")
-        if len(ids) > self.max_input_tokens:
-            raise InputError(f"the prompt has {len(ids)} tokens; the limit is {self.max_input_tokens}")
-        if len(ids) + max_tokens > self.context:
-            raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the context of {self.context}")
-        return EncodedPrompt(tuple(ids), stop_ids)
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError(f"the model {self.base_name!r} has no chat template; use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """A conversation for `adapter`; see `PromptEncoder.encode_chat`."""
+        return self.prompts.encode_chat(messages, max_tokens, fmt, adapter)
 
     def classify(self, adapter: str | None, encodings: list[dict[str, list[int]]]) -> Future:
         if adapter is None and self.untrained:
