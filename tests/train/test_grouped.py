@@ -363,6 +363,34 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
         engine.close()
 
 
+def test_baseline_pools_one_constant_and_averages_each_groups_own(tmp_path, capsys, tiny_bert_dir):
+    """metrics.json "baseline": the pooled metrics of always answering the most frequent dev label over the
+    scored dev rows, and mean_group_accuracy = the mean over groups of each group's majority share; a dev
+    row of an untrained group is not scored. Expected values by hand from the dev labels written here."""
+    data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 6)
+    # a: 4 pos (majority share 1.0), b: 1 pos 3 neg (0.75), c: 2 pos 2 neg (0.5), zzz: not a trained group.
+    dev = [("a", "pos")] * 4 + [("b", "pos")] + [("b", "neg")] * 3 + [("c", "pos")] * 2 + [("c", "neg")] * 2
+    with (data_dir / "dev.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "customer"])
+        w.writerows([f"row {i} {NEUTRAL[i % len(NEUTRAL)]} {POSITIVE[i % len(POSITIVE)]}", label, group]
+                    for i, (group, label) in enumerate(dev + [("zzz", "neg")] * 5))
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--task", "csv", "--data-dir", str(data_dir), "--out", str(run_dir), "--model", tiny_bert_dir,
+               "--group-column", "customer", "--r", "8", "--epochs", "1", "--batch-size", "30", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pooled = 7 / 12  # 7 of the 12 scored rows are "pos"
+    assert metrics["baseline"] == pytest.approx({
+        "accuracy": pooled,
+        "macro_f1": (2 * pooled / (1 + pooled)) / 2,  # F1 of "pos" (precision 7/12, recall 1) and 0 for "neg"
+        "mean_group_accuracy": (1.0 + 0.75 + 0.5) / 3,
+    })
+    report = (run_dir / "report.md").read_text()
+    assert "| trivial baseline (constant prediction: the most frequent class, or the mean score) | - | 0.5833 | " \
+           "0.3684 | 0.7500 |" in report
+
+
 BAD_GROUPS = {
     # case -> (groups written to the customer column, extra flags, message that must appear in stderr)
     "missing column": (None, [], "train.csv:2: missing column 'customer'"),

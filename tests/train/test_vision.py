@@ -123,6 +123,25 @@ def test_train_and_eval_images_from_the_cli(vit_dir, colors, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metric"] == m["metric"]
 
 
+def test_baseline_is_the_most_frequent_test_class(vit_dir, tmp_path, capsys):
+    """metrics.json "baseline": always answering the most frequent test class scores its share as accuracy
+    and 1/3 as mean class accuracy (right on one class of the three, wrong on the others); report.md shows it.
+    Test split: blue 5, green 2, red 1 images."""
+    data = write_images(tmp_path / "data", n_train=8, n_test=5)
+    for cls, keep in (("green", 2), ("red", 1)):
+        for path in sorted((data / "test" / cls).iterdir())[keep:]:
+            path.unlink()
+    run = tmp_path / "run"
+    rc = main(["train", "--task", "images", "--data-dir", str(data), "--model", vit_dir, "--out", str(run),
+               "--r", "8", "--epochs", "1", "--batch-size", "12", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n_eval"] == 8
+    assert m["baseline"] == pytest.approx({"accuracy": 5 / 8, "mean_class_accuracy": 1 / 3})
+    assert "| trivial baseline (constant prediction: the most frequent class, or the mean score) | - | 0.6250 | " \
+           "0.3333 |" in (run / "report.md").read_text()
+
+
 @pytest.mark.parametrize("method", ["lora", "head", "full"])
 def test_other_methods_train_and_reload(vit_dir, colors, tmp_path, method):
     from verakit.train.vision import ImageArgs, evaluate_images, train_images

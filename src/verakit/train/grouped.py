@@ -200,6 +200,17 @@ class GroupedRecipe:
         scored = [m[self.spec.main_metric] for m in per.values() if m is not None]
         return {**compute_metrics(self.spec, outputs, labels), self.main_metric: sum(scored) / len(scored)}
 
+    def baseline(self) -> dict[str, float]:
+        """`evaluate`'s keys for constant predictions: the pooled metrics of one constant for every dev row
+        (the most frequent dev label, or the mean score), and the mean over groups with dev rows of each
+        group's own constant (its most frequent label or mean score), the floor of a per-group adapter."""
+        from .metrics import trivial_baseline
+
+        labels, slots = self.dev.labels.numpy(), self.dev_slots.numpy()
+        per = [trivial_baseline(self.spec, labels[slots == i + 1])[self.spec.main_metric]  # group i is slot i + 1
+               for i in range(len(self.groups)) if (slots == i + 1).any()]
+        return {**trivial_baseline(self.spec, labels), self.main_metric: sum(per) / len(per)}
+
     def save_best(self, model: nn.Module, run_dir: Path) -> None:
         adapters = {}
         for i, (name, value) in enumerate(zip(self.groups.names, self.groups.values, strict=True)):
@@ -342,5 +353,5 @@ def _write_report(run_dir: Path, metrics: dict[str, Any], config: dict[str, Any]
         group = str(g["group"]).replace("|", "\\|")
         lines.append(f"| `{name}` | {group} | {g['n_train']} | {g['n_dev']} | {score} |")
     title = f"{metrics['task']} / vera x {metrics['n_groups']} groups ({main})"
-    plot_curve(metrics["epochs"], main, run_dir / "curve.png", title)
+    plot_curve(metrics["epochs"], main, run_dir / "curve.png", title, baseline=metrics.get("baseline"))
     atomic_write_bytes(run_dir / "report.md", ("\n".join(lines) + "\n").encode())

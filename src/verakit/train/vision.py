@@ -254,6 +254,14 @@ class ImageRecipe:
         metrics, self._last_detail = score_split(model, self.processor, self.data.test, self.data.classes)
         return metrics
 
+    def baseline(self) -> dict[str, float]:
+        """score_split's metrics of always answering one class, the most frequent of the evaluation split:
+        accuracy is its share; mean class accuracy is 1 / (classes present), as that class is always right
+        and every other always wrong (the same for any constant answer)."""
+        labels = self.data.test.labels
+        counts = [labels.count(c) for c in sorted(set(labels))]
+        return {"accuracy": max(counts) / len(labels), "mean_class_accuracy": 1.0 / len(counts)}
+
     def save_best(self, model: nn.Module, run_dir: Path) -> None:
         # The loop calls save_best right after the evaluate() that made this the best so far.
         self.best_detail = self._last_detail
