@@ -118,6 +118,42 @@ def test_pruned_trials_stop_after_their_first_evaluation(tmp_path, tiny_bert_dir
     assert "No trial has completed yet." in (tmp_path / "study" / "report.md").read_text()
 
 
+def test_budget_paper_reaches_every_trial_and_is_part_of_the_study(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """--budget paper: each trial resolves the paper preset (csv: 10 epochs, VeRA lr 4e-3, head 4e-3; the
+    cpu preset would give 3 epochs and lr 2e-2); the best trial's command repeats it, and resuming the
+    study with another budget is refused."""
+    run_dir = tmp_path / "study"
+    argv = ["tune", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model", tiny_bert_dir,
+            "--r", "16", "--batch-size", "32", "--max-train-samples", "32", "--param", "d_initial=choice:0.1,1.0",
+            "--trials", "1"]
+    assert main([*argv, "--budget", "paper"]) == 0, capsys.readouterr().err
+    cfg = json.loads((run_dir / "trials" / "0000" / "config.json").read_text())["args"]
+    assert (cfg["budget"], cfg["epochs"], cfg["lr"], cfg["head_lr"]) == ("paper", 10, 4e-3, 4e-3)
+    m = json.loads((run_dir / "trials" / "0000" / "metrics.json").read_text())
+    assert m["total_steps"] == 10  # 32 rows, batch 32, 10 epochs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "--budget paper" in summary["best"]["command"] and "--budget paper" in summary["fixed"]
+    capsys.readouterr()
+    assert main([*argv, "--budget", "cpu", "--trials", "2"]) == 2
+    assert "budget: 'paper' -> 'cpu'" in capsys.readouterr().err
+
+
+def test_tune_help_shows_both_budgets_defaults():
+    """tune's fixed-setting defaults are shown per --budget, as train's are (cli.common.defaults_help)."""
+    import argparse
+
+    from verakit.cli import build_parser
+    from verakit.train.hparams import TASK_BUDGETS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["tune"]._actions}
+    assert "cpu" in helps["budget"] and "paper" in helps["budget"]
+    paper_rte = TASK_BUDGETS["paper"]["rte"]
+    assert helps["epochs"].startswith("training epochs (default: cpu budget: ")
+    assert f"; paper budget: vera/full/head (sst2 {TASK_BUDGETS['paper']['sst2'].epochs}" in helps["epochs"]
+    assert f"rte {paper_rte.epochs}" in helps["epochs"] and f"rte {paper_rte.lora_epochs}" in helps["epochs"]
+
+
 BAD = {
     # case -> (extra CLI flags, message that must appear in stderr)
     "no budget": ([], "tune budget: give a number of trials (--trials N) and/or a timeout (--timeout SECONDS)"),

@@ -53,6 +53,7 @@ def _spec(d: Any) -> str:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `tune`."""
     from ..train.data import TASKS
+    from ..train.hparams import BUDGETS
     from ..train.methods import METHODS
     from ..train.tune import PRUNERS, TUNABLE, default_space
 
@@ -80,14 +81,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "of earlier ones at the same point; none: never (default median)")
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     g.add_argument("--study-name", default="verakit-tune", help="name of the study in study.db (default verakit-tune)")
-    f = s.add_argument_group("fixed training settings (as verakit train with --budget cpu; a searched setting "
-                             "overrides its flag)")
-    per_task = {dest: defaults_help(dest, ("classification",), budget="cpu")
+    f = s.add_argument_group("fixed training settings (as verakit train; a searched setting overrides its flag)")
+    per_task = {dest: defaults_help(dest, ("classification",))
                 for dest in ("r", "epochs", "lr", "head_lr", "max_train_samples", "max_eval_samples")}
     f.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None, help=f"rank (default: {per_task['r']})")
     f.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
     f.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
                    "(default: the model type's, query,value for BERT)")
+    f.add_argument("--budget", default="cpu", choices=list(BUDGETS),
+                   help="every trial's preset of epochs, training rows and learning rates: cpu (default; minutes "
+                   "a trial on a laptop CPU with the default MiniLM) or paper (the VeRA/LoRA papers' GPU budgets "
+                   "over the whole training set); the flags below and searched settings override single values "
+                   "(docs/training.md)")
     f.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {per_task['epochs']})")
     f.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     f.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
