@@ -8,6 +8,7 @@ conversion runs once per machine into the default cache (``$VERAKIT_CACHE`` or `
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,25 @@ def test_concurrent_conversion_keeps_the_first_finished(tmp_path, monkeypatch):
     out = smollm2_dir(cache)
     assert (out / "winner").is_file()
     assert sorted(p.name for p in cache.iterdir()) == [SMOLLM2_SUBDIR]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_converted_folder_follows_the_umask(tmp_path, monkeypatch, umask):
+    """The cache folder and its files get mkdir/open's permissions less the umask (no fixed 0755: a group
+    that shares the cache with umask 002 can write it, a private umask 027 keeps others out)."""
+    import stat
+
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert_smollm2", fake_converter([]))
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF")
+    previous = os.umask(umask)
+    try:
+        out = smollm2_dir(tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for name in ("config.json", models._MARKER):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_unmarked_folder_is_not_overwritten(tmp_path):

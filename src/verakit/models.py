@@ -20,13 +20,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Literal
+
+from .atomic import new_dir
 
 __all__ = [
     "ModelNotInstalledError",
@@ -118,7 +118,8 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     :func:`default_cache_dir`). It is built in a temporary sibling folder and moved into place with
     ``os.replace``, so an interrupted conversion never leaves a half-written folder under that name,
     and a marker file written last tells a complete folder apart. Two processes converting at once
-    both succeed; the second one's copy is discarded.
+    both succeed; the second one's copy is discarded. Its permissions follow the umask (folders 0777,
+    files 0666, less the umask), as everything verakit writes (verakit.atomic).
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / SMOLLM2_SUBDIR
@@ -131,25 +132,22 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
             "delete it to let smollm2_dir() rebuild it"
         )
     gguf = smollm2_gguf_path()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.tmp-", dir=root))
     try:
-        # mkdtemp makes the folder private (0700); the finished cache should read like any other folder.
-        tmp.chmod(0o755)
-        start = time.perf_counter()
-        _convert_smollm2(gguf, tmp)
-        seconds = time.perf_counter() - start
-        marker = {"source": gguf.name, "source_bytes": gguf.stat().st_size, "seconds": round(seconds, 1)}
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished first: its folder is as good as ours.
-            if not (target / _MARKER).is_file():
-                raise
-        log.info("converted %s into %s in %.1f s", gguf, target, seconds)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # new_dir: a hidden sibling folder with mkdir's permissions (0777 less the umask, like every other
+        # file verakit writes), renamed to `target` when complete, deleted on any error or interrupt.
+        with new_dir(target) as tmp:
+            start = time.perf_counter()
+            _convert_smollm2(gguf, tmp)
+            seconds = time.perf_counter() - start
+            marker = {"source": gguf.name, "source_bytes": gguf.stat().st_size, "seconds": round(seconds, 1)}
+            (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    except OSError:
+        # Another process finished first (its folder now holds `target`, so ours could not replace it):
+        # its folder is as good as ours.
+        if not (target / _MARKER).is_file():
+            raise
+        return target
+    log.info("converted %s into %s in %.1f s", gguf, target, seconds)
     return target
 
 
