@@ -55,7 +55,10 @@ def test_method_trains_saves_and_eval_reproduces(tmp_path, tiny_bert_dir, tiny_t
     assert m["artifact"] == ARTIFACT[method]
     size = (artifact / "adapter_model.safetensors" if method == "lora" else artifact).stat().st_size
     assert m["adapter_bytes"] == size
-    assert len(m["epochs"]) == 8 and m["metric"] == max((h["metrics"] for h in m["epochs"]), key=lambda x: x["accuracy"])
+    # 8 epoch-end evaluations after step 0's (before training, never the saved one): the metric is the
+    # first best trained evaluation.
+    assert len(m["epochs"]) == 9 and m["epochs"][0]["step"] == 0
+    assert m["metric"] == max((h["metrics"] for h in m["epochs"][1:]), key=lambda x: x["accuracy"])
     # The task is learnable: a broken method would stay at chance (0.5 on the balanced dev set).
     assert m["metric"]["accuracy"] >= 0.6, m["epochs"]
     assert {p.name for p in run.iterdir()} == {ARTIFACT[method], "config.json", "metrics.json", "report.md", "curve.png"}
