@@ -38,7 +38,6 @@ from _common import (  # noqa: E402
     trainable,
 )
 
-
 # verakit variants, as suffixes of the method name: "-bf16" verakit.set_compute_dtype(model, bf16);
 # "-keepx" verakit.set_input_recompute(model, False) (keep each layer's x, the pre-recompute behaviour);
 # "-ckpt" transformers' gradient checkpointing (non-reentrant). Method "floor": no adapter at all, but

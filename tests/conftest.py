@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ci_skips import pytest_runtest_makereport  # noqa: F401 (the hook: under CI=true a skip fails)
 
 REPO = Path(__file__).resolve().parents[1]
