@@ -254,3 +254,22 @@ def test_ctrl_c_in_a_trial_says_how_to_continue_and_the_rerun_does(tmp_path, cap
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]
+
+
+def test_study_creation_prints_no_optuna_info(tmp_path, monkeypatch, tiny_bert_dir, tiny_task):
+    """Optuna announces 'A new study created in RDB ...' at INFO; tune's own lines replace it."""
+    seen = []
+    real = optuna.create_study
+
+    def spy(*args, **kwargs):
+        seen.append(optuna.logging.get_verbosity())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna, "create_study", spy)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        assert main(_cli(tmp_path / "study", tiny_bert_dir, tiny_task, "--trials", "1")) == 0
+    finally:
+        optuna.logging.set_verbosity(before)
+    assert seen == [optuna.logging.WARNING]

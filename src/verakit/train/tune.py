@@ -290,8 +290,9 @@ def tune(args: TuneArgs) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{db.resolve()}"
-    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
-                                load_if_exists=True)
+    with MuteOptuna():  # "A new study created in RDB ..." would be Optuna's first INFO line
+        study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
+                                    load_if_exists=True)
     _check_resume(study, args.settings(), db)
     finished = sum(t.state.name in FINISHED for t in study.trials)
     if args.pruner == "median":
