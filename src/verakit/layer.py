@@ -6,7 +6,8 @@ Semantics: h = W0 x + b * (B_sl (s * d * (A_sl dropout(x))))
 
 The forward picks per call, by the cost model in `ops`, between the factored path (per token) and the
 materialized one (W0 + delta once per call); without gradients it reuses a cached W0 + delta until the
-vectors or the base weight change.
+vectors or the base weight change. A quantized base (bitsandbytes 4-bit or 8-bit, `quant`) always takes
+the factored path and runs its own forward: a plain W0 would cost the memory quantizing saves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import ops, recompute
 from .projection import Projection
+from .quant import quant_kind
 
 __all__ = ["VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "linear_shape"]
 
@@ -35,7 +37,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a linear leaf."""
+    """(d_out, d_in) of a linear leaf; a quantized one's logical shape (its weight may be packed)."""
+    if quant_kind(module) is not None:
+        return module.out_features, module.in_features
     w = module.weight
     return (w.shape[1], w.shape[0]) if _is_conv1d(module) else (w.shape[0], w.shape[1])
 
@@ -101,6 +105,7 @@ class VeraLinear(nn.Module):
             )
         self.r = r
         self.transposed = _is_conv1d(base)
+        self.quantized = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or None: fixed at wrap time
         self.projection = projection  # plain attribute: shared, never in state_dict
         self.scale = projection.scale(self.in_features, r)
         dev = base.weight.device
@@ -134,7 +139,7 @@ class VeraLinear(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or b.requires_grad)
         # One-matmul paths need W0 x to be a plain matmul we may replace, and the same x on both paths.
         one_matmul = (
-            not w0.requires_grad and w0.dtype == x.dtype and (type(self.base) is nn.Linear or self.transposed)
+            self.quantized is None and not w0.requires_grad and w0.dtype == x.dtype and (type(self.base) is nn.Linear or self.transposed)
             and not (self.training and isinstance(self.dropout, nn.Dropout))
             and not torch.is_autocast_enabled(x.device.type)
         )
@@ -207,6 +212,12 @@ class VeraLinear(nn.Module):
         """Add the delta into the base weight (computed in fp32, cast once). Idempotent."""
         if self.merged:
             return
+        if self.quantized is not None:
+            raise RuntimeError(
+                f"cannot merge VeRA into a {self.quantized} quantized base ({type(self.base).__name__} "
+                f"{self.out_features}x{self.in_features}); merge into a full-precision base instead: load the "
+                "model unquantized, load_adapter, then export_merged"
+            )
         self._fold(1.0)
         self._merged_versions = (self.vera_d._version, self.vera_b._version)
         self.merged = True
@@ -240,4 +251,5 @@ class VeraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         low = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"
+        low += "" if self.quantized is None else f", base={self.quantized}"
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}{low}"

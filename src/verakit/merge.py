@@ -33,8 +33,19 @@ _PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every VeRA layer's delta into its base weight. Idempotent; returns the model."""
-    for layer in vera_state(model).layers.values():
+    """Fold every VeRA layer's delta into its base weight. Idempotent; returns the model.
+
+    Refused (RuntimeError, nothing merged) when a base layer is quantized: requantizing W0 + delta would
+    round the delta onto the 4-bit or int8 grid; merge into the full-precision base instead."""
+    layers = vera_state(model).layers
+    quantized = [f"{n} ({ly.quantized})" for n, ly in layers.items() if ly.quantized is not None]
+    if quantized:
+        more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""
+        raise RuntimeError(
+            f"cannot merge VeRA into quantized base layers: {', '.join(quantized[:3])}{more}; merge into a "
+            "full-precision base instead: load the model unquantized, load_adapter, then export_merged"
+        )
+    for layer in layers.values():
         layer.merge()
     return model
 
