@@ -30,6 +30,7 @@ __all__ = [
     "Adapter",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
     "save_adapter",
     "load_adapter",
     "read_adapter",
@@ -44,6 +45,10 @@ FORMAT_VERSION = 1
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections only
+# Largest safetensors header (the JSON after the 8-byte length prefix) a reader accepts. An adapter's header
+# lists its tensors and metadata: tens of KiB even for every linear layer of a 100-layer model, so 16 MiB
+# refuses nothing real, while the JSON parser's memory stays bounded whatever a file's prefix claims.
+MAX_HEADER_BYTES = 16 << 20
 
 
 class AdapterError(ValueError):
@@ -209,10 +214,13 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
         raise _fail(path, f"truncated or corrupt header: header claims {n} bytes, file has {len(data) - 8} after it")
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"safetensors header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes "
+                          "(verakit.fileformat.MAX_HEADER_BYTES)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"not a safetensors file: header is not JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _fail(path, f"not a safetensors file: header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise _fail(path, "not a safetensors file: header is not a JSON object")
     body = len(data) - 8 - n
@@ -237,6 +245,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     data = path.read_bytes()
     header = _read_header(path, data)
     raw_meta = header.get("__metadata__") or {}
+    if not isinstance(raw_meta, dict):
+        raise _fail(path, "corrupt header: __metadata__ is not a JSON object")
     if raw_meta.get("format") != FORMAT_NAME or "verakit" not in raw_meta:
         raise _fail(path, f"not a verakit adapter (metadata format is {raw_meta.get('format')!r})")
     try:
@@ -246,12 +256,19 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
             raise _fail(path, f"unknown format version {version!r} (this verakit reads 1..{FORMAT_VERSION})")
         config = VeraConfig.from_dict(meta["config"])
         base = meta["base"]
-        modules = {n: (int(v[0]), int(v[1]), str(v[2])) for n, v in base["modules"].items()}
+        modules = {str(n): (int(v[0]), int(v[1]), str(v[2])) for n, v in base["modules"].items()}
         saved_keys = list(meta["saved"])
-        proj = meta["projection"]
+        if not all(isinstance(k, str) for k in saved_keys):
+            raise _fail(path, "corrupt metadata: 'saved' must list tensor names")
+        proj = dict(meta["projection"])
+        info = dict(meta.get("extra") or {})
+        model_type, architecture = base.get("model_type"), str(base.get("architecture", ""))
+        fingerprint, dtype = base.get("fingerprint"), str(meta.get("dtype", "F32"))
     except AdapterError:
         raise
-    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as e:
+    # Any JSON can sit in the metadata: a wrong type anywhere (a list for an object, a float for an int, a
+    # nesting deeper than the parser's stack) is a corrupt file, never another exception.
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError) as e:
         raise _fail(path, f"corrupt metadata: {type(e).__name__}: {e}") from None
     if proj.get("generator") not in GENERATORS.values():
         raise _fail(path, f"unknown projection generator {proj.get('generator')!r} (this verakit has {GENERATOR})")
@@ -259,7 +276,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise _fail(
             path, f"projection generator {proj.get('generator')!r} contradicts projection_kind {config.projection_kind!r}"
         )
-    if base_fingerprint(base.get("model_type"), modules) != base.get("fingerprint"):
+    if base_fingerprint(model_type, modules) != fingerprint:
         raise _fail(path, "corrupt metadata: base fingerprint does not match the listed modules")
     for k, v in header.items():
         if k != "__metadata__" and v.get("dtype") not in _DTYPES and k not in saved_keys:
@@ -289,8 +306,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
             raise _fail(path, f"tensor {k!r} contains NaN or Inf")
     projection = _projection_from_file(path, config, proj, tensors, modules)
     return Adapter(
-        config, base.get("model_type"), str(base.get("architecture", "")), modules, d, b, saved,
-        dict(meta.get("extra") or {}), str(meta.get("dtype", "F32")), str(path), projection,
+        config, model_type, architecture, modules, d, b, saved, info, dtype, str(path), projection,
     )
 
 

@@ -1,4 +1,4 @@
-"""Classifying without an adapter: refused (422 naming the untrained head) when the base folder has no trained
+"""Classifying without an adapter: refused (409 naming the untrained head) when the base folder has no trained
 classification head, answered when it has one (a merged folder); and the `minilm` alias, resolved by
 verakit.models.resolve_model like everywhere else, is such a head-less base."""
 
@@ -51,7 +51,7 @@ def test_untrained_base_head_is_refused_but_adapters_answer(headless_dirs):
             assert ok.status_code == 200 and ok.json()["label_names"] == BERT_LABELS
             for adapter in (None, "encoder"):  # null, or the base model by its name
                 r = client.post("/v1/classify", json={"adapter": adapter, "inputs": ["a fine film"]})
-                assert r.status_code == 422, r.text
+                assert r.status_code == 409, r.text
                 error = r.json()["error"]
                 assert error["type"] == "untrained_head"
                 assert "'encoder' has no trained classification head" in error["message"]

@@ -131,8 +131,8 @@ def test_generation_errors_and_disabled_admin(generate_server, llama_dirs):
     post = lambda path, body: httpx.post(f"{url}{path}", json=body, timeout=30)  # noqa: E731
     _error(post("/v1/completions", {"model": "nope", "prompt": "x"}), 404, "'nope' not found")
     _error(post("/v1/completions", {"model": "nope", "prompt": "x", "stream": True}), 404, "'nope' not found")
-    _error(post("/v1/completions", {"model": "g0", "prompt": "x", "max_tokens": 33}), 422, "max_tokens 33 exceeds the limit of 32")
-    _error(post("/v1/completions", {"model": "g0", "prompt": "x", "n": 4}), 422, "n 4 exceeds the limit of 3")
+    _error(post("/v1/completions", {"model": "g0", "prompt": "x", "max_tokens": 33}), 422, "max_tokens: Input should be less than or equal to 32")
+    _error(post("/v1/completions", {"model": "g0", "prompt": "x", "n": 4}), 422, "n: Input should be less than or equal to 3")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x" * 110, "max_tokens": 30, "raw": True}), 422, "exceed the context of 128")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "temperature": 3}), 422, "temperature")
     _error(post("/v1/completions", {"model": "g0", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 422, "stop")

@@ -1,14 +1,16 @@
 """The HTTP API over an Engine (FastAPI), and `run_server` (uvicorn).
 
 Imported only when serving (never by `import verakit` or `import verakit.serve`), so fastapi is imported
-at the top here: FastAPI resolves the endpoints' annotations from this module's globals.
+at the top here. No `from __future__ import annotations`: the request models are built per server (they
+carry its bounds), and FastAPI must see the endpoints' annotations as those objects, not as names.
 
-Endpoints: POST /v1/classify, POST /v1/completions, POST /v1/chat/completions (OpenAI-compatible, SSE
-streaming), GET /v1/models, POST /v1/adapters and DELETE /v1/adapters/{name} (admin, bearer token),
-GET /health, GET /metrics (Prometheus). Every error is JSON `{"error": {"message", "type", "code"}}`.
+Endpoints: a classify server offers POST /v1/classify; a generate server POST /v1/completions and POST
+/v1/chat/completions (OpenAI-compatible, SSE streaming); both GET /v1/models, POST /v1/adapters and
+DELETE /v1/adapters/{name} (admin, bearer token), GET /health, GET /metrics (Prometheus text). The other
+task's endpoints answer 400 naming the task and are not in the server's OpenAPI document. Every error is
+JSON `{"error": {"message", "type", "code"}}`, and every status an operation can answer is in the document
+(docs/serving.md, "Contract").
 """
-
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -19,12 +21,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fileformat import AdapterError
@@ -32,8 +36,8 @@ from .engine import EncodedPrompt, Engine, IncompatibleAdapter, InputError, Unkn
 from .generate import GenResult, GenRow
 from .metrics import ServeMetrics
 from .options import ServeOptions
-from .schemas import ChatRequest, ClassifyRequest, CompletionRequest
-from .store import InvalidName
+from .schemas import NAME_SCHEMA, error_responses, request_models
+from .store import InvalidName, check_name
 
 __all__ = ["Server", "create_app", "run_server"]
 
@@ -43,7 +47,8 @@ log = logging.getLogger(__name__)
 _STATUS: dict[type[BaseException], tuple[int, str]] = {
     UnknownAdapter: (404, "not_found"),
     IncompatibleAdapter: (409, "incompatible_adapter"),
-    UntrainedHead: (422, "untrained_head"),
+    # 409, not 422: the request is well formed; the server's base model cannot answer it (no trained head).
+    UntrainedHead: (409, "untrained_head"),
     AdapterError: (422, "invalid_adapter"),
     InputError: (422, "invalid_request"),
     InvalidName: (422, "invalid_name"),
@@ -114,8 +119,11 @@ class _Guard:
 
 def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> Any:
     """The FastAPI app serving `engine`; `metrics` must be the one the engine reports batches to."""
-    app = FastAPI(title="verakit", docs_url=None, redoc_url=None)
+    app = FastAPI(title="verakit", docs_url=None, redoc_url=None, description=_description(engine, options))
     app.add_middleware(_Guard, metrics=metrics, max_body=options.max_body_bytes, max_upload=options.max_upload_bytes)
+    bodies = request_models(options, engine.base_name)
+    ClassifyRequest, CompletionRequest, ChatRequest = bodies.classify, bodies.completion, bodies.chat
+    bearer = HTTPBearer(auto_error=False, description="the server's --admin-token")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -139,20 +147,31 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         log.exception("internal error on %s", request.url.path)
         return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
 
-    def require_task(task: str) -> Callable[[], None]:
-        def check() -> None:
-            if engine.task != task:
-                raise HTTPException(400, f"this server runs a {engine.task} model; this endpoint needs a {task} model")
-        return check
+    def task_only(task: str) -> dict[str, Any]:
+        """Route arguments for an endpoint of `task`: on a server of the other task it is left out of the
+        document and answers 400 saying which model it needs (before the body is read or validated)."""
+        if engine.task == task:
+            return {}
 
-    def admin(request: Request) -> None:
+        def refuse() -> None:
+            raise HTTPException(400, f"this server runs a {engine.task} model; this endpoint needs a {task} model")
+        return {"include_in_schema": False, "dependencies": [Depends(refuse)]}
+
+    def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if options.admin_token is None:
             raise HTTPException(403, "admin endpoints are disabled: start the server with --admin-token")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), options.admin_token.encode()):
+        token = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(token.encode(), options.admin_token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/v1/classify", dependencies=[Depends(require_task("classify"))])
+    inference = error_responses(400, 404, 409, 413, 422, 500)
+    # OpenAPI 3.1: an event stream's `schema` describes one event.
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "a JSON chunk (OpenAI's), an error body, or [DONE] (the last event)"}}}
+    stream = {200: {"description": "JSON, or with \"stream\": true server-sent events ending with `data: [DONE]`",
+                    "content": {"text/event-stream": {"schema": event}}}}
+
+    @app.post("/v1/classify", responses=inference, **task_only("classify"))
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         ref = engine.adapter_ref(body.adapter)
         encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs])
@@ -161,14 +180,6 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         if res.scores:
             out["scores"] = res.scores
         return out
-
-    def check_sampling(n: int, max_tokens: int, prompts: int) -> None:
-        if max_tokens > options.max_new_tokens:
-            raise InputError(f"max_tokens {max_tokens} exceeds the limit of {options.max_new_tokens}")
-        if n > options.max_n:
-            raise InputError(f"n {n} exceeds the limit of {options.max_n}")
-        if prompts > options.max_inputs:
-            raise InputError(f"{prompts} prompts exceed the limit of {options.max_inputs} per request")
 
     async def run_generation(
         ref: str | None, prompts: list[EncodedPrompt], body: CompletionRequest | ChatRequest, max_tokens: int,
@@ -218,10 +229,9 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         p, c = sum(len(x.ids) for x in prompts), sum(r.tokens for r in results)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    @app.post("/v1/completions", dependencies=[Depends(require_task("generate"))])
+    @app.post("/v1/completions", responses={**stream, **inference}, **task_only("generate"))
     async def completions(body: CompletionRequest) -> Any:
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        check_sampling(body.n, body.max_tokens, len(texts))
         ref = engine.adapter_ref(body.model)
         fmt = None if body.raw else engine.prompt_format(ref)
         prompts = [engine.encode_prompt(t, body.max_tokens, fmt) for t in texts]
@@ -237,10 +247,9 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
 
         return await run_generation(ref, prompts, body, body.max_tokens, render, chunk)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_task("generate"))])
+    @app.post("/v1/chat/completions", responses={**stream, **inference}, **task_only("generate"))
     async def chat(body: ChatRequest) -> Any:
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
-        check_sampling(body.n, max_tokens, 1)
         ref = engine.adapter_ref(body.model)
         fmt = None if body.raw else engine.prompt_format(ref)
         prompts = [engine.encode_chat([m.model_dump() for m in body.messages], max_tokens, fmt, ref)]
@@ -258,7 +267,28 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
 
         return await run_generation(ref, prompts, body, max_tokens, render, chunk)
 
-    @app.get("/v1/models")
+    admin_errors = error_responses(401, 403, 404, 409, 413, 422, 500)
+    upload_body = {"requestBody": {"required": True, "description": (
+        f"the adapter file (.safetensors, docs/format.md), at most {options.max_upload_bytes} bytes"),
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+    admin_name = Annotated[str, AfterValidator(check_name)]
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)], openapi_extra=upload_body,
+              responses={k: v for k, v in admin_errors.items() if k != 404})
+    async def upload(request: Request, name: Annotated[admin_name, Query(json_schema_extra=NAME_SCHEMA)],
+                     overwrite: bool = False) -> dict[str, Any]:
+        data = await request.body()
+        adapter = await run_in_threadpool(engine.upload, name, data, overwrite)
+        return {"name": name, "bytes": len(data), "r": adapter.config.r, "layers": len(adapter.modules),
+                "labels": adapter.extra.get("labels")}
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)],
+                responses={k: v for k, v in admin_errors.items() if k not in (409, 413)})
+    def delete(name: Annotated[admin_name, Path(json_schema_extra=NAME_SCHEMA)]) -> dict[str, Any]:
+        engine.delete(name)
+        return {"deleted": name}
+
+    @app.get("/v1/models", responses=error_responses(500))
     def models() -> dict[str, Any]:
         resident = engine.resident
         data = [{"id": engine.base_name, "object": "model", "owned_by": "verakit", "kind": "base", "resident": True}]
@@ -266,29 +296,28 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
             data.append({"id": name, "object": "model", "owned_by": "verakit", "kind": "adapter", "resident": name in resident})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
-    async def upload(request: Request, name: str, overwrite: bool = False) -> dict[str, Any]:
-        data = await request.body()
-        adapter = await run_in_threadpool(engine.upload, name, data, overwrite)
-        return {"name": name, "bytes": len(data), "r": adapter.config.r, "layers": len(adapter.modules),
-                "labels": adapter.extra.get("labels")}
-
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
-    def delete(name: str) -> dict[str, Any]:
-        engine.delete(name)
-        return {"deleted": name}
-
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(500))
     def health() -> dict[str, Any]:
         return {"status": "ok", "task": engine.task, "model": engine.base_name, "rank": engine.bank.config.r,
                 "resident": len(engine.resident), "capacity": engine.bank.capacity}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses(500)})
     def prometheus() -> Any:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _description(engine: Engine, options: ServeOptions) -> str:
+    """The document's bounds that JSON Schema cannot express, stated once for every operation."""
+    return (f"verakit {engine.task} server over base model {engine.base_name!r}. Every error answer is "
+            "{\"error\": {\"message\", \"type\", \"code\"}}. Bounds: JSON bodies at most "
+            f"{options.max_body_bytes} bytes and uploads at most {options.max_upload_bytes} bytes (413 beyond); "
+            f"each input, prompt or rendered conversation at most {options.max_input_tokens} tokens, and prompt "
+            "tokens + max_tokens within the model's context (422 beyond); the other bounds are in the schemas.")
 
 
 class Server:
