@@ -47,7 +47,7 @@ class IncompatibleAdapter(AdapterError):
 
 class UntrainedHead(InputError):
     """Classification without an adapter, but the base model's head was freshly initialised at load time
-    (a plain encoder folder such as MiniLM): its answers would be noise (HTTP 422)."""
+    (a plain encoder folder such as MiniLM): its answers would be noise (HTTP 409)."""
 
 
 @dataclass(frozen=True)
