@@ -67,6 +67,8 @@ class SlotLinear(nn.Module):
     """A frozen linear layer with VeRA vectors for `slots` adapters; each batch row picks its slot.
 
     Wraps the same base layer and shared projection a `VeraLinear` would (composition, no subclassing).
+    The base runs its own forward, so a bitsandbytes-quantized base (`quant`) stays packed: the adapter
+    part never needs W0 (tested in tests/serve/test_bank_quantized.py).
     Tables: vera_d (S, r) in units of this layer's rank-r scale, vera_b (S, d_out); both float32.
     """
 
