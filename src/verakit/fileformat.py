@@ -49,6 +49,10 @@ _TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections
 # lists its tensors and metadata: tens of KiB even for every linear layer of a 100-layer model, so 16 MiB
 # refuses nothing real, while the JSON parser's memory stays bounded whatever a file's prefix claims.
 MAX_HEADER_BYTES = 16 << 20
+# A "peft-torch" projection is generated from (seed, rank, max_in, max_out) in the file's metadata, which no
+# tensor backs: a crafted file could ask for any table size. PEFT sizes its pair by the adapted layers exactly,
+# and no real model needs more than this many table elements (r=1024 over 2 x 128k-wide layers is ~2.7e8).
+MAX_PROJECTION_ELEMENTS = 1 << 28
 
 
 class AdapterError(ValueError):
@@ -193,6 +197,12 @@ def _projection_from_file(
             f"and the largest module ({need_out}, {need_in})"
         )
     if config.projection_kind == "peft-torch":
+        if (rank, max_in, max_out) != (config.r, need_in, need_out):
+            raise _fail(path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) is not PEFT's pair for "
+                        f"r={config.r} and the largest module ({need_out}, {need_in}): PEFT sizes it exactly")
+        if rank * (max_in + max_out) > MAX_PROJECTION_ELEMENTS:
+            raise _fail(path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) would hold "
+                        f"{rank * (max_in + max_out):,} elements, above the limit of {MAX_PROJECTION_ELEMENTS:,}")
         return Projection.peft_torch(config.seed, rank, max_in, max_out)
     A, B = tensors[_TABLE_KEYS[0]], tensors[_TABLE_KEYS[1]]
     for key, t, want in ((_TABLE_KEYS[0], A, (rank, max_in)), (_TABLE_KEYS[1], B, (max_out, rank))):

@@ -189,3 +189,33 @@ def test_corrupt_explicit_files_name_the_fault(tiny_llama, tmp_path, meta_fn, te
     with pytest.raises(AdapterError, match=pattern) as err:
         read_adapter(bad)
     assert "bad.safetensors" in str(err.value)
+
+
+def _huge(m):
+    from verakit.fileformat import base_fingerprint
+
+    base = m["base"]
+    for name in base["modules"]:  # in-features are metadata only: no tensor backs them
+        base["modules"][name][1] = 1 << 30
+    # A crafted file can carry a matching fingerprint: it is a hash of what the file itself lists.
+    base["fingerprint"] = base_fingerprint(base["model_type"], {n: tuple(v) for n, v in base["modules"].items()})
+    m["projection"].update(max_in=1 << 30)
+
+
+@pytest.mark.parametrize(
+    "meta_fn,pattern",
+    [
+        (lambda m: m["projection"].update(max_in=4096), r"is not PEFT's pair for r=8 and the largest module \(64, 64\)"),
+        (lambda m: m["projection"].update(rank=512), "is not PEFT's pair"),
+        (_huge, r"would hold 8,589,935,104 elements, above the limit of 268,435,456"),
+    ],
+)
+def test_peft_torch_files_cannot_ask_for_any_table_size(tiny_llama, tmp_path, meta_fn, pattern):
+    attach(tiny_llama, VeraConfig(r=8, target_modules=("q_proj",), projection_kind="peft-torch"))
+    good = tmp_path / "good.safetensors"
+    save_adapter(tiny_llama, good)
+    assert read_adapter(good).projection.kind == "peft-torch"
+    bad = _rewrite(good, tmp_path / "bad.safetensors", meta_fn)
+    with pytest.raises(AdapterError, match=pattern) as err:
+        read_adapter(bad)
+    assert "bad.safetensors" in str(err.value)
