@@ -207,6 +207,9 @@ def _add_causal_options(s: argparse.ArgumentParser, train: bool) -> None:
                        "for evaluation (default 0.1)")
         g.add_argument("--report-samples", type=int, default=4, help="held-out generations shown in report.md, "
                        "before and after training (default 4)")
+        g.add_argument("--quantize", choices=("4bit", "8bit"), default=None, help="load the base's linear layers "
+                       "quantized by bitsandbytes (QVeRA; --method vera only; the adapter loads into the fp32 "
+                       "base; default: fp32 base)")
     g.add_argument("--gen-eval-samples", type=int, default=None, help="held-out examples generated and scored "
                    "(BLEU, ROUGE-L, chrF) at each evaluation (default: " + (
                        defaults_help("gen_eval_samples", ("causal LMs",)) if train else "as in training") + ")")

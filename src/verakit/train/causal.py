@@ -97,6 +97,9 @@ class CausalArgs:
     max_new_tokens: int = 64
     num_beams: int = 1
     gradient_checkpointing: bool = False
+    # "4bit" (nf4) or "8bit": the base's linear layers quantized by bitsandbytes (QVeRA, vera only; the
+    # output head stays fp32). The adapter file is the same either way and loads into the fp32 base.
+    quantize: str | None = None
     eval_every: int | None = None
     resume: bool = False
     quiet: bool = False
@@ -109,6 +112,14 @@ class CausalArgs:
             raise ValueError(f"method {self.method!r} is not for causal LMs; choose one of {', '.join(CAUSAL_METHODS)}")
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if self.quantize is not None:
+            from ..quant import QUANT_KINDS
+
+            if self.quantize not in QUANT_KINDS:
+                raise ValueError(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANT_KINDS)}")
+            if self.method != "vera":
+                # LoRA would need PEFT's bitsandbytes layers, and full fine-tuning cannot train int weights.
+                raise ValueError(f"--quantize {self.quantize} is for --method vera only (QVeRA), not {self.method}")
         b = causal_budget(self.task, self.budget)
 
         def pick(value: Any, default: Any) -> Any:
@@ -314,6 +325,10 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
                                   max_eval_samples=args.max_eval_samples, seed=args.seed, held_out=args.held_out)
     torch.manual_seed(args.seed)  # LoRA's A initialisation
     model, tokenizer = build_causal_lm(args.model)
+    if args.quantize is not None:  # before VeRA is attached, which then wraps the quantized layers
+        from ..quant import quantize_linears
+
+        quantize_linears(model, args.quantize)
     args = args.resolved(bool(getattr(tokenizer, "chat_template", None)))
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
