@@ -51,6 +51,8 @@ def test_help_shows_every_default(capsys):
 @pytest.mark.parametrize("args, env, message", [
     (["--admin-token", "short"], {}, "--admin-token (or $VERAKIT_ADMIN_TOKEN) must be at least 8 characters"),
     ([], {"VERAKIT_ADMIN_TOKEN": "short"}, "--admin-token (or $VERAKIT_ADMIN_TOKEN) must be at least 8 characters"),
+    ([], {"VERAKIT_API_KEY": "short"}, "--api-key (or $VERAKIT_API_KEY) must be at least 8 characters"),
+    (["--protect-metrics"], {}, "--protect-metrics needs an admin token (--admin-token) to protect them with"),
     (["--max-batch", "0"], {}, "--max-batch must be an integer >= 1, got 0"),
     (["--max-wait-ms", "-1"], {}, "--max-wait-ms must be >= 0, got -1.0"),
     (["--port", "70000"], {}, "--port must be in 0..65535, got 70000"),
@@ -60,6 +62,7 @@ def test_option_errors_name_the_flag(args, env, message, tmp_path, capsys, monke
         monkeypatch.setenv(k, v)
     if not env:
         monkeypatch.delenv("VERAKIT_ADMIN_TOKEN", raising=False)
+        monkeypatch.delenv("VERAKIT_API_KEY", raising=False)
     rc = main(["serve", "--adapters", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert rc == 2

@@ -14,15 +14,17 @@ from typing import Any
 
 from .common import fields_of
 
-__all__ = ["add_parsers", "flag_of", "run_serve"]
+__all__ = ["add_parsers", "flag_of", "run_hash_key", "run_serve"]
 
 _TOKEN_ENV = "VERAKIT_ADMIN_TOKEN"
+_KEY_ENV = "VERAKIT_API_KEY"
+_ENV = {"admin_token": _TOKEN_ENV, "api_key": _KEY_ENV}
 
 
 def flag_of(field: str) -> str:
     """The `verakit serve` flag of ServeOptions field `field` (`admin_token` -> `--admin-token`)."""
     flag = "--" + field.replace("_", "-")
-    return f"{flag} (or ${_TOKEN_ENV})" if field == "admin_token" else flag
+    return f"{flag} (or ${_ENV[field]})" if field in _ENV else flag
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -40,7 +42,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server = Server(options)
     # ValueError: a model alias of the other task, a model whose adapters do not fit; OSError: a port in use,
-    # a model folder transformers cannot read. Each message names the model, folder or address.
+    # a model folder transformers cannot read; KeyFileError (a ValueError): a missing or malformed --keys-file.
+    # Each message names the model, folder, file or address.
     except (ValueError, OSError, ModelNotInstalledError) as e:
         print(f"verakit serve: error: {e}", file=sys.stderr)
         return 2
@@ -70,6 +73,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--admin-token", dest="admin_token", default=os.environ.get(_TOKEN_ENV),
                    help=f"bearer token, 8+ characters, enabling adapter upload/delete (default: ${_TOKEN_ENV}; "
                    "admin endpoints off without it)")
+    s.add_argument("--api-key", dest="api_key", default=os.environ.get(_KEY_ENV),
+                   help=f"bearer key, 8+ characters, every inference route and /v1/models then require "
+                   f"(default: ${_KEY_ENV}; open without it or --keys-file)")
+    opt("keys_file", "JSON file of tenant keys: SHA-256 hashes and the adapter names or patterns each may use; "
+        "re-read when it changes; entries from `verakit hash-key` (default: none; docs/serving.md, Keys and tenants)")
+    s.add_argument("--protect-metrics", dest="protect_metrics", action="store_true",
+                   help="put /health and /metrics behind the admin token (default: open)")
     opt("max_batch", "most model rows (inputs, or prompts x n) per batched forward (default: %(default)s)", type=int)
     opt("max_wait_ms", "how long a batch waits for more requests to join it (default: %(default)s)", type=float)
     opt("task", "default: from the model (a causal LM serves generate, anything else classify)", choices=TASKS)
@@ -85,3 +95,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     opt("threads", "torch threads; 1 suits a machine shared with other work (default: torch's, one per core)",
         type=int)
     s.set_defaults(func=run_serve)
+
+    h = sub.add_parser("hash-key", help="make a --keys-file entry for a tenant key (prints JSON; the key is not stored)",
+                       description="Print one entry of a `verakit serve --keys-file` file: the key's SHA-256, the "
+                       "tenant's name and the adapters it may use. Without --key a new random key is made and "
+                       "printed on stderr: hand it to the tenant, it is stored nowhere.")
+    h.add_argument("--name", required=True, help="the tenant's name (for logs and your own records)")
+    h.add_argument("--adapter", dest="adapters", action="append", required=True,
+                   help="an adapter name or fnmatch pattern (acme-*) the key may use; repeat for more")
+    h.add_argument("--key", help="hash this key instead of making a new one (beware: it lands in shell history)")
+    h.set_defaults(func=run_hash_key)
+
+
+def run_hash_key(args: argparse.Namespace) -> int:
+    """Print a keys-file entry for `--key` (or a fresh key, printed on stderr)."""
+    import json
+    import secrets
+
+    from ..serve.auth import hash_key
+
+    key = args.key if args.key is not None else "vk-" + secrets.token_urlsafe(32)
+    if len(key) < 8:
+        print("verakit hash-key: error: --key must be at least 8 characters", file=sys.stderr)
+        return 2
+    if args.key is None:
+        print(f"new key (give it to {args.name}; it is stored nowhere): {key}", file=sys.stderr)
+    print(json.dumps({"sha256": hash_key(key), "name": args.name, "adapters": args.adapters}))
+    return 0

@@ -6,7 +6,8 @@ carry its bounds), and FastAPI must see the endpoints' annotations as those obje
 
 Endpoints: a classify server offers POST /v1/classify; a generate server POST /v1/completions and POST
 /v1/chat/completions (OpenAI-compatible, SSE streaming); both GET /v1/models, POST /v1/adapters and
-DELETE /v1/adapters/{name} (admin, bearer token), GET /health, GET /metrics (Prometheus text). The other
+DELETE /v1/adapters/{name} (admin, bearer token), GET /health, GET /metrics (Prometheus text). With
+--api-key or --keys-file the inference routes and /v1/models need a bearer key (serve/auth.py). The other
 task's endpoints answer 400 naming the task and are not in the server's OpenAPI document. Every error is
 JSON `{"error": {"message", "type", "code"}}`, and every status an operation can answer is in the document
 (docs/serving.md, "Contract").
@@ -32,6 +33,7 @@ from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fileformat import AdapterError
+from .auth import Grant, Keys, caller_dependency
 from .engine import EncodedPrompt, Engine, IncompatibleAdapter, InputError, UnknownAdapter, UntrainedHead
 from .generate import GenResult, GenRow
 from .metrics import ServeMetrics
@@ -124,6 +126,7 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
     bodies = request_models(options, engine.base_name)
     ClassifyRequest, CompletionRequest, ChatRequest = bodies.classify, bodies.completion, bodies.chat
     bearer = HTTPBearer(auto_error=False, description="the server's --admin-token")
+    keys = Keys(options.api_key, options.admin_token, options.keys_file) if _keys_on(options) else None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -164,7 +167,19 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         if not hmac.compare_digest(token.encode(), options.admin_token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    inference = error_responses(400, 404, 409, 413, 422, 500)
+    Caller = Annotated[Grant, Depends(caller_dependency(keys))]
+
+    def adapter_ref(grant: Grant, name: str | None) -> str | None:
+        """The engine's ref of `name` for `grant`'s caller. A name outside the grant is refused before the
+        store is consulted, with the engine's own unknown-adapter error: the same answer, and no disk lookup
+        whose timing could tell a name that exists from one that does not. Called before anything reaches
+        the batcher, so a mixed batch only ever holds rows their callers may run."""
+        if name is not None and name != engine.base_name and not grant.allows(name):
+            raise UnknownAdapter(f"adapter {name!r} not found")
+        return engine.adapter_ref(name)
+
+    keyed = (401,) if keys is not None else ()
+    inference = error_responses(400, *keyed, 404, 409, 413, 422, 500)
     # OpenAPI 3.1: an event stream's `schema` describes one event.
     event = {"type": "object", "required": ["data"], "properties": {"data": {
         "type": "string", "description": "a JSON chunk (OpenAI's), an error body, or [DONE] (the last event)"}}}
@@ -172,8 +187,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
                     "content": {"text/event-stream": {"schema": event}}}}
 
     @app.post("/v1/classify", responses=inference, **task_only("classify"))
-    async def classify(body: ClassifyRequest) -> dict[str, Any]:
-        ref = engine.adapter_ref(body.adapter)
+    async def classify(body: ClassifyRequest, grant: Caller) -> dict[str, Any]:
+        ref = adapter_ref(grant, body.adapter)
         encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs])
         res = await asyncio.wrap_future(engine.classify(ref, encodings))
         out = {"adapter": body.adapter, "label_names": res.label_names, "labels": res.labels, "probs": res.probs}
@@ -230,9 +245,9 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @app.post("/v1/completions", responses={**stream, **inference}, **task_only("generate"))
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, grant: Caller) -> Any:
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        ref = engine.adapter_ref(body.model)
+        ref = adapter_ref(grant, body.model)
         fmt = None if body.raw else engine.prompt_format(ref)
         prompts = [engine.encode_prompt(t, body.max_tokens, fmt) for t in texts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": body.model}
@@ -248,9 +263,9 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         return await run_generation(ref, prompts, body, body.max_tokens, render, chunk)
 
     @app.post("/v1/chat/completions", responses={**stream, **inference}, **task_only("generate"))
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, grant: Caller) -> Any:
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
-        ref = engine.adapter_ref(body.model)
+        ref = adapter_ref(grant, body.model)
         fmt = None if body.raw else engine.prompt_format(ref)
         prompts = [engine.encode_chat([m.model_dump() for m in body.messages], max_tokens, fmt, ref)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -288,27 +303,35 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         engine.delete(name)
         return {"deleted": name}
 
-    @app.get("/v1/models", responses=error_responses(500))
-    def models() -> dict[str, Any]:
+    @app.get("/v1/models", responses=error_responses(*keyed, 500))
+    def models(grant: Caller) -> dict[str, Any]:
         resident = engine.resident
         data = [{"id": engine.base_name, "object": "model", "owned_by": "verakit", "kind": "base", "resident": True}]
-        for name in sorted(set(engine.store.names()) | resident):
+        for name in sorted(n for n in set(engine.store.names()) | resident if grant.allows(n)):
             data.append({"id": name, "object": "model", "owned_by": "verakit", "kind": "adapter", "resident": name in resident})
         return {"object": "list", "data": data}
 
-    @app.get("/health", responses=error_responses(500))
+    # Open by default (load balancers probe /health without secrets); --protect-metrics: the admin token.
+    ops = {"dependencies": [Depends(admin)]} if options.protect_metrics else {}
+    ops_errors = (401,) if options.protect_metrics else ()
+
+    @app.get("/health", responses=error_responses(*ops_errors, 500), **ops)
     def health() -> dict[str, Any]:
         return {"status": "ok", "task": engine.task, "model": engine.base_name, "rank": engine.bank.config.r,
                 "resident": len(engine.resident), "capacity": engine.bank.capacity}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text exposition format",
-              "content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses(500)})
+              "content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses(*ops_errors, 500)}, **ops)
     def prometheus() -> Any:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _keys_on(options: ServeOptions) -> bool:
+    return options.api_key is not None or options.keys_file is not None
 
 
 def _description(engine: Engine, options: ServeOptions) -> str:
@@ -317,7 +340,9 @@ def _description(engine: Engine, options: ServeOptions) -> str:
             "{\"error\": {\"message\", \"type\", \"code\"}}. Bounds: JSON bodies at most "
             f"{options.max_body_bytes} bytes and uploads at most {options.max_upload_bytes} bytes (413 beyond); "
             f"each input, prompt or rendered conversation at most {options.max_input_tokens} tokens, and prompt "
-            "tokens + max_tokens within the model's context (422 beyond); the other bounds are in the schemas.")
+            "tokens + max_tokens within the model's context (422 beyond); the other bounds are in the schemas."
+            + (" Inference routes and /v1/models need an API key (Authorization: Bearer KEY; 401 without one); "
+               "an adapter outside the key's set is answered as an unknown one (404)." if _keys_on(options) else ""))
 
 
 class Server:

@@ -31,6 +31,12 @@ class ServeOptions:
     capacity: adapters resident at once (slot tables are allocated for all of them at start-up); the
         least recently used one is evicted when a new one is needed.
     admin_token: bearer token for POST/DELETE /v1/adapters; None disables those endpoints.
+    api_key: bearer key every inference route (and /v1/models) requires; it may use every adapter. None,
+        with no keys_file: those routes are open.
+    keys_file: JSON file of tenant keys (SHA-256 hashes) and the adapter names or patterns each may use
+        (serve/auth.py); re-read when it changes. With it, a request for an adapter outside its key's set is
+        answered as an unknown adapter (404) and /v1/models lists only the key's adapters.
+    protect_metrics: put /health and /metrics behind the admin token (needs admin_token).
     max_batch: most model rows (inputs, or prompts x n) in one forward.
     max_wait_ms: how long the batcher waits after the first request for more to join its batch.
     task: "classify" or "generate"; None infers it from the model (causal LM -> generate).
@@ -62,6 +68,9 @@ class ServeOptions:
     max_n: int = 8
     dtype: str = "float32"
     threads: int | None = None
+    api_key: str | None = None
+    keys_file: str | None = None
+    protect_metrics: bool = False
 
     def __post_init__(self) -> None:
         for f in ("capacity", "max_batch", "max_body_bytes", "max_upload_bytes", "max_inputs",
@@ -84,3 +93,7 @@ class ServeOptions:
         if self.admin_token is not None and len(self.admin_token) < 8:
             # The value is never echoed: it is a secret, perhaps one typed into the wrong variable.
             raise OptionError("admin_token", "must be at least 8 characters")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise OptionError("api_key", "must be at least 8 characters")
+        if self.protect_metrics and self.admin_token is None:
+            raise OptionError("protect_metrics", "needs an admin token (--admin-token) to protect them with")
