@@ -30,7 +30,7 @@ FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC"}
 HOLD = {"sst2": 1000, "mrpc": 400}  # held-out rows carved from train
 LRS = {
     "vera": ["4e-3", "1e-2", "2e-2", "5e-2", "1e-1"],
-    "lora": ["1e-3", "2e-3", "5e-3"],
+    "lora": ["1e-3", "2e-3", "5e-3", "1e-2"],
 }
 
 

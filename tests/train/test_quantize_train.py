@@ -105,3 +105,12 @@ def test_cli_train_8bit(llama_dir, jsonl_dir, tmp_path):
     assert len(metrics["step_losses"]) == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["quantize"] == "8bit"
     load_adapter(build_causal_lm(llama_dir)[0], tmp_path / "run" / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("extra", [[], ["--group-column", "group"]])
+def test_quantize_is_refused_for_classification(tmp_path, capsys, extra):
+    """Only the causal-LM recipe quantizes its base; elsewhere the flag would be silently ignored."""
+    code = main(["train", "--task", "csv", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--quantize", "4bit", *extra])
+    assert code == 2 and "--quantize is wired for causal-LM tasks" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

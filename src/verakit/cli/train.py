@@ -42,6 +42,10 @@ def run_train(args: argparse.Namespace) -> int:
         print("verakit train: error: --adapter-compute-dtype is wired for classification tasks without "
               "--group-column only", file=sys.stderr)
         return 2
+    if args.quantize is not None and args.task not in CAUSAL_TASKS:
+        print("verakit train: error: --quantize is wired for causal-LM tasks (e2e, instruct, jsonl) only",
+              file=sys.stderr)
+        return 2
     if args.group_column is not None:
         return run_train_grouped(args)
     if args.shared_head or args.max_groups is not None or args.min_group_examples is not None:

@@ -51,15 +51,15 @@ def _paper(epochs: int, vera_lr: float, head_lr: float, lora_lr: float, lora_epo
 TASK_BUDGETS: Mapping[str, Mapping[str, Budget]] = MappingProxyType({
     "cpu": MappingProxyType({
         # Swept (docs/training.md): SST-2 20,000 rows x 1 epoch, MRPC all 3,668 rows x 3 epochs.
-        "sst2": Budget(1, 20_000, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=1),
-        "mrpc": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        "sst2": Budget(1, 20_000, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=1),
+        "mrpc": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=3),
         # Not swept: SST-2's rates for the single-sentence task, MRPC's for the pair tasks.
-        "cola": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
-        "qnli": Budget(1, 8_000, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=1),
-        "rte": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
-        "stsb": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        "cola": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=3),
+        "qnli": Budget(1, 8_000, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=1),
+        "rte": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=3),
+        "stsb": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=3),
         # A user's own data: every row, SST-2's rates.
-        "csv": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=2e-3, lora_epochs=3),
+        "csv": Budget(3, None, vera_lr=5e-2, head_lr=4e-3, lora_lr=5e-3, lora_epochs=3),
     }),
     "paper": MappingProxyType({
         "sst2": _paper(60, vera_lr=4e-3, head_lr=4e-3, lora_lr=5e-4, lora_epochs=60),
