@@ -4,11 +4,10 @@ Core API (torch + safetensors only): attach VeRA to a model, train its vectors, 
 files, merge into the base weights.
 """
 
-__version__ = "0.1.0"
-
-from .config import ConfigError, VeraConfig  # noqa: E402
-from .fileformat import Adapter, AdapterError, load_adapter, read_adapter, save_adapter  # noqa: E402
-from .inject import (  # noqa: E402
+from ._version import __version__
+from .config import ConfigError, VeraConfig
+from .fileformat import Adapter, AdapterError, load_adapter, read_adapter, save_adapter
+from .inject import (
     AttachError,
     attach,
     detach,
@@ -18,8 +17,8 @@ from .inject import (  # noqa: E402
     vera_layers,
     vera_state,
 )
-from .layer import VeraLinear  # noqa: E402
-from .merge import export_merged, merge, unmerge  # noqa: E402
+from .layer import VeraLinear
+from .merge import export_merged, merge, unmerge
 
 __all__ = [
     "__version__",

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_write_bytes  # public here too: callers have always imported it from this module
 from .config import PROJECTION_KINDS, ConfigError, VeraConfig
 from .inject import VeraState, attach, detach, vera_state

@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `verakit` parser; each subcommand's `func` takes the parsed namespace, returns the exit code."""
-    from .. import __version__
+    from .._version import __version__
 
     p = argparse.ArgumentParser(prog="verakit", description="VeRA adapters: train, inspect, merge, serve.")
     p.add_argument("--version", action="version", version=f"verakit {__version__}")
