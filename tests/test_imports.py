@@ -42,3 +42,34 @@ def test_fileformat_imports_first_in_a_fresh_process():
 
 def test_version_is_the_installed_distribution_version():
     assert importlib.metadata.version("verakit") == verakit.__version__
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level verakit sub-packages/modules a file imports (absolute or relative), e.g. {"serve", "fileformat"}."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = path.relative_to(SRC).parts[:-1]  # ("train",) for verakit/train/x.py
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] == "verakit" and len(parts) > 1:
+                    out.add(parts[1])
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = (*base, *(node.module.split(".") if node.module else ()))
+            out.update([target[0]] if target else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("verakit."))
+    return out
+
+
+def test_import_direction():
+    """train and serve are siblings that never import each other; nothing below the CLI imports it."""
+    wrong = []
+    for p in sorted(SRC.rglob("*.py")):
+        top = p.relative_to(SRC).parts[0]
+        imported = _imported_packages(p) - {top}
+        banned = {"cli"} | ({"serve"} if top == "train" else {"train"} if top == "serve" else set())
+        wrong += [f"{p.relative_to(SRC)} imports {name}" for name in sorted(imported & banned)]
+    assert wrong == []

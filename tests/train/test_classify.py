@@ -51,3 +51,4 @@ def test_baseline_is_the_majority_label_of_dev(make_recipe):
     majority = max(set(labels), key=labels.count)
     want = sum(1 for y in labels if y == majority) / len(labels)
     assert recipe.baseline()["accuracy"] == pytest.approx(want)
+

@@ -482,3 +482,14 @@ def test_minilm_sst2_groups_end_to_end(tmp_path, capsys, shared_data, minilm_pat
     for name, g in metrics["groups"].items():
         alone, _ = evaluate_alone(run_dir / g["adapter"], g["group"], max_length=64)
         assert alone == pytest.approx(g["metric"], abs=1e-9), name
+
+
+def test_grouped_training_refuses_bf16_adapter_products_in_the_library():
+    """The CLI refused --adapter-compute-dtype bf16 with --group-column; the library used to ignore it."""
+    from verakit.train.classify import TrainArgs
+    from verakit.train.grouped import GroupedArgs
+
+    targs = TrainArgs(task="csv", data_dir=None, out="unused", adapter_compute_dtype="bf16")
+    with pytest.raises(ValueError, match="adapter_compute_dtype 'bf16' is not wired for grouped training"):
+        GroupedArgs(targs, "customer")
+    GroupedArgs(TrainArgs(task="csv", data_dir=None, out="unused"), "customer")  # fp32 is fine

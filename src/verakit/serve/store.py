@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,24 +17,11 @@ from typing import Any
 from ..atomic import staged_file
 from ..config import VeraConfig
 from ..fileformat import FORMAT_NAME, Adapter, AdapterError, read_adapter
+from ..names import NAME_PATTERN, InvalidName, check_name
 
 __all__ = ["NAME_PATTERN", "InvalidName", "AdapterInfo", "AdapterStore", "check_name"]
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _SUFFIX = ".safetensors"
-
-
-class InvalidName(ValueError):
-    """An adapter name is not a safe file name; the message quotes the rule."""
-
-
-def check_name(name: str) -> str:
-    """Return `name` if it is a valid adapter name, else raise InvalidName."""
-    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
-        raise InvalidName(
-            f"invalid adapter name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ - , not starting with '.'"
-        )
-    return name
 
 
 @dataclass(frozen=True)

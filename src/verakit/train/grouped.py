@@ -75,6 +75,9 @@ class GroupedArgs:
     def __post_init__(self) -> None:
         if not self.group_column:
             raise ValueError("GroupedArgs.group_column must name a column")
+        if self.train.adapter_compute_dtype != "fp32":  # the slot tables compute in fp32 only
+            raise ValueError(f"GroupedArgs: adapter_compute_dtype {self.train.adapter_compute_dtype!r} is not wired "
+                             "for grouped training (slot tables compute in fp32); use 'fp32'")
         for name in ("max_groups", "min_group_examples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -105,9 +108,9 @@ class Groups:
 
 
 def adapter_name(group: str) -> str:
-    """A group value as an adapter name, by the serve store's rule `[A-Za-z0-9._-]{1,128}`, no leading dot:
-    every other character becomes "_", a leading "." becomes "_", and the name is cut at 128 characters."""
-    from ..serve.store import check_name
+    """A group value as an adapter name, by the rule of verakit.names (`[A-Za-z0-9._-]{1,128}`, no leading
+    dot): every other character becomes "_", a leading "." becomes "_", and the name is cut at 128 characters."""
+    from ..names import check_name
 
     name = _UNSAFE.sub("_", group)[:128]
     return check_name("_" + name[1:] if name.startswith(".") else name)
