@@ -111,7 +111,9 @@ def test_attach_twice_and_no_match_errors(tiny_bert_clf):
         attach(tiny_bert_clf, VeraConfig(r=4, target_modules=("q_proj",)))
     with pytest.raises(AttachError, match="modules_to_save"):
         attach(tiny_bert_clf, VeraConfig(r=4, modules_to_save=("nonexistent_head",)))
-    assert not hasattr(tiny_bert_clf, "verakit_state") or tiny_bert_clf.verakit_state is None
+    # The refused attaches left nothing behind: no state attribute (detach deletes it), no wrapped layer.
+    assert not hasattr(tiny_bert_clf, "verakit_state")
+    assert not any(isinstance(m, VeraLinear) for m in tiny_bert_clf.modules())
 
 
 def test_no_default_targets_for_unknown_model():
