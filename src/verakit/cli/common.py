@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECIPES", "add_vera_options", "command_line", "csv_list", "defaults_help", "fields_of",
+__all__ = ["RECIPES", "add_run_options", "add_vera_options", "command_line", "csv_list", "defaults_help", "fields_of",
            "interrupted_run", "log_to_stderr", "print_evaluation", "run_training"]
 
 RECIPES = ("classification", "causal LMs", "images")  # the recipes `defaults_help` describes, in this order
@@ -193,3 +193,41 @@ def print_evaluation(evaluate: Callable[[], dict[str, Any]]) -> int:
         return 2
     print(json.dumps(result, indent=2))
     return 0
+
+
+def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
+                    batch_size: int | None = None) -> None:
+    """The settings of one training run, declared once for `verakit train` and `verakit tune` (whose trials
+    are such runs): rank, budget and its overrides, seed, subsets, evaluation cadence. `default(dest)` says
+    an option's resolved default; `per_trial` words the help for tune; `batch_size` is the parser default."""
+    from ..train.hparams import BUDGETS
+
+    each = "every trial's " if per_trial else ""
+    # --adapter-rank: the same flag under torchrun, whose own parser rejects "--r" as an ambiguous prefix.
+    g.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None, help=f"rank (default: {default('r')})")
+    g.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
+    g.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
+                   "(default: the model type's, query,value for BERT)")
+    g.add_argument("--budget", default="cpu", choices=list(BUDGETS),
+                   help=f"{each}preset of epochs, training rows and learning rates: cpu (default; minutes "
+                   f"{'a trial ' if per_trial else ''}on a laptop CPU with the default MiniLM) or paper (the VeRA/LoRA "
+                   "papers' GPU budgets over the whole training set); --epochs, --max-train-samples, --lr and "
+                   f"--head-lr{' and searched settings' if per_trial else ''} override single values (docs/training.md)")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {default('epochs')})")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size, split across processes "
+                   f"(default: {default('batch_size') if batch_size is None else batch_size})")
+    g.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"adapter (full: body) learning rate (default: {default('lr')})")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help=f"classifier head learning rate (default: {default('head_lr')})")
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
+                   "of the learning rate (default 0.06)")
+    g.add_argument("--seed", type=int, default=0, help=f"{'training seed of every trial: ' if per_trial else ''}"
+                   "data subset and order, head init, dropout and VeRA's projection (default 0)")
+    g.add_argument("--max-train-samples", type=int, default=None, help=f"train {'each trial ' if per_trial else ''}"
+                   f"on a seeded subset of this many rows (default: {default('max_train_samples')})")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
+                   f"rows (default: {default('max_eval_samples')})")
+    g.add_argument("--eval-every", type=int, default=None, help=f"also evaluate{' (and maybe prune)' if per_trial else ''}"
+                   " every N optimizer steps (default: only before training and at each epoch end)")

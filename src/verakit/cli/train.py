@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from .common import (
+    add_run_options,
     add_vera_options,
     command_line,
-    csv_list,
     defaults_help,
     fields_of,
     interrupted_run,
@@ -237,7 +237,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `train` and `eval`, in that order."""
     from ..train.causal_data import CAUSAL_TASKS
     from ..train.data import TASKS
-    from ..train.hparams import BUDGETS
     from ..train.methods import METHODS
     from ..train.vision import IMAGE_TASK
 
@@ -257,34 +256,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "all-MiniLM-L6-v2, causal LMs SmolLM2-135M-Instruct, both installed offline; images: required)")
     s.add_argument("--method", default="vera", choices=list(METHODS), help="what trains (default vera; causal "
                    "LMs take vera, lora or full)")
-    # --adapter-rank: the same flag under torchrun, whose own parser rejects "--r" as an ambiguous prefix.
-    s.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None,
-                   help=f"rank (default: {defaults_help('r')})")
-    s.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
-    s.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
-                   "(default: the model type's, query,value for BERT)")
-    s.add_argument("--budget", default="cpu", choices=list(BUDGETS),
-                   help="preset of epochs, training rows and learning rates: cpu (default; minutes on a laptop CPU "
-                   "with the default MiniLM) or paper (the VeRA/LoRA papers' GPU budgets over the whole training set); "
-                   "--epochs, --max-train-samples, --lr and --head-lr override single values (docs/training.md)")
-    s.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {defaults_help('epochs')})")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch size, split across processes (default: {defaults_help('batch_size')})")
-    s.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
-    s.add_argument("--lr", type=float, default=None,
-                   help=f"adapter (full: body) learning rate (default: {defaults_help('lr')})")
-    s.add_argument("--head-lr", type=float, default=None,
-                   help=f"classifier head learning rate (default: {defaults_help('head_lr')})")
-    s.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
-                   "of the learning rate (default 0.06)")
-    s.add_argument("--seed", type=int, default=0, help="data subset and order, head init, dropout and VeRA's "
-                   "projection (default 0)")
-    s.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this many "
-                   f"rows (default: {defaults_help('max_train_samples')})")
-    s.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
-                   f"rows (default: {defaults_help('max_eval_samples')})")
-    s.add_argument("--eval-every", type=int, default=None, help="also evaluate every N optimizer steps (default: "
-                   "only before training and at each epoch end)")
+    add_run_options(s, defaults_help, per_trial=False)
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoint "
                    "(written on Ctrl-C); repeat the same command with --resume (default off: a new run)")
     s.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar (default: a bar)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import add_vera_options, csv_list, defaults_help, log_to_stderr
+from .common import add_run_options, add_vera_options, defaults_help, log_to_stderr
 
 __all__ = ["add_parsers", "run_tune"]
 
@@ -53,7 +53,6 @@ def _spec(d: Any) -> str:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `tune`."""
     from ..train.data import TASKS
-    from ..train.hparams import BUDGETS
     from ..train.methods import METHODS
     from ..train.tune import PRUNERS, TUNABLE, default_space
 
@@ -82,33 +81,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
     g.add_argument("--study-name", default="verakit-tune", help="name of the study in study.db (default verakit-tune)")
     f = s.add_argument_group("fixed training settings (as verakit train; a searched setting overrides its flag)")
-    per_task = {dest: defaults_help(dest, ("classification",))
-                for dest in ("r", "epochs", "lr", "head_lr", "max_train_samples", "max_eval_samples")}
-    f.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None, help=f"rank (default: {per_task['r']})")
-    f.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
-    f.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
-                   "(default: the model type's, query,value for BERT)")
-    f.add_argument("--budget", default="cpu", choices=list(BUDGETS),
-                   help="every trial's preset of epochs, training rows and learning rates: cpu (default; minutes "
-                   "a trial on a laptop CPU with the default MiniLM) or paper (the VeRA/LoRA papers' GPU budgets "
-                   "over the whole training set); the flags below and searched settings override single values "
-                   "(docs/training.md)")
-    f.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {per_task['epochs']})")
-    f.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
-    f.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
-    f.add_argument("--lr", type=float, default=None,
-                   help=f"adapter (full: body) learning rate (default: {per_task['lr']})")
-    f.add_argument("--head-lr", type=float, default=None,
-                   help=f"classifier head learning rate (default: {per_task['head_lr']})")
-    f.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
-                   "of the learning rate (default 0.06)")
-    f.add_argument("--seed", type=int, default=0, help="training seed of every trial: data subset, order, init "
-                   "(default 0)")
-    f.add_argument("--max-train-samples", type=int, default=None, help="train each trial on a seeded subset of "
-                   f"this many rows (default: {per_task['max_train_samples']})")
-    f.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
-                   f"rows (default: {per_task['max_eval_samples']})")
-    f.add_argument("--eval-every", type=int, default=None, help="also evaluate (and maybe prune) every N steps "
-                   "(default: only before training and at each epoch end)")
+    # Tune searches classification runs only; its batch default stays the explicit 32 studies record.
+    add_run_options(f, lambda dest: defaults_help(dest, ("classification",)), per_trial=True, batch_size=32)
     add_vera_options(s)
     s.set_defaults(func=run_tune)
