@@ -85,3 +85,11 @@ def make_recipe(tiny_bert_dir, tiny_task):
         return ClassificationRecipe(prepared, tok, data.spec, data.train, data.dev, args, info)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> str:
+    """A saved tiny Llama causal LM with a real tokenizer (tests/lm_helpers.py), for the causal-LM recipe."""
+    from lm_helpers import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("llama"), "llama")

@@ -30,16 +30,7 @@ from verakit.train.lm_data import IGNORE_INDEX, LMExample, collate_lm, tokenize_
 from verakit.train.methods import MethodSpec
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> str:
-    return save_tiny_lm(tmp_path_factory.mktemp("llama"), "llama")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

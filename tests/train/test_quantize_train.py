@@ -12,21 +12,13 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'verakit[quant]')")
 
-from lm_helpers import e2e_like, save_tiny_lm, write_jsonl  # noqa: E402
+from lm_helpers import e2e_like, write_jsonl  # noqa: E402
 from verakit import load_adapter, read_adapter, vera_layers  # noqa: E402
 from verakit.cli import main  # noqa: E402
 from verakit.train import causal  # noqa: E402
 from verakit.train.causal import CausalArgs, build_causal_lm, train_causal  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> str:
-    return save_tiny_lm(tmp_path_factory.mktemp("llama"), "llama")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
