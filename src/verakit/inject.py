@@ -19,6 +19,7 @@ from .layer import VeraLinear, is_linear_leaf, linear_shape, share_inputs
 from .projection import Projection, matrix_ids
 
 __all__ = [
+    "head_hidden_layers",
     "AttachError",
     "VeraState",
     "attach",
@@ -87,13 +88,32 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _resolve_saved(model: nn.Module, config: VeraConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(patterns, full module names) of modules_to_save, including the task head of the model class."""
+    """(patterns, full module names) of modules_to_save, including the task head of the model class.
+
+    A head module that contains an explicitly named target (e.g. "pooler.dense" in BERT's pooler) is not
+    saved whole: VeRA adapts that layer, and only the head's other parameter-holding parts are saved
+    (BERT: nothing of the pooler, the classifier whole; RoBERTa: classifier.out_proj).
+    """
     patterns = list(config.modules_to_save)
     cls = type(model).__name__
-    names = {n for n, _ in model.named_modules() if n}
+    modules = dict(model.named_modules())
+    names = {n for n in modules if n}
+    explicit = _explicitly_targeted(names, config.target_modules)
     for suffix, heads in _HEADS_BY_TASK.items():
         if cls.endswith(suffix):
-            patterns += [h for h in heads if h not in patterns and any(_matches(n, (h,)) for n in names)]
+            for h in heads:
+                found = sorted(n for n in names if _matches(n, (h,)))
+                for n in found:
+                    if n in explicit:
+                        parts: list[str] = []  # the head is one adapted linear layer (DistilBERT's pre_classifier)
+                    elif any(t.startswith(n + ".") for t in explicit):
+                        parts = _untargeted_parts(n, modules, explicit)
+                    else:
+                        parts = [n]
+                    for part in parts:
+                        pattern = h + part[len(n):]  # keep the head's short name: "classifier.out_proj"
+                        if pattern not in patterns:
+                            patterns.append(pattern)
     full = tuple(n for n in names if _matches(n, tuple(patterns)))
     missing = [p for p in config.modules_to_save if not any(_matches(n, (p,)) for n in names)]
     if missing:
@@ -101,6 +121,49 @@ def _resolve_saved(model: nn.Module, config: VeraConfig) -> tuple[tuple[str, ...
     # Keep only outermost matches: a saved module's children are saved with it.
     full = tuple(sorted(n for n in full if not any(n.startswith(o + ".") for o in full if o != n)))
     return tuple(patterns), full
+
+
+def head_hidden_layers(model: nn.Module) -> tuple[str, ...]:
+    """Target patterns for the hidden linear layers of the model's task head, the output layer excepted.
+
+    BERT: ("pooler.dense",); RoBERTa: ("classifier.dense",); DistilBERT: ("pre_classifier",); () for a head
+    that is one linear layer. Adding them to `target_modules` gives the head VeRA vectors instead of full
+    training: only the output layer is then saved in full (docs/training.md, "Classification heads").
+    """
+    cls = type(model).__name__
+    heads = next((h for suffix, h in _HEADS_BY_TASK.items() if cls.endswith(suffix)), ())
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if not is_linear_leaf(m):
+            continue
+        for h in heads:
+            owner = next((o for o, _ in model.named_modules() if o and (o == h or o.endswith("." + h))
+                          and (name == o or name.startswith(o + "."))), None)
+            if owner is not None:
+                found.append(h + name[len(owner):])
+                break
+    return tuple(found[:-1])  # the last linear leaf of the head in model order is its output layer
+
+
+def _explicitly_targeted(names: set[str], tm: tuple[str, ...] | str | None) -> set[str]:
+    """Module names that `target_modules` names explicitly (tuple patterns or a regex; not None/all-linear)."""
+    if tm is None or tm == "all-linear":
+        return set()
+    if isinstance(tm, str):
+        return {n for n in names if re.fullmatch(tm, n)}
+    return {n for n in names if _matches(n, tm)}
+
+
+def _untargeted_parts(head: str, modules: dict[str, nn.Module], targets: set[str]) -> list[str]:
+    """The outermost submodules of `head` that hold parameters and contain no target, in model order."""
+    out: list[str] = []
+    for n, m in modules.items():
+        if not n.startswith(head + ".") or any(n.startswith(o + ".") for o in out):
+            continue
+        inside = n in targets or any(t.startswith(n + ".") for t in targets)
+        if not inside and any(True for _ in m.parameters()):
+            out.append(n)
+    return out
 
 
 def find_targets(model: nn.Module, config: VeraConfig, saved: tuple[str, ...] = ()) -> dict[str, nn.Module]:

@@ -74,15 +74,18 @@ class _Generate:
 def plan_config(infos: Sequence[AdapterInfo], rank: int | None) -> tuple[VeraConfig, list[AdapterInfo]]:
     """The bank's VeraConfig for the adapters on disk, and the adapters it can serve.
 
-    The largest group sharing (seed, distribution, sharing, model type, architecture) wins; the bank adapts
-    the union of their modules at the largest rank (or `rank`). Other adapters will answer 409.
+    The largest group sharing (seed, distribution, sharing, model type, architecture, saved modules) wins;
+    the bank adapts the union of their modules at the largest rank (or `rank`). Other adapters will answer
+    409. Saved modules are part of the key because a head is either trained in full or adapted: a bank
+    cannot hold BERT's pooler as a per-slot full layer and as a VeRA layer at once.
     """
     infos = [i for i in infos if i.config.projection_kind == PROJECTION_KINDS[0]]
     if not infos:
         return VeraConfig(r=rank or 256), []
 
     def key(i: AdapterInfo) -> tuple[Any, ...]:
-        return (i.config.seed, i.config.distribution, i.config.projection_sharing, i.model_type, i.architecture)
+        return (i.config.seed, i.config.distribution, i.config.projection_sharing, i.model_type, i.architecture,
+                tuple(sorted(i.config.modules_to_save)))
 
     best = Counter(key(i) for i in infos).most_common(1)[0][0]
     chosen = [i for i in infos if key(i) == best]

