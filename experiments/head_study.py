@@ -35,7 +35,7 @@ HEAD_KEYS = ("pooler", "classifier")  # tensor names of MiniLM's head parts in a
 
 
 def command(task: str, head: str, seed: int, root: Path) -> list[str]:
-    return ["verakit", "train", "--task", task, "--data-dir", str(GLUE / FOLDERS[task]),
+    return [sys.executable, "-m", "verakit.cli", "train", "--task", task, "--data-dir", str(GLUE / FOLDERS[task]),
             "--out", str(root / f"{task}-{head}-s{seed}"), "--head", head, "--seed", str(seed), "--quiet"]
 
 
@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> None:
     root.mkdir(parents=True, exist_ok=True)
     cells = [(t, h, s) for s in SEEDS for t in args.tasks for h in HEADS]
     todo = [c for c in cells if not (root / f"{c[0]}-{c[1]}-s{c[2]}" / "metrics.json").is_file()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # This checkout's src first: the runs use the code of the commit under test even while the main
+    # working tree changes (run it from a `git worktree` of that commit).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     running: list[tuple[subprocess.Popen[bytes], tuple[str, str, int], float]] = []
     while todo or running:
         while todo and len(running) < args.jobs:
