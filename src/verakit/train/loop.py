@@ -10,7 +10,9 @@ exactly, whatever the world size or how unevenly the last batch splits. `batch_s
 global batch: one process with batch 32 and two with batch 32 take the same optimizer steps.
 
 Under DDP (through `accelerate`) only trainable parameters (VeRA's d and b, the head) are all-reduced;
-the frozen projections are plain attributes regenerated from the seed on every rank, never sent.
+the frozen projections are plain attributes regenerated from the seed on every rank, never sent. Under
+`accelerate launch --use_fsdp` (`fsdp.py`) every parameter is sharded instead: all ranks evaluate (a
+sharded forward is collective) and gather the trained tensors for the main process to save.
 
 What a user sees (the same for every recipe; the lines are written by progress.py): the plan first (rows, epochs, steps, batch), the dev
 score before the first step (step 0: for VeRA b = 0, so the base model with its fresh head) beside the
@@ -26,6 +28,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from . import fsdp
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -142,6 +146,7 @@ class LoopResult:
     total_steps: int
     world_size: int
     baseline: dict[str, float] | None = None  # recipe.baseline() (main process), None without one
+    fsdp: dict[str, int] | None = None  # fsdp.shard_stats of the main process under FSDP, else None
 
 
 class TrainingInterrupted(Exception):
@@ -230,16 +235,23 @@ def run_loop(
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world}")
 
-    groups = recipe.param_groups()
+    sharded = fsdp.requested() and world > 1  # FSDP2: the base is split across ranks, not replicated
+    if sharded and optimizer_factory is not None:
+        raise ValueError("FSDP (accelerate's --use_fsdp) trains with the loop's AdamW only, not a custom optimizer "
+                         "(grouped training, --group-column); launch it without --use_fsdp")
+    built = recipe.param_groups()
     named = {id(p): n for n, p in recipe.model.named_parameters()}
-    trainable = {named[id(p)]: p for g in groups for p in g.params}
+    model = fsdp.shard(acc, recipe.model) if sharded else acc.prepare_model(recipe.model)
+    raw_model = acc.unwrap_model(model)
+    # The optimizer is built after sharding: FSDP2 replaces every parameter with a DTensor one.
+    now = fsdp.rebind({id(p): named[id(p)] for g in built for p in g.params}, raw_model)
+    groups = [ParamGroup(g.name, tuple(now[id(p)] for p in g.params), g.lr) for g in built]
+    trainable = {named[id(p)]: now[id(p)] for g in built for p in g.params}
     optimizer = (optimizer_factory or adamw)(groups, config.weight_decay)
     n_train = recipe.num_train()
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    model = acc.prepare_model(recipe.model)
-    raw_model = acc.unwrap_model(model)
 
     start_step, history, best, seconds_before, losses = 0, [], {}, 0.0, []
     resumed_window = (0.0, 0.0)
@@ -250,10 +262,17 @@ def run_loop(
             missing = sorted(set(trainable) - set(ckpt.tensors))
             if missing:
                 raise ValueError(f"{run_dir}/checkpoint: no saved tensor for trainable parameter(s) {missing[:3]}")
-            with torch.no_grad():
-                for n, p in trainable.items():
-                    p.copy_(ckpt.tensors[n])
-            optimizer.load_state_dict(ckpt.optimizer)
+            # An FSDP checkpoint keys the optimizer state by parameter name, a plain one by position.
+            by_name = any(isinstance(k, str) for k in ckpt.optimizer.get("state", {}))
+            if by_name != sharded:
+                raise ValueError(f"{run_dir}/checkpoint was written {'with' if by_name else 'without'} FSDP; resume "
+                                 f"it the same way ({'with' if by_name else 'without'} accelerate's --use_fsdp)")
+            for n, p in trainable.items():
+                fsdp.put_full(p, ckpt.tensors[n])
+            if sharded:
+                fsdp.load_optimizer_state(raw_model, optimizer, ckpt.optimizer)
+            else:
+                optimizer.load_state_dict(ckpt.optimizer)
             scheduler.load_state_dict(ckpt.scheduler)
             set_rng_state(ckpt.rng)
             start_step, history, best, seconds_before = ckpt.step, ckpt.history, ckpt.best, ckpt.seconds
@@ -263,6 +282,9 @@ def run_loop(
     progress = Progress(main, config.quiet, total_steps, start_step, config.epochs, _clock())
     progress.say(plan_line(n_train, config.epochs, config.batch_size, config.eval_every, steps_per_epoch,
                            total_steps, world, start_step))
+    shard_stats = fsdp.shard_stats(raw_model) if sharded else None
+    if shard_stats is not None:
+        progress.say(fsdp.stats_line(shard_stats, world))
     baseline = _baseline(recipe) if main else None
     t0 = _clock()
     (window_loss, window_units), window_examples, window_t = resumed_window, 0, _clock()
@@ -280,19 +302,25 @@ def run_loop(
             "seconds": round(seconds_before + _clock() - t0, 3),
         }
         window_loss, window_units = 0.0, 0.0
-        if main:
+        if main or sharded:  # a sharded forward is collective: every rank runs the evaluation
             started = _clock()
             raw_model.eval()
             with torch.no_grad():
                 record["metrics"] = recipe.evaluate(raw_model)
             raw_model.train()
             eval_seconds = _clock() - started
+        # Step 0 never becomes "best": the saved artifact is always a trained one (the first trained
+        # evaluation replaces nothing), and the report shows step 0 beside it for comparison.
+        improved = main and step > 0 and (not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric])
+        if sharded:  # the main process decides; every rank takes part in gathering the trained tensors
+            improved = acc.reduce(torch.tensor([float(improved)], device=acc.device), reduction="sum").item() > 0
+        if improved:
+            with fsdp.full_trainables(raw_model, write=main) if sharded else nullcontext():
+                if main:
+                    best = record
+                    recipe.save_best(raw_model, run_dir)
+        if main:
             history.append(record)
-            # Step 0 never becomes "best": the saved artifact is always a trained one (the first trained
-            # evaluation replaces nothing), and the report shows step 0 beside it for comparison.
-            if step > 0 and (not best or record["metrics"][recipe.main_metric] > best["metrics"][recipe.main_metric]):
-                best = record
-                recipe.save_best(raw_model, run_dir)
             progress.say(eval_line(record, baseline))
             if on_eval is not None and step > 0:
                 on_eval(record)
@@ -350,8 +378,8 @@ def run_loop(
                 seconds = seconds_before + _clock() - t0
                 state = Checkpoint(
                     step=step,
-                    tensors={n: p.detach().cpu().clone() for n, p in trainable.items()},
-                    optimizer=optimizer.state_dict(),
+                    tensors={n: fsdp.full_value(p) for n, p in trainable.items()},  # all-gathers under FSDP
+                    optimizer=fsdp.optimizer_state(raw_model, optimizer) if sharded else optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
                     rng=rng_state(),
                     history=history,
@@ -368,7 +396,7 @@ def run_loop(
     if main:
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
-    return LoopResult(history, losses, best, seconds_before + _clock() - t0, total_steps, world, baseline)
+    return LoopResult(history, losses, best, seconds_before + _clock() - t0, total_steps, world, baseline, shard_stats)
 
 
 def _baseline(recipe: Recipe) -> dict[str, float] | None:

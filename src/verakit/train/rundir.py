@@ -106,12 +106,14 @@ def artifact_metrics(prepared: Prepared, artifact: Path) -> dict[str, Any]:
 
 def loop_metrics(result: LoopResult) -> dict[str, Any]:
     """metrics.json's entries from the loop: the cost of training (wall seconds summed over resumed
-    sessions, steps, processes) and the trivial baseline's dev metrics (None when the recipe has none)."""
+    sessions, steps, processes), the trivial baseline's dev metrics (None when the recipe has none), and
+    under FSDP (only) "fsdp": the element counts the main process held (`fsdp.shard_stats`)."""
     return {
         "train_seconds": round(result.train_seconds, 2),
         "total_steps": result.total_steps,
         "world_size": result.world_size,
         "baseline": result.baseline,
+        **({"fsdp": result.fsdp} if result.fsdp is not None else {}),
     }
 
 
