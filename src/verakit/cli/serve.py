@@ -16,6 +16,8 @@ from .common import fields_of
 
 __all__ = ["add_parsers", "flag_of", "run_hash_key", "run_serve"]
 
+_RAY_FIELDS = ("replicas", "min_replicas", "max_replicas", "address")  # RayOptions fields with a flag
+
 _TOKEN_ENV = "VERAKIT_ADMIN_TOKEN"
 _KEY_ENV = "VERAKIT_API_KEY"
 _ENV = {"admin_token": _TOKEN_ENV, "api_key": _KEY_ENV}
@@ -39,12 +41,45 @@ def run_serve(args: argparse.Namespace) -> int:
     except OptionError as e:
         print(f"verakit serve: error: {flag_of(e.field)} {e.rule}", file=sys.stderr)
         return 2
+    ray_flags = [f for f in _RAY_FIELDS if getattr(args, f) is not None]
+    if args.engine != "ray" and ray_flags:
+        print(f"verakit serve: error: {flag_of(ray_flags[0])} needs --engine ray", file=sys.stderr)
+        return 2
+    if args.engine == "ray":
+        return _run_ray(options, args)
     try:
         server = Server(options)
     # ValueError: a model alias of the other task, a model whose adapters do not fit; OSError: a port in use,
     # a model folder transformers cannot read; KeyFileError (a ValueError): a missing or malformed --keys-file.
     # Each message names the model, folder, file or address.
     except (ValueError, OSError, ModelNotInstalledError) as e:
+        print(f"verakit serve: error: {e}", file=sys.stderr)
+        return 2
+    print(f"verakit serve: {server.describe()}", flush=True)
+    server.serve()
+    return 0
+
+
+def _run_ray(options: Any, args: argparse.Namespace) -> int:
+    """`--engine ray`: the same app on Ray Serve replicas (serve/ray_engine.py)."""
+    try:
+        import ray  # noqa: F401 - only to report a missing extra here, naming it
+
+        from ..serve.ray_engine import RayOptionError, RayOptions, RayServer
+    except ImportError as e:
+        print(f"verakit serve: error: --engine ray needs Ray Serve: pip install 'verakit[ray]' ({e})", file=sys.stderr)
+        return 2
+    try:
+        given = {f: getattr(args, f) for f in _RAY_FIELDS if getattr(args, f) is not None}
+        ray_options = RayOptions(**given, cpus_per_replica=float(options.threads or 1))
+    except RayOptionError as e:
+        print(f"verakit serve: error: {flag_of(e.field)} {e.rule}", file=sys.stderr)
+        return 2
+    try:
+        server = RayServer(options, ray_options)
+    # ValueError/OSError as for the local engine (the driver reads the adapter headers); RuntimeError: Ray
+    # could not start or join the cluster, or the replicas failed to start (Ray's message names why).
+    except (ValueError, OSError, RuntimeError, ConnectionError) as e:
         print(f"verakit serve: error: {e}", file=sys.stderr)
         return 2
     print(f"verakit serve: {server.describe()}", flush=True)
@@ -94,6 +129,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     opt("dtype", "dtype of the base model weights; adapter vectors stay float32 (default: %(default)s)", choices=DTYPES)
     opt("threads", "torch threads; 1 suits a machine shared with other work (default: torch's, one per core)",
         type=int)
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: one process; ray: replicas on Ray Serve over the same --adapters directory, "
+                   "pip install 'verakit[ray]' (default: %(default)s; docs/serving.md, Ray Serve)")
+    s.add_argument("--replicas", type=int, help="--engine ray: number of replicas (default: 1)")
+    s.add_argument("--min-replicas", dest="min_replicas", type=int,
+                   help="--engine ray: autoscaling range, with --max-replicas (default: a fixed --replicas)")
+    s.add_argument("--max-replicas", dest="max_replicas", type=int, help="--engine ray: see --min-replicas")
+    s.add_argument("--address", help="--engine ray: Ray cluster to join, e.g. auto or ray://HOST:10001 (default: "
+                   "start a local one on loopback for this command; each replica reserves --threads CPUs, default 1)")
     s.set_defaults(func=run_serve)
 
     h = sub.add_parser("hash-key", help="make a --keys-file entry for a tenant key (prints JSON; the key is not stored)",

@@ -5,12 +5,19 @@ loads the adapters a batch needs (least recently used ones make room), runs one 
 `generate` for every row of the batch whatever its adapter, and resolves each job's future. Everything
 that touches the model or the bank runs on that thread or under `Engine._lock`. Prompts are encoded in
 each adapter's trained format by `prompts.PromptEncoder`, on the request threads.
+
+Other servers may write the same adapter directory (Ray Serve replicas, hosts sharing a mount). A request
+checks that its adapter's file exists, so new uploads are served and deleted adapters refused at once;
+before each batch, at most every `REFRESH_S`, the worker reads the store's generation token and, when it
+changed, drops every resident adapter whose file was replaced or removed since it was loaded (the next use
+reloads it). So a replaced adapter is served in its old version for at most REFRESH_S after the write.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -35,6 +42,10 @@ __all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "Unt
            "EncodedPrompt", "plan_config"]
 
 log = logging.getLogger(__name__)
+
+# Longest time a batch may run an adapter whose file another writer has since replaced. The check costs one
+# small file read per interval (docs/serving.md, "Ray Serve": a few microseconds on a local disk).
+REFRESH_S = 0.02
 
 
 class UnknownAdapter(LookupError):
@@ -156,6 +167,9 @@ class Engine:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or options.max_input_tokens)
         self.max_input_tokens = min(options.max_input_tokens, self.context)
         self.load_failures = 0
+        self.stale_dropped = 0  # resident adapters dropped because their file changed under them
+        self._seen, self._checked = self.store.generation(), time.monotonic()
+        self._signatures: dict[str, tuple[int, int, int] | None] = {}  # resident name -> file at load time
         self.resident: frozenset[str] = frozenset()  # snapshot for readers on other threads
         self._on_batch = on_batch
         self._lock = threading.Lock()
@@ -273,6 +287,7 @@ class Engine:
                 self.store.delete(name)
             if resident:
                 self.bank.remove(name)
+                self._signatures.pop(name, None)
             self.resident = frozenset(self.bank.names())
 
     def bank_stats(self) -> tuple[int, int, int, int, int]:
@@ -286,12 +301,30 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         with self._lock:
             try:
+                self._refresh()
                 for chunk in self._chunks(jobs):
                     ready = self._load(chunk)
                     if ready:
                         self._forward(ready)
             finally:
                 self.resident = frozenset(self.bank.names())
+
+    def _refresh(self) -> None:
+        """Drop resident adapters whose file another writer replaced or deleted (checked at most every
+        REFRESH_S, and only when the store's generation token moved)."""
+        now = time.monotonic()
+        if now - self._checked < REFRESH_S:
+            return
+        self._checked = now
+        token = self.store.generation()
+        if token == self._seen:
+            return
+        self._seen = token  # read before the files: a write after this line moves the token again
+        for name in self.bank.names():
+            if self.store.signature(name) != self._signatures.get(name):
+                self.bank.remove(name)
+                self.stale_dropped += 1
+        self._signatures = {n: sig for n, sig in self._signatures.items() if n in self.bank}
 
     def _chunks(self, jobs: list[Job]) -> list[list[Job]]:
         """Split so that no chunk needs more distinct adapters than the bank holds."""
@@ -315,7 +348,11 @@ class Engine:
         failed: dict[str, Exception] = {}
         for n in sorted(needed - set(self.bank.names())):
             try:
+                # The signature before the read: if the file is replaced in between, the next refresh sees
+                # a mismatch and reloads (one reload too many, never a stale adapter kept).
+                signature = self.store.signature(n)
                 self.bank.add(n, self.store.read(n))
+                self._signatures[n] = signature
             except FileNotFoundError:
                 failed[n] = UnknownAdapter(f"adapter {n!r} not found")
             except AdapterError as e:

@@ -3,18 +3,26 @@
 An adapter named NAME is the file `<root>/NAME.safetensors`. Names match `[A-Za-z0-9._-]{1,128}` and may
 not start with a dot, which rules out "." and ".." (path traversal) and the hidden temporary files that
 uploads are staged in, so a half-written upload is never visible under an adapter name.
+
+Several servers (Ray Serve replicas, processes on hosts sharing a mount) may read and write one directory.
+Every save and delete, after its rename or unlink, replaces the hidden file `.generation` (atomically) with
+a fresh random token: a reader that holds adapters in memory compares one small file against the token it
+last saw, and only when it changed compares the files of the adapters it holds (`signature`), never the
+whole listing. A random token, not a counter, because two writers on different hosts cannot increment one
+safely; any new value means "something changed".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic import staged_file
+from ..atomic import atomic_write_bytes, staged_file
 from ..config import VeraConfig
 from ..fileformat import FORMAT_NAME, Adapter, AdapterError, read_adapter
 from ..names import NAME_PATTERN, InvalidName, check_name
@@ -22,6 +30,7 @@ from ..names import NAME_PATTERN, InvalidName, check_name
 __all__ = ["NAME_PATTERN", "InvalidName", "AdapterInfo", "AdapterStore", "check_name"]
 
 _SUFFIX = ".safetensors"
+_GENERATION = ".generation"  # hidden: never an adapter name (names may not start with a dot)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,28 @@ class AdapterStore:
             if NAME_PATTERN.fullmatch(stem) and p.is_file():
                 out.append(stem)
         return sorted(out)
+
+    def generation(self) -> str:
+        """The directory's change token: a new value after every save or delete by any writer ("" before
+        the first). One small read; a reader polls it to learn that resident adapters may be stale."""
+        try:
+            return (self.root / _GENERATION).read_text(encoding="ascii")
+        except FileNotFoundError:
+            return ""
+
+    def signature(self, name: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime in ns) of adapter `name`'s file, None when absent. Every save renames a new
+        file into place, so a replaced adapter has a new inode even when size and mtime happen to match."""
+        try:
+            st = self.path(name).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _bump(self) -> None:
+        """A new generation token, written after the change it announces (readers that see the token
+        then see the change)."""
+        atomic_write_bytes(self.root / _GENERATION, secrets.token_hex(8).encode("ascii"))
 
     def read(self, name: str) -> Adapter:
         """Read and validate adapter `name`. FileNotFoundError if absent, AdapterError if unusable."""
@@ -105,6 +136,7 @@ class AdapterStore:
                 validate(adapter)
             except AdapterError as e:
                 raise type(e)(str(e).replace(tmp, f"upload {name!r}")) from None
+        self._bump()
         return replace(adapter, path=str(final))
 
     def delete(self, name: str) -> None:
@@ -114,3 +146,4 @@ class AdapterStore:
             path.unlink()
         except FileNotFoundError:
             raise FileNotFoundError(f"adapter {name!r} not found") from None
+        self._bump()

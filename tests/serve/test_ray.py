@@ -1,0 +1,174 @@
+"""`verakit serve --engine ray`: two Ray Serve replicas of the real MiniLM over one adapter directory.
+
+One end-to-end test runs in CI (mixed adapters equal offline answers; upload, overwrite and delete reach
+both replicas; a corrupt file fails only its own requests); killing a replica under load is `slow`.
+Everything listens on loopback; the local Ray cluster has 2 CPUs, each replica 1 torch thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve.cases import TOKEN, Server, trained_adapter
+
+pytest.importorskip("ray.serve", reason="pip install 'verakit[ray]' for Ray Serve")
+
+HEADER = "x-verakit-replica"
+TEXTS = ["a gripping, beautifully shot film", "the plot is a mess", "quietly moving", "nothing here works"]
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def minilm_adapters(minilm_path, tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A directory with MiniLM adapters m0, m1 (r=16), and two more kept aside as bytes for uploads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from verakit import VeraConfig
+    from verakit.fileformat import write_adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    root = tmp_path_factory.mktemp("ray_adapters")
+    spare = tmp_path_factory.mktemp("ray_spare")
+    files = {}
+    for i, name in enumerate(["m0", "m1", "up", "up2"]):
+        folder = root if name in ("m0", "m1") else spare
+        write_adapter(trained_adapter(base, VeraConfig(r=16, target_modules=("query", "value")), seed=i, std=0.3),
+                      folder / f"{name}.safetensors")
+        files[name] = (folder / f"{name}.safetensors").read_bytes()
+    return root, files
+
+
+def offline_probs(minilm_path: str, data: bytes, texts: list[str], tmp: Path) -> list[list[float]]:
+    """What one process with the adapter loaded answers, text by text (no batching, no server)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from verakit.fileformat import load_adapter
+
+    path = tmp / "offline.safetensors"
+    path.write_bytes(data)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    load_adapter(model, path)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    with torch.no_grad():
+        return [model(**tok(t, return_tensors="pt")).logits[0].softmax(-1).tolist() for t in texts]
+
+
+@pytest.fixture(scope="module")
+def ray_server(minilm_path, minilm_adapters, tmp_path_factory):
+    root, _ = minilm_adapters
+    server = Server(["--engine", "ray", "--replicas", "2", "--model", minilm_path, "--adapters", str(root),
+                     "--admin-token", TOKEN, "--max-wait-ms", "5"],
+                    tmp_path_factory.mktemp("logs") / "ray.log")
+    yield server
+    server.stop()
+
+
+def burst(url: str, adapter: str, n: int = 8) -> list[tuple[int, str, dict]]:
+    """`n` concurrent classify requests for `adapter`: (status, replica, body) each. Concurrent, so the
+    proxy spreads them over the replicas (one at a time it may keep choosing the same one)."""
+    import httpx
+
+    def one(_: int) -> tuple[int, str, dict]:
+        r = httpx.post(f"{url}/v1/classify", json={"adapter": adapter, "inputs": TEXTS}, timeout=60)
+        return r.status_code, r.headers.get(HEADER, ""), r.json()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def until_both(url: str, adapter: str, check, replicas: int = 2, rounds: int = 30) -> set[str]:
+    """Bursts until `replicas` distinct replicas have answered `adapter`; every answer must pass `check`."""
+    seen: set[str] = set()
+    for _ in range(rounds):
+        for status, replica, body in burst(url, adapter):
+            check(status, body)
+            seen.add(replica)
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
+def close(got: list[list[float]], want: list[list[float]]) -> bool:
+    return torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
+
+
+def test_two_replicas_share_one_store(ray_server, minilm_adapters, minilm_path, tmp_path):
+    import httpx
+
+    url = ray_server.url
+    root, files = minilm_adapters
+    want = {n: offline_probs(minilm_path, files[n], TEXTS, tmp_path) for n in files}
+
+    def answers(name):
+        def check(status, body):
+            assert status == 200, body
+            assert close(body["probs"], want[name]), (name, body["probs"], want[name])
+        return check
+
+    # Mixed adapters over HTTP equal the offline answers, on both replicas.
+    assert until_both(url, "m0", answers("m0")) == until_both(url, "m1", answers("m1"))
+    replicas = until_both(url, "m0", answers("m0"))
+    assert len(replicas) == 2 and all(r.split(":")[-1].isdigit() for r in replicas)
+
+    # An upload through one replica is served by both, right away (new names are looked up on disk).
+    r = httpx.post(f"{url}/v1/adapters", params={"name": "up"}, content=files["up"], headers=AUTH, timeout=60)
+    assert r.status_code == 201, r.text
+    assert until_both(url, "up", answers("up")) == replicas
+
+    # An overwrite replaces resident copies on both replicas within the engine's refresh interval.
+    r = httpx.post(f"{url}/v1/adapters", params={"name": "up", "overwrite": "true"}, content=files["up2"],
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 201, r.text
+    time.sleep(0.1)  # > REFRESH_S (0.02 s): every later batch sees the new file
+    assert until_both(url, "up", lambda s, b: (s == 200 and close(b["probs"], want["up2"])) or pytest.fail(
+        f"stale or failed answer after overwrite: {s} {b}")) == replicas
+
+    # A delete through one replica: both answer 404 from then on.
+    assert httpx.delete(f"{url}/v1/adapters/up", headers=AUTH, timeout=60).status_code == 200
+    assert until_both(url, "up", lambda s, b: s == 404 or pytest.fail(f"deleted adapter answered {s}")) == replicas
+
+    # A file no replica can load fails only its own requests (409); the others keep answering.
+    (root / "broken.safetensors").write_bytes(b"not an adapter")
+    statuses = [status for status, _, _ in burst(url, "broken")]
+    assert statuses == [409] * len(statuses)
+    assert until_both(url, "m1", answers("m1")) == replicas
+    health = httpx.get(f"{url}/health", timeout=30)
+    assert health.status_code == 200 and health.headers[HEADER] in replicas
+
+
+@pytest.mark.slow
+def test_killed_replica_is_replaced_and_service_keeps_answering(ray_server, minilm_adapters):
+    """SIGKILL one replica's process under mixed traffic: the other answers, Ray starts a new one."""
+
+    url = ray_server.url
+    victim = sorted(until_both(url, "m0", lambda s, b: None))[0]
+    sent = answered = failed = 0
+    seen_after: set[str] = set()
+    killed_at = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for adapter in ("m0", "m1"):
+            for status, replica, _ in burst(url, adapter, n=4):
+                sent += 1
+                answered += status == 200
+                failed += status != 200
+                if killed_at is not None and status == 200:
+                    seen_after.add(replica)
+        if killed_at is None and sent >= 16:
+            os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+            killed_at = time.monotonic()
+        if killed_at is not None and len(seen_after - {victim}) >= 2:
+            break
+    assert killed_at is not None and victim not in seen_after
+    assert len(seen_after - {victim}) >= 2, f"no replacement replica answered within 120 s: {seen_after}"
+    # Only requests already on the killed replica may fail; the service never stops answering.
+    assert failed <= 8 and answered >= sent - 8, (sent, answered, failed)
