@@ -95,9 +95,9 @@ def run_train_causal(args: argparse.Namespace) -> int:
     """Causal-LM tasks (e2e, instruct, jsonl): vera, lora or full, no head."""
     from ..train.causal import CAUSAL_METHODS, CausalArgs, train_causal
 
-    if args.head_lr is not None or args.method not in CAUSAL_METHODS:
+    if args.head_lr is not None or args.head is not None or args.method not in CAUSAL_METHODS:
         print(f"verakit train: error: causal-LM tasks take --method {'/'.join(CAUSAL_METHODS)} and no --head-lr "
-              "(a language model has no task head)", file=sys.stderr)
+              "or --head (a language model has no task head)", file=sys.stderr)
         return 2
     fields = fields_of(CausalArgs, args)
     code, m = run_training(lambda: train_causal(CausalArgs(**fields)))
@@ -113,6 +113,10 @@ def run_train_images(args: argparse.Namespace) -> int:
     """--task images: an image classifier on class folders."""
     from ..train.vision import ImageArgs, train_images
 
+    if args.head is not None:
+        print("verakit train: error: --head applies to text classifiers; an image classifier's head is one linear "
+              "layer, trained in full", file=sys.stderr)
+        return 2
     fields = fields_of(ImageArgs, args)
     code, m = run_training(lambda: train_images(ImageArgs(**fields)))
     if m:

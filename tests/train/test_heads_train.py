@@ -1,0 +1,76 @@
+"""`verakit train --head`: a VeRA head trains, saves only the output layer and evaluates the same; a head
+the base checkpoint lacks falls back to (or refuses) "vera"; recipes without a text head refuse --head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from verakit.cli import main
+from verakit.fileformat import read_adapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_vera_head_trains_saves_only_the_output_layer_and_evaluates_the_same(tmp_path, capsys, tiny_bert_dir,
+                                                                              tiny_task):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out", str(out),
+                 "--head", "vera", "--r", "32", "--epochs", "8", "--batch-size", "16", "--lr", "1e-2", "--head-lr", "1e-2",
+                 "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["head"] == "vera"
+    adapter = read_adapter(out / "adapter.safetensors")
+    assert set(adapter.saved) == {"classifier.weight", "classifier.bias"}
+    assert "bert.pooler.dense" in adapter.modules
+    assert m["head_params"] == 32 * 2 + 2  # the tiny model's classifier: hidden 32 -> 2 labels
+    # d (r) and b (hidden) for query and value in 2 layers, plus the pooler's pair
+    assert m["trainable_params"] == 5 * (32 + 32)
+    assert m["metric"]["accuracy"] > 0.6  # the task is learnable; the tiny model's majority share is 0.5
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out / "adapter.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == m["metric"]
+
+
+def _roberta_without_head(tmp_path):
+    """A saved RobertaModel: its classifier.dense and out_proj are 'newly initialized' in a classifier."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "roberta"
+    RobertaModel(RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37, max_position_embeddings=40)).save_pretrained(folder)
+    model, info = RobertaForSequenceClassification.from_pretrained(folder, num_labels=2, output_loading_info=True)
+    return model, tuple(info["missing_keys"])
+
+
+def test_a_head_layer_missing_from_the_checkpoint_refuses_vera_or_falls_back(tmp_path, monkeypatch):
+    from verakit.train import classify
+    from verakit.train.classify import TrainArgs, _resolve_head
+
+    model, missing = _roberta_without_head(tmp_path)
+    assert "classifier.dense.weight" in missing
+    args = TrainArgs(task="csv", data_dir=None, out="x", head="vera").resolved()
+    with pytest.raises(ValueError, match=r"--head vera: .*classifier\.dense are not in the base checkpoint"):
+        _resolve_head(args, model, missing)
+    monkeypatch.setitem(classify.DEFAULT_HEAD, "vera", "vera")
+    assert _resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, missing).head == "full"
+    assert _resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, ()).head == "vera"
+
+
+def test_head_vera_is_refused_for_methods_that_train_the_head_in_full():
+    from verakit.train.classify import TrainArgs
+
+    for method in ("full", "head"):
+        with pytest.raises(ValueError, match=f"the method '{method}' trains"):
+            TrainArgs(task="csv", data_dir=None, out="x", method=method, head="vera").resolved()
+
+
+@pytest.mark.parametrize("task", ["e2e", "images"])
+def test_recipes_without_a_text_head_refuse_head(task, tmp_path, capsys):
+    assert main(["train", "--task", task, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--head", "vera"]) == 2
+    assert "--head" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
