@@ -67,7 +67,8 @@ class RayOptions:
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
             raise RayOptionError("replicas", f"must be an integer >= 1, got {self.replicas!r}")
         if (self.min_replicas is None) != (self.max_replicas is None):
-            raise RayOptionError("min_replicas", "and max_replicas must be given together (an autoscaling range)")
+            raise RayOptionError("min_replicas", "and max_replicas (--max-replicas) must be given together: "
+                                 "they are an autoscaling range")
         if self.min_replicas is not None and self.max_replicas is not None:
             if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
                 raise RayOptionError("max_replicas", f"must be >= max(1, min_replicas); got range "
