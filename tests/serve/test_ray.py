@@ -172,3 +172,41 @@ def test_killed_replica_is_replaced_and_service_keeps_answering(ray_server, mini
     assert len(seen_after - {victim}) >= 2, f"no replacement replica answered within 120 s: {seen_after}"
     # Only requests already on the killed replica may fail; the service never stops answering.
     assert failed <= 8 and answered >= sent - 8, (sent, answered, failed)
+
+
+@pytest.mark.slow
+def test_generation_and_streaming_through_the_proxy(llama_dirs, tmp_path_factory):
+    """A causal LM on Ray: chat completions, plain and streamed (SSE through Ray's proxy), equal offline
+    greedy generation with the adapter loaded."""
+    import json
+
+    import httpx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verakit.fileformat import load_adapter
+
+    model_dir, adapter_dir = llama_dirs
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapter_dir / "g1.safetensors")
+    messages = [{"role": "user", "content": "hi there"}]
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    server = Server(["--engine", "ray", "--replicas", "1", "--model", str(model_dir), "--adapters", str(adapter_dir)],
+                    tmp_path_factory.mktemp("logs") / "ray_generate.log")
+    try:
+        body = {"model": "g1", "messages": messages, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.headers[HEADER]
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.text.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 4
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    finally:
+        server.stop()

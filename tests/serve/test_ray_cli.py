@@ -24,3 +24,18 @@ def test_ray_options_range_and_size():
     from verakit.serve.ray_engine import RayOptions
 
     assert RayOptions(replicas=3).most == 3 and RayOptions(min_replicas=0, max_replicas=4).most == 4
+
+
+def test_a_busy_port_is_named_before_ray_starts(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        rc = main(["serve", "--engine", "ray", "--adapters", str(tmp_path), "--port", str(port)])
+    assert rc == 2 and time.monotonic() - start < 10  # no cluster was started for it
+    err = capsys.readouterr().err
+    assert err.startswith("verakit serve: error: ") and f"cannot listen on 127.0.0.1:{port}" in err

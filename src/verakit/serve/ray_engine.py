@@ -129,11 +129,15 @@ class ReplicaApp:
             raise RuntimeError(f"replica {self.replica}: the batcher thread has stopped")
 
 
-def _free_port(host: str) -> int:
+def _port(host: str, port: int) -> int:
+    """`port` (a free one for 0) after checking that it can be bound: Ray's proxy binds it only after the
+    cluster and the replicas started, and reports a busy port as a long traceback; this names it first."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    try:
+        with socket.create_server((host, port), family=family) as s:
+            return s.getsockname()[1]
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def pinned(options: ServeOptions) -> tuple[ServeOptions, int]:
@@ -180,6 +184,7 @@ class RayServer:
         self.options, self.adapters = pinned(options)
         self.ray_options = ray_options
         self.own_cluster = ray_options.address is None
+        port = _port(self.options.host, self.options.port)
         if self.own_cluster:
             # A private cluster for this command: loopback only, no dashboard, nothing reported home.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -187,7 +192,6 @@ class RayServer:
                      _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
         else:
             ray.init(address=ray_options.address, configure_logging=False, log_to_driver=False)
-        port = self.options.port or _free_port(self.options.host)
         self.url = f"http://[{self.options.host}]:{port}" if ":" in self.options.host else f"http://{self.options.host}:{port}"
         try:
             serve.start(http_options={"host": self.options.host, "port": port})
