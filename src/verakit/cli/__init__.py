@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import adapters, generate, serve, train, tune
+from . import adapters, generate, plan, serve, train, tune
 
 __all__ = ["main", "build_parser"]
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     tune.add_parsers(sub)
     generate.add_parsers(sub)
+    plan.add_parsers(sub)
     return p
 
 
