@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from verakit.train.classify import TrainArgs, evaluate_classifier, train_classifier
-from verakit.train.methods import ArtifactError, MethodSpec, load_artifact, prepare_model, read_artifact_info, save_artifact
+from verakit.train.methods import (
+    ArtifactError,
+    MethodSpec,
+    load_artifact,
+    prepare_model,
+    read_artifact_info,
+    save_artifact,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

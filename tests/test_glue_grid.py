@@ -1,0 +1,183 @@
+"""experiments/glue_grid.py's logic without training anything: the command lines (read back by
+`verakit train`'s own parser), the cell order, the learning-rate choice, the bootstrap, status and the
+report, on fake RUN_DIRs holding only metrics.json. The grid itself never runs in tests or CI."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("glue_grid", REPO / "experiments" / "glue_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glue_grid"] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("glue_grid", None)
+
+
+@pytest.fixture
+def fake_carve(grid, monkeypatch, tmp_path):
+    """carve() without reading GLUE: the sweep commands only need its folder name."""
+    monkeypatch.setattr(grid, "carve", lambda task, root: root / "data" / grid.FOLDERS[task])
+
+
+def _resolved(args: list[str]):
+    """TrainArgs as `verakit train` would build them from `args` (parsed by its real parser, then resolved)."""
+    from verakit.cli.common import fields_of
+    from verakit.cli.train import add_parsers
+    from verakit.train.classify import TrainArgs
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parsers(sub)
+    ns = sub.choices["train"].parse_args(args)
+    return TrainArgs(**fields_of(TrainArgs, ns)).resolved()
+
+
+def _write_metrics(grid, cell, head, root, score, *, main="accuracy", seconds=100.0, params=1000, file_bytes=5000,
+                   baseline=0.5):
+    out = grid.run_dir(cell, head, root)
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "task": cell.task, "main_metric": main, "metric": {main: score}, "baseline": {main: baseline},
+        "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds}))
+
+
+def test_seeds_commands_train_the_full_set_at_the_table_budget(grid, tmp_path):
+    cell = grid.Cell("seeds", "rte", "vera-256", 2, "5e-2")
+    args = grid.command(cell, "vera", tmp_path)
+    a = _resolved(args)
+    assert (a.task, a.method, a.r, a.head, a.lr, a.head_lr, a.seed) == ("rte", "vera", 256, "vera", 5e-2, 4e-3, 2)
+    assert (a.epochs, a.batch_size, a.max_length) == (grid.EPOCHS["rte"], 32, 128)
+    assert a.max_train_samples is None and a.max_eval_samples is None  # every training row, the whole dev set
+    assert a.data_dir == str(grid.GLUE / "RTE")
+    assert a.out == str(tmp_path / "head-vera" / "seeds" / "rte-vera-256-lr5e-2-s2")
+    p = _resolved(grid.command(grid.Cell("seeds", "cola", "peft-vera-1024", 0, "1e-1"), "full", tmp_path))
+    assert (p.method, p.r, p.head, p.lr, p.epochs) == ("peft-vera", 1024, "full", 0.1, grid.EPOCHS["cola"])
+    lora = _resolved(grid.command(grid.Cell("seeds", "stsb", "lora-8", 1, "2e-3"), "vera", tmp_path))
+    assert (lora.method, lora.r, lora.head, lora.lr) == ("lora", 8, "vera", 2e-3)
+
+
+def test_head_only_is_the_vera_head_alone_or_method_head(grid, tmp_path):
+    v = _resolved(grid.command(grid.Cell("seeds", "mrpc", "head", 0, "2e-2"), "vera", tmp_path))
+    assert (v.method, v.target_modules, v.head, v.lr, v.head_lr) == ("vera", ("pooler.dense",), "vera", 2e-2, 4e-3)
+    f = _resolved(grid.command(grid.Cell("seeds", "mrpc", "head", 0, "2e-3"), "full", tmp_path))
+    assert (f.method, f.head, f.head_lr) == ("head", "full", 2e-3)  # the swept rate is the head's
+    assert grid.lrs("head", "full") == grid.HEAD_FULL_LRS and grid.lrs("head", "vera") == grid.VERA_LRS
+
+
+def test_sweep_commands_use_the_carved_split_and_their_budget(grid, tmp_path, fake_carve):
+    s = _resolved(grid.command(grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3"), "vera", tmp_path))
+    assert (s.data_dir, s.max_train_samples, s.epochs, s.seed) == (str(tmp_path / "data" / "SST-2"), 20_000, 1, 0)
+    m = _resolved(grid.command(grid.Cell("sweep", "mrpc", "vera-1024", 0, "1e-2"), "vera", tmp_path))
+    assert (m.data_dir, m.max_train_samples, m.epochs) == (str(tmp_path / "data" / "MRPC"), None, 10)
+    cells = grid.sweep_cells(list(grid.METHODS), "vera")
+    assert len(cells) == 2 * sum(len(grid.lrs(x, "vera")) for x in grid.METHODS)
+    assert {(c.task, c.method) for c in cells[:12]} == {(t, x) for t in ("sst2", "mrpc") for x in grid.METHODS}
+
+
+def test_lr_choice_is_the_best_mean_of_the_held_out_scores(grid, tmp_path):
+    scores = {"1e-3": (0.80, 0.70), "2e-3": (0.90, 0.60), "5e-3": (0.85, 0.72), "1e-2": (0.50, 0.50)}
+    for i, (lr, (sst2, mrpc)) in enumerate(scores.items()):
+        _write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, lr), "vera", tmp_path, sst2)
+        if i < 3:  # the last MRPC cell comes below
+            _write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, lr), "vera", tmp_path, mrpc, main="f1")
+    assert grid.choose_lr("lora-8", "vera", tmp_path) is None  # unfinished sweep: no choice yet
+    cells = grid.seed_cells(["lora-8", "vera-256"], ["sst2"], [0], "vera", tmp_path)
+    assert [c.lr for c in cells] == [grid.PENDING, grid.PENDING]
+    _write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, "1e-2"), "vera", tmp_path, 0.5, main="f1")
+    assert grid.choose_lr("lora-8", "vera", tmp_path) == "5e-3"  # mean 0.785 beats 0.75 and 0.75
+    assert grid.choose_lr("lora-8", "full", tmp_path) is None  # another head: another sweep
+    cells = grid.seed_cells(["lora-8"], ["sst2", "rte"], [0, 1], "vera", tmp_path)
+    assert [(c.seed, c.task, c.lr) for c in cells] == [(0, "sst2", "5e-3"), (0, "rte", "5e-3"), (1, "sst2", "5e-3"),
+                                                        (1, "rte", "5e-3")]  # seed-major
+
+
+def test_bootstrap_interval(grid):
+    assert grid.bootstrap_ci([1.5, 1.5, 1.5]) == (1.5, 1.5)
+    lo, hi = grid.bootstrap_ci([0.0, 1.0, 2.0])
+    assert 0.0 <= lo < 1.0 < hi <= 2.0
+    assert (lo, hi) == grid.bootstrap_ci([0.0, 1.0, 2.0])  # seeded
+    lo, hi = grid.bootstrap_ci([2.0, 3.0, 2.5, 3.5])
+    assert 2.0 <= lo and hi <= 3.5 and lo < 2.75 < hi
+
+
+def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_carve):
+    root = tmp_path / "runs"
+    for method, best in (("vera-256", "2e-2"), ("lora-8", "2e-3")):
+        for lr in grid.lrs(method, "vera"):
+            for t in ("sst2", "mrpc"):
+                _write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", root, 0.8 if lr == best else 0.7)
+    values = {"vera-256": (0.90, 0.91, 0.89), "lora-8": (0.88, 0.90, 0.90)}
+    for method, lr in (("vera-256", "2e-2"), ("lora-8", "2e-3")):
+        for seed, v in enumerate(values[method]):
+            _write_metrics(grid, grid.Cell("seeds", "sst2", method, seed, lr), "vera", root, v, seconds=10.0 + seed,
+                           params=6912 if method == "vera-256" else 18432, baseline=0.509)
+    out, png = tmp_path / "results.json", tmp_path / "grid.png"
+    grid.main(["report", "--root", str(root), "--json", str(out), "--plot", str(png), "--tasks", "sst2",
+               "--methods", "vera-256", "lora-8"])
+    records = json.loads(out.read_text())
+    assert len(records) == 16 + 6  # every finished cell: 2 methods x 4 rates x 2 tasks swept, 2 x 3 seeds
+    seeds = [r for r in records if r["stage"] == "seeds"]
+    r = next(r for r in seeds if r["method"] == "vera-256" and r["seed"] == 1)
+    assert r == {"stage": "seeds", "task": "sst2", "method": "vera-256", "verakit_method": "vera", "rank": 256,
+                 "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "baseline": 0.509,
+                 "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0,
+                 "command": r["command"]}
+    assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
+    assert png.stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 6,912 | 5,000 | 11 |" in text
+    assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
+
+
+def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(grid, "_train_rows", lambda task: 1000)
+    for t in ("sst2", "mrpc"):
+        for lr in grid.lrs("lora-8", "vera"):
+            _write_metrics(grid, grid.Cell("sweep", t, "lora-8", 0, lr), "vera", tmp_path, 0.7, seconds=600.0)
+    grid.main(["status", "--root", str(tmp_path), "--methods", "lora-8", "--tasks", "rte", "--seeds", "0", "1"])
+    out = capsys.readouterr().out
+    assert "sweep: 8/8 done; seeds: 0/2 done (0 wait" in out
+    # measured: sst2 600 s / 20,000 rows, mrpc 600 s / (600 rows x 10 epochs): mean 0.065 s per row;
+    # left: 2 rte cells x 1000 rows x 20 epochs, 2 at a time.
+    rate = (600 / 20_000 + 600 / 6000) / 2
+    assert f"left: 2 cells, about {2 * 20_000 * rate / 2 / 3600:.1f} h at 2 at a time" in out
+
+
+def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, monkeypatch):
+    started = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, argv, stdout, stderr, env):
+            started.append((argv, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    done = grid.Cell("seeds", "rte", "lora-8", 0, "2e-3")
+    todo = grid.Cell("seeds", "rte", "lora-8", 1, "2e-3")
+    _write_metrics(grid, done, "vera", tmp_path, 0.6)
+    stale = grid.run_dir(todo, "vera", tmp_path)
+    stale.mkdir(parents=True)
+    (stale / "partial").write_text("interrupted")
+    grid.run_cells([done, todo], "vera", tmp_path, jobs=2)
+    assert len(started) == 1
+    argv, env = started[0]
+    assert argv[:4] == [sys.executable, "-m", "verakit.cli", "train"] and "--seed" in argv and argv[argv.index("--seed") + 1] == "1"
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO / "src")
+    assert not stale.exists()  # an interrupted cell restarts from nothing
+    assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
