@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,21 @@ def test_presets_plan_a_7b_model_without_weights():
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert math.isclose(m.base_weights, linear * 0.5159 + 4 * (p.params - linear), rel_tol=1e-3)
     assert m.trainable_params == 32 * (2 * 1024 + 2 * 4096)
+
+
+def test_presets_equal_the_installed_models_configs(minilm_path):
+    """The minilm and smollm2-135m presets hold the shipped models' shape fields (smollm2: only when its
+    converted folder is already cached; converting it takes half a minute)."""
+    from verakit.models import default_cache_dir
+    from verakit.plan import PRESETS
+
+    folders = {"minilm": minilm_path, "smollm2-135m": default_cache_dir() / "smollm2-135m-instruct"}
+    for name, folder in folders.items():
+        config = Path(folder) / "config.json"
+        if not config.is_file():
+            continue
+        real = json.loads(config.read_text())
+        for key, value in PRESETS[name].items():
+            assert real[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
+        assert plan(str(folder), methods=("full",), precision="4bit").params == plan(
+            name, methods=("full",), precision="4bit").params

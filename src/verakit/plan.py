@@ -58,6 +58,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
         tie_word_embeddings=True),
+    "minilm": dict(  # sentence-transformers/all-MiniLM-L6-v2 (verakit train's default classifier)
+        model_type="bert", hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+        vocab_size=30522, max_position_embeddings=512),
     "roberta-base": dict(  # FacebookAI/roberta-base
         model_type="roberta", hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
@@ -147,7 +150,7 @@ def load_config(model: str) -> Any:
     """A transformers config from a preset name (`PRESETS`), a model folder, or a config JSON file."""
     from transformers import AutoConfig
 
-    preset = PRESETS.get(model.lower())
+    preset = PRESETS.get({"smollm2": "smollm2-135m"}.get(model.lower(), model.lower()))  # verakit train's alias
     if preset is not None:
         fields_ = dict(preset)
     else:
