@@ -129,7 +129,7 @@ def _paths(server: Server) -> dict[str, dict]:
 def test_classify_server_documents_only_its_endpoints_and_the_name_rule(minilm_server):
     paths = _paths(minilm_server)
     assert "/v1/classify" in paths and "/v1/completions" not in paths and "/v1/chat/completions" not in paths
-    assert set(paths["/v1/classify"]["post"]["responses"]) == {"200", "400", "404", "409", "413", "422", "500"}
+    assert set(paths["/v1/classify"]["post"]["responses"]) == {"200", "400", "404", "408", "409", "413", "422", "500", "503"}
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert "application/octet-stream" in paths["/v1/adapters"]["post"]["requestBody"]["content"]
     # formerly schema-valid but refused: an empty adapter name, in the body and in the query

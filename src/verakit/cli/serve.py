@@ -117,6 +117,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="put /health and /metrics behind the admin token (default: open)")
     opt("max_batch", "most model rows (inputs, or prompts x n) per batched forward (default: %(default)s)", type=int)
     opt("max_wait_ms", "how long a batch waits for more requests to join it (default: %(default)s)", type=float)
+    opt("max_concurrency", "most requests in progress; beyond: 503 with Retry-After (default: %(default)s)", type=int)
+    opt("max_queue", "most model rows accepted and not yet answered; beyond: 503 with Retry-After "
+        "(default: %(default)s)", type=int)
+    opt("body_timeout_s", "seconds within which a request's whole body must arrive; beyond: 408 "
+        "(default: %(default)s)", type=float)
+    opt("shutdown_timeout_s", "on SIGTERM/Ctrl-C, seconds the requests in progress get to finish "
+        "(default: %(default)s)", type=float)
     opt("task", "default: from the model (a causal LM serves generate, anything else classify)", choices=TASKS)
     opt("rank", "bank rank (default: the largest adapter rank on disk, 256 without adapters)", type=int)
     opt("max_body_bytes", "largest JSON request body (default: %(default)s)", type=int)

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +37,8 @@ from ..fileformat import AdapterError
 from .auth import Grant, Keys, caller_dependency
 from .engine import EncodedPrompt, Engine, IncompatibleAdapter, InputError, UnknownAdapter, UntrainedHead
 from .generate import GenResult, GenRow
+from .limits import CancellableStream, Limits, RowBudget, install_handlers, limit_responses, stop_generation
+from .limits import error_response as _error
 from .metrics import ServeMetrics
 from .options import ServeOptions
 from .schemas import NAME_SCHEMA, error_responses, request_models
@@ -60,10 +63,6 @@ _STATUS: dict[type[BaseException], tuple[int, str]] = {
 
 _FIXED_PATHS = frozenset({"/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters",
                           "/health", "/metrics"})
-
-
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -119,14 +118,19 @@ class _Guard:
             self.metrics.observe_request(route, status[0], time.perf_counter() - start)
 
 
-def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> Any:
-    """The FastAPI app serving `engine`; `metrics` must be the one the engine reports batches to."""
+def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions, replica: str | None = None) -> Any:
+    """The FastAPI app serving `engine`; `metrics` must be the one the engine reports batches to. `replica`
+    names this process among several serving one store (Ray Serve replicas), in /health."""
     app = FastAPI(title="verakit", docs_url=None, redoc_url=None, description=_description(engine, options))
+    # Limits inside _Guard, so its 408s and 503s are counted and timed like any answer (serve/limits.py).
+    app.add_middleware(Limits, max_concurrency=options.max_concurrency, body_timeout_s=options.body_timeout_s)
     app.add_middleware(_Guard, metrics=metrics, max_body=options.max_body_bytes, max_upload=options.max_upload_bytes)
     bodies = request_models(options, engine.base_name)
     ClassifyRequest, CompletionRequest, ChatRequest = bodies.classify, bodies.completion, bodies.chat
     bearer = HTTPBearer(auto_error=False, description="the server's --admin-token")
     keys = Keys(options.api_key, options.admin_token, options.keys_file) if _keys_on(options) else None
+    budget = RowBudget(options.max_queue)
+    install_handlers(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -179,7 +183,7 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         return engine.adapter_ref(name)
 
     keyed = (401,) if keys is not None else ()
-    inference = error_responses(400, *keyed, 404, 409, 413, 422, 500)
+    inference = {**error_responses(400, *keyed, 404, 409, 413, 422, 500), **limit_responses(408, 503)}
     # OpenAPI 3.1: an event stream's `schema` describes one event.
     event = {"type": "object", "required": ["data"], "properties": {"data": {
         "type": "string", "description": "a JSON chunk (OpenAI's), an error body, or [DONE] (the last event)"}}}
@@ -190,7 +194,7 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
     async def classify(body: ClassifyRequest, grant: Caller) -> dict[str, Any]:
         ref = adapter_ref(grant, body.adapter)
         encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs])
-        res = await asyncio.wrap_future(engine.classify(ref, encodings))
+        res = await asyncio.wrap_future(budget.submit(len(encodings), lambda: engine.classify(ref, encodings)))
         out = {"adapter": body.adapter, "label_names": res.label_names, "labels": res.labels, "probs": res.probs}
         if res.scores:
             out["scores"] = res.scores
@@ -204,15 +208,15 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
         if not body.stream:
             rows = [GenRow(p.ids, max_tokens, body.temperature, body.top_p, stops, stop_ids=p.stop_ids)
                     for p in prompts for _ in range(n)]
-            return render(await asyncio.wrap_future(engine.generate(ref, rows)))
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+            return render(await asyncio.wrap_future(budget.submit(len(rows), lambda: engine.generate(ref, rows))))
+        loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def sink(index: int) -> Callable[[str], None]:
             return lambda text: loop.call_soon_threadsafe(queue.put_nowait, (index, text))
 
-        rows = [GenRow(p.ids, max_tokens, body.temperature, body.top_p, stops, sink(k * n + j), p.stop_ids)
+        rows = [GenRow(p.ids, max_tokens, body.temperature, body.top_p, stops, sink(k * n + j), p.stop_ids, gone.is_set)
                 for k, p in enumerate(prompts) for j in range(n)]
-        future = engine.generate(ref, rows)
+        future = budget.submit(len(rows), lambda: engine.generate(ref, rows))
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, (None, f)))
         first = await queue.get()
         if first[0] is None and first[1].exception() is not None:
@@ -238,7 +242,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
                 yield f"data: {json.dumps(chunk(index, payload, None))}\n\n"
                 item = await queue.get()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return CancellableStream(events(), lambda: stop_generation(future, gone), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     def usage(prompts: list[EncodedPrompt], results: list[GenResult]) -> dict[str, int]:
         p, c = sum(len(x.ids) for x in prompts), sum(r.tokens for r in results)
@@ -282,7 +287,7 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
 
         return await run_generation(ref, prompts, body, max_tokens, render, chunk)
 
-    admin_errors = error_responses(401, 403, 404, 409, 413, 422, 500)
+    admin_errors = {**error_responses(401, 403, 404, 409, 413, 422, 500), **limit_responses(408, 503, 507)}
     upload_body = {"requestBody": {"required": True, "description": (
         f"the adapter file (.safetensors, docs/format.md), at most {options.max_upload_bytes} bytes"),
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -298,12 +303,12 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
                 "labels": adapter.extra.get("labels")}
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)],
-                responses={k: v for k, v in admin_errors.items() if k not in (409, 413)})
+                responses={k: v for k, v in admin_errors.items() if k not in (408, 409, 413, 507)})
     def delete(name: Annotated[admin_name, Path(json_schema_extra=NAME_SCHEMA)]) -> dict[str, Any]:
         engine.delete(name)
         return {"deleted": name}
 
-    @app.get("/v1/models", responses=error_responses(*keyed, 500))
+    @app.get("/v1/models", responses={**error_responses(*keyed, 500), **limit_responses(503)})
     def models(grant: Caller) -> dict[str, Any]:
         resident = engine.resident
         data = [{"id": engine.base_name, "object": "model", "owned_by": "verakit", "kind": "base", "resident": True}]
@@ -318,7 +323,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions) -> 
     @app.get("/health", responses=error_responses(*ops_errors, 500), **ops)
     def health() -> dict[str, Any]:
         return {"status": "ok", "task": engine.task, "model": engine.base_name, "rank": engine.bank.config.r,
-                "resident": len(engine.resident), "capacity": engine.bank.capacity}
+                "resident": len(engine.resident), "capacity": engine.bank.capacity,
+                **({"replica": replica} if replica is not None else {})}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text exposition format",
@@ -388,7 +394,9 @@ class Server:
         """Serve until interrupted (Ctrl-C, SIGTERM); the engine and socket are closed afterwards."""
         import uvicorn
 
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        # On SIGTERM uvicorn closes the socket (new connections are refused), lets the requests in progress
+        # finish for up to shutdown_timeout_s, then cancels them; the engine's batcher then drains and stops.
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=self.options.shutdown_timeout_s)
         try:
             uvicorn.Server(config).run(sockets=[self.socket])
         finally:

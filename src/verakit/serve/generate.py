@@ -31,12 +31,13 @@ class GenRow:
     stop: tuple[str, ...] = ()  # the text is cut before the first occurrence of any of these
     sink: Callable[[str], None] | None = None  # receives text deltas as they become final (streaming)
     stop_ids: tuple[int, ...] = ()  # tokens that end this row like EOS (e.g. the chat template's end of turn)
+    cancelled: Callable[[], bool] | None = None  # true once nobody reads the row (client gone): it stops there
 
 
 @dataclass(frozen=True)
 class GenResult:
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled" (GenRow.cancelled)
     tokens: int  # tokens generated, EOS / stop token excluded
 
 
@@ -96,6 +97,9 @@ class RowStops:
         return torch.tensor([r is not None for r in self.results], device=input_ids.device)
 
     def _step(self, i: int, row: GenRow, tokens: list[int]) -> None:
+        if row.cancelled is not None and row.cancelled():
+            self.results[i] = GenResult("", "cancelled", len(tokens))
+            return
         eos = bool(tokens) and (tokens[-1] in self.eos or tokens[-1] in row.stop_ids)
         if eos:
             tokens = tokens[:-1]

@@ -45,6 +45,16 @@ class ServeOptions:
     max_inputs: most inputs per classify request and prompts per completion request.
     max_input_tokens: most tokens per input or prompt (also capped by the model's context).
     max_new_tokens: largest allowed `max_tokens`; max_n: largest allowed `n`.
+    max_concurrency: most requests in progress at once (/health and /metrics aside); beyond it a request is
+        answered 503 with Retry-After before its body is read. Bounds the server's memory under a flood.
+    max_queue: most model rows (inputs, or prompts x n) accepted and not yet answered; a request that would
+        exceed it is answered 503 with Retry-After instead of waiting (one is always admitted when none are
+        pending). The default is 16 full batches at the default max_batch.
+    body_timeout_s: seconds from a request's start within which its whole body must arrive (408 beyond), so
+        a client trickling its body holds a connection and a max_concurrency slot only that long.
+    shutdown_timeout_s: on SIGTERM or Ctrl-C, how long the requests in progress may take to finish (new
+        connections are refused meanwhile); those still running then are cut (503 if their answer had not
+        started).
     dtype: dtype of the base model weights (the adapter vectors stay float32).
     threads: torch intra-op threads for the model; None keeps torch's default (one per core). On a
         machine shared with other work, 1 avoids threads waiting on each other at every op.
@@ -71,15 +81,23 @@ class ServeOptions:
     api_key: str | None = None
     keys_file: str | None = None
     protect_metrics: bool = False
+    max_concurrency: int = 512
+    max_queue: int = 512
+    body_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for f in ("capacity", "max_batch", "max_body_bytes", "max_upload_bytes", "max_inputs",
-                  "max_input_tokens", "max_new_tokens", "max_n"):
+                  "max_input_tokens", "max_new_tokens", "max_n", "max_concurrency", "max_queue"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise OptionError(f, f"must be an integer >= 1, got {v!r}")
         if not 0 <= self.port < 65536:
             raise OptionError("port", f"must be in 0..65535, got {self.port}")
+        for f in ("body_timeout_s", "shutdown_timeout_s"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise OptionError(f, f"must be a number of seconds > 0, got {v!r}")
         if self.max_wait_ms < 0:
             raise OptionError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
         if self.task is not None and self.task not in TASKS:
