@@ -7,8 +7,11 @@ Everything listens on loopback; the local Ray cluster has 2 CPUs, each replica 1
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.cases import TOKEN, Server, trained_adapter
+from serve.cases import REPO, TOKEN, free_port, trained_adapter
 
 pytest.importorskip("ray.serve", reason="pip install 'verakit[ray]' for Ray Serve")
 
@@ -46,28 +49,69 @@ def minilm_adapters(minilm_path, tmp_path_factory) -> tuple[Path, dict[str, byte
     return root, files
 
 
-def offline_probs(minilm_path: str, data: bytes, texts: list[str], tmp: Path) -> list[list[float]]:
-    """What one process with the adapter loaded answers, text by text (no batching, no server)."""
+def offline_probs(minilm_path: str, files: dict[str, bytes], texts: list[str], tmp: Path) -> dict[str, list]:
+    """What one process with each adapter loaded answers, text by text (no batching, no server)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from verakit.fileformat import load_adapter
 
-    path = tmp / "offline.safetensors"
-    path.write_bytes(data)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
-    load_adapter(model, path)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    with torch.no_grad():
-        return [model(**tok(t, return_tensors="pt")).logits[0].softmax(-1).tolist() for t in texts]
+    out = {}
+    for name, data in files.items():
+        (tmp / f"{name}.safetensors").write_bytes(data)
+        model = load_adapter(copy.deepcopy(base), tmp / f"{name}.safetensors")
+        with torch.no_grad():
+            out[name] = [model(**tok(t, return_tensors="pt")).logits[0].softmax(-1).tolist() for t in texts]
+    return out
+
+
+class RayServe:
+    """`verakit serve --engine ray ...` in a subprocess on a free loopback port. Like cases.Server, with
+    the patience Ray needs on a loaded 2-core machine: a cluster and the replicas' model loads before
+    /health answers (up to 300 s), and Ray's own shutdown after SIGTERM (up to 60 s)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+        self.log, self._log = log, open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "verakit.cli", "serve", "--engine", "ray", "--port",
+                                      str(self.port), "--threads", "1", *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not come up in 300 s:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
 
 
 @pytest.fixture(scope="module")
 def ray_server(minilm_path, minilm_adapters, tmp_path_factory):
     root, _ = minilm_adapters
-    server = Server(["--engine", "ray", "--replicas", "2", "--model", minilm_path, "--adapters", str(root),
-                     "--admin-token", TOKEN, "--max-wait-ms", "5"],
-                    tmp_path_factory.mktemp("logs") / "ray.log")
+    server = RayServe(["--replicas", "2", "--model", minilm_path, "--adapters", str(root), "--admin-token", TOKEN,
+                       "--max-wait-ms", "5"], tmp_path_factory.mktemp("logs") / "ray.log")
     yield server
     server.stop()
 
@@ -106,7 +150,7 @@ def test_two_replicas_share_one_store(ray_server, minilm_adapters, minilm_path, 
 
     url = ray_server.url
     root, files = minilm_adapters
-    want = {n: offline_probs(minilm_path, files[n], TEXTS, tmp_path) for n in files}
+    want = offline_probs(minilm_path, files, TEXTS, tmp_path)
 
     def answers(name):
         def check(status, body):
@@ -143,6 +187,7 @@ def test_two_replicas_share_one_store(ray_server, minilm_adapters, minilm_path, 
     assert until_both(url, "m1", answers("m1")) == replicas
     health = httpx.get(f"{url}/health", timeout=30)
     assert health.status_code == 200 and health.headers[HEADER] in replicas
+    assert health.json()["replica"] == health.headers[HEADER]
 
 
 @pytest.mark.slow
@@ -195,8 +240,8 @@ def test_generation_and_streaming_through_the_proxy(llama_dirs, tmp_path_factory
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
-    server = Server(["--engine", "ray", "--replicas", "1", "--model", str(model_dir), "--adapters", str(adapter_dir)],
-                    tmp_path_factory.mktemp("logs") / "ray_generate.log")
+    server = RayServe(["--replicas", "1", "--model", str(model_dir), "--adapters", str(adapter_dir)],
+                      tmp_path_factory.mktemp("logs") / "ray_generate.log")
     try:
         body = {"model": "g1", "messages": messages, "max_tokens": 12, "temperature": 0}
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)

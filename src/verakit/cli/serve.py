@@ -82,6 +82,8 @@ def _run_ray(options: Any, args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError, ConnectionError) as e:
         print(f"verakit serve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the replicas loaded: the cluster is already stopped
+        return 130
     print(f"verakit serve: {server.describe()}", flush=True)
     server.serve()
     return 0

@@ -119,7 +119,7 @@ class ReplicaApp:
     def __serve_build_asgi_app__(self) -> Any:
         from .app import create_app
 
-        app = create_app(self.engine, self.metrics, self.options)
+        app = create_app(self.engine, self.metrics, self.options, replica=self.replica)
         app.add_middleware(_ReplicaHeader, replica=self.replica)
         return app
 
@@ -127,6 +127,10 @@ class ReplicaApp:
         """Ray's periodic probe: a replica whose batcher thread died cannot answer; Ray replaces it."""
         if not self.engine.batcher._thread.is_alive():
             raise RuntimeError(f"replica {self.replica}: the batcher thread has stopped")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _port(host: str, port: int) -> int:
@@ -192,6 +196,10 @@ class RayServer:
                      _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
         else:
             ray.init(address=ray_options.address, configure_logging=False, log_to_driver=False)
+        # ray.init installs a handler that dies on SIGTERM, leaving the cluster's agents behind; from here a
+        # SIGTERM (a service manager stopping us, even while the replicas still load) unwinds like Ctrl-C
+        # through close().
+        signal.signal(signal.SIGTERM, _interrupt)
         self.url = f"http://[{self.options.host}]:{port}" if ":" in self.options.host else f"http://{self.options.host}:{port}"
         try:
             serve.start(http_options={"host": self.options.host, "port": port})
@@ -211,14 +219,11 @@ class RayServer:
 
     def serve(self) -> None:
         """Block until SIGINT or SIGTERM, then remove the app (and stop the cluster this command started)."""
-        stop = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            stop.wait()
+            threading.Event().wait()
         except KeyboardInterrupt:
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
             self.close()
 
     def close(self) -> None:
