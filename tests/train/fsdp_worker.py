@@ -13,6 +13,7 @@ import signal
 import sys
 
 import torch
+from accelerate import PartialState
 
 from verakit.train.classify import TrainArgs, train_classifier
 from verakit.train.loop import TrainingInterrupted
@@ -34,7 +35,8 @@ def main(model_dir: str, task_dir: str, out: str) -> None:
         raise SystemExit("fsdp_worker: training was not interrupted")
     except TrainingInterrupted as e:
         print(f"interrupted after step {e.step}", flush=True)
-    train_classifier(TrainArgs(**{**args.__dict__, "resume": True}))
+    metrics = train_classifier(TrainArgs(**{**args.__dict__, "resume": True}))
+    print(f"rank {PartialState().process_index} returned {'metrics' if metrics else 'nothing'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 __all__ = [
-    "requested", "shard", "is_sharded", "rebind", "full_trainables", "full_value", "put_full", "optimizer_state",
+    "requested", "active", "shard", "rebind", "full_trainables", "full_value", "put_full", "optimizer_state",
     "load_optimizer_state", "shard_stats", "stats_line",
 ]
 
@@ -41,10 +41,12 @@ def requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+def active(acc: Accelerator) -> bool:
+    """FSDP requested and something to shard over: several processes, or accelerate's own FSDP state
+    (one GPU process under --use_fsdp, which accelerate insists on preparing itself)."""
+    from accelerate.utils import DistributedType
 
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+    return requested() and (acc.num_processes > 1 or acc.distributed_type == DistributedType.FSDP)
 
 
 def shard(acc: Accelerator, model: nn.Module) -> nn.Module:

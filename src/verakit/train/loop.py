@@ -235,7 +235,7 @@ def run_loop(
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the number of processes {world}")
 
-    sharded = fsdp.requested() and world > 1  # FSDP2: the base is split across ranks, not replicated
+    sharded = fsdp.active(acc)  # FSDP2: the base is split across ranks, not replicated
     if sharded and optimizer_factory is not None:
         raise ValueError("FSDP (accelerate's --use_fsdp) trains with the loop's AdamW only, not a custom optimizer "
                          "(grouped training, --group-column); launch it without --use_fsdp")
@@ -275,8 +275,9 @@ def run_loop(
                 optimizer.load_state_dict(ckpt.optimizer)
             scheduler.load_state_dict(ckpt.scheduler)
             set_rng_state(ckpt.rng)
-            start_step, history, best, seconds_before = ckpt.step, ckpt.history, ckpt.best, ckpt.seconds
-            resumed_window, losses = ckpt.window, list(ckpt.losses)
+            start_step, seconds_before, resumed_window, losses = ckpt.step, ckpt.seconds, ckpt.window, list(ckpt.losses)
+            if acc.is_main_process:  # the others return an empty `best` as in a fresh run: they write no results
+                history, best = ckpt.history, ckpt.best
 
     main = acc.is_main_process
     progress = Progress(main, config.quiet, total_steps, start_step, config.epochs, _clock())
