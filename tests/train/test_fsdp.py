@@ -111,8 +111,9 @@ def test_activation_bytes_per_token_and_block_behind_the_7b_sizing():
     projection tables left out, at two sequence lengths (SDPA keeps no T x T matrix). At the 7B block
     shape (h 4096, MLP 11008, 32 heads, r 1024) this gives 66,850 = 16.3 h (by hand, 67 s); here the
     same measurement at h 512 (MLP 1376, 8 heads, r 256) checks the method in CI: 8,490 = 16.58 h."""
-    import verakit
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import verakit
 
     h = 512
 
