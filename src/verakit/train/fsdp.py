@@ -62,8 +62,10 @@ def shard(acc: Accelerator, model: nn.Module) -> nn.Module:
             f"FSDP version {plugin.fsdp_version} requested (accelerate's --fsdp_version / FSDP_VERSION, default 1): "
             "verakit trains under FSDP2 only; pass --fsdp_version 2 (fsdp_version: 2 in a config file)"
         )
-    # Input recompute re-runs the norm that fed a layer during backward; that norm often belongs to the
-    # previous FSDP unit (the last LayerNorm of the block before), whose weights are sharded again by then.
+    # Input recompute re-runs the norm that fed a layer during its backward; that norm often belongs to the
+    # previous FSDP unit (the last LayerNorm of the block before), whose weights are gathered for that
+    # moment only if FSDP happened to prefetch them. Left on, the tiny BERT still trained identically;
+    # it saves memory the norm keeps anyway, so it is turned off rather than left to prefetch order.
     recompute.disable(model)
     if on_accelerator:
         return acc.prepare(model)
