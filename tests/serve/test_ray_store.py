@@ -54,7 +54,7 @@ def probs(engine: Engine, name: str) -> list[list[float]]:
 def test_overwrite_by_one_engine_reaches_the_others_resident_copy(two_replicas):
     a, b, originals = two_replicas
     old = probs(b, "a0")
-    assert "a0" in b.resident
+    assert "a0" in b.bank  # the bank, not the `resident` snapshot: that is refreshed after the futures resolve
     a.upload("a0", (originals / "a2.safetensors").read_bytes(), overwrite=True)
     new = probs(a, "a0")
     assert new != old
@@ -72,7 +72,7 @@ def test_delete_by_one_engine_is_refused_and_dropped_by_the_other(two_replicas):
         b.adapter_ref("a1")
     time.sleep(engine_module.REFRESH_S * 2)
     probs(b, "a3")  # the next batch refreshes: a1's copy goes, a3 (unchanged) stays
-    assert "a1" not in b.resident and "a3" in b.resident and b.stale_dropped == 1
+    assert "a1" not in b.bank and "a3" in b.bank and b.stale_dropped == 1
 
 
 def test_a_request_admitted_before_a_delete_is_not_served_from_the_stale_copy(two_replicas):
