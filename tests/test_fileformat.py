@@ -197,3 +197,46 @@ def test_save_refuses_nan(tiny_bert_clf, tmp_path):
     with pytest.raises(AdapterError, match="non-finite"):
         save_adapter(model, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# sha256 of the file below as verakit wrote it before format version 2 (commit c4839a7, verakit_version pinned):
+# its verakit metadata string, tensor index (key order aside) and data section. The raw bytes also hold
+# safetensors' metadata map, whose key order varies from process to process, so they are not compared whole.
+_LINEAR_V1_SHA256 = (
+    "60b95d801e19197507270a131885be68a71ad425d82ff943cc3ca27de943b7f4",
+    "aa45752d4787f6de7025e14b7127a7f11f0d26228daf8deae66930b9e320afde",
+    "d54cf991ba0f22aa9222b63675c19f8ea9e4bcc7d30db28ec6b863943bcb74be",
+)
+
+
+def test_linear_only_adapters_keep_version_1_bytes(tmp_path, monkeypatch):
+    """Adding convolution/embedding kinds (format version 2) leaves linear-only files as they were, so
+    verakit versions that read 1..1 keep reading them."""
+    import hashlib
+
+    from torch import nn
+
+    monkeypatch.setattr("verakit.fileformat.__version__", "0.0.0")
+    torch.manual_seed(0)
+    model = attach(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), VeraConfig(r=4, target_modules=("0", "2")))
+    with torch.no_grad():
+        for layer in vera_layers(model).values():
+            layer.vera_b.copy_(torch.arange(layer.vera_b.numel()) / 8.0)
+    path = tmp_path / "linear.safetensors"
+    save_adapter(model, path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    assert meta["format"] == FORMAT_NAME
+    got = (meta["verakit"].encode(), json.dumps(header, sort_keys=True).encode(), data[8 + n :])
+    assert tuple(hashlib.sha256(part).hexdigest() for part in got) == _LINEAR_V1_SHA256
+
+
+def test_unknown_module_kind_is_refused(good_file, tmp_path):
+    from test_conv import rewrite_meta
+
+    bad = rewrite_meta(good_file, tmp_path / "bad.safetensors",
+                       lambda m: m["base"]["modules"]["bert.encoder.layer.0.attention.self.query"].__setitem__(2, "lstm"))
+    with pytest.raises(AdapterError, match="bad.safetensors: module 'bert.encoder.layer.0.attention.self.query': unknown module kind 'lstm'"):
+        read_adapter(bad)

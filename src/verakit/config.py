@@ -10,12 +10,16 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["VeraConfig", "ConfigError", "DISTRIBUTIONS", "SHARING_MODES", "PROJECTION_KINDS", "DEFAULT_TARGETS"]
+__all__ = [
+    "VeraConfig", "ConfigError", "DISTRIBUTIONS", "SHARING_MODES", "PROJECTION_KINDS", "DEFAULT_TARGETS", "TARGET_KEYWORDS",
+]
 
 DISTRIBUTIONS = ("kaiming_uniform", "kaiming_normal", "uniform")
 SHARING_MODES = ("shared", "unique")
 # Where the projection tables come from; the first is the default (see VeraConfig.projection_kind).
 PROJECTION_KINDS = ("philox4x32-10", "peft-torch", "explicit")
+# target_modules strings that name a family of leaves rather than a regex (see VeraConfig.target_modules).
+TARGET_KEYWORDS = ("all-linear", "all-conv")
 
 # Default target leaves per `model.config.model_type`: the attention query and value projections, as in
 # the paper (and PEFT's table) for encoders and GPT-2's fused c_attn.
@@ -54,10 +58,14 @@ class VeraConfig:
 
     r: rank of the shared random projections (rows of A, columns of B). Larger r costs nothing in
         adapter bytes per layer beyond `r` extra floats for `d`.
-    target_modules: which linear leaves to adapt. A tuple of leaf names (or dotted suffixes) such as
-        ("query", "value"); a string is a regex matched with `re.fullmatch` against full module names;
-        "all-linear" adapts every linear leaf except the output/classifier head; None picks the default
-        for `model.config.model_type` (DEFAULT_TARGETS).
+    target_modules: which leaves to adapt. A tuple of leaf names (or dotted suffixes) such as
+        ("query", "value"); a string is a regex matched with `re.fullmatch` against full module names.
+        Names and regexes pick linear layers (nn.Linear, transformers' Conv1D), torch's convolutions
+        (nn.Conv1d/2d/3d, any groups) and nn.Embedding tables alike. Keywords: "all-linear" adapts every
+        linear leaf except the output/classifier head (never a convolution or embedding); "all-conv"
+        every nn.Conv1d/2d/3d outside the modules to save. Embeddings are adapted only by name (e.g.
+        ("word_embeddings",)). None picks the default for `model.config.model_type` (DEFAULT_TARGETS).
+        docs/format.md, "Layer kinds", gives the math for each kind.
     d_initial: initial value of every element of the scaling vector d. b starts at zero, so the adapted
         model equals the base model at init. The paper's ablation: 1.0 can collapse training.
     seed: seed of the shared projection pair; the pair is regenerated from it, never stored.
@@ -143,7 +151,7 @@ class VeraConfig:
             )
         tm = self.target_modules
         if isinstance(tm, str):
-            if tm != "all-linear":
+            if tm not in TARGET_KEYWORDS:
                 try:
                     re.compile(tm)
                 except re.error as e:

@@ -22,8 +22,8 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write_bytes  # public here too: callers have always imported it from this module
 from .config import PROJECTION_KINDS, ConfigError, VeraConfig
-from .inject import VeraState, attach, detach, vera_state
-from .projection import GENERATOR, GENERATORS, Projection
+from .inject import VeraState, attach, detach, layer_class, vera_state
+from .projection import GENERATOR, GENERATORS, MAX_PROJECTION_ELEMENTS, Projection
 
 __all__ = [
     "AdapterError",
@@ -41,7 +41,15 @@ __all__ = [
 ]
 
 FORMAT_NAME = "verakit.adapter"
-FORMAT_VERSION = 1
+# Version 2 added the module kinds of convolutions and embeddings ("conv:3x3", "embedding"), which a version-1
+# reader would take for linear layers. Files whose modules are all linear are still written as version 1,
+# byte for byte as before, so older readers keep reading them.
+FORMAT_VERSION = 2
+_V1_KINDS = ("linear", "conv1d")
+# MAX_PROJECTION_ELEMENTS (defined in `projection`, still importable from here): a "peft-torch" projection is
+# generated from (seed, rank, max_in, max_out) in the file's metadata, which no tensor backs, and an
+# embedding's vocabulary sets the table width, so a crafted file could ask for any table size; both are
+# refused above it.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections only
@@ -49,10 +57,6 @@ _TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections
 # lists its tensors and metadata: tens of KiB even for every linear layer of a 100-layer model, so 16 MiB
 # refuses nothing real, while the JSON parser's memory stays bounded whatever a file's prefix claims.
 MAX_HEADER_BYTES = 16 << 20
-# A "peft-torch" projection is generated from (seed, rank, max_in, max_out) in the file's metadata, which no
-# tensor backs: a crafted file could ask for any table size. PEFT sizes its pair by the adapted layers exactly,
-# and no real model needs more than this many table elements (r=1024 over 2 x 128k-wide layers is ~2.7e8).
-MAX_PROJECTION_ELEMENTS = 1 << 28
 
 
 class AdapterError(ValueError):
@@ -63,7 +67,9 @@ class AdapterError(ValueError):
 class Adapter:
     """The content of an adapter file, usable without a model.
 
-    modules: adapted module name -> (d_out, d_in, kind) with kind "linear" or "conv1d" (weight transposed).
+    modules: adapted module name -> (d_out, d_in, kind): kind "linear", "conv1d" (weight transposed),
+        "conv:KxK" (torch's convolutions, d_in = C_in/groups * prod(kernel)) or "embedding[:pad=i]"
+        ((d_out, d_in) = (embedding_dim, num_embeddings)); docs/format.md, "Layer kinds".
     d, b: module name -> vector. saved: model state-dict key -> tensor of the modules to save.
     projection: the shared pair when config.projection_kind is not the default (PEFT-generated or
         stored tables, already scaled); None when it is regenerated from the seed.
@@ -103,7 +109,7 @@ def _fail(path: str | os.PathLike[str] | None, msg: str) -> AdapterError:
 def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) -> Adapter:
     """Snapshot a model's VeRA vectors and saved modules as an `Adapter` (fp32 copies)."""
     state: VeraState = vera_state(model)
-    modules = {n: (ly.out_features, ly.in_features, "conv1d" if ly.transposed else "linear") for n, ly in state.layers.items()}
+    modules = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
     d = {n: ly.vera_d.detach().float().cpu().clone() for n, ly in state.layers.items()}
     b = {n: ly.vera_b.detach().float().cpu().clone() for n, ly in state.layers.items()}
     saved = {}
@@ -138,7 +144,7 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
             raise _fail(path, f"refusing to save non-finite values in tensor {k!r}")
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if all(v[2] in _V1_KINDS for v in adapter.modules.values()) else FORMAT_VERSION,
         "verakit_version": __version__,
         "config": adapter.config.to_dict(),
         "projection": proj_meta,
@@ -288,6 +294,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         )
     if base_fingerprint(model_type, modules) != fingerprint:
         raise _fail(path, "corrupt metadata: base fingerprint does not match the listed modules")
+    _check_kinds(path, version, config, modules)
     for k, v in header.items():
         if k != "__metadata__" and v.get("dtype") not in _DTYPES and k not in saved_keys:
             raise _fail(path, f"tensor {k!r} has unsupported dtype {v.get('dtype')} (want F32, F16 or BF16)")
@@ -320,9 +327,27 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     )
 
 
+def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str, tuple[int, int, str]]) -> None:
+    """Every module's kind is known, consistent with its shape and its file's version; tables stay bounded."""
+    for n, (d_out, d_in, kind) in modules.items():
+        if d_out < 1 or d_in < 1:
+            raise _fail(path, f"corrupt metadata: module {n!r} has shape ({d_out}, {d_in})")
+        try:
+            layer_class(kind, d_out, d_in)
+        except ValueError as e:
+            raise _fail(path, f"module {n!r}: {e}") from None
+        if version < 2 and kind not in _V1_KINDS:
+            raise _fail(path, f"module {n!r} has kind {kind!r}, which format version {version} does not have")
+    emb = [n for n, v in modules.items() if v[2].startswith("embedding")]
+    need = config.r * (max(v[1] for v in modules.values()) + max(v[0] for v in modules.values())) if modules else 0
+    if emb and need > MAX_PROJECTION_ELEMENTS:
+        raise _fail(path, f"embedding {emb[0]!r} needs projection tables of {need:,} elements, above the limit of "
+                          f"{MAX_PROJECTION_ELEMENTS:,} (verakit.projection.MAX_PROJECTION_ELEMENTS)")
+
+
 def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> None:
     state = vera_state(model)
-    mine = {n: (ly.out_features, ly.in_features, "conv1d" if ly.transposed else "linear") for n, ly in state.layers.items()}
+    mine = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
     for n, shape in adapter.modules.items():
         if n not in mine:
             raise _fail(where, f"base model mismatch: adapter module {n!r} {shape[:2]} is not adapted in the model")

@@ -1,8 +1,11 @@
 """Attach VeRA to any PyTorch / transformers model, and detach it again.
 
-`attach` replaces each target linear leaf with a `VeraLinear` that shares one `Projection` per model,
-freezes everything except d, b and the modules to save, and records what it did in a `VeraState` kept
-on the model, so that `detach` can restore the original modules and flags bit for bit.
+`attach` replaces each target leaf with its wrapper (`VeraLinear` for linear layers, `VeraConv` for
+torch's convolutions, `VeraEmbedding` for embeddings; `layer_class` finds one by a file's kind string), all
+sharing one `Projection` per model, freezes everything except d, b and the modules to save, and records
+what it did in a `VeraState` kept on the model, so that `detach` can restore the original modules and
+flags bit for bit. Linear leaves are targets by name or "all-linear", convolutions by name or "all-conv",
+embeddings by name only.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 from torch import nn
 
 from . import recompute
-from .config import DEFAULT_TARGETS, VeraConfig
-from .layer import VeraLinear, is_linear_leaf, linear_shape, share_inputs
-from .projection import Projection, matrix_ids
+from .config import DEFAULT_TARGETS, TARGET_KEYWORDS, VeraConfig
+from .layer import VeraLinear, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape, share_inputs
+from .layer_conv import VeraConv
+from .layer_embedding import VeraEmbedding
+from .projection import MAX_PROJECTION_ELEMENTS, Projection, matrix_ids
 
 __all__ = [
     "head_hidden_layers",
@@ -31,7 +36,25 @@ __all__ = [
     "set_compute_dtype",
     "set_input_recompute",
     "COMPUTE_DTYPES",
+    "AdaptedLayer",
+    "LAYER_CLASSES",
+    "layer_class",
 ]
+
+AdaptedLayer = VeraLinear | VeraConv | VeraEmbedding
+# Each class owns its kind strings ("linear"/"conv1d", "conv:3x3", "embedding[:pad=i]"): docs/format.md.
+LAYER_CLASSES: tuple[type[AdaptedLayer], ...] = (VeraLinear, VeraConv, VeraEmbedding)
+
+
+def layer_class(kind: str, d_out: int, d_in: int) -> type[AdaptedLayer]:
+    """The wrapper class of a file's module kind; ValueError naming the fault for an unknown or
+    inconsistent kind (e.g. a kernel whose positions do not divide d_in)."""
+    errors = [cls.kind_error(kind, d_out, d_in) for cls in LAYER_CLASSES]
+    for cls, err in zip(LAYER_CLASSES, errors, strict=True):
+        if err is None:
+            return cls
+    specific = [e for e in errors if ": " in e]  # the class that owns the kind says what is wrong with it
+    raise ValueError(specific[0] if specific else f"unknown module kind {kind!r}")
 
 _STATE_ATTR = "verakit_state"
 
@@ -54,7 +77,7 @@ class VeraState:
     """What `attach` did to a model. Kept on the model as the attribute `verakit_state`."""
 
     config: VeraConfig  # resolved: target_modules and modules_to_save as actually used
-    layers: dict[str, VeraLinear]  # module name -> wrapper, in model order
+    layers: dict[str, AdaptedLayer]  # module name -> wrapper, in model order
     saved_modules: tuple[str, ...]  # full names of modules trained in full and saved with the adapter
     model_type: str | None
     architecture: str
@@ -70,7 +93,7 @@ def vera_state(model: nn.Module) -> VeraState:
     return state
 
 
-def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
+def vera_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return vera_state(model).layers
 
 
@@ -79,8 +102,10 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(cfg, "model_type", None)
 
 
-def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if name and is_linear_leaf(m)}
+def _adaptable_leaves(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear, convolution and embedding leaves, in model order."""
+    return {name: m for name, m in model.named_modules()
+            if name and (is_linear_leaf(m) or is_conv_leaf(m) or is_embedding_leaf(m))}
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -146,8 +171,8 @@ def head_hidden_layers(model: nn.Module) -> tuple[str, ...]:
 
 
 def _explicitly_targeted(names: set[str], tm: tuple[str, ...] | str | None) -> set[str]:
-    """Module names that `target_modules` names explicitly (tuple patterns or a regex; not None/all-linear)."""
-    if tm is None or tm == "all-linear":
+    """Module names that `target_modules` names explicitly (tuple patterns or a regex; not None or a keyword)."""
+    if tm is None or tm in TARGET_KEYWORDS:
         return set()
     if isinstance(tm, str):
         return {n for n in names if re.fullmatch(tm, n)}
@@ -167,8 +192,9 @@ def _untargeted_parts(head: str, modules: dict[str, nn.Module], targets: set[str
 
 
 def find_targets(model: nn.Module, config: VeraConfig, saved: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """The linear leaves of `model` that `config.target_modules` selects, in model order."""
-    leaves = _linear_leaves(model)
+    """The leaves of `model` that `config.target_modules` selects, in model order: linear leaves by name or
+    "all-linear", torch's convolutions by name or "all-conv", embeddings by name."""
+    leaves = _adaptable_leaves(model)
     tm = config.target_modules
     if tm is None:
         mt = _model_type(model)
@@ -181,7 +207,9 @@ def find_targets(model: nn.Module, config: VeraConfig, saved: tuple[str, ...] = 
     in_saved = {n for n in leaves if any(n == s or n.startswith(s + ".") for s in saved)}
     if tm == "all-linear":
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        picked = {n: m for n, m in leaves.items() if n not in in_saved and m is not out_emb}
+        picked = {n: m for n, m in leaves.items() if n not in in_saved and m is not out_emb and is_linear_leaf(m)}
+    elif tm == "all-conv":
+        picked = {n: m for n, m in leaves.items() if n not in in_saved and is_conv_leaf(m)}
     elif isinstance(tm, str):
         picked = {n: m for n, m in leaves.items() if re.fullmatch(tm, n)}
     else:
@@ -190,10 +218,15 @@ def find_targets(model: nn.Module, config: VeraConfig, saved: tuple[str, ...] = 
     if overlap:
         raise AttachError(f"modules {overlap[:3]} are both VeRA targets and inside modules_to_save")
     if not picked:
+        what = "convolution (nn.Conv1d/2d/3d)" if tm == "all-conv" else "linear layer (or named convolution or embedding)"
         raise AttachError(
-            f"target_modules {tm!r} matched no linear layer of {type(model).__name__}. "
-            f"Linear leaves: {_short_names(leaves)}"
+            f"target_modules {tm!r} matched no {what} of {type(model).__name__}. "
+            f"Adaptable leaves: {_short_names(leaves)}"
         )
+    bad = [n for n, m in picked.items() if is_embedding_leaf(m) and m.max_norm is not None]
+    if bad:
+        raise AttachError(f"embedding {bad[0]!r} has max_norm={picked[bad[0]].max_norm}, which renormalizes rows in "
+                          "place on lookup; VeRA adapts embeddings without max_norm only")
     return picked
 
 
@@ -215,6 +248,7 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
         raise AttachError(f"{type(model).__name__} already contains VeraLinear layers")
     patterns, saved = _resolve_saved(model, config)
     targets = find_targets(model, config, saved)
+    tied = _tied_names(model)
     resolved_tm = config.target_modules
     if resolved_tm is None:
         resolved_tm = DEFAULT_TARGETS[_model_type(model)]  # type: ignore[index]
@@ -223,17 +257,21 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
     shared = _shared_projection(config, targets, projection)
 
     original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
-    layers: dict[str, VeraLinear] = {}
+    layers: dict[str, AdaptedLayer] = {}
     for name, base in targets.items():
         proj = shared
         if proj is None:
             d_out, d_in = linear_shape(base)
             proj = Projection(config.seed, config.distribution, config.r, d_in, d_out, matrix_ids("unique", name))
-        layer = VeraLinear(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b)
+        cls = VeraConv if is_conv_leaf(base) else VeraEmbedding if is_embedding_leaf(base) else VeraLinear
+        layer = cls(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b)
+        if isinstance(layer, VeraEmbedding):
+            layer.tied = tuple(n for n in tied.get(id(base.weight), ()) if n != f"{name}.weight")
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, layer)
         layers[name] = layer
-    share_inputs(layers)  # siblings reading one input (q, k, v) compute A x once on the factored path
+    # Siblings reading one input (q, k, v) compute A x once on the factored path.
+    share_inputs({n: ly for n, ly in layers.items() if isinstance(ly, VeraLinear)})
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -267,6 +305,13 @@ def _shared_projection(
     """The model's one shared pair: `given` after checks, or generated per config.projection_kind."""
     max_out = max(linear_shape(m)[0] for m in targets.values())
     max_in = max(linear_shape(m)[1] for m in targets.values())
+    emb = [n for n, m in targets.items() if is_embedding_leaf(m)]
+    if emb and config.r * (max_in + max_out) > MAX_PROJECTION_ELEMENTS:
+        raise AttachError(
+            f"embedding {emb[0]!r} needs projection tables of r * (max_in + max_out) = {config.r} * "
+            f"({max_in} + {max_out}) elements, above verakit.projection.MAX_PROJECTION_ELEMENTS "
+            f"({MAX_PROJECTION_ELEMENTS:,}); lower r"
+        )
     if given is not None:
         if config.projection_sharing != "shared":
             raise AttachError("a prebuilt projection needs projection_sharing='shared'")
@@ -285,6 +330,14 @@ def _shared_projection(
     if config.projection_kind == "peft-torch":
         return Projection.peft_torch(config.seed, config.r, max_in, max_out)
     return Projection(config.seed, config.distribution, config.r, max_in, max_out)
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in `model` (more than one for tied weights)."""
+    out: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(n)
+    return out
 
 
 def detach(model: nn.Module) -> nn.Module:

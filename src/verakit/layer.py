@@ -23,7 +23,13 @@ from . import ops, recompute
 from .projection import Projection
 from .quant import quant_kind
 
-__all__ = ["VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "linear_shape"]
+__all__ = [
+    "VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "is_conv_leaf", "is_embedding_leaf", "linear_shape",
+    "check_fits", "new_vectors", "merge_layer", "unmerge_layer",
+]
+
+# torch's convolutions (not transformers' Conv1D, which is a transposed linear layer): `layer_conv`.
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_linear_leaf(module: nn.Module) -> bool:
@@ -36,12 +42,76 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def is_conv_leaf(module: nn.Module) -> bool:
+    """torch's nn.Conv1d / Conv2d / Conv3d (transposed convolutions are not adaptable)."""
+    return isinstance(module, CONV_TYPES)
+
+
+def is_embedding_leaf(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a linear leaf; a quantized one's logical shape (its weight may be packed)."""
+    """(d_out, d_in) of an adaptable leaf viewed as a linear map: the slices A[:r, :d_in], B[:d_out, :r]
+    it takes from the shared tables (docs/format.md, "Layer kinds").
+
+    Linear: (out, in); Conv1D: its (d_in, d_out) weight transposed; quantized: the logical shape (the
+    weight may be packed); nn.ConvNd: (C_out, C_in/groups * prod(kernel)), the kernel flattened as
+    weight.reshape(C_out, -1) (im2col order: input channel, then kernel positions); nn.Embedding:
+    (embedding_dim, num_embeddings), the table as the map from one-hot token ids.
+    """
     if quant_kind(module) is not None:
         return module.out_features, module.in_features
     w = module.weight
+    if is_embedding_leaf(module):
+        return w.shape[1], w.shape[0]
+    if is_conv_leaf(module):
+        return w.shape[0], w[0].numel()
     return (w.shape[1], w.shape[0]) if _is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def check_fits(projection: Projection, r: int, d_out: int, d_in: int) -> None:
+    """Raise ValueError unless the projection's tables hold a rank-r (d_out, d_in) layer's slices."""
+    if r > projection.rank or d_in > projection.max_in or d_out > projection.max_out:
+        raise ValueError(
+            f"projection ({projection.rank}, {projection.max_in}, {projection.max_out}) is too small for "
+            f"a rank-{r} layer of shape ({d_out}, {d_in})"
+        )
+
+
+def new_vectors(r: int, d_out: int, d_initial: float, train_d: bool, train_b: bool,
+                device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+    """(d (r,), b (d_out,)), float32 whatever the base dtype: they are tiny and carry the whole adaptation.
+
+    b starts at zero when trained (the adapted model equals the base at init). A frozen b is the paper's
+    "only d" ablation, which omits b: ones, since a frozen zero b would silence d forever.
+    """
+    d = nn.Parameter(torch.full((r,), float(d_initial), device=device), requires_grad=train_d)
+    b0 = torch.zeros if train_b else torch.ones
+    return d, nn.Parameter(b0(d_out, device=device), requires_grad=train_b)
+
+
+def merge_layer(layer: nn.Module) -> None:
+    """Fold `layer`'s delta into its base (`layer._fold(+1)`) and remember the vectors' versions. Idempotent."""
+    if layer.merged:
+        return
+    layer._fold(1.0)
+    layer._merged_versions = (layer.vera_d._version, layer.vera_b._version)
+    layer.merged = True
+
+
+def unmerge_layer(layer: nn.Module) -> None:
+    """Subtract the delta merged earlier. Idempotent; refuses if d or b changed while merged."""
+    if not layer.merged:
+        return
+    if layer._merged_versions != (layer.vera_d._version, layer.vera_b._version):
+        raise RuntimeError(
+            "VeRA vectors were modified while merged, so the merged delta can no longer be removed "
+            "exactly; unmerge before training or loading new vectors"
+        )
+    layer._fold(-1.0)
+    layer.merged = False
+    layer._merged_versions = None
 
 
 class SharedInput:
@@ -97,24 +167,16 @@ class VeraLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
+        if not is_linear_leaf(base) and quant_kind(base) is None:
+            raise TypeError(f"VeraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         self.out_features, self.in_features = linear_shape(base)
-        if r > projection.rank or self.in_features > projection.max_in or self.out_features > projection.max_out:
-            raise ValueError(
-                f"projection ({projection.rank}, {projection.max_in}, {projection.max_out}) is too small for "
-                f"a rank-{r} layer of shape ({self.out_features}, {self.in_features})"
-            )
+        check_fits(projection, r, self.out_features, self.in_features)
         self.r = r
         self.transposed = _is_conv1d(base)
         self.quantized = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or None: fixed at wrap time
         self.projection = projection  # plain attribute: shared, never in state_dict
         self.scale = projection.scale(self.in_features, r)
-        dev = base.weight.device
-        # Vectors stay fp32 whatever the base dtype: they are tiny and carry the whole adaptation.
-        self.vera_d = nn.Parameter(torch.full((r,), float(d_initial), device=dev), requires_grad=train_d)
-        # b starts at zero when trained (the adapted model equals the base at init). A frozen b is the
-        # paper's "only d" ablation, which omits b: ones, since a frozen zero b would silence d forever.
-        b0 = torch.zeros if train_b else torch.ones
-        self.vera_b = nn.Parameter(b0(self.out_features, device=dev), requires_grad=train_b)
+        self.vera_d, self.vera_b = new_vectors(r, self.out_features, d_initial, train_d, train_b, base.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_versions: tuple[int, int] | None = None
@@ -124,6 +186,26 @@ class VeraLinear(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         # Inference cache of W0 + delta: (key of what it was built from, weight or None, tokens seen).
         self._cache: tuple[tuple, torch.Tensor | None, int] | None = None
+
+    # The layer-kind protocol (shared by VeraConv, VeraEmbedding; dispatched by `inject.layer_class`): the
+    # kind string a file records, the fan-in of the A-side scale, and the delta in the weight's layout.
+    @property
+    def kind(self) -> str:
+        return "conv1d" if self.transposed else "linear"
+
+    @staticmethod
+    def kind_error(kind: str, d_out: int, d_in: int) -> str | None:
+        """None when `kind` names this class's layout for a (d_out, d_in) layer, else the fault."""
+        return None if kind in ("linear", "conv1d") else f"kind {kind!r} is not linear"
+
+    @staticmethod
+    def fan_in(kind: str, d_in: int) -> int:
+        return d_in
+
+    @staticmethod
+    def weight_delta(delta: torch.Tensor, kind: str) -> torch.Tensor:
+        """The (d_out, d_in) delta in the weight's layout: transposed for Conv1D."""
+        return delta.t() if kind == "conv1d" else delta
 
     def slices(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_sl (r, d_in), B_sl (d_out, r)): views of the shared tables, no copy."""
@@ -218,22 +300,11 @@ class VeraLinear(nn.Module):
                 f"{self.out_features}x{self.in_features}); merge into a full-precision base instead: load the "
                 "model unquantized, load_adapter, then export_merged"
             )
-        self._fold(1.0)
-        self._merged_versions = (self.vera_d._version, self.vera_b._version)
-        self.merged = True
+        merge_layer(self)
 
     def unmerge(self) -> None:
         """Subtract the delta merged earlier. Idempotent; refuses if d or b changed while merged."""
-        if not self.merged:
-            return
-        if self._merged_versions != (self.vera_d._version, self.vera_b._version):
-            raise RuntimeError(
-                "VeRA vectors were modified while merged, so the merged delta can no longer be removed "
-                "exactly; unmerge before training or loading new vectors"
-            )
-        self._fold(-1.0)
-        self.merged = False
-        self._merged_versions = None
+        unmerge_layer(self)
 
     def _fold(self, sign: float) -> None:
         """W0 += sign * delta: in place in one addmm for fp32 weights, else in fp32 and cast once."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
-from .inject import vera_state
+from .inject import layer_class, vera_state
 from .projection import Projection, matrix_ids
 
 __all__ = [
@@ -65,7 +65,9 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Semantics: {module: diag(b) B_sl diag(s d) A_sl} in float32, shaped like the module's weight.
 
     Pure: needs only the adapter, since the projections are regenerated from its seed (or, for a
-    non-default projection_kind, carried by the adapter with scale 1).
+    non-default projection_kind, carried by the adapter with scale 1). Each kind's class gives the fan-in
+    of s and the weight layout: Conv1D's transpose, a convolution's kernel (C_out, C_in/groups, *kernel),
+    an embedding's table (V, D) with its padding row zero (docs/format.md, "Layer kinds").
     """
     cfg = adapter.config
     shared = adapter.projection
@@ -78,8 +80,10 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
     for name, (d_out, d_in, kind) in adapter.modules.items():
         proj = shared or Projection(cfg.seed, cfg.distribution, cfg.r, d_in, d_out, matrix_ids("unique", name))
         A, B = proj.A[: cfg.r, :d_in], proj.B[:d_out, : cfg.r]
-        delta = (adapter.b[name].unsqueeze(1) * B) @ ((adapter.d[name] * proj.scale(d_in, cfg.r)).unsqueeze(1) * A)
-        out[name] = delta.t() if kind == "conv1d" else delta
+        cls = layer_class(kind, d_out, d_in)
+        scale = proj.scale(cls.fan_in(kind, d_in), cfg.r)
+        delta = (adapter.b[name].unsqueeze(1) * B) @ ((adapter.d[name] * scale).unsqueeze(1) * A)  # (d_out, d_in)
+        out[name] = cls.weight_delta(delta, kind)
     return out
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "distribution_scale",
     "peft_torch_tables",
     "Projection",
+    "MAX_PROJECTION_ELEMENTS",
 ]
 
 GENERATOR = "philox4x32-10/v1"
@@ -39,6 +40,10 @@ GENERATORS = {"philox4x32-10": GENERATOR, "peft-torch": "peft-torch/v1", "explic
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers (Salmon et al., SC'11)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _MASK32 = 0xFFFFFFFF
+# Largest shared pair, in table elements r * (max_in + max_out), that a file's metadata alone may ask for
+# (a "peft-torch" pair, an adapter with an embedding: `fileformat`) or that attaching an embedding builds
+# (its vocabulary is the table's width). No real model needs more: r=1024 over 2 x 128k-wide layers is ~2.7e8.
+MAX_PROJECTION_ELEMENTS = 1 << 28
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,9 @@
 """Many adapters in one forward: per-row integer slots into tables of VeRA vectors.
 
 Semantics: y[i] = W0 x[i] + b[s_i] * (B_sl (scale * d[s_i] * (A_sl x[i])))   for batch row i in slot s_i.
+  `SlotConv` and `SlotEmbedding` apply the same per-row d and b to the factored forms of `layer_conv`
+  (A_sl as a convolution into r channels, B_sl as a 1x1 one) and `layer_embedding` (the looked-up columns
+  of A_sl).
 
 A and B are shared by every adapter, so a batch whose rows use different adapters costs the same two
 shared matmuls as a batch that uses one adapter, plus a gather of one d row and one b row per batch row.
@@ -22,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import is_linear_leaf, linear_shape
+from .layer import check_fits, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
+from .layer_conv import conv_adapter
+from .layer_embedding import VeraEmbedding, looked_up
 from .projection import Projection
 
-__all__ = ["RowSlots", "SlotLinear", "SlotHeadLinear"]
+__all__ = ["RowSlots", "SlotLinear", "SlotConv", "SlotEmbedding", "SlotHeadLinear", "slot_layer"]
 
 
 class RowSlots:
@@ -63,6 +68,28 @@ def _per_row(table: torch.Tensor, ids: torch.Tensor, ndim: int) -> torch.Tensor:
     return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
 
 
+def _init_slot_tables(layer: nn.Module, kind: str, base: nn.Module, projection: Projection, r: int, slots: int,
+                      rows: RowSlots, dropout: float, name: str, fan_in: int | None = None) -> None:
+    """What every slot layer holds: the base, the shared projection and rows, and the (S, r), (S, d_out) tables."""
+    layer.base = base
+    layer.out_features, layer.in_features = linear_shape(base)
+    try:
+        check_fits(projection, r, layer.out_features, layer.in_features)
+    except ValueError as e:
+        raise ValueError(f"{kind} {name!r}: {e}") from None
+    if slots < 1:
+        raise ValueError(f"{kind} {name!r}: needs at least one slot (slot 0, the base model), got {slots}")
+    layer.r, layer.name = r, name
+    layer.projection = projection  # plain attribute: shared, never in state_dict
+    layer.rows = rows  # plain attribute: shared by every slot layer of the model
+    layer.fan_in = layer.in_features if fan_in is None else fan_in  # of the A-side scale, as the VeRA layer's
+    layer.scale = projection.scale(layer.fan_in, r)
+    dev = base.weight.device
+    layer.vera_d = nn.Parameter(torch.zeros(slots, r, device=dev), requires_grad=False)  # (S, r)
+    layer.vera_b = nn.Parameter(torch.zeros(slots, layer.out_features, device=dev), requires_grad=False)  # (S, d_out)
+    layer.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+
 class SlotLinear(nn.Module):
     """A frozen linear layer with VeRA vectors for `slots` adapters; each batch row picks its slot.
 
@@ -79,23 +106,7 @@ class SlotLinear(nn.Module):
         super().__init__()
         if not is_linear_leaf(base):
             raise TypeError(f"SlotLinear {name!r}: base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        self.base = base
-        self.out_features, self.in_features = linear_shape(base)
-        if r > projection.rank or self.in_features > projection.max_in or self.out_features > projection.max_out:
-            raise ValueError(
-                f"SlotLinear {name!r}: projection ({projection.rank}, {projection.max_in}, {projection.max_out}) is "
-                f"too small for a rank-{r} layer of shape ({self.out_features}, {self.in_features})"
-            )
-        if slots < 1:
-            raise ValueError(f"SlotLinear {name!r}: needs at least one slot (slot 0, the base model), got {slots}")
-        self.r, self.name = r, name
-        self.projection = projection  # plain attribute: shared, never in state_dict
-        self.rows = rows  # plain attribute: shared by every slot layer of the model
-        self.scale = projection.scale(self.in_features, r)
-        dev = base.weight.device
-        self.vera_d = nn.Parameter(torch.zeros(slots, r, device=dev), requires_grad=False)  # (S, r)
-        self.vera_b = nn.Parameter(torch.zeros(slots, self.out_features, device=dev), requires_grad=False)  # (S, d_out)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
 
     @property
     def slots(self) -> int:
@@ -119,6 +130,73 @@ class SlotLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
+
+
+class SlotConv(nn.Module):
+    """A frozen nn.Conv1d/2d/3d with VeRA vectors for `slots` adapters; each batch row (the input's first
+    dimension: batched inputs only) picks its slot. Tables as SlotLinear's, d_in = C_in/groups * prod(kernel)."""
+
+    def __init__(self, base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
+                 dropout: float = 0.0, name: str = "") -> None:
+        super().__init__()
+        if not is_conv_leaf(base):
+            raise TypeError(f"SlotConv {name!r}: base must be nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base).__name__}")
+        _init_slot_tables(self, "SlotConv", base, projection, r, slots, rows, dropout, name)
+
+    @property
+    def slots(self) -> int:
+        return self.vera_d.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if x.dim() != len(self.base.kernel_size) + 2:
+            raise ValueError(f"SlotConv {self.name!r}: per-row slots need a batched input, got shape {tuple(x.shape)}")
+        ids = self.rows.current(x.shape[0], f"SlotConv {self.name!r}")
+        if not self.rows.active:
+            return y
+        A, B = self.projection.tables(x.device, x.dtype)
+        A, B = A[: self.r, : self.in_features], B[: self.out_features, : self.r]
+        return y + conv_adapter(self.base, self.dropout(x), A, B, self.vera_d[ids] * self.scale, self.vera_b[ids])
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
+
+
+class SlotEmbedding(nn.Module):
+    """A frozen nn.Embedding with VeRA vectors for `slots` adapters; each batch row of ids picks its slot.
+    Only the looked-up columns of A_sl are gathered; the padding row stays the base's (as VeraEmbedding)."""
+
+    def __init__(self, base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
+                 dropout: float = 0.0, name: str = "") -> None:
+        super().__init__()
+        if not is_embedding_leaf(base):
+            raise TypeError(f"SlotEmbedding {name!r}: base must be nn.Embedding, got {type(base).__name__}")
+        fan_in = VeraEmbedding.fan_in("embedding", 0)
+        _init_slot_tables(self, "SlotEmbedding", base, projection, r, slots, rows, dropout, name, fan_in)
+
+    @property
+    def slots(self) -> int:
+        return self.vera_d.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # (B, ..., D)
+        rows = self.rows.current(ids.shape[0], f"SlotEmbedding {self.name!r}")
+        if not self.rows.active:
+            return y
+        A, B = self.projection.tables(y.device, y.dtype)
+        u = looked_up(ids, A[: self.r, : self.in_features], self.base.padding_idx, self.dropout)  # (B, ..., r)
+        h = F.linear(u * (_per_row(self.vera_d, rows, u.dim()) * self.scale).to(u.dtype), B[: self.out_features, : self.r])
+        return y + h * _per_row(self.vera_b, rows, h.dim()).to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, vocab={self.in_features}, dim={self.out_features}, slots={self.slots}"
+
+
+def slot_layer(base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
+               dropout: float = 0.0, name: str = "") -> SlotLinear | SlotConv | SlotEmbedding:
+    """The slot layer for `base`'s kind: SlotConv, SlotEmbedding or SlotLinear."""
+    cls = SlotConv if is_conv_leaf(base) else SlotEmbedding if is_embedding_leaf(base) else SlotLinear
+    return cls(base, projection, r, slots, rows, dropout, name)
 
 
 class SlotHeadLinear(nn.Module):

@@ -4,7 +4,8 @@ Semantics: bank.forward(adapters, **inputs) == model_i(**inputs[i]) for every ro
 base model with adapter adapters[i] loaded normally (None or slot 0: the base model itself).
 
 The bank takes a model with VeRA attached (which fixes the targets, rank R, seed, distribution and
-modules to save), detaches it and puts a `SlotLinear` around each adapted base layer and a
+modules to save), detaches it and puts a `SlotLinear` around each adapted base layer (`SlotConv` around a
+convolution, `SlotEmbedding` around an embedding: `slots.slot_layer`) and a
 `SlotHeadLinear` around each linear leaf of the modules to save. Adapter vectors then live in slot tables
 (S = capacity + 1 rows; slot 0 = no adapter). Adding an adapter copies its vectors into a free slot (or
 the least recently used one): no allocation, so the cost does not grow with the number resident.
@@ -32,9 +33,8 @@ from torch import nn
 from ..config import PROJECTION_KINDS
 from ..fileformat import Adapter, AdapterError, read_adapter
 from ..inject import VeraState, detach, vera_state
-from ..layer import linear_shape
 from ..projection import Projection
-from ..slots import RowSlots, SlotHeadLinear, SlotLinear
+from ..slots import RowSlots, SlotConv, SlotEmbedding, SlotHeadLinear, SlotLinear, slot_layer
 
 __all__ = ["AdapterBank", "AdapterRef"]
 
@@ -66,19 +66,19 @@ class AdapterBank:
         self.capacity = capacity
         self.model = model
         self.row_slots = RowSlots()
-        taken = {n: (ly.base, ly.projection, ly.dropout) for n, ly in state.layers.items()}
+        taken = {n: (ly.base, ly.projection, ly.dropout, ly.kind) for n, ly in state.layers.items()}
         saved = state.saved_modules
         detach(model)  # restores the base layers and the original heads, which become slot 0
 
         slots = capacity + 1
-        self.layers: dict[str, SlotLinear] = {}
+        self.layers: dict[str, SlotLinear | SlotConv | SlotEmbedding] = {}
         self.modules: dict[str, tuple[int, int, str]] = {}
-        for name, (base, projection, dropout) in taken.items():
+        for name, (base, projection, dropout, kind) in taken.items():
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            layer = SlotLinear(base, projection, self.config.r, slots, self.row_slots, p, name)
+            layer = slot_layer(base, projection, self.config.r, slots, self.row_slots, p, name)
             self._replace(name, layer)
             self.layers[name] = layer
-            self.modules[name] = (*linear_shape(base), "linear" if isinstance(base, nn.Linear) else "conv1d")
+            self.modules[name] = (layer.out_features, layer.in_features, kind)
         self.heads: dict[str, SlotHeadLinear] = {}
         self._original_heads: dict[str, nn.Linear] = {}
         self._head_params: dict[str, tuple[SlotHeadLinear, str]] = {}  # state-dict key -> (head, "weight"|"bias")
@@ -192,7 +192,7 @@ class AdapterBank:
                     layer.vera_b[slot].zero_()
                     continue
                 proj: Projection = layer.projection
-                ratio = proj.scale(layer.in_features, r) / layer.scale
+                ratio = proj.scale(layer.fan_in, r) / layer.scale
                 layer.vera_d[slot, :r].copy_(adapter.d[n] * ratio)
                 layer.vera_d[slot, r:].zero_()
                 layer.vera_b[slot].copy_(adapter.b[n])
