@@ -9,14 +9,17 @@ Semantics: total = base weights + shared projections + trainable state + activat
                  compute dtype when that is not float32 (`Projection.tables` caches one per dtype);
   trainable      AdamW over the trainable parameters: the parameter (VeRA/LoRA: fp32, extra to the base;
   state          full: the base weights themselves), its gradient and two moments;
-  activations    what autograd keeps for backward, measured by running the real forward (verakit's
-                 `attach`, or a LoRA-shaped wrapper, on the transformers model) under FakeTensorMode with
-                 `saved_tensors_hooks`, each storage counted once: no weights exist and nothing computes.
+  activations    what autograd keeps for backward, counted with `saved_tensors_hooks` (each storage once)
+                 in the real forward and loss of the transformers model adapted by verakit's `attach` (or a
+                 LoRA-shaped wrapper, or all parameters trainable), its weights built under FakeTensorMode:
+                 no weight memory exists and no matmul runs. On a tiny Llama this equals a real run's count
+                 byte for byte (tests/test_plan.py).
                  With gradient checkpointing, what the checkpointed run keeps plus the largest block's
                  activations (recomputed one block at a time in backward);
   transient      the largest short-lived buffers at the peak: the fp32 logits and their gradient for a
                  causal LM's loss, one dequantized weight for a quantized base, and AdamW's foreach
-                 scratch (one parameter-sized buffer, which matters for full fine-tuning only).
+                 scratch (one parameter-sized buffer, which matters for full fine-tuning only; torch's
+                 default on GPUs: on CPU AdamW runs per tensor and needs less, so the plan is high there).
 The peak is taken at the worse of two moments, both with AdamW's moments allocated (step two onward):
 the start of backward (activations + transient) and the optimizer step (gradients + scratch).
 """
@@ -247,7 +250,7 @@ def _add_up(method: str, shapes: _Shapes, t: _Trace, precision: str, compute_dty
         own, grads, moments = 0, item * t.trainable, 2 * item * t.trainable
     else:  # adapter parameters are fp32 (VeRA's vectors; PEFT upcasts LoRA's), as are their grads and moments
         own, grads, moments = 4 * t.trainable, 4 * t.trainable, 8 * t.trainable
-    scratch = grads  # AdamW's foreach step: one parameter-sized temporary (sqrt of the second moment)
+    scratch = grads  # AdamW foreach step (the GPU default): one parameter-sized temporary at a time
     dequant = item * max((o * i for o, i in shapes.quantizable), default=0) if quant else 0
     transient = t.loss_transient + dequant
     at_backward = base + proj + own + moments + t.activations + transient
