@@ -159,3 +159,13 @@ def test_activation_bytes_per_token_and_block_behind_the_7b_sizing():
     for tokens in (64, 128):
         values = (kept(2, tokens) - kept(1, tokens)) / tokens / 4
         assert values == 8490, tokens
+
+
+def test_a_custom_optimizer_is_refused_under_fsdp(monkeypatch, make_recipe, tmp_path):
+    # Grouped training's per-slot optimizer indexes whole tensors; FSDP would hand it shards.
+    from verakit.train import fsdp
+    from verakit.train.loop import LoopConfig, adamw, run_loop
+
+    monkeypatch.setattr(fsdp, "active", lambda acc: True)
+    with pytest.raises(ValueError, match="--group-column"):
+        run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16), tmp_path, optimizer_factory=adamw)
