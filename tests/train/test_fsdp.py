@@ -162,7 +162,8 @@ def test_activation_bytes_per_token_and_block_behind_the_7b_sizing():
 
 
 def test_a_custom_optimizer_is_refused_under_fsdp(monkeypatch, make_recipe, tmp_path):
-    # Grouped training's per-slot optimizer indexes whole tensors; FSDP would hand it shards.
+    # Grouped training's SlotAdamW indexes the slot rows of whole (S, ...) tables; FSDP2 would hand each
+    # rank a slice of the rows (Shard(0)) while the batch's present-slot mask stays global.
     from verakit.train import fsdp
     from verakit.train.loop import LoopConfig, adamw, run_loop
 
