@@ -193,3 +193,14 @@ def test_not_picked_by_all_linear_and_file_round_trip(tmp_path):
     ]:
         with pytest.raises(AdapterError, match=fault):
             read_adapter(rewrite_meta(path, tmp_path / "bad.safetensors", change))
+
+
+def test_pure_merge_refuses_a_tied_table(tmp_path):
+    torch.manual_seed(0)
+    model = LM(tied=True)
+    base_sd = copy.deepcopy(model).state_dict()  # deepcopy keeps the tie: both keys share one tensor
+    attach(model, VeraConfig(r=4, target_modules=("tok",)))
+    _randomize(model)
+    save_adapter(model, tmp_path / "t.safetensors")
+    with pytest.raises(AdapterError, match=r"weight 'tok.weight' is shared with \['head.weight'\]"):
+        merged_state_dict(base_sd, read_adapter(tmp_path / "t.safetensors"))

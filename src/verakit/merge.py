@@ -101,6 +101,10 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, pre
         w = out[key]
         if tuple(w.shape) != tuple(delta.shape):
             raise AdapterError(f"{adapter.path}: weight {key!r} has shape {tuple(w.shape)}, adapter expects {tuple(delta.shape)}")
+        tied = [k for k, t in state_dict.items() if k != key and t.data_ptr() == w.data_ptr() and w.numel()]
+        if tied:  # e.g. an embedding table that is also the output head: one of the two keys would win on load
+            raise AdapterError(f"{adapter.path}: weight {key!r} is shared with {tied[:3]}; merging would change "
+                               "those too, so a tied weight is not merged")
         out[key] = (w.float() + delta).to(w.dtype)
     for key, t in adapter.saved.items():
         out[f"{prefix}{key}"] = t.clone()
