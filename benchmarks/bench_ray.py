@@ -1,4 +1,4 @@
-"""Ray Serve benchmark: `verakit serve --engine ray` over the real MiniLM on a local cluster, loopback only.
+"""Ray Serve benchmark: `verakit serve --engine ray` over the real MiniLM on a local cluster, HTTP on loopback.
 
 Measured in one run (docs/serving.md, "Ray Serve"):
 

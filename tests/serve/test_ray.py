@@ -2,7 +2,7 @@
 
 One end-to-end test runs in CI (mixed adapters equal offline answers; upload, overwrite and delete reach
 both replicas; a corrupt file fails only its own requests); killing a replica under load is `slow`.
-Everything listens on loopback; the local Ray cluster has 2 CPUs, each replica 1 torch thread.
+HTTP on loopback; the local Ray cluster has 2 CPUs, each replica 1 torch thread.
 """
 
 from __future__ import annotations

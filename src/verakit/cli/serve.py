@@ -146,7 +146,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="--engine ray: autoscaling range, with --max-replicas (default: a fixed --replicas)")
     s.add_argument("--max-replicas", dest="max_replicas", type=int, help="--engine ray: see --min-replicas")
     s.add_argument("--address", help="--engine ray: Ray cluster to join, e.g. auto or ray://HOST:10001 (default: "
-                   "start a local one on loopback for this command; each replica reserves --threads CPUs, default 1)")
+                   "start a local one for this command; each replica reserves --threads CPUs, default 1)")
     s.set_defaults(func=run_serve)
 
     h = sub.add_parser("hash-key", help="make a --keys-file entry for a tenant key (prints JSON; the key is not stored)",

@@ -53,7 +53,8 @@ class RayOptions:
     min_replicas, max_replicas: autoscaling range; Ray adds a replica when replicas average more than
         `max_batch` requests in flight, and removes one when load falls.
     address: a running Ray cluster to join ("auto", "ray://HOST:10001", "HOST:6379"); None starts a local
-        one on loopback (no dashboard, no usage reporting) that lives as long as the command.
+        one (no dashboard, no usage reporting) that lives as long as the command. Ray's own processes
+        listen on all interfaces with its token authentication; only the HTTP proxy binds `host`.
     cpus_per_replica: Ray CPUs each replica reserves (the engine's torch threads should match).
     """
 
@@ -190,7 +191,8 @@ class RayServer:
         self.own_cluster = ray_options.address is None
         port = _port(self.options.host, self.options.port)
         if self.own_cluster:
-            # A private cluster for this command: loopback only, no dashboard, nothing reported home.
+            # A private cluster for this command: no dashboard, nothing reported home. The node address is
+            # loopback, but Ray binds its ports on every interface regardless (its token auth guards them).
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(num_cpus=max(1, round(ray_options.most * ray_options.cpus_per_replica)), include_dashboard=False,
                      _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
