@@ -212,6 +212,7 @@ def test_all_conv_picks_every_conv_and_all_linear_none():
     assert "stem" not in find_targets(model, VeraConfig(r=4, target_modules="all-linear"))
     assert list(find_targets(model, VeraConfig(r=4, target_modules=("stem", "proj")))) == ["stem", "proj"]
     assert list(find_targets(model, VeraConfig(r=4, target_modules=r"block\.\d"))) == ["block.0", "block.2"]
+    assert VeraConfig(target_modules=["all-conv"]).target_modules == "all-conv"  # a CLI's comma list
     with pytest.raises(AttachError, match="'all-conv' matched no convolution"):
         find_targets(nn.Sequential(nn.Linear(2, 2)), VeraConfig(r=4, target_modules="all-conv"))
     with pytest.raises(AttachError, match="both VeRA targets and inside modules_to_save"):

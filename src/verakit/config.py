@@ -104,6 +104,9 @@ class VeraConfig:
         # Normalise list inputs (e.g. from JSON) to tuples so the config stays hashable and immutable.
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.target_modules, tuple) and len(self.target_modules) == 1 and self.target_modules[0] in TARGET_KEYWORDS:
+            # A CLI's comma list gives ("all-conv",): the keyword, never a module of that name.
+            object.__setattr__(self, "target_modules", self.target_modules[0])
         if isinstance(self.modules_to_save, (list, str)):
             mts = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
             object.__setattr__(self, "modules_to_save", tuple(mts))
