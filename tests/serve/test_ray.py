@@ -171,8 +171,7 @@ def test_two_replicas_share_one_store(ray_server, minilm_adapters, minilm_path, 
     # An overwrite replaces resident copies on both replicas within the engine's refresh interval.
     r = httpx.post(f"{url}/v1/adapters", params={"name": "up", "overwrite": "true"}, content=files["up2"],
                    headers=AUTH, timeout=60)
-    assert r.status_code == 201, r.text
-    time.sleep(0.1)  # > REFRESH_S (0.02 s): every later batch sees the new file
+    assert r.status_code == 201, r.text  # from here every batch on every replica runs the new file
     assert until_both(url, "up", lambda s, b: (s == 200 and close(b["probs"], want["up2"])) or pytest.fail(
         f"stale or failed answer after overwrite: {s} {b}")) == replicas
 
