@@ -49,12 +49,13 @@ LAYER_CLASSES: tuple[type[AdaptedLayer], ...] = (VeraLinear, VeraConv, VeraEmbed
 def layer_class(kind: str, d_out: int, d_in: int) -> type[AdaptedLayer]:
     """The wrapper class of a file's module kind; ValueError naming the fault for an unknown or
     inconsistent kind (e.g. a kernel whose positions do not divide d_in)."""
-    errors = [cls.kind_error(kind, d_out, d_in) for cls in LAYER_CLASSES]
-    for cls, err in zip(LAYER_CLASSES, errors, strict=True):
+    for cls in LAYER_CLASSES:
+        err = cls.kind_error(kind, d_out, d_in)
         if err is None:
             return cls
-    specific = [e for e in errors if ": " in e]  # the class that owns the kind says what is wrong with it
-    raise ValueError(specific[0] if specific else f"unknown module kind {kind!r}")
+        if err:  # the class owns the kind and says what is wrong with it
+            raise ValueError(err)
+    raise ValueError(f"unknown module kind {kind!r}")
 
 _STATE_ATTR = "verakit_state"
 

@@ -195,8 +195,9 @@ class VeraLinear(nn.Module):
 
     @staticmethod
     def kind_error(kind: str, d_out: int, d_in: int) -> str | None:
-        """None when `kind` names this class's layout for a (d_out, d_in) layer, else the fault."""
-        return None if kind in ("linear", "conv1d") else f"kind {kind!r} is not linear"
+        """None when `kind` names this class's layout for a (d_out, d_in) layer; "" when the kind is another
+        class's; else what is wrong with it."""
+        return None if kind in ("linear", "conv1d") else ""
 
     @staticmethod
     def fan_in(kind: str, d_in: int) -> int:

@@ -114,9 +114,10 @@ class VeraConv(nn.Module):
 
     @staticmethod
     def kind_error(kind: str, d_out: int, d_in: int) -> str | None:
+        """As VeraLinear.kind_error: None (ours and consistent), "" (not ours) or the fault."""
         kernel = parse_conv_kind(kind)
         if kernel is None:
-            return f"kind {kind!r} is not a convolution"
+            return ""
         if d_in % math.prod(kernel):
             return f"kind {kind!r}: d_in {d_in} is not a multiple of the kernel's {math.prod(kernel)} positions"
         return None

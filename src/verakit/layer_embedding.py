@@ -113,9 +113,10 @@ class VeraEmbedding(nn.Module):
 
     @staticmethod
     def kind_error(kind: str, d_out: int, d_in: int) -> str | None:
+        """As VeraLinear.kind_error: None (ours and consistent), "" (not ours) or the fault."""
         ok, pad = parse_embedding_kind(kind)
         if not ok:
-            return f"kind {kind!r} is not an embedding"
+            return ""
         if pad is not None and pad >= d_in:
             return f"kind {kind!r}: padding row {pad} is outside the vocabulary of {d_in}"
         return None
