@@ -309,3 +309,20 @@ def test_bank_mixed_batch_over_conv_and_embedding_equals_each_adapter_alone(tmp_
         assert not torch.allclose(got[0], base(ids[:1])[0], atol=1e-3)
     exported = bank.export("a0")
     assert exported.modules["tok"] == (6, 30, "embedding:pad=0") and exported.modules["img"] == (4, 9, "conv:3x3")
+
+
+def test_bf16_base_runs_and_merges_close_to_fp32():
+    torch.manual_seed(0)
+    model = Wrap(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    attach(model, VeraConfig(r=4, target_modules=("conv",)))
+    _randomize(vera_layers(model)["conv"])
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        model.conv.base.to(torch.bfloat16)
+        got = model(x.bfloat16())
+        merge(model)
+        merged = model(x.bfloat16())
+    assert got.dtype == merged.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(merged.float(), expected, atol=0.1, rtol=0.02)

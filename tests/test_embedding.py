@@ -204,3 +204,20 @@ def test_pure_merge_refuses_a_tied_table(tmp_path):
     save_adapter(model, tmp_path / "t.safetensors")
     with pytest.raises(AdapterError, match=r"weight 'tok.weight' is shared with \['head.weight'\]"):
         merged_state_dict(base_sd, read_adapter(tmp_path / "t.safetensors"))
+
+
+def test_bf16_table_runs_and_merges_close_to_fp32():
+    torch.manual_seed(0)
+    model = LM(padding_idx=1)
+    attach(model, VeraConfig(r=4, target_modules=("tok",)))
+    _randomize(model)
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        expected = model.tok(ids)
+        model.tok.base.to(torch.bfloat16)
+        got = model.tok(ids)
+        merge(model)
+        merged = model.tok(ids)
+    assert got.dtype == merged.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(merged.float(), expected, atol=0.05, rtol=0.02)
