@@ -120,7 +120,7 @@ def _check_values(name: str, values: tuple[Any, ...]) -> None:
 
 def default_space(method: str) -> tuple[SearchDim, ...]:
     """The space searched when none is given: both learning rates, and r (and d_initial for VeRA)."""
-    if method == "vera":
+    if method in ("vera", "peft-vera"):  # PEFT's VeRA has the same knobs (its d_initial, its projection rank)
         return (SearchDim("lr", "float", 1e-3, 5e-2, log=True), SearchDim("head_lr", "float", 1e-3, 2e-2, log=True),
                 SearchDim("d_initial", "float", 1e-7, 1.0, log=True), SearchDim("r", "categorical", choices=(256, 1024)))
     if method == "lora":

@@ -29,7 +29,6 @@ from torch import nn
 from .images import ImageData, ImageSplit, class_counts, load_images
 from .loop import LoopConfig, ParamGroup, run_loop
 from .methods import (
-    METHODS,
     MethodSpec,
     Prepared,
     artifact_path,
@@ -105,8 +104,8 @@ class ImageArgs:
 
     def resolved(self) -> ImageArgs:
         """A copy with every None default filled in for this method."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in IMAGE_DEFAULTS:
+            raise ValueError(f"unknown method {self.method!r} for images; choose one of {', '.join(IMAGE_DEFAULTS)}")
         if self.model is None:
             raise ValueError("--task images needs --model: a local folder or hub id of a transformers image "
                              "classifier or backbone (no pretrained vision model installs offline; "
