@@ -79,7 +79,7 @@ class Limits:
             return
         if self.active >= self.max_concurrency:
             refuse = error_response(503, "overloaded", f"{self.active} requests in progress, the server's limit "
-                                    "(--max-concurrency); retry later", {"Retry-After": str(RETRY_AFTER_S)})
+                                    "(--max-concurrency); retry later", {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
             await refuse(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
@@ -94,8 +94,9 @@ class Limits:
                 async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
                     message = await receive()
             except TimeoutError:
+                # Connection: close, or uvicorn would keep reading the trickle after the answer.
                 raise HTTPException(408, f"request body not received within {self.body_timeout_s:g} s "
-                                    "(--body-timeout-s)") from None
+                                    "(--body-timeout-s)", headers={"Connection": "close"}) from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
