@@ -63,13 +63,21 @@ def child(args: argparse.Namespace) -> None:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
     torch.set_num_threads(1)
-    before = rss_mib()
+    before, file_mib = rss_mib(), None
     if args.model == "smollm2":
         model = build_causal_lm(None)[0].train()
         if args.precision == "4bit":
             from verakit.quant import quantize_linears
 
             quantize_linears(model, "4bit")
+            # transformers maps the safetensors file and the (unquantized) embedding keeps that mapping
+            # alive, so the fp32 weights' pages that quantizing read stay resident as clean file pages
+            # (RSS counts them, the kernel may drop them); own copies release the mapping and leave the
+            # RSS with what training holds. In fp32 the mapped pages are the weights themselves.
+            file_mib = rss_mib("RssFile")
+            for q in model.parameters():
+                if q.is_floating_point():
+                    q.data = q.data.clone()
         if args.ckpt:
             enable_gradient_checkpointing(model)
         prepared = prepare_causal(model, MethodSpec(args.method, {"vera": 1024, "lora": 8}.get(args.method, 0), 0.1,
@@ -102,7 +110,7 @@ def child(args: argparse.Namespace) -> None:
         loss_of().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    print(json.dumps({"before_mib": before, "loaded_mib": loaded, "peak_mib": rss_mib("VmHWM"),
+    print(json.dumps({"before_mib": before, "loaded_mib": loaded, "peak_mib": rss_mib("VmHWM"), "file_mib": file_mib,
                       "seconds": time.perf_counter() - t0, "trainable": sum(p.numel() for p in params)}))
 
 

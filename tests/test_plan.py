@@ -199,3 +199,21 @@ def test_presets_equal_the_installed_models_configs(minilm_path):
             assert real[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
         assert plan(str(folder), methods=("full",), precision="4bit").params == plan(
             name, methods=("full",), precision="4bit").params
+
+
+def test_quantized_base_traces_the_factored_path(tiny_cfg):
+    """Over a 4-bit base VeraLinear always takes the factored path, which keeps more per token than the
+    materialized path it picks over a plain fp32 weight at 512 tokens: the plan follows the real run."""
+    pytest.importorskip("bitsandbytes")
+    from verakit import VeraConfig, attach, vera_layers
+    from verakit.quant import quantize_linears
+
+    torch.manual_seed(0)
+    model = quantize_linears(_real_tiny().train(), "4bit")
+    attach(model, VeraConfig(r=16))
+    assert {ly.quantized for ly in vera_layers(model).values()} == {"4bit"}
+    ids = torch.randint(0, 101, (2, 256))
+    q4 = plan(tiny_cfg, methods=("vera",), precision="4bit", r=16, batch_size=2, seq_len=256).methods[0]
+    fp32 = plan(tiny_cfg, methods=("vera",), r=16, batch_size=2, seq_len=256).methods[0]
+    assert q4.activations == _real_saved_bytes(model, ids)
+    assert q4.activations > fp32.activations

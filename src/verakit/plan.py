@@ -233,7 +233,8 @@ def plan(
         if method == "full" and precision in ("8bit", "4bit"):
             plans.append(MethodPlan(method, False, 0, 0, 0, 0, 0, 0, 0, note=f"cannot train {precision} weights"))
             continue
-        t = _trace(cfg, task, method, r, lora_r, target_modules, compute_dtype, batch_size, seq_len, checkpointing)
+        t = _trace(cfg, task, method, r, lora_r, target_modules, precision, compute_dtype, batch_size, seq_len,
+                   checkpointing)
         plans.append(_add_up(method, shapes, t, precision, compute_dtype))
     return Plan(model, cfg.model_type, task, shapes.params, precision, compute_dtype, batch_size, seq_len,
                 checkpointing, r, lora_r, target_modules, tuple(plans))
@@ -315,13 +316,13 @@ class _LoraShaped:
 
 
 def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules: tuple[str, ...] | str,
-           compute_dtype: str, batch: int, seq: int, checkpointing: bool) -> _Trace:
+           precision: str, compute_dtype: str, batch: int, seq: int, checkpointing: bool) -> _Trace:
     """Run one forward of the adapted model under FakeTensorMode and count what autograd saves."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .config import VeraConfig
-    from .inject import AttachError, attach, find_targets
+    from .inject import AttachError, attach, find_targets, vera_layers
     from .layer import linear_shape
     from .projection import Projection
 
@@ -343,6 +344,9 @@ def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules
             tables = [proj.A, proj.B, *proj.tables(torch.device("cpu"), dtype)]  # counted as projections
             attach(model, vera, projection=proj)  # also makes the classification head trainable
             projection = r * (max_in + max_out)
+            if precision in ("8bit", "4bit"):  # over a quantized base VeraLinear always takes the factored
+                for layer in vera_layers(model).values():  # path, which keeps more per token than the
+                    layer.quantized = precision  # materialized one it may pick over a plain weight
         elif method == "lora":
             _LoraShaped.wrap(model, targets, lora_r)
         else:
