@@ -18,6 +18,8 @@ from .inject import (
     vera_state,
 )
 from .layer import VeraLinear
+from .layer_conv import VeraConv
+from .layer_embedding import VeraEmbedding
 from .merge import export_merged, merge, unmerge
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "AdapterError",
     "Adapter",
     "VeraLinear",
+    "VeraConv",
+    "VeraEmbedding",
     "attach",
     "detach",
     "set_compute_dtype",

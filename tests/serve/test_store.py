@@ -51,7 +51,8 @@ def test_save_validates_then_renames_atomically(store_and_bytes):
         with pytest.raises(AdapterError, match=err):
             store.save(name, payload, check)
     assert store.names() == ["good"]
-    assert os.listdir(store.root) == ["good.safetensors"]  # no staged temp file left behind
+    # no staged temp file left behind; .generation is the store's change token (replicas poll it)
+    assert sorted(os.listdir(store.root)) == [".generation", "good.safetensors"]
     with pytest.raises(FileExistsError, match="already exists"):
         store.save("good", data, seen.append)
     store.save("good", data, seen.append, overwrite=True)

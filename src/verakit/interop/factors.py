@@ -12,7 +12,19 @@ import torch
 from ..fileformat import Adapter, AdapterError
 from ..projection import Projection, matrix_ids
 
-__all__ = ["shared_projection", "layer_projection", "vera_factors"]
+__all__ = ["EXPORTABLE_KINDS", "check_exportable", "shared_projection", "layer_projection", "vera_factors"]
+
+# Layer kinds whose delta is a plain (d_out, d_in) matrix that PEFT VeRA and LoRA layers represent: torch
+# convolutions (kernels) and embeddings (fan-in 1, transposed lookup) are not.
+EXPORTABLE_KINDS = ("linear", "conv1d")
+
+
+def check_exportable(adapter: Adapter, target: str) -> None:
+    """Raise AdapterError naming the first module whose kind `target` (PEFT VeRA, LoRA) cannot hold."""
+    for name, (_, _, kind) in adapter.modules.items():
+        if kind not in EXPORTABLE_KINDS:
+            raise AdapterError(f"{adapter.path or '<adapter>'}: module {name!r} is a {kind.split(':')[0]} layer "
+                               f"({kind}); {target} export handles linear layers only")
 
 
 def shared_projection(adapter: Adapter) -> Projection:
@@ -44,6 +56,7 @@ def vera_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
 
     F_B @ F_A equals `verakit.merge.adapter_deltas(adapter)[module]` (before Conv1D's transpose).
     """
+    check_exportable(adapter, "low-rank factor")
     r = adapter.config.r
     shared = shared_projection(adapter) if adapter.config.projection_sharing == "shared" else None
     out = {}

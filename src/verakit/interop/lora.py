@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..fileformat import Adapter, AdapterError
-from .factors import vera_factors
+from .factors import check_exportable, vera_factors
 from .peftdir import MODEL_PREFIX, common_config, write_peft_dir
 
 __all__ = ["EXACT_TOL", "LoraExport", "lora_factors", "to_lora"]
@@ -80,6 +80,7 @@ def lora_factors(adapter: Adapter, max_rank: int | None = None) -> LoraExport:
     if max_rank is not None and max_rank < 1:
         raise AdapterError(f"{adapter.path or '<adapter>'}: max_rank must be >= 1, got {max_rank}")
     out, ranks, errors = {}, {}, {}
+    check_exportable(adapter, "LoRA")
     for name, (fa, fb) in vera_factors(adapter).items():
         d_out, d_in, _ = adapter.modules[name]
         k = min(r, d_in, d_out, max_rank if max_rank is not None else r)

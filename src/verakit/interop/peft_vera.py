@@ -25,7 +25,7 @@ from ..fileformat import Adapter, adapter_from_model
 from ..inject import AttachError, attach, detach, find_targets, vera_layers, vera_state
 from ..layer import is_linear_leaf, linear_shape
 from ..projection import Projection
-from .factors import shared_projection
+from .factors import check_exportable, shared_projection
 from .peftdir import MODEL_PREFIX, PeftDir, common_config, load_peft_base, read_peft_dir, write_peft_dir
 
 __all__ = ["from_peft", "to_peft"]
@@ -105,6 +105,7 @@ def to_peft(adapter: Adapter, out_dir: str | os.PathLike[str], base_model_name_o
     sizes its own pair; lambda_d = s * d folds our per-layer scale in. Unique per-layer projections are
     refused (PEFT VeRA has one pair per model); use `to_lora` for those.
     """
+    check_exportable(adapter, "PEFT VeRA")
     cfg = adapter.config
     proj = shared_projection(adapter)
     max_in = max(v[1] for v in adapter.modules.values())

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..fileformat import Adapter, adapter_from_model
 from ..inject import AttachError, detach, vera_state
-from ..slots import RowSlots, SlotHeadLinear, SlotLinear
+from ..slots import RowSlots, SlotConv, SlotEmbedding, SlotHeadLinear, SlotLinear, slot_layer
 
 __all__ = ["SlotTables", "to_slot_tables"]
 
@@ -30,7 +30,7 @@ class SlotTables:
     """The slot layers of one converted model and the adapter they started from."""
 
     rows: RowSlots  # per-row slots of the forward in flight, shared by every slot layer
-    layers: dict[str, SlotLinear]  # adapted module name -> slot layer, in model order
+    layers: dict[str, SlotLinear | SlotConv | SlotEmbedding]  # adapted module name -> slot layer, in model order
     heads: dict[str, SlotHeadLinear]  # head leaf name -> per-slot head; empty with a shared head
     saved_modules: tuple[str, ...]  # full names of the modules to save (the task head)
     template: Adapter  # the model's VeRA adapter at conversion: config, modules, head keys, initial values
@@ -106,7 +106,7 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True) ->
     layers = {}
     for name, (base, projection, dropout) in taken.items():
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        layers[name] = _replace(model, name, SlotLinear(base, projection, cfg.r, slots, rows, p, name))
+        layers[name] = _replace(model, name, slot_layer(base, projection, cfg.r, slots, rows, p, name))
     heads: dict[str, SlotHeadLinear] = {}
     if per_slot_heads:
         for s in saved:
