@@ -13,6 +13,7 @@ Cells whose RUN_DIR has metrics.json are skipped, so the script can be stopped a
 
     python experiments/head_study.py run [--tasks sst2 mrpc] [--jobs 2]
     python experiments/head_study.py report        # markdown table + docs/head_study.json
+    python experiments/head_study.py bank          # per-slot bytes of a serving bank, full vs VeRA head
 """
 
 from __future__ import annotations
@@ -147,15 +148,34 @@ def report(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}", file=sys.stderr)
 
 
+def bank_bytes(args: argparse.Namespace) -> None:
+    """Per-slot bytes of a serving bank over the real MiniLM, full head vs VeRA head (r = 1024, fp32)."""
+    import transformers
+
+    import verakit
+    from verakit.models import resolve_model
+    from verakit.serve.bank import AdapterBank
+
+    transformers.logging.set_verbosity_error()
+    path = resolve_model(None, "classifier")
+    for head, targets in (("full", ("query", "value")), ("vera", ("query", "value", "pooler.dense"))):
+        sizes = []
+        for capacity in (1, 101):
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+            bank = AdapterBank(verakit.attach(model, verakit.VeraConfig(r=1024, target_modules=targets)), capacity)
+            sizes.append(bank.nbytes())
+        print(f"| {head} | {(sizes[1] - sizes[0]) / 100:,.0f} | {(sizes[1] - sizes[0]) / 100 * 10_000 / 2**30:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("action", choices=["run", "report", "bank"])
     p.add_argument("--tasks", nargs="+", default=list(FOLDERS), choices=list(FOLDERS))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--nice", type=int, default=0, help="raise the cells' priority by this much (root only)")
     p.add_argument("--root", default="/work/runs_heads")
     args = p.parse_args()
-    run(args) if args.action == "run" else report(args)
+    {"run": run, "report": report, "bank": bank_bytes}[args.action](args)
 
 
 if __name__ == "__main__":
