@@ -1,7 +1,7 @@
 """The `verakit` command line. Each subcommand parses arguments and calls one library function.
 
 One module per subcommand family: adapters (inspect, convert, merge), serve (serve, hash-key), train (train,
-eval), tune, generate; common holds the option groups and error handling they share.
+eval), tune, generate, plan; common holds the option groups and error handling they share.
 """
 
 from __future__ import annotations
