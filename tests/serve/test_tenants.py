@@ -241,7 +241,7 @@ def test_schemathesis_finds_nothing_on_a_keyed_server(bert_dirs, tmp_path, tmp_p
                      "--max-upload-bytes", "200000"], tmp_path_factory.mktemp("logs") / "keyed.log")
     try:
         assert classify_http(server, "a2", KEY_A) == 404 and classify_http(server, "a2", KEY_B) == 200
-        _schemathesis(server, tmp_path, ["a0", "bert"], max_examples=8, max_time=10, reaches="/v1/classify")
+        _schemathesis(server, tmp_path, ["a0", "bert"], max_examples=8, max_time=15, reaches="/v1/classify")
     finally:
         server.stop()
 
