@@ -130,9 +130,9 @@ def report(args: argparse.Namespace) -> None:
                                   "head_tensors": cell["head_tensors"] // 2, "train_seconds": 0.0})
     out = REPO / "docs" / "head_study.json"
     out.write_text(json.dumps(cells, indent=1) + "\n")
-    print("| task | head | seeds | dev (each seed) | median | paired diff vs full (each seed) | file bytes | "
+    print("| task | head | seeds | dev (each seed) | median | paired diff vs full (each seed) | mean diff | file bytes | "
           "body vectors | file / vectors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         full = {c["seed"]: c for c in cells if c["task"] == task and c["head"] == "full"}
         for head in ("full", "full-fp16", "vera"):
@@ -143,7 +143,8 @@ def report(args: argparse.Namespace) -> None:
             vals = [100 * c["metric"][key] for c in rows]
             diffs = [100 * (c["metric"][key] - full[c["seed"]]["metric"][key]) for c in rows if c["seed"] in full]
             print(f"| {task} | {head} | {len(rows)} | {key} {', '.join(f'{v:.2f}' for v in vals)} | "
-                  f"{statistics.median(vals):.2f} | {', '.join(f'{d:+.2f}' for d in diffs)} | {rows[0]['file']:,} | "
+                  f"{statistics.median(vals):.2f} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                  f"{statistics.mean(diffs) if diffs else float('nan'):+.2f} | {rows[0]['file']:,} | "
                   f"{rows[0]['body_vectors']:,} | {rows[0]['file'] / rows[0]['body_vectors']:.2f} |")
     print(f"\nwrote {out}", file=sys.stderr)
 

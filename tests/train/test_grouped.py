@@ -341,7 +341,8 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     assert {n: g["group"] for n, g in metrics["groups"].items()} == names
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == [f"{n}.safetensors" for n in sorted(names)]
     assert metrics["n_groups"] == 3 and metrics["n_train"] == 60 and metrics["n_eval"] == 24
-    assert metrics["trainable_params"] == 2 * 2 * (16 + 32)  # 2 layers x {query, value} x (d + b)
+    # 2 layers x {query, value} and the pooler's dense layer (default --head vera) x (d + b)
+    assert metrics["trainable_params"] == (2 * 2 + 1) * (16 + 32)
     report = (run_dir / "report.md").read_text()
     assert "| `initech_eu` | initech/eu | 20 | 8 |" in report
     scores = [g["metric"]["accuracy"] for g in metrics["groups"].values()]
@@ -469,7 +470,7 @@ def test_minilm_sst2_groups_end_to_end(tmp_path, capsys, shared_data, minilm_pat
                "--lr", "1e-2", "--head-lr", "4e-3", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["n_groups"] == 4 and metrics["head_params"] == (384 * 384 + 384) + (2 * 384 + 2)
+    assert metrics["n_groups"] == 4 and metrics["head_params"] == 2 * 384 + 2  # classifier (the pooler: d, b)
     adapters = {n: read_adapter(run_dir / g["adapter"]) for n, g in metrics["groups"].items()}
     vectors = {n: torch.cat([*a.d.values(), *a.b.values()]) for n, a in adapters.items()}
     heads = {n: a.saved["classifier.weight"] for n, a in adapters.items()}

@@ -48,16 +48,16 @@ def _roberta_without_head(tmp_path):
 
 def test_a_head_layer_missing_from_the_checkpoint_refuses_vera_or_falls_back(tmp_path, monkeypatch):
     from verakit.train import classify
-    from verakit.train.classify import TrainArgs, _resolve_head
+    from verakit.train.classify import TrainArgs, resolve_head
 
     model, missing = _roberta_without_head(tmp_path)
     assert "classifier.dense.weight" in missing
     args = TrainArgs(task="csv", data_dir=None, out="x", head="vera").resolved()
     with pytest.raises(ValueError, match=r"--head vera: .*classifier\.dense are not in the base checkpoint"):
-        _resolve_head(args, model, missing)
+        resolve_head(args, model, missing)
     monkeypatch.setitem(classify.DEFAULT_HEAD, "vera", "vera")
-    assert _resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, missing).head == "full"
-    assert _resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, ()).head == "vera"
+    assert resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, missing).head == "full"
+    assert resolve_head(TrainArgs(task="csv", data_dir=None, out="x").resolved(), model, ()).head == "vera"
 
 
 def test_head_vera_is_refused_for_methods_that_train_the_head_in_full():

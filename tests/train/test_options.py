@@ -109,7 +109,8 @@ def test_cli_options_reach_the_file_and_unique_projections_regenerate_bit_identi
     assert all(torch.all(d == 1.0) for d in ad.d.values())
     assert all(b.abs().max() > 0 for b in ad.b.values())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["trainable_params"] == 2 * 2 * 32  # b only: 2 layers x {query, value} x d_out 32
+    # b only: 2 layers x {query, value} and the head's pooler.dense (default --head vera), d_out 32 each
+    assert metrics["trainable_params"] == (2 * 2 + 1) * 32
 
     from verakit import load_adapter
     from verakit.train.classify import build_classifier
@@ -126,7 +127,7 @@ def test_cli_options_reach_the_file_and_unique_projections_regenerate_bit_identi
         assert torch.equal(A, want_a) and torch.equal(B, want_b), name
         tables[name] = A
     first, *others = tables.values()
-    assert len(tables) == 4 and all(not torch.equal(first, t) for t in others)
+    assert len(tables) == 5 and all(not torch.equal(first, t) for t in others)  # 4 attention layers + pooler.dense
     assert evaluate_classifier(path)["metric"] == metrics["metric"]
 
 

@@ -85,7 +85,7 @@ def test_training_lowers_the_loss_and_eval_reproduces(tmp_path, tiny_bert_dir, t
     assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6, losses
     assert m["metric"]["accuracy"] >= 0.6, m["epochs"]
     assert m["method"] == "peft-vera" and m["artifact"] == "adapter"
-    assert m["trainable_params"] == LAYERS * 2 * (R + HIDDEN)
+    assert m["trainable_params"] == (LAYERS * 2 + 1) * (R + HIDDEN)  # query, value per layer + the pooler (default --head vera)
     assert m["adapter_bytes"] == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").stat().st_size
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["method"]["r"] == R and cfg["method"]["projection_prng_key"] == 0

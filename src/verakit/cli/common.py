@@ -212,7 +212,8 @@ def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
     g.add_argument("--head", choices=["vera", "full"], default=None,
                    help="classification head: vera (VeRA vectors on its hidden layer, e.g. BERT's pooler, and the "
                    "output layer in full: a file a fraction of the size) or full (the whole head trained and "
-                   f"saved) (default: {default('head')})")
+                   "saved) (default: vera for vera and peft-vera, full for lora, full and head; full where the "
+                   "base checkpoint lacks the head's hidden layer)")
     g.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help=f"{each}preset of epochs, training rows and learning rates: cpu (default; minutes "
                    f"{'a trial ' if per_trial else ''}on a laptop CPU with the default MiniLM) or paper (the VeRA/LoRA "

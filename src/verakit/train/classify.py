@@ -55,11 +55,13 @@ __all__ = [
     "evaluate_classifier",
     "evaluate_encoded",
     "build_classifier",
+    "build_classifier_checked",
+    "resolve_head",
 ]
 
 log = logging.getLogger("verakit.train")
 # The head when --head is not given (docs/training.md, "Classification heads", gives the measurements).
-DEFAULT_HEAD = {"vera": "full", "lora": "full", "full": "full", "head": "full", "peft-vera": "full"}
+DEFAULT_HEAD = {"vera": "vera", "lora": "full", "full": "full", "head": "full", "peft-vera": "vera"}
 EVAL_BATCH = 64  # fixed, so that `verakit eval` pads exactly as training-time evaluation did
 # --adapter-compute-dtype -> the dtype of VeRA's own products in training steps (verakit.set_compute_dtype).
 ADAPTER_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -150,11 +152,11 @@ def _model_path(name: str | None) -> str:
 
 def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any]:
     """(AutoModelForSequenceClassification with a fresh head sized for `spec`, its tokenizer)."""
-    model, tokenizer, _ = _build_classifier(model_name, spec)
+    model, tokenizer, _ = build_classifier_checked(model_name, spec)
     return model, tokenizer
 
 
-def _build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any, tuple[str, ...]]:
+def build_classifier_checked(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any, tuple[str, ...]]:
     """build_classifier's model and tokenizer, and the weights the base lacked (initialised at random)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -178,7 +180,7 @@ def _build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module
     return model, tokenizer, tuple(sorted(loading.get("missing_keys") or ()))
 
 
-def _resolve_head(args: TrainArgs, model: nn.Module, missing: Sequence[str]) -> TrainArgs:
+def resolve_head(args: TrainArgs, model: nn.Module, missing: Sequence[str]) -> TrainArgs:
     """`args` with the head settled: "vera" needs the head's hidden layers in the base checkpoint, since
     an adapter file does not store their frozen weights (RoBERTa's classifier.dense is initialised at
     random by transformers, so it would differ at every load)."""
@@ -306,8 +308,8 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
-    model, tokenizer, missing = _build_classifier(args.model, data.spec)
-    args = _resolve_head(args, model, missing)
+    model, tokenizer, missing = build_classifier_checked(args.model, data.spec)
+    args = resolve_head(args, model, missing)
     prepared = prepare_model(model, args.method_spec())
     if ADAPTER_COMPUTE_DTYPES[args.adapter_compute_dtype] is not None:
         from ..inject import set_compute_dtype

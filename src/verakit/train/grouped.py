@@ -35,7 +35,7 @@ from torch import nn
 
 from ..atomic import replacing_dir
 from ..fileformat import Adapter, write_adapter
-from .classify import EVAL_BATCH, Encoded, TrainArgs, build_classifier
+from .classify import EVAL_BATCH, Encoded, TrainArgs, build_classifier_checked, resolve_head
 from .data import DataError, Example, TaskSpec, load_task
 from .loop import LoopConfig, ParamGroup, run_loop
 from .rundir import check_run_dir, environment, field_defaults, jsonable, loop_metrics, start_run, write_json
@@ -268,7 +268,8 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
         raise GroupError(f"{targs.data_dir} (dev split): no dev row belongs to a trained group of column "
                          f"{args.group_column!r}, so no adapter could be evaluated")
     torch.manual_seed(targs.seed)  # the head's initialisation, the same for every group
-    model, tokenizer = build_classifier(targs.model, data.spec)
+    model, tokenizer, missing = build_classifier_checked(targs.model, data.spec)
+    targs = resolve_head(targs, model, missing)
     prepare_model(model, targs.method_spec())  # with the VeRA options (--no-train-b, --distribution...)
     tables = to_slot_tables(model, len(groups) + 1, per_slot_heads=not args.shared_head)
     info = {"task": targs.task, "model": targs.model, "labels": list(data.spec.label_names),
