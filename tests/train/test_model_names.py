@@ -27,7 +27,8 @@ def test_minilm_alias_trains_and_evals(tmp_path, capsys, shared_data, minilm_pat
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_train"] == 32 and metrics["model"] == "minilm"
-    assert metrics["trainable_params"] == 6 * 2 * (1024 + 384)  # MiniLM's 6 layers x {query, value} x (d + b)
+    # MiniLM's 6 layers x {query, value} and the pooler's dense layer (default --head vera) x (d + b)
+    assert metrics["trainable_params"] == (6 * 2 + 1) * (1024 + 384)
     capsys.readouterr()
     assert main(["eval", "--adapter", str(run / "adapter.safetensors")]) == 0  # the run info says "minilm"
     assert json.loads(capsys.readouterr().out)["metric"] == metrics["metric"]
