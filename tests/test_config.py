@@ -33,6 +33,8 @@ def test_frozen():
         ({"target_modules": "("}, "regex"),
         ({"target_modules": ()}, "target_modules"),
         ({"modules_to_save": ("",)}, "modules_to_save"),
+        ({"magnitude": 1}, "magnitude"),
+        ({"magnitude": True, "target_modules": "all-conv"}, "magnitude"),
     ],
 )
 def test_invalid_fields_name_the_field(kwargs, field):
@@ -43,3 +45,12 @@ def test_invalid_fields_name_the_field(kwargs, field):
 def test_unknown_field_in_dict():
     with pytest.raises(ConfigError, match="unknown VeraConfig field"):
         VeraConfig.from_dict({"r": 4, "alpha": 2})
+
+
+def test_magnitude_defaults_off_and_is_recorded_only_when_on():
+    """Plain VeRA configs serialize as before (file bytes unchanged); a DVoRA config records and restores it."""
+    assert VeraConfig().magnitude is False and "magnitude" not in VeraConfig().to_dict()
+    cfg = VeraConfig(r=4, target_modules=("q",), magnitude=True)
+    assert cfg.to_dict()["magnitude"] is True
+    assert VeraConfig.from_dict(cfg.to_dict()) == cfg
+    assert VeraConfig(target_modules="all-linear", magnitude=True).magnitude

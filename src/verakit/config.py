@@ -86,6 +86,12 @@ class VeraConfig:
         `seed`, Kaiming-uniform A then B at the recorded max shapes); only as portable as torch's RNG.
         "explicit": the tables are stored in the adapter file. The last two hold already-scaled values
         (per-layer scale 1) and need projection_sharing="shared". Used to import PEFT VeRA adapters.
+    magnitude: DVoRA, the weight-decomposed VeRA (DoRA's magnitude vector on top of VeRA's delta): each
+        adapted linear layer computes W' = m * (W0 + delta) / ||W0 + delta|| per output row, with a
+        trained magnitude m (d_out) initialised to W0's row norms (the model equals the base at init).
+        The norm is treated as a constant in backward, as the DoRA paper recommends. Linear layers only
+        (nn.Linear, Conv1D, quantized linear); convolutions and embeddings are refused. Files carry m;
+        PEFT VeRA and LoRA export refuse it (docs/dvora.md).
     """
 
     r: int = 256
@@ -99,6 +105,7 @@ class VeraConfig:
     train_d: bool = True
     train_b: bool = True
     projection_kind: str = PROJECTION_KINDS[0]
+    magnitude: bool = False
 
     def __post_init__(self) -> None:
         # Normalise list inputs (e.g. from JSON) to tuples so the config stays hashable and immutable.
@@ -152,7 +159,12 @@ class VeraConfig:
             raise ConfigError(
                 f"VeraConfig.projection_kind='peft-torch' is Kaiming-uniform only, got distribution={self.distribution!r}"
             )
+        if not isinstance(self.magnitude, bool):
+            raise ConfigError(f"VeraConfig.magnitude must be a boolean, got {self.magnitude!r}")
         tm = self.target_modules
+        if self.magnitude and tm == "all-conv":
+            raise ConfigError("VeraConfig.magnitude=True (DVoRA) adapts linear layers only, but target_modules="
+                              "'all-conv' picks convolutions; use magnitude=False for convolutions")
         if isinstance(tm, str):
             if tm not in TARGET_KEYWORDS:
                 try:
@@ -178,6 +190,8 @@ class VeraConfig:
             # Omitted when default so adapter files keep the bytes they had before the field existed and
             # older readers (which reject unknown fields) still read them; from_dict restores the default.
             del d["projection_kind"]
+        if not d["magnitude"]:
+            del d["magnitude"]  # likewise: plain VeRA files keep their bytes; only DVoRA files record it
         return d
 
     @classmethod
