@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import check_fits, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
+from .layer import VeraLinear, check_fits, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
 from .layer_conv import conv_adapter
 from .layer_embedding import VeraEmbedding, looked_up
 from .projection import Projection
@@ -66,6 +66,13 @@ def _per_row(table: torch.Tensor, ids: torch.Tensor, ndim: int) -> torch.Tensor:
     """Semantics: table[ids] reshaped to (B, 1, ..., n) so it broadcasts over an ndim-D input's middle dims."""
     rows = table[ids]  # (B, n)
     return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
+
+
+def _row_tail(layer: nn.Module, u: torch.Tensor, B: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Semantics: b[ids] * (B_sl (scale * d[ids] * u)) per batch row: the VeRA tail (`ops.vera_tail_ref`) with
+    each row's own vectors. u (B, ..., r), B (d_out, r) in u's dtype; returns (B, ..., d_out)."""
+    h = F.linear(u * (_per_row(layer.vera_d, ids, u.dim()) * layer.scale).to(u.dtype), B)
+    return h * _per_row(layer.vera_b, ids, u.dim()).to(u.dtype)
 
 
 def _init_slot_tables(layer: nn.Module, kind: str, base: nn.Module, projection: Projection, r: int, slots: int,
@@ -112,10 +119,8 @@ class SlotLinear(nn.Module):
     def slots(self) -> int:
         return self.vera_d.shape[0]
 
-    def slices(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_sl (r, d_in), B_sl (d_out, r)): views of the shared tables, no copy."""
-        A, B = self.projection.tables(device, dtype)
-        return A[: self.r, : self.in_features], B[: self.out_features, : self.r]
+    # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it.
+    slices = VeraLinear.slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -123,10 +128,7 @@ class SlotLinear(nn.Module):
         if not self.rows.active:
             return y  # every row is in slot 0, whose vectors are zero (and get zero gradient: d = b = 0)
         A, B = self.slices(x.device, x.dtype)
-        h = F.linear(self.dropout(x), A)  # (B, ..., r)
-        h = h * (_per_row(self.vera_d, ids, x.dim()) * self.scale).to(x.dtype)
-        h = F.linear(h, B)  # (B, ..., d_out)
-        return y + h * _per_row(self.vera_b, ids, x.dim()).to(x.dtype)
+        return y + _row_tail(self, F.linear(self.dropout(x), A), B, ids)  # (B, ..., d_out)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
@@ -147,6 +149,8 @@ class SlotConv(nn.Module):
     def slots(self) -> int:
         return self.vera_d.shape[0]
 
+    slices = VeraLinear.slices  # as SlotLinear's
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if x.dim() != len(self.base.kernel_size) + 2:
@@ -154,8 +158,7 @@ class SlotConv(nn.Module):
         ids = self.rows.current(x.shape[0], f"SlotConv {self.name!r}")
         if not self.rows.active:
             return y
-        A, B = self.projection.tables(x.device, x.dtype)
-        A, B = A[: self.r, : self.in_features], B[: self.out_features, : self.r]
+        A, B = self.slices(x.device, x.dtype)
         return y + conv_adapter(self.base, self.dropout(x), A, B, self.vera_d[ids] * self.scale, self.vera_b[ids])
 
     def extra_repr(self) -> str:
@@ -178,15 +181,16 @@ class SlotEmbedding(nn.Module):
     def slots(self) -> int:
         return self.vera_d.shape[0]
 
+    slices = VeraLinear.slices  # as SlotLinear's
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base(ids)  # (B, ..., D)
         rows = self.rows.current(ids.shape[0], f"SlotEmbedding {self.name!r}")
         if not self.rows.active:
             return y
-        A, B = self.projection.tables(y.device, y.dtype)
-        u = looked_up(ids, A[: self.r, : self.in_features], self.base.padding_idx, self.dropout)  # (B, ..., r)
-        h = F.linear(u * (_per_row(self.vera_d, rows, u.dim()) * self.scale).to(u.dtype), B[: self.out_features, : self.r])
-        return y + h * _per_row(self.vera_b, rows, h.dim()).to(h.dtype)
+        A, B = self.slices(y.device, y.dtype)
+        u = looked_up(ids, A, self.base.padding_idx, self.dropout)  # (B, ..., r)
+        return y + _row_tail(self, u, B, rows)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, vocab={self.in_features}, dim={self.out_features}, slots={self.slots}"

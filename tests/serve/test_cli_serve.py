@@ -89,7 +89,7 @@ def test_port_in_use_is_exit_2(bert_dirs, capsys):
 
 
 def test_port_0_binds_a_free_port_and_names_it(bert_dirs):
-    from verakit.serve.app import Server
+    from verakit.serve.server import Server
     from verakit.serve.options import ServeOptions
 
     model_dir, adapter_dir = bert_dirs

@@ -33,8 +33,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Validate the options, load the model and bind the port (2 and the message when any of that fails),
     then print where it listens and serve until stopped."""
     from ..models import ModelNotInstalledError
-    from ..serve.app import Server
     from ..serve.options import OptionError, ServeOptions
+    from ..serve.server import Server
 
     try:
         options = ServeOptions(**fields_of(ServeOptions, args))

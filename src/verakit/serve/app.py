@@ -1,4 +1,4 @@
-"""The HTTP API over an Engine (FastAPI), and `run_server` (uvicorn).
+"""The HTTP API over an Engine (FastAPI); serve/server.py runs it (uvicorn).
 
 Imported only when serving (never by `import verakit` or `import verakit.serve`), so fastapi is imported
 at the top here. No `from __future__ import annotations`: the request models are built per server (they
@@ -17,7 +17,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from .options import ServeOptions
 from .schemas import NAME_SCHEMA, error_responses, request_models
 from .store import InvalidName, check_name
 
-__all__ = ["Server", "create_app", "run_server"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -349,72 +348,3 @@ def _description(engine: Engine, options: ServeOptions) -> str:
             "tokens + max_tokens within the model's context (422 beyond); the other bounds are in the schemas."
             + (" Inference routes and /v1/models need an API key (Authorization: Bearer KEY; 401 without one); "
                "an adapter outside the key's set is answered as an unknown one (404)." if _keys_on(options) else ""))
-
-
-class Server:
-    """A loaded engine, its app and a bound, listening socket; `serve()` then runs until interrupted.
-
-    Binding before serving lets the caller say where the server listens (the real port, when asked for 0)
-    and report a port in use as an error of its own rather than a log line from inside uvicorn.
-    """
-
-    def __init__(self, options: ServeOptions) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        holder: list[Engine] = []
-        self.metrics = ServeMetrics(lambda: holder[0].bank_stats() if holder else (0, 0, 0, 0, 0))
-        self.engine = engine = Engine(options, on_batch=self.metrics.observe_batch)
-        holder.append(engine)
-        self.options = options
-        try:
-            self.app = create_app(engine, self.metrics, options)
-            self.socket = _listen(options.host, options.port)
-        except BaseException:
-            engine.close()
-            raise
-        log.info(
-            "serving %s model %r: bank rank %d over %d layers, capacity %d, slot tables %.1f MiB; adapters from %s",
-            engine.task, engine.base_name, engine.bank.config.r, len(engine.bank.layers), options.capacity,
-            engine.bank.nbytes() / 2**20, options.adapters,
-        )
-
-    @property
-    def url(self) -> str:
-        """http://HOST:PORT with the port actually bound."""
-        host, port = self.socket.getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def describe(self) -> str:
-        """One line: where it listens, the task, the model and how many adapters it can serve."""
-        e = self.engine
-        refused = f", {e.adapters_refused} refused (409)" if e.adapters_refused else ""
-        count = f"{e.adapters_planned} adapter{'' if e.adapters_planned == 1 else 's'}"
-        return f"listening on {self.url} (task {e.task}, model {e.base_name}, {count}{refused})"
-
-    def serve(self) -> None:
-        """Serve until interrupted (Ctrl-C, SIGTERM); the engine and socket are closed afterwards."""
-        import uvicorn
-
-        # On SIGTERM uvicorn closes the socket (new connections are refused), lets the requests in progress
-        # finish for up to shutdown_timeout_s, then cancels them; the engine's batcher then drains and stops.
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=self.options.shutdown_timeout_s)
-        try:
-            uvicorn.Server(config).run(sockets=[self.socket])
-        finally:
-            self.engine.close()
-            self.socket.close()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); OSError naming the address when that is impossible."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, backlog=2048)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-
-def run_server(options: ServeOptions) -> None:
-    """Load the model and adapters named by `options`, print where it listens, and serve until interrupted."""
-    server = Server(options)
-    print(f"verakit serve: {server.describe()}", flush=True)
-    server.serve()

@@ -1,5 +1,8 @@
 """The serving engine: one base model and tokenizer, an AdapterBank, the adapter directory and a batcher.
 
+What it loads at start (the bank's configuration planned from the adapter directory, the base model) is
+`serve/startup.py`'s.
+
 Request handlers validate and tokenize on their own thread and submit jobs; the batcher's worker thread
 loads the adapters a batch needs (least recently used ones make room), runs one forward or one
 `generate` for every row of the batch whatever its adapter, and resolves each job's future. Everything
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,7 +28,6 @@ from typing import Any
 
 import torch
 
-from ..config import PROJECTION_KINDS, VeraConfig
 from ..fileformat import Adapter, AdapterError
 from ..inject import attach
 from ..prompting import PromptFormat
@@ -35,10 +36,11 @@ from .batcher import Batcher, Job
 from .generate import GenResult, GenRow, generate_rows
 from .options import ServeOptions
 from .prompts import EncodedPrompt, InputError, PromptEncoder
-from .store import AdapterInfo, AdapterStore, check_name
+from .startup import load_base, plan_config
+from .store import AdapterStore, check_name
 
 __all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "UntrainedHead", "ClassifyResult",
-           "EncodedPrompt", "plan_config"]
+           "EncodedPrompt"]
 
 log = logging.getLogger(__name__)
 
@@ -77,46 +79,10 @@ class _Generate:
     rows: list[GenRow]
 
 
-def plan_config(infos: Sequence[AdapterInfo], rank: int | None) -> tuple[VeraConfig, list[AdapterInfo]]:
-    """The bank's VeraConfig for the adapters on disk, and the adapters it can serve.
-
-    The largest group sharing (seed, distribution, sharing, model type, architecture, saved modules) wins;
-    the bank adapts the union of their modules at the largest rank (or `rank`). Other adapters will answer
-    409. Saved modules are part of the key because a head is either trained in full or adapted: a bank
-    cannot hold BERT's pooler as a per-slot full layer and as a VeRA layer at once.
-    """
-    infos = [i for i in infos if i.config.projection_kind == PROJECTION_KINDS[0]]
-    if not infos:
-        return VeraConfig(r=rank or 256), []
-
-    def key(i: AdapterInfo) -> tuple[Any, ...]:
-        return (i.config.seed, i.config.distribution, i.config.projection_sharing, i.model_type, i.architecture,
-                tuple(sorted(i.config.modules_to_save)))
-
-    best = Counter(key(i) for i in infos).most_common(1)[0][0]
-    chosen = [i for i in infos if key(i) == best]
-    cfg = VeraConfig(
-        r=rank or max(i.config.r for i in chosen),
-        target_modules=tuple(sorted({m for i in chosen for m in i.modules})),
-        seed=best[0], distribution=best[1], projection_sharing=best[2],
-        modules_to_save=tuple(sorted({p for i in chosen for p in i.config.modules_to_save})),
-    )
-    return cfg, chosen
-
-
-def _label_names(chosen: Sequence[AdapterInfo]) -> list[str] | None:
-    found = Counter(tuple(i.extra["labels"]) for i in chosen if isinstance(i.extra.get("labels"), list))
-    return list(found.most_common(1)[0][0]) if found else None
-
-
 class Engine:
     """Loads everything named by `options` and serves classify / generate jobs over the bank."""
 
     def __init__(self, options: ServeOptions, on_batch: Callable[[int, int], None] | None = None) -> None:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar before the start-up line
         if options.threads is not None:
             torch.set_num_threads(options.threads)
         self.options = options
@@ -132,27 +98,11 @@ class Engine:
             log.warning("%d of %d adapters do not share the bank's projection/base and will answer 409",
                         len(infos) - len(chosen), len(infos))
         self.adapters_planned, self.adapters_refused = len(chosen), len(infos) - len(chosen)
-        self.task, path = self._resolve_model(options, chosen)
+        base = load_base(options, chosen)
+        self.task, path, self.tokenizer, model = base.task, base.path, base.tokenizer, base.model
         self.base_name = Path(options.model or path).name  # what `model` names to get the base model
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        dtype = getattr(torch, options.dtype)
         # Weights the base folder lacks, which transformers initialised at random ("newly initialized").
-        self.untrained: tuple[str, ...] = ()
-        if self.task == "classify":
-            labels = _label_names(chosen)
-            kw: dict[str, Any] = {}
-            if labels:
-                kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                      "label2id": {n: i for i, n in enumerate(labels)}}
-            model, loading = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, output_loading_info=True, **kw)
-            self.untrained = tuple(sorted(loading.get("missing_keys") or ()))
-            if self.untrained:
-                log.warning("the base model %s has no trained classification head (%s newly initialised): requests "
-                            "without an adapter will be refused", path, ", ".join(self.untrained))
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        model.eval()
+        self.untrained: tuple[str, ...] = base.untrained
         try:
             attach(model, config)
         except ValueError as e:
@@ -173,27 +123,6 @@ class Engine:
         self.prompts = PromptEncoder(self.tokenizer, self.max_input_tokens, self.context, self.base_name,
                                      generate=self.task == "generate")
         self.batcher = Batcher(self._run, options.max_batch, options.max_wait_ms / 1000.0)
-
-    @staticmethod
-    def _resolve_model(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> tuple[str, str]:
-        """(task, what from_pretrained loads). Names go through `models.resolve_model`, as everywhere in verakit."""
-        import transformers
-
-        from ..models import resolve_model
-
-        kinds = {"classify": "classifier", "generate": "causal-lm"}
-        task, name = options.task, options.model
-        if task is None and chosen:
-            task = "generate" if chosen[0].architecture.endswith("ForCausalLM") else "classify"
-        if task is not None or name is None:
-            task = task or "classify"
-            return task, resolve_model(name, kinds[task])  # an alias of the other task fails here, naming it
-        try:
-            path = resolve_model(name, "classifier")
-        except ValueError:  # resolve_model owns the aliases: this is one of a causal LM (or fails again, for good)
-            path = resolve_model(name, "causal-lm")
-        archs = transformers.AutoConfig.from_pretrained(path).architectures or []
-        return ("generate" if any(a.endswith("ForCausalLM") for a in archs) else "classify"), path
 
     # ---------------------------------------------------------------- request side (any thread)
 

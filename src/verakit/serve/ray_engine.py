@@ -151,7 +151,7 @@ def pinned(options: ServeOptions) -> tuple[ServeOptions, int]:
     Every replica must build the same bank, also one Ray starts later after uploads changed the directory
     (a replacement for a dead replica, or autoscaling): otherwise one replica would accept an upload that
     another refuses. The rank is the only planned setting that follows the largest adapter."""
-    from .engine import plan_config
+    from .startup import plan_config
 
     store = AdapterStore(options.adapters)
     infos = []

@@ -1,0 +1,123 @@
+"""The one model -> slot tables converter (verakit.slot_tables), used by the serving bank and grouped training:
+each slot's rows equal the model with that adapter loaded normally; a rank-r adapter folds into rank-R
+tables; serving tables start frozen and empty over the pre-attach head, training tables start from the model
+as it is and train what its config says; export and restore give back what went in."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randomize_vectors
+from verakit import AdapterError, VeraConfig, attach, load_adapter
+from verakit.fileformat import adapter_from_model
+from verakit.serve import AdapterBank
+from verakit.slot_tables import SlotTables, to_slot_tables
+from verakit.slots import SlotHeadLinear, SlotLinear
+
+
+def _adapter(base, config, seed):
+    model = attach(copy.deepcopy(base), config)
+    randomize_vectors(model, seed=seed)
+    with torch.no_grad():
+        model.classifier.weight.add_(torch.randn(model.classifier.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return adapter_from_model(model)
+
+
+def _inputs(n):
+    return {"input_ids": torch.randint(0, 99, (n, 7), generator=torch.Generator().manual_seed(n))}
+
+
+def _alone(base, adapter, inputs):
+    model = copy.deepcopy(base)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_serving_tables_rows_equal_each_adapter_alone_across_ranks(tiny_bert_clf):
+    """Frozen, zero tables over the pre-attach head; rank-4 and rank-8 adapters written into rank-8 tables
+    give each row the adapter's own model; slot 0 rows are the base model."""
+    base = tiny_bert_clf
+    full, low = _adapter(base, VeraConfig(r=8), 1), _adapter(base, VeraConfig(r=4), 2)
+    model = attach(copy.deepcopy(base), VeraConfig(r=8))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # changed after attach: serving's slot 0 still holds the base's head
+    tables = to_slot_tables(model, 3, trainable=False)
+    assert isinstance(tables, SlotTables) and all(isinstance(ly, SlotLinear) for ly in tables.layers.values())
+    assert sorted(tables.heads) == ["bert.pooler.dense", "classifier"]
+    assert not any(t.requires_grad for t in tables.tables()) and all(float(t[1:].abs().max()) == 0 for t in
+                                                                    (ly.vera_b for ly in tables.layers.values()))
+    torch.testing.assert_close(tables.heads["classifier"].weight[0], base.classifier.weight, atol=0, rtol=0)
+    tables.write(1, full)
+    tables.write(2, low)
+    inputs = _inputs(5)
+    with torch.no_grad(), tables.rows.use(torch.tensor([1, 2, 0, 2, 1])):
+        got = model(**inputs).logits
+    for i, ad in enumerate([full, low, None, low, full]):
+        torch.testing.assert_close(got[i], _alone(base, ad, {k: v[i : i + 1] for k, v in inputs.items()})[0],
+                                   atol=1e-5, rtol=0)
+    # the rank-4 adapter sits in the first 4 entries of d, the rest zero; r == R copies d bit for bit
+    name = next(iter(tables.layers))
+    assert float(tables.layers[name].vera_d[2, 4:].abs().max()) == 0
+    assert torch.equal(tables.layers[name].vera_d[1], full.d[name])
+
+
+def test_training_tables_start_from_the_model_and_train_what_the_config_says(tiny_bert_clf):
+    model = attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=8, train_b=False))
+    randomize_vectors(model, seed=3)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    template = adapter_from_model(model)
+    tables = to_slot_tables(model, 4)
+    for ly in tables.layers.values():
+        assert ly.vera_d.requires_grad and not ly.vera_b.requires_grad
+    assert all(p.requires_grad for p in tables.head_params(model))
+    assert {id(p) for p in tables.slotted_params()} == {id(p) for p in (*tables.adapter_params(), *tables.head_params(model))}
+    for slot in (1, 3):  # every adapter slot starts as the model; export gives it back bit for bit
+        out = tables.export(model, slot, {"k": 1})
+        assert out.extra == {"k": 1} and out.modules == template.modules
+        assert all(torch.equal(out.d[n], template.d[n]) and torch.equal(out.b[n], template.b[n]) for n in out.d)
+        assert all(torch.equal(out.saved[k], template.saved[k]) for k in template.saved)
+    # training's slot 0 head is the head as it is at conversion (serving's is the pre-attach one)
+    assert torch.equal(tables.heads["classifier"].weight[0], template.saved["classifier.weight"])
+
+
+def test_shared_head_keeps_the_model_head_and_ignores_the_adapters(tiny_bert_clf):
+    model = attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=8))
+    tables = to_slot_tables(model, 3, per_slot_heads=False)
+    assert tables.shared_head and tables.heads == {} and tables.head_tensors == {}
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.requires_grad
+    head = model.classifier.weight.detach().clone()
+    ad = _adapter(tiny_bert_clf, VeraConfig(r=8), 5)
+    tables.write(2, ad)  # its vectors go in slot 2; its head is not written anywhere
+    assert torch.equal(model.classifier.weight, head) and not torch.equal(ad.saved["classifier.weight"], head)
+    assert not any(isinstance(m, SlotHeadLinear) for m in model.modules())
+    assert all(torch.equal(ly.vera_b[2], ad.b[n]) for n, ly in tables.layers.items())
+
+
+def test_write_refuses_what_does_not_fit_naming_it(tiny_bert_clf):
+    model = attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4))
+    tables = to_slot_tables(model, 3, trainable=False)
+    with pytest.raises(ValueError, match="slot 0 is outside 1..2"):
+        tables.write(0, adapter_from_model(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4))))
+    with pytest.raises(AdapterError, match="adapter rank 8 exceeds"):
+        tables.write(1, _adapter(tiny_bert_clf, VeraConfig(r=8), 1))
+    with pytest.raises(AdapterError, match="adapter module 'bert.encoder.layer.0.attention.self.key' \\(32, 32\\) is not a bank layer"):
+        tables.write(1, _adapter(tiny_bert_clf, VeraConfig(r=4, target_modules="all-linear"), 1))
+    with pytest.raises(ValueError, match="needs slot 0"):
+        to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4)), 1)
+
+
+def test_restore_gives_back_the_plain_model_and_the_bank_uses_the_same_converter(tiny_bert_clf):
+    model = attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4))
+    tables = to_slot_tables(model, 2, trainable=False)
+    restored = tables.restore(model)
+    inputs = _inputs(3)
+    assert not any(isinstance(m, (SlotLinear, SlotHeadLinear)) for m in restored.modules())
+    torch.testing.assert_close(_alone(restored, None, inputs), _alone(tiny_bert_clf, None, inputs), atol=0, rtol=0)
+    bank = AdapterBank(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4)), 2)
+    assert isinstance(bank.tables, SlotTables) and bank.layers is bank.tables.layers and bank.heads is bank.tables.heads
