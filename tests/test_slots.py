@@ -137,3 +137,28 @@ def test_errors_name_the_layer():
         SlotLinear(nn.Linear(12, 9), Projection(0, "kaiming_uniform", 4, 12, 9), 6, 2, RowSlots(), name="x")
     with pytest.raises(TypeError, match="plain nn.Linear"):
         SlotHeadLinear(nn.LayerNorm(4), 2, RowSlots())
+
+
+def test_dvora_scales_per_row_and_plain_rows_stay_bit_for_bit():
+    """DVoRA slots: row i is s[slot] * ((W0 + delta[slot]) x) + bias with the slot's own scale s (d_out);
+    plain slots (s = 1, the table's default) and slot 0 give exactly what they gave before the table."""
+    layer, rows = _layer(slots=4)
+    ids = torch.tensor([2, 0, 1, 3, 2, 1])
+    x = torch.randn(6, 5, 12)
+    with torch.no_grad(), rows.use(ids):
+        plain = layer(x)
+    assert layer.vera_s is None
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        table = layer.magnitude_table()
+        assert table.shape == (4, 9) and bool((table == 1).all()) and not table.requires_grad
+        table[2].copy_(torch.rand(9, generator=g) + 0.5)  # slot 2 is DVoRA; slots 1 and 3 stay plain VeRA
+    with torch.no_grad(), rows.use(ids):
+        got = layer(x)
+    for i, s in enumerate(ids.tolist()):
+        w = reference_weight(layer.base.weight.detach(), layer.vera_d[s].detach(), layer.vera_b[s].detach(), 6, 3)
+        expected = F.linear(x[i].double(), w) * layer.vera_s[s].double() + layer.base.bias.double()
+        torch.testing.assert_close(got[i].double(), expected, atol=1e-5, rtol=0)
+    plain_rows = ids != 2
+    assert torch.equal(got[plain_rows], plain[plain_rows])
+    assert (got[0] - plain[0]).abs().max() > 1e-2  # the scale did change the DVoRA rows

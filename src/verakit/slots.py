@@ -104,6 +104,13 @@ class SlotLinear(nn.Module):
     The base runs its own forward, so a bitsandbytes-quantized base (`quant`) stays packed: the adapter
     part never needs W0 (tested in tests/serve/test_bank_quantized.py).
     Tables: vera_d (S, r) in units of this layer's rank-r scale, vera_b (S, d_out); both float32.
+
+    DVoRA (weight-decomposed) slots: y = s * (W0 x + delta x) + bias with s = m / ||W0 + delta|| per output
+    row, which depends only on the slot's adapter, so it is computed once when the adapter is written
+    (`slot_tables`) and kept in vera_s (S, d_out), float32; a plain VeRA slot (and slot 0) has s = 1. The
+    table exists only once a DVoRA adapter was written (`magnitude_table`): until then the forward is the
+    plain one. With it, a batch still costs the two shared matmuls plus per-row scaling, and s = 1 rows get
+    bit for bit the plain answer ((s - 1) * W0x is exactly zero).
     """
 
     def __init__(
@@ -114,10 +121,18 @@ class SlotLinear(nn.Module):
         if not is_linear_leaf(base):
             raise TypeError(f"SlotLinear {name!r}: base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
         _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
+        self.vera_s: nn.Parameter | None  # (S, d_out) DVoRA scale per slot, or None: no DVoRA slot yet
+        self.register_parameter("vera_s", None)
 
     @property
     def slots(self) -> int:
         return self.vera_d.shape[0]
+
+    def magnitude_table(self) -> nn.Parameter:
+        """vera_s (S, d_out), allocated on first use with every slot at s = 1 (plain VeRA), frozen."""
+        if self.vera_s is None:
+            self.vera_s = nn.Parameter(torch.ones_like(self.vera_b), requires_grad=False)
+        return self.vera_s
 
     # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it.
     slices = VeraLinear.slices
@@ -128,7 +143,12 @@ class SlotLinear(nn.Module):
         if not self.rows.active:
             return y  # every row is in slot 0, whose vectors are zero (and get zero gradient: d = b = 0)
         A, B = self.slices(x.device, x.dtype)
-        return y + _row_tail(self, F.linear(self.dropout(x), A), B, ids)  # (B, ..., d_out)
+        h = _row_tail(self, F.linear(self.dropout(x), A), B, ids)  # (B, ..., d_out)
+        if self.vera_s is None:
+            return y + h
+        s = _per_row(self.vera_s, ids, x.dim()).to(x.dtype)  # (B, 1, ..., d_out)
+        w0x = y if self.base.bias is None else y - self.base.bias  # the bias is outside the decomposed weight
+        return y + (s - 1) * w0x + s * h  # = s * (W0 x + delta x) + bias
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
