@@ -105,7 +105,7 @@ def test_layer_bf16_paths_match_reference(tokens, path):
     out = model(x)
     if path == "factored":
         share = vera_layers(model)["q"].shared_input
-        assert share._entry[3].dtype == torch.bfloat16 and len(share._entry[4]) == 3  # computed once for q, k, v
+        assert share._entry.u.dtype == torch.bfloat16 and len(share._entry.takers) == 3  # computed once for q, k, v
     out.mul(up).sum().backward()
     ref = _reference_block(model, base)
     x64 = x.detach().double().requires_grad_(True)

@@ -138,3 +138,62 @@ def test_unmerge_refuses_after_vector_change():
         vera_layers(model)["up"].vera_b.add_(1.0)
     with pytest.raises(RuntimeError, match="modified while merged"):
         unmerge(model)
+
+
+def test_each_forward_plan_is_chosen_where_it_is_meant_for(monkeypatch):
+    """layer_plan.plan_forward on a live layer: the path and cache step of each kind of call, and the body
+    runs the planned path (the materialized op is called exactly on MATERIALIZED plans)."""
+    from verakit import ops
+    from verakit.layer_plan import CacheStep, Path, plan_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20))
+    attach(model, VeraConfig(r=32, target_modules=("0",), dropout=0.1))
+    layer = vera_layers(model)["0"]
+    calls = []
+    real = ops.vera_materialized
+    monkeypatch.setattr(ops, "vera_materialized", lambda *a: calls.append(1) or real(*a))
+
+    def plan_of(x):
+        p = plan_forward(layer.call_facts(x))
+        n = len(calls)
+        model(x)
+        assert (len(calls) > n) == (p.path is Path.MATERIALIZED)
+        return p
+
+    few, many = torch.randn(2, 24), torch.randn(512, 24)
+    model.eval()  # dropout off: the one-matmul paths are open
+    assert ops.choose_path(2, 24, 20, 32, True)[0] == "factored"
+    assert ops.choose_path(512, 24, 20, 32, True)[0] == "materialized"
+    p = plan_of(few)
+    assert (p.path, p.cache) == (Path.FACTORED, CacheStep.DROP)  # training call, few tokens
+    p = plan_of(many)
+    assert (p.path, p.cache) == (Path.MATERIALIZED, CacheStep.DROP)  # training call, many tokens
+    with torch.no_grad():
+        p = plan_of(few)  # 2 tokens: the cache does not pay yet (needs 11), counted
+        assert (p.path, p.cache, p.tokens_seen) == (Path.FACTORED, CacheStep.COUNT, 2) and layer._cache.weight is None
+        while layer._cache.tokens_seen + 2 < 11:
+            plan_of(few)
+        p = plan_of(few)
+        assert (p.path, p.cache) == (Path.CACHED, CacheStep.USE) and layer._cache.weight is not None
+        assert plan_forward(layer.call_facts(few)).path is Path.CACHED  # kept while d, b, W0 are unchanged
+        merge(model)
+        assert plan_of(few).path is Path.MERGED
+        unmerge(model)
+    model.train()  # dropout on: the adapter reads dropout(x), the base x, so only the factored path is exact
+    p = plan_of(many)
+    assert (p.path, p.cache) == (Path.FACTORED, CacheStep.DROP)
+    with torch.no_grad():
+        assert plan_of(many).path is Path.FACTORED and plan_of(many).cache is CacheStep.KEEP
+    layer.base.weight.requires_grad_(True)  # a trainable base keeps its own forward
+    model.eval()
+    assert plan_of(many).path is Path.FACTORED
+
+
+def test_plan_under_compile_never_touches_the_cache():
+    from verakit.layer_plan import CacheStep, CallFacts, Path, plan_forward
+
+    f = CallFacts(merged=False, grad=False, input_grad=False, one_matmul=True, compiling=True, tokens=512, n=24,
+                  m=20, r=32, cached=False, tokens_seen=0)
+    assert plan_forward(f)[:2] == (Path.MATERIALIZED, CacheStep.KEEP)
+    assert plan_forward(f.__class__(**{**f.__dict__, "tokens": 2}))[:2] == (Path.FACTORED, CacheStep.KEEP)

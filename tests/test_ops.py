@@ -103,7 +103,15 @@ def test_materialized_refuses_trainable_base_weight():
 def test_refs_agree_with_naive():
     x, w0, bias, A, B, d, b, s, _ = _operands(5, 12, 10, 6, torch.float64)
     _close(ops.vera_materialized_ref(x, w0, bias, A, B, d, b, s), _naive(x, w0, bias, A, B, d, b, s), 1e-12)
-    _close(ops.vera_weight(w0, A, B, d, b, s), w0 + b[:, None] * (B @ (s * d[:, None] * A)), 1e-12)
+    delta = b[:, None] * (B @ (s * d[:, None] * A))
+    _close(ops.vera_delta(A, B, d, b, s, base=w0), w0 + delta, 1e-12)
+    _close(ops.vera_delta(A, B, d, b, s), delta, 1e-12)
+    _close(ops.vera_delta(A, B, d, b, s, base=w0, alpha=-1.0), w0 - delta, 1e-12)
+    F_A, F_B = ops.delta_factors(A, B, d, b, s)
+    assert torch.equal(F_B @ F_A, ops.vera_delta(A, B, d, b, s))
+    w = w0.t().contiguous().t()  # a transposed layout (Conv1D's), added into in place
+    ops.vera_delta(A, B, d, b, s, base=w, out=w)
+    _close(w, w0 + delta, 1e-12)
 
 
 def test_cost_model_golden_counts_and_switch():
@@ -200,13 +208,13 @@ def test_siblings_share_projected_input_and_reforward():
             layer.vera_b.normal_()
     x = torch.randn(2, 24)  # factored path
     out1 = model(x)
-    assert share._entry[0]() is x and len(share._entry[4]) == 3  # computed by q, taken by k and v
-    u = share._entry[3]
+    assert share._entry.x() is x and len(share._entry.takers) == 3  # computed by q, taken by k and v
+    u = share._entry.u
     out1.sum().backward()
     first = {n: (a.clone(), b.clone()) for n, (a, b) in _vector_grads_of(model).items()}
     model.zero_grad()
     out2 = model(x)  # same tensor again: q recomputes u for the new graph rather than reuse the freed one
-    assert share._entry[3] is not u
+    assert share._entry.u is not u
     out2.sum().backward()
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)
     for n, (gd, gb) in _vector_grads_of(model).items():
@@ -232,17 +240,17 @@ def test_cached_weight_matches_reference_and_invalidates_after_step():
         assert all(ly._cache is None for ly in layers.values())
         with torch.no_grad():
             got = model(x)  # an evaluation between backward and step, as in a training loop
-            assert all(ly._cache[1] is not None for ly in layers.values())  # 64 tokens pay off at once
-            cached = {n: ly._cache[1] for n, ly in layers.items()}
+            assert all(ly._cache.weight is not None for ly in layers.values())  # 64 tokens pay off at once
+            cached = {n: ly._cache.weight for n, ly in layers.items()}
             again = model(x)
-            assert all(ly._cache[1] is cached[n] for n, ly in layers.items())  # reused, not rebuilt
+            assert all(ly._cache.weight is cached[n] for n, ly in layers.items())  # reused, not rebuilt
             _close(got, _reference_block(model, base)(x.double()), 1e-5)
         torch.testing.assert_close(again, got, rtol=0, atol=0)
         opt.step()  # d and b change in place: the next gradient-free call must rebuild
         opt.zero_grad()
         with torch.no_grad():
             after = model(x)
-            assert all(ly._cache[1] is not cached[n] for n, ly in layers.items())
+            assert all(ly._cache.weight is not cached[n] for n, ly in layers.items())
             _close(after, _reference_block(model, base)(x.double()), 1e-5)
         assert (after - got).abs().max() > 1e-2
 
@@ -256,7 +264,7 @@ def test_cache_waits_until_it_pays_and_follows_merge():
         layer.vera_b.normal_()
         x = torch.randn(5, 24)  # 5 * (24 + 20) < 24 * 20: factored until 11 tokens have been seen
         outs = [lin(x) for _ in range(3)]
-        assert layer._cache[1] is not None and layer._cache[2] == 15
+        assert layer._cache.weight is not None and layer._cache.tokens_seen == 15
         for o in outs[1:]:
             _close(o, outs[0], 1e-5)
         merge(lin)  # the base weight changes: the cache must not add the delta a second time
@@ -265,7 +273,7 @@ def test_cache_waits_until_it_pays_and_follows_merge():
         _close(lin(x), outs[0], 1e-5)
         for _ in range(3):
             lin(x)  # pays again after the base weight changed
-        assert layer._cache[1] is not None
+        assert layer._cache.weight is not None
         layer.vera_b.mul_(2.0)
         _close(lin(x) - layer.base(x), 2 * (outs[0] - layer.base(x)), 1e-5)
 

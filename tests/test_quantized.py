@@ -43,7 +43,7 @@ def _no_plain_weight_paths(monkeypatch):
         raise AssertionError("a quantized base took a path that needs a plain weight")
 
     monkeypatch.setattr(ops, "vera_materialized", refuse)
-    monkeypatch.setattr(ops, "vera_weight", refuse)
+    monkeypatch.setattr(ops, "vera_delta", refuse)
 
 
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])

@@ -6,20 +6,29 @@ Semantics: h = W0 x + b * (B_sl (s * d * (A_sl dropout(x))))
 
 The forward picks per call, by the cost model in `ops`, between the factored path (per token) and the
 materialized one (W0 + delta once per call); without gradients it reuses a cached W0 + delta until the
-vectors or the base weight change. A quantized base (bitsandbytes 4-bit or 8-bit, `quant`) always takes
+vectors or the base weight change. That choice is one pure function, `layer_plan.plan_forward`; the
+forward only dispatches on the plan it returns. A quantized base (bitsandbytes 4-bit or 8-bit, `quant`) always takes
 the factored path and runs its own forward: a plain W0 would cost the memory quantizing saves.
 """
 
 from __future__ import annotations
-
-import weakref
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops, recompute
+from .layer_plan import (
+    CacheStep,
+    CallFacts,
+    Path,
+    Plan,
+    SharedInput,
+    WeightCache,
+    WeightKey,
+    plan_forward,
+    share_inputs,
+)
 from .projection import Projection
 from .quant import quant_kind
 
@@ -114,46 +123,6 @@ def unmerge_layer(layer: nn.Module) -> None:
     layer._merged_versions = None
 
 
-class SharedInput:
-    """u = A_sl x computed once for sibling layers (q, k, v; gate, up) that read the very same tensor x.
-
-    Semantics: `take(x, layer)` returns the u a sibling stored for this x object (same version, same grad
-    mode) unless `layer` already took it (then it is a new forward: the caller recomputes and `put`s).
-    A wrong grouping only costs a miss: the match is on the tensor itself, never on names.
-    """
-
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, int, bool, torch.Tensor, set[int]] | None = None
-
-    def take(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
-        e = self._entry
-        if e is None or e[0]() is not x or e[1] != _version(x) or e[2] != torch.is_grad_enabled() or id(layer) in e[4]:
-            return None
-        e[4].add(id(layer))
-        return e[3]
-
-    def put(self, x: torch.Tensor, layer: nn.Module, u: torch.Tensor) -> None:
-        self._entry = (weakref.ref(x), _version(x), torch.is_grad_enabled(), u, {id(layer)})
-
-
-def _version(x: torch.Tensor) -> int:
-    # Inference tensors have no version counter; nothing writes a model's hidden states in place.
-    return -1 if x.is_inference() else x._version
-
-
-def share_inputs(layers: Mapping[str, VeraLinear]) -> None:
-    """Give layers under one parent module with the same projection, rank and d_in one SharedInput."""
-    groups: dict[tuple[str, int, int, int], list[VeraLinear]] = {}
-    for name, layer in layers.items():
-        key = (name.rpartition(".")[0], id(layer.projection), layer.r, layer.in_features)
-        groups.setdefault(key, []).append(layer)
-    for group in groups.values():
-        if len(group) > 1:
-            shared = SharedInput()
-            for layer in group:
-                layer.shared_input = shared
-
-
 class VeraLinear(nn.Module):
     def __init__(
         self,
@@ -184,8 +153,7 @@ class VeraLinear(nn.Module):
         # Runtime only (never saved): a lower dtype for the adapter's own products in training calls; see
         # `compute_dtype_for` and verakit.set_compute_dtype. None: everything in the input's dtype.
         self.compute_dtype: torch.dtype | None = None
-        # Inference cache of W0 + delta: (key of what it was built from, weight or None, tokens seen).
-        self._cache: tuple[tuple, torch.Tensor | None, int] | None = None
+        self._cache: WeightCache | None = None  # inference cache of W0 + delta (`layer_plan`)
 
     # The layer-kind protocol (shared by VeraConv, VeraEmbedding; dispatched by `inject.layer_class`): the
     # kind string a file records, the fan-in of the A-side scale, and the delta in the weight's layout.
@@ -214,34 +182,48 @@ class VeraLinear(nn.Module):
         return A[: self.r, : self.in_features], B[: self.out_features, : self.r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        facts = self.call_facts(x)
+        plan = plan_forward(facts)
+        if plan.path is Path.MERGED:
             return self.base(x)
         A, B = self.slices(x.device, x.dtype)  # (r, d_in), (d_out, r) views
-        d, b, w0 = self.vera_d, self.vera_b, self._base_weight()
-        tokens = x.numel() // self.in_features
-        grad = torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or b.requires_grad)
-        # One-matmul paths need W0 x to be a plain matmul we may replace, and the same x on both paths.
-        one_matmul = (
-            self.quantized is None and not w0.requires_grad and w0.dtype == x.dtype and (type(self.base) is nn.Linear or self.transposed)
-            and not (self.training and isinstance(self.dropout, nn.Dropout))
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-        if grad:
+        if plan.cache is CacheStep.DROP:
             self._cache = None  # training: the vectors change every step, free the weight
-        elif one_matmul and not torch.compiler.is_compiling():
-            W = self._cached_weight(tokens, A, B)  # (d_out, d_in) or None while it does not pay
-            if W is not None:
-                return F.linear(x, W, self.base.bias)
+        elif plan.cache is not CacheStep.KEEP:
+            self._cache = self._cache_step(plan, A, B)
+        if plan.path is Path.CACHED:
+            return F.linear(x, self._cache.weight, self.base.bias)
+        d, b, grad = self.vera_d, self.vera_b, facts.grad
         low = self.compute_dtype_for(x, grad)
-        path, keep = ops.choose_path(tokens, self.in_features, self.out_features, self.r, grad, x.requires_grad)
-        if one_matmul and path == "materialized":
+        if plan.path is Path.MATERIALIZED:
             A_c = None if low is None else self.slices(x.device, low)[0]
             src = recompute.source_of(x) if grad else None  # x rebuilt from its norm's input in backward
-            return ops.vera_materialized(x, w0, self.base.bias, A, B, d, b, self.scale, keep, A_c, src)
+            return ops.vera_materialized(x, self._base_weight(), self.base.bias, A, B, d, b, self.scale,
+                                         plan.keep_weight, A_c, src)
         if low is not None:
             A, B = self.slices(x.device, low)  # cached per dtype by the projection, not cast per call
         u = self._projected(x, A)  # (..., r) in A's dtype
         return self.base(x) + ops.vera_tail(u, B, d, b, self.scale, None if low is None else x.dtype)  # (..., d_out)
+
+    def call_facts(self, x: torch.Tensor) -> CallFacts:
+        """What `layer_plan.plan_forward` decides this call's path from."""
+        d, b, w0 = self.vera_d, self.vera_b, self.base.weight
+        grad = torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or b.requires_grad)
+        # One-matmul paths need W0 x to be a plain matmul we may replace, and the same x on both paths.
+        one_matmul = (
+            self.quantized is None and not w0.requires_grad and w0.dtype == x.dtype
+            and (type(self.base) is nn.Linear or self.transposed)
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        c = self._cache
+        current = c is not None and c.key == self._weight_key(x.device, x.dtype)
+        return CallFacts(
+            merged=self.merged, grad=grad, input_grad=x.requires_grad, one_matmul=one_matmul,
+            compiling=torch.compiler.is_compiling(), tokens=x.numel() // self.in_features, n=self.in_features,
+            m=self.out_features, r=self.r, cached=current and c.weight is not None,
+            tokens_seen=c.tokens_seen if current else 0,
+        )
 
     def compute_dtype_for(self, x: torch.Tensor, grad: bool) -> torch.dtype | None:
         """The dtype of the adapter's products for this call, or None for x's own dtype: `compute_dtype`
@@ -269,23 +251,25 @@ class VeraLinear(nn.Module):
         """W0 as (d_out, d_in); a transposed view for Conv1D."""
         return self.base.weight.t() if self.transposed else self.base.weight
 
-    def _cached_weight(self, tokens: int, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
-        """W0 + delta for gradient-free calls, built once it pays (ops.cache_pays) and kept until d, b or
-        W0 change (in-place updates bump `_version`, reassignment changes `data_ptr`)."""
+    def _weight_key(self, device: torch.device, dtype: torch.dtype) -> WeightKey:
         d, b, w = self.vera_d, self.vera_b, self.base.weight
-        key = (d._version, b._version, d.data_ptr(), b.data_ptr(), w._version, w.data_ptr(), A.device, A.dtype)
-        cached, seen = (None, 0) if self._cache is None or self._cache[0] != key else self._cache[1:]
-        if cached is None:
-            seen += tokens
-            if ops.cache_pays(seen, self.in_features, self.out_features):
-                cached = ops.vera_weight(self._base_weight(), A, B, d, b, self.scale)
-        self._cache = (key, cached, seen)
-        return cached
+        return WeightKey((d._version, d.data_ptr()), (b._version, b.data_ptr()), None, (w._version, w.data_ptr()),
+                         device, dtype)
+
+    def _cache_step(self, plan: Plan, A: torch.Tensor, B: torch.Tensor) -> WeightCache:
+        """The cache after a gradient-free one-matmul call: W0 + delta built once it pays (CacheStep.USE),
+        kept until d, b or W0 change (then the key differs and counting restarts)."""
+        key = self._weight_key(A.device, A.dtype)
+        c = self._cache
+        weight = c.weight if c is not None and c.key == key else None
+        if plan.cache is CacheStep.USE and weight is None:
+            weight = ops.vera_delta(A, B, self.vera_d, self.vera_b, self.scale, base=self._base_weight())
+        return WeightCache(key, weight, plan.tokens_seen)
 
     def delta_weight(self) -> torch.Tensor:
         """Semantics: diag(b) B_sl diag(s d) A_sl, float32, shape (d_out, d_in)."""
         A, B = self.slices(self.vera_b.device, torch.float32)
-        return (self.vera_b.detach().unsqueeze(1) * B) @ ((self.vera_d.detach() * self.scale).unsqueeze(1) * A)
+        return ops.vera_delta(A, B, self.vera_d.detach(), self.vera_b.detach(), self.scale)
 
     def _weight_delta(self) -> torch.Tensor:
         delta = self.delta_weight()
@@ -315,11 +299,9 @@ class VeraLinear(nn.Module):
                 w.copy_((w.float() + sign * self._weight_delta().to(w.device)).to(w.dtype))
                 return
             A, B = self.slices(w.device, torch.float32)
-            left = B * (self.vera_b.detach().float().unsqueeze(1) * (self.vera_d.detach().float() * self.scale))
-            if self.transposed:
-                w.addmm_(A.t(), left.t(), alpha=sign)  # (d_in, d_out)
-            else:
-                w.addmm_(left, A, alpha=sign)  # (d_out, d_in)
+            d, b = self.vera_d.detach().float(), self.vera_b.detach().float()
+            w0 = self._base_weight()  # (d_out, d_in), a view of the stored weight: added into in place
+            ops.vera_delta(A, B, d, b, self.scale, base=w0, alpha=sign, out=w0)
 
     def extra_repr(self) -> str:
         low = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import ops
 from .layer import check_fits, is_conv_leaf, linear_shape, merge_layer, new_vectors, unmerge_layer
+from .layer_plan import WeightCache, WeightKey
 from .projection import Projection
 
 __all__ = ["VeraConv", "conv_kind", "parse_conv_kind", "conv_adapter"]
@@ -106,7 +107,7 @@ class VeraConv(nn.Module):
         self._merged_versions: tuple[int, int] | None = None
         # verakit.set_compute_dtype sets this on every layer; convolutions always compute in the base's dtype.
         self.compute_dtype: torch.dtype | None = None
-        self._cache: tuple[tuple, torch.Tensor] | None = None  # (what it was built from, W0 + delta)
+        self._cache: WeightCache | None = None  # W0 + delta for gradient-free calls, built at once
 
     @property
     def kind(self) -> str:
@@ -150,22 +151,23 @@ class VeraConv(nn.Module):
             self._cache = None
             W = self._weight(A, B)
         else:
-            key = (d._version, b._version, d.data_ptr(), b.data_ptr(), w0._version, w0.data_ptr(), A.device, A.dtype)
-            if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self._weight(A, B))
-            W = self._cache[1]
+            key = WeightKey((d._version, d.data_ptr()), (b._version, b.data_ptr()), None,
+                            (w0._version, w0.data_ptr()), A.device, A.dtype)
+            if self._cache is None or self._cache.key != key:
+                self._cache = WeightCache(key, self._weight(A, B))
+            W = self._cache.weight
         return self.base._conv_forward(x, W, self.base.bias)
 
     def _weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """W0 + delta as a kernel, in W0's dtype (differentiable in d and b)."""
         w0 = self.base.weight
-        W = ops.vera_weight(w0.reshape(self.out_features, self.in_features), A, B, self.vera_d, self.vera_b, self.scale)
+        W = ops.vera_delta(A, B, self.vera_d, self.vera_b, self.scale, base=w0.reshape(self.out_features, self.in_features))
         return W.view_as(w0)
 
     def delta_weight(self) -> torch.Tensor:
         """Semantics: diag(b) B_sl diag(s d) A_sl, float32, shape (C_out, d_in); `weight_delta` makes it a kernel."""
         A, B = self.slices(self.vera_b.device, torch.float32)
-        return (self.vera_b.detach().unsqueeze(1) * B) @ ((self.vera_d.detach() * self.scale).unsqueeze(1) * A)
+        return ops.vera_delta(A, B, self.vera_d.detach(), self.vera_b.detach(), self.scale)
 
     def merge(self) -> None:
         """Add the delta into the kernel (computed in fp32, cast once). Idempotent."""

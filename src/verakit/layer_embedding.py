@@ -151,7 +151,7 @@ class VeraEmbedding(nn.Module):
         """Semantics: diag(b) B_sl diag(s d) A_sl, float32, shape (D, V), the padding column included;
         `weight_delta` makes it the table's delta."""
         A, B = self.slices(self.vera_b.device, torch.float32)
-        return (self.vera_b.detach().unsqueeze(1) * B) @ ((self.vera_d.detach() * self.scale).unsqueeze(1) * A)
+        return ops.vera_delta(A, B, self.vera_d.detach(), self.vera_b.detach(), self.scale)
 
     def merge(self) -> None:
         """Add the delta into the table (in fp32, cast once per row). Idempotent; refused for a tied table."""
@@ -172,10 +172,11 @@ class VeraEmbedding(nn.Module):
         w = self.base.weight  # (V, D)
         with torch.no_grad():
             A, B = self.slices(w.device, torch.float32)
-            left = A.t() * (self.vera_d.detach().float().to(w.device) * self.scale)  # (V, r)
+            d, b = self.vera_d.detach().float().to(w.device), self.vera_b.detach().float().to(w.device)
+            F_A, F_B = ops.delta_factors(A, B, d, b, self.scale)  # (r, V), (D, r): delta = F_B @ F_A
+            left, right = F_A.t(), F_B.t()  # (V, r), (r, D): E^T's delta, transposed
             if self.padding_idx is not None:
                 left[self.padding_idx] = 0
-            right = (self.vera_b.detach().float().to(w.device).unsqueeze(1) * B).t()  # (r, D)
             for i in range(0, w.shape[0], _MERGE_ROWS):
                 rows = w[i : i + _MERGE_ROWS]
                 if w.dtype == torch.float32:

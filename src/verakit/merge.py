@@ -19,6 +19,7 @@ from torch import nn
 from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import layer_class, vera_state
+from .ops import vera_delta
 from .projection import Projection, matrix_ids
 
 __all__ = [
@@ -82,7 +83,7 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
         A, B = proj.A[: cfg.r, :d_in], proj.B[:d_out, : cfg.r]
         cls = layer_class(kind, d_out, d_in)
         scale = proj.scale(cls.fan_in(kind, d_in), cfg.r)
-        delta = (adapter.b[name].unsqueeze(1) * B) @ ((adapter.d[name] * scale).unsqueeze(1) * A)  # (d_out, d_in)
+        delta = vera_delta(A, B, adapter.d[name], adapter.b[name], scale)  # (d_out, d_in)
         out[name] = cls.weight_delta(delta, kind)
     return out
 

@@ -36,7 +36,8 @@ __all__ = [
     "path_costs",
     "choose_path",
     "cache_pays",
-    "vera_weight",
+    "delta_factors",
+    "vera_delta",
     "vera_tail",
     "vera_tail_ref",
     "vera_materialized",
@@ -105,19 +106,41 @@ def cache_pays(tokens_seen: int, n: int, m: int) -> bool:
     return tokens_seen * (n + m) >= m * n
 
 
-def vera_weight(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
-                scale: float, A_c: torch.Tensor | None = None) -> torch.Tensor:
-    """Semantics: W = W0 + diag(b) B diag(scale * d) A, in W0's dtype (vectors cast to it once).
+def delta_factors(A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: (F_A, F_B) = (diag(scale * d) A (r, n), diag(b) B (m, r)), so delta = F_B @ F_A.
 
-    w0 (m, n) (any strides), A (r, n), B (m, r), d (r,), b (m,). Returns a new (m, n) tensor.
-    A_c: A in a lower compute dtype; then diag(b) B diag(c) (m, r) is rounded to it once, the (m, r, n)
-    product runs in it, and the delta is added to W0 in W0's dtype.
+    A rank-r LoRA pair with scaling 1 (`interop`), and the factors `vera_delta` multiplies. In A's and B's
+    dtype as d and b broadcast into them (float32 vectors with float32 tables: float32)."""
+    return (d * scale).unsqueeze(1) * A, b.unsqueeze(1) * B
+
+
+def vera_delta(A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, scale: float,
+               base: torch.Tensor | None = None, *, alpha: float = 1.0, A_c: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Semantics: delta = diag(b) B diag(scale * d) A (m, n); with `base`: base + alpha * delta.
+
+    The one spelling of VeRA's weight delta: layers, merge, export and the slot tables call this.
+    A (r, n), B (m, r), d (r,), b (m,); scale is the fan-in factor s. No autograd Function: it is
+    differentiable in d and b wherever they require grad (conv layers rely on that).
+
+    Without `base`: (diag(b) B) @ (diag(s d) A) from `delta_factors`, in A's dtype, so exported LoRA
+    factors multiply to exactly this.
+    With `base` (m, n), any strides (a transposed view is fine): W0 + alpha * delta in base's dtype (the
+    vectors cast to it once) as one addmm of the (m, r) product B * (b c^T), c = s d: one rounding of the
+    sum. `out`: where to write it (e.g. `base` itself: an in-place merge). `A_c`: A in a lower compute
+    dtype; then B * (b c^T) is rounded to it once, the (m, r, n) product runs in it, and the delta is
+    added to base in base's dtype.
     """
-    dt = w0.dtype
-    bc = b.to(dt).unsqueeze(1) * (d * scale).to(dt)  # (m, r) outer product b c^T
+    if base is None:
+        F_A, F_B = delta_factors(A, B, d, b, scale)
+        return F_B @ F_A  # (m, n)
+    dt = base.dtype
+    left = B * (b.to(dt).unsqueeze(1) * (d * scale).to(dt))  # (m, r): B times the outer product b c^T
     if A_c is None:
-        return torch.addmm(w0, B * bc, A)  # (m, n)
-    return torch.add(w0, (B * bc).to(A_c.dtype) @ A_c)  # (m, r) @ (r, n) in the compute dtype, sum in dt
+        return torch.addmm(base, left, A, alpha=alpha, out=out)  # (m, n)
+    # (m, r) @ (r, n) in the compute dtype, summed in base's dtype
+    return torch.add(base, left.to(A_c.dtype) @ A_c, alpha=alpha, out=out)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +201,7 @@ def vera_tail_ref(u: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Te
 class _Materialized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, bias, A, B, d, b, scale, keep_weight, A_c, source):
-        W = vera_weight(w0, A, B, d, b, scale, A_c)  # (m, n) in x's dtype
+        W = vera_delta(A, B, d, b, scale, base=w0, A_c=A_c)  # (m, n) in x's dtype
         # With a source, keep what the norm keeps anyway (its input) and rebuild x from it in backward.
         kept = x if source is None else source.input
         ctx.save_for_backward(kept, w0, A, B, d, b, W if keep_weight else None, A_c)
@@ -195,7 +218,7 @@ class _Materialized(torch.autograd.Function):
         g2, x2 = _flat(g), _flat(x)  # (T, m), (T, n)
         grad_x = grad_bias = grad_d = grad_b = None
         if need_x:  # the frozen layer's own dx: in x's dtype, with the very W of forward
-            W = vera_weight(w0, A, B, d, b, ctx.scale, A_c) if W is None else W
+            W = vera_delta(A, B, d, b, ctx.scale, base=w0, A_c=A_c) if W is None else W
             grad_x = (g2 @ W).view(x.shape)  # (T, n)
         if need_d or need_b:
             (m, n), r = w0.shape, A.shape[0]

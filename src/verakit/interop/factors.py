@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..fileformat import Adapter, AdapterError
+from ..ops import delta_factors
 from ..projection import Projection, matrix_ids
 
 __all__ = ["EXPORTABLE_KINDS", "check_exportable", "shared_projection", "layer_projection", "vera_factors"]
@@ -64,6 +65,5 @@ def vera_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
         proj = layer_projection(adapter, name, shared)
         A, B = proj.A[:r, :d_in], proj.B[:d_out, :r]  # (r, d_in), (d_out, r)
         # s * d in float32, as VeraLinear.forward computes it, so exported factors round the same way.
-        lam_d = adapter.d[name].float() * proj.scale(d_in, r)  # (r,)
-        out[name] = (lam_d.unsqueeze(1) * A, adapter.b[name].float().unsqueeze(1) * B)
+        out[name] = delta_factors(A, B, adapter.d[name].float(), adapter.b[name].float(), proj.scale(d_in, r))
     return out
