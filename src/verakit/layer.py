@@ -29,55 +29,14 @@ from .layer_plan import (
     plan_forward,
     share_inputs,
 )
+from .leaves import is_conv1d_leaf, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
 from .projection import Projection
-from .quant import quant_kind
+from .quant import dequantized_weight, quant_kind
 
 __all__ = [
     "VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "is_conv_leaf", "is_embedding_leaf", "linear_shape",
     "check_fits", "new_vectors", "merge_layer", "unmerge_layer",
 ]
-
-# torch's convolutions (not transformers' Conv1D, which is a transposed linear layer): `layer_conv`.
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def is_linear_leaf(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' Conv1D (GPT-2: weight stored transposed as (d_in, d_out))."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # Checked by name so the core never imports transformers.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def is_conv_leaf(module: nn.Module) -> bool:
-    """torch's nn.Conv1d / Conv2d / Conv3d (transposed convolutions are not adaptable)."""
-    return isinstance(module, CONV_TYPES)
-
-
-def is_embedding_leaf(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of an adaptable leaf viewed as a linear map: the slices A[:r, :d_in], B[:d_out, :r]
-    it takes from the shared tables (docs/format.md, "Layer kinds").
-
-    Linear: (out, in); Conv1D: its (d_in, d_out) weight transposed; quantized: the logical shape (the
-    weight may be packed); nn.ConvNd: (C_out, C_in/groups * prod(kernel)), the kernel flattened as
-    weight.reshape(C_out, -1) (im2col order: input channel, then kernel positions); nn.Embedding:
-    (embedding_dim, num_embeddings), the table as the map from one-hot token ids.
-    """
-    if quant_kind(module) is not None:
-        return module.out_features, module.in_features
-    w = module.weight
-    if is_embedding_leaf(module):
-        return w.shape[1], w.shape[0]
-    if is_conv_leaf(module):
-        return w.shape[0], w[0].numel()
-    return (w.shape[1], w.shape[0]) if _is_conv1d(module) else (w.shape[0], w.shape[1])
-
 
 def check_fits(projection: Projection, r: int, d_out: int, d_in: int) -> None:
     """Raise ValueError unless the projection's tables hold a rank-r (d_out, d_in) layer's slices."""
@@ -105,7 +64,7 @@ def merge_layer(layer: nn.Module) -> None:
     if layer.merged:
         return
     layer._fold(1.0)
-    layer._merged_versions = (layer.vera_d._version, layer.vera_b._version)
+    layer._merged_versions = _vector_versions(layer)
     layer.merged = True
 
 
@@ -113,7 +72,7 @@ def unmerge_layer(layer: nn.Module) -> None:
     """Subtract the delta merged earlier. Idempotent; refuses if d or b changed while merged."""
     if not layer.merged:
         return
-    if layer._merged_versions != (layer.vera_d._version, layer.vera_b._version):
+    if layer._merged_versions != _vector_versions(layer):
         raise RuntimeError(
             "VeRA vectors were modified while merged, so the merged delta can no longer be removed "
             "exactly; unmerge before training or loading new vectors"
@@ -123,7 +82,14 @@ def unmerge_layer(layer: nn.Module) -> None:
     layer._merged_versions = None
 
 
+def _vector_versions(layer: nn.Module) -> tuple[int, ...]:
+    m = getattr(layer, "vera_m", None)  # DVoRA's magnitude (VeraLinear only)
+    return tuple(p._version for p in (layer.vera_d, layer.vera_b, m) if p is not None)
+
+
 class VeraLinear(nn.Module):
+    """The VeRA wrapper around one frozen linear layer; with `magnitude`, DVoRA (see `_magnitude`)."""
+
     def __init__(
         self,
         base: nn.Module,
@@ -133,6 +99,7 @@ class VeraLinear(nn.Module):
         dropout: float = 0.0,
         train_d: bool = True,
         train_b: bool = True,
+        magnitude: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
@@ -141,14 +108,19 @@ class VeraLinear(nn.Module):
         self.out_features, self.in_features = linear_shape(base)
         check_fits(projection, r, self.out_features, self.in_features)
         self.r = r
-        self.transposed = _is_conv1d(base)
+        self.transposed = is_conv1d_leaf(base)
         self.quantized = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or None: fixed at wrap time
         self.projection = projection  # plain attribute: shared, never in state_dict
         self.scale = projection.scale(self.in_features, r)
         self.vera_d, self.vera_b = new_vectors(r, self.out_features, d_initial, train_d, train_b, base.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self._merged_versions: tuple[int, int] | None = None
+        self._merged_versions: tuple[int, ...] | None = None
+        # DVoRA: the magnitude m (d_out,) float32, trained, starting at W0's row norms (identity at init:
+        # the dequantized weight's for a quantized base); None (and not in state_dict) for plain VeRA.
+        m = ops.row_norms(self._plain_weight()).to(self.vera_b.device) if magnitude else None
+        self.vera_m = None if m is None else nn.Parameter(m)
+        self._merged_scale: torch.Tensor | None = None  # DVoRA while merged: the scale folded into W0
         self.shared_input: SharedInput | None = None  # set by share_inputs for sibling layers
         # Runtime only (never saved): a lower dtype for the adapter's own products in training calls; see
         # `compute_dtype_for` and verakit.set_compute_dtype. None: everything in the input's dtype.
@@ -195,20 +167,26 @@ class VeraLinear(nn.Module):
             return F.linear(x, self._cache.weight, self.base.bias)
         d, b, grad = self.vera_d, self.vera_b, facts.grad
         low = self.compute_dtype_for(x, grad)
+        mag = None if self.vera_m is None else self._magnitude(x.device, grad)  # (d_out,) float32
+        bias = self.base.bias if mag is None else None  # DVoRA scales W' x only: bias added after
         if plan.path is Path.MATERIALIZED:
             A_c = None if low is None else self.slices(x.device, low)[0]
             src = recompute.source_of(x) if grad else None  # x rebuilt from its norm's input in backward
-            return ops.vera_materialized(x, self._base_weight(), self.base.bias, A, B, d, b, self.scale,
-                                         plan.keep_weight, A_c, src)
+            y = ops.vera_materialized(x, self._base_weight(), bias, A, B, d, b, self.scale, plan.keep_weight, A_c, src)
+            return y if mag is None else self._rescaled(y, mag)
         if low is not None:
             A, B = self.slices(x.device, low)  # cached per dtype by the projection, not cast per call
         u = self._projected(x, A)  # (..., r) in A's dtype
-        return self.base(x) + ops.vera_tail(u, B, d, b, self.scale, None if low is None else x.dtype)  # (..., d_out)
+        tail = ops.vera_tail(u, B, d, b, self.scale, None if low is None else x.dtype)  # (..., d_out)
+        if mag is None:
+            return self.base(x) + tail
+        return self._rescaled(self._base_no_bias(x) + tail, mag)
 
     def call_facts(self, x: torch.Tensor) -> CallFacts:
         """What `layer_plan.plan_forward` decides this call's path from."""
-        d, b, w0 = self.vera_d, self.vera_b, self.base.weight
-        grad = torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or b.requires_grad)
+        d, b, m, w0 = self.vera_d, self.vera_b, self.vera_m, self.base.weight
+        needs = x.requires_grad or d.requires_grad or b.requires_grad or (m is not None and m.requires_grad)
+        grad = torch.is_grad_enabled() and needs
         # One-matmul paths need W0 x to be a plain matmul we may replace, and the same x on both paths.
         one_matmul = (
             self.quantized is None and not w0.requires_grad and w0.dtype == x.dtype
@@ -252,8 +230,9 @@ class VeraLinear(nn.Module):
         return self.base.weight.t() if self.transposed else self.base.weight
 
     def _weight_key(self, device: torch.device, dtype: torch.dtype) -> WeightKey:
-        d, b, w = self.vera_d, self.vera_b, self.base.weight
-        return WeightKey((d._version, d.data_ptr()), (b._version, b.data_ptr()), None, (w._version, w.data_ptr()),
+        d, b, m, w = self.vera_d, self.vera_b, self.vera_m, self.base.weight
+        mk = None if m is None else (m._version, m.data_ptr())
+        return WeightKey((d._version, d.data_ptr()), (b._version, b.data_ptr()), mk, (w._version, w.data_ptr()),
                          device, dtype)
 
     def _cache_step(self, plan: Plan, A: torch.Tensor, B: torch.Tensor) -> WeightCache:
@@ -262,9 +241,63 @@ class VeraLinear(nn.Module):
         key = self._weight_key(A.device, A.dtype)
         c = self._cache
         weight = c.weight if c is not None and c.key == key else None
+        scale = c.scale if c is not None and c.key[:5] == key[:5] else None  # DVoRA's, for any input dtype
         if plan.cache is CacheStep.USE and weight is None:
-            weight = ops.vera_delta(A, B, self.vera_d, self.vera_b, self.scale, base=self._base_weight())
-        return WeightCache(key, weight, plan.tokens_seen)
+            if self.vera_m is None:
+                weight = ops.vera_delta(A, B, self.vera_d, self.vera_b, self.scale, base=self._base_weight())
+            else:  # W' = scale * (W0 + delta), built in float32 and rounded once
+                scale = self._magnitude_now(A.device) if scale is None else scale
+                weight = self._scaled_weight(scale).to(A.dtype)
+        return WeightCache(key, weight, plan.tokens_seen, scale)
+
+    # DVoRA (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| per output row. The forward never
+    # forms W' per call: with scale = m / ||W0 + delta|| (the norm detached, `ops.magnitude_scale`),
+    # W' x + bias = scale * (W0 x + delta x) + bias, so every path above runs as for VeRA and its output
+    # (without the bias) is multiplied by scale. The norm itself needs W0 + delta once per call with
+    # gradients (the vectors change every step), once per change of d, b, m or W0 without.
+    def _magnitude(self, device: torch.device, grad: bool) -> torch.Tensor:
+        """scale = m / ||W0 + delta|| (d_out,) float32, with m's gradient; cached for gradient-free calls."""
+        if grad:
+            return self._magnitude_now(device)
+        key = self._weight_key(device, torch.float32)
+        c = self._cache
+        current = c is not None and c.key[:5] == key[:5]  # same d, b, m, W0 and device
+        if current and c.scale is not None:
+            return c.scale
+        scale = self._magnitude_now(device)
+        if current:
+            c.scale = scale
+        else:
+            self._cache = WeightCache(key, None, 0, scale)
+        return scale
+
+    def _magnitude_now(self, device: torch.device) -> torch.Tensor:
+        A, B = self.slices(device, torch.float32)
+        delta = ops.vera_delta(A, B, self.vera_d.detach(), self.vera_b.detach(), self.scale)  # (d_out, d_in)
+        return ops.magnitude_scale(self._plain_weight(), delta, self.vera_m)
+
+    def _scaled_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """W' = scale * (W0 + delta) (d_out, d_in) float32, no gradients."""
+        A, B = self.slices(scale.device, torch.float32)
+        d, b = self.vera_d.detach(), self.vera_b.detach()
+        return ops.vera_delta(A, B, d, b, self.scale, base=self._plain_weight().float()) * scale.detach().unsqueeze(1)
+
+    def _rescaled(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """scale * y + bias: y is W0 x + delta x (..., d_out) without the base's bias."""
+        y = y * scale.to(y.dtype)
+        return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
+
+    def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x without the bias: the plain matmul where the base is one, else (quantized) base(x) - bias, as
+        PEFT's DoRA does."""
+        if self.quantized is None and (type(self.base) is nn.Linear or self.transposed):
+            return F.linear(x, self._base_weight())
+        y = self.base(x)
+        return y if self.base.bias is None else y - self.base.bias.to(y.dtype)
+
+    def _plain_weight(self) -> torch.Tensor:
+        """W0 (d_out, d_in) as the layer multiplies by it: dequantized (float32) for a quantized base."""
+        return dequantized_weight(self.base) if self.quantized is not None else self._base_weight()
 
     def delta_weight(self) -> torch.Tensor:
         """Semantics: diag(b) B_sl diag(s d) A_sl, float32, shape (d_out, d_in)."""
@@ -294,7 +327,11 @@ class VeraLinear(nn.Module):
     def _fold(self, sign: float) -> None:
         """W0 += sign * delta: in place in one addmm for fp32 weights, else in fp32 and cast once."""
         w = self.base.weight
+        self._cache = None
         with torch.no_grad():
+            if self.vera_m is not None:
+                self._fold_magnitude(sign)
+                return
             if w.dtype != torch.float32:
                 w.copy_((w.float() + sign * self._weight_delta().to(w.device)).to(w.dtype))
                 return
@@ -302,6 +339,28 @@ class VeraLinear(nn.Module):
             d, b = self.vera_d.detach().float(), self.vera_b.detach().float()
             w0 = self._base_weight()  # (d_out, d_in), a view of the stored weight: added into in place
             ops.vera_delta(A, B, d, b, self.scale, base=w0, alpha=sign, out=w0)
+
+    def _fold_magnitude(self, sign: float) -> None:
+        """DVoRA: merge W0 <- scale * (W0 + delta) and keep scale (d_out,), so unmerge can restore
+        W0 = W' / scale - delta (float32 arithmetic, cast once; within float rounding of the original)."""
+        w0 = self._base_weight()  # (d_out, d_in) view of the stored weight
+        A, B = self.slices(w0.device, torch.float32)
+        d, b = self.vera_d.detach(), self.vera_b.detach()
+        if sign > 0:
+            scale = self._magnitude_now(w0.device).detach()
+            zero = (scale == 0).nonzero().flatten().tolist()
+            if zero:
+                raise RuntimeError(
+                    f"cannot merge DVoRA into a {self.out_features}x{self.in_features} layer: its scale "
+                    f"m / ||W0 + delta|| is zero at output rows {zero[:5]}, so merging would erase those rows "
+                    "of W0 and unmerge could not restore them"
+                )
+            w0.copy_(self._scaled_weight(scale))
+            self._merged_scale = scale
+            return
+        restored = ops.vera_delta(A, B, d, b, self.scale, base=w0.float() / self._merged_scale.unsqueeze(1), alpha=-1.0)
+        w0.copy_(restored)
+        self._merged_scale = None
 
     def extra_repr(self) -> str:
         low = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"

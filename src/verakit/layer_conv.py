@@ -89,8 +89,14 @@ class VeraConv(nn.Module):
         dropout: float = 0.0,
         train_d: bool = True,
         train_b: bool = True,
+        magnitude: bool = False,
     ) -> None:
         super().__init__()
+        if magnitude:
+            raise ValueError(
+                f"VeraConfig.magnitude (DVoRA) adapts linear layers only, got a {type(base).__name__} (convolution); "
+                "leave it out of target_modules or use magnitude=False"
+            )
         if not is_conv_leaf(base):
             raise TypeError(f"VeraConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base).__name__}")
         self.base = base

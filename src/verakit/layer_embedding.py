@@ -76,8 +76,14 @@ class VeraEmbedding(nn.Module):
         dropout: float = 0.0,
         train_d: bool = True,
         train_b: bool = True,
+        magnitude: bool = False,
     ) -> None:
         super().__init__()
+        if magnitude:
+            raise ValueError(
+                f"VeraConfig.magnitude (DVoRA) adapts linear layers only, got a {type(base).__name__} (embedding); "
+                "leave it out of target_modules or use magnitude=False"
+            )
         if not is_embedding_leaf(base):
             raise TypeError(f"VeraEmbedding wraps nn.Embedding, got {type(base).__name__}")
         if base.max_norm is not None:

@@ -107,8 +107,9 @@ class WeightCache:
     """The inference cache of a VeraLinear: W0 + delta once it pays (None before), and the tokens counted."""
 
     key: WeightKey
-    weight: torch.Tensor | None = None  # (d_out, d_in) in the input's dtype
+    weight: torch.Tensor | None = None  # (d_out, d_in) in the input's dtype; DVoRA: scale * (W0 + delta)
     tokens_seen: int = 0
+    scale: torch.Tensor | None = None  # DVoRA: m / ||W0 + delta|| (d_out,) float32 (valid for key[:5])
 
 
 @dataclass

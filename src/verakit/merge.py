@@ -19,7 +19,7 @@ from torch import nn
 from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import layer_class, vera_state
-from .ops import vera_delta
+from .ops import magnitude_scale, vera_delta
 from .projection import Projection, matrix_ids
 
 __all__ = [
@@ -65,6 +65,9 @@ def is_merged(model: nn.Module) -> bool:
 def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Semantics: {module: diag(b) B_sl diag(s d) A_sl} in float32, shaped like the module's weight.
 
+    For a DVoRA adapter (config.magnitude) this is VeRA's part only: the merged weight is not W + delta
+    but m * (W + delta) / ||W + delta|| per output row (`merged_state_dict` applies it).
+
     Pure: needs only the adapter, since the projections are regenerated from its seed (or, for a
     non-default projection_kind, carried by the adapter with scale 1). Each kind's class gives the fan-in
     of s and the weight layout: Conv1D's transpose, a convolution's kernel (C_out, C_in/groups, *kernel),
@@ -90,6 +93,7 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
     """A new state dict with the adapter merged: `W + delta` per adapted module, saved modules replaced.
+    A DVoRA adapter (config.magnitude) merges `m * (W + delta) / ||W + delta||` per output row.
 
     `prefix` is prepended to the adapter's module names to find keys (e.g. "" or "model.").
     Raises AdapterError when a key is missing or a shape differs.
@@ -106,7 +110,12 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, pre
         if tied:  # e.g. an embedding table that is also the output head: one of the two keys would win on load
             raise AdapterError(f"{adapter.path}: weight {key!r} is shared with {tied[:3]}; merging would change "
                                "those too, so a tied weight is not merged")
-        out[key] = (w.float() + delta).to(w.dtype)
+        merged = w.float() + delta
+        if adapter.config.magnitude:  # DVoRA: W' = m * (W + delta) / ||W + delta|| per output row
+            transposed = adapter.modules[name][2] == "conv1d"  # Conv1D stores (d_in, d_out)
+            rows = merged.t() if transposed else merged  # (d_out, d_in) view
+            rows.mul_(magnitude_scale(rows, torch.zeros_like(rows), adapter.m[name].float()).unsqueeze(1))
+        out[key] = merged.to(w.dtype)
     for key, t in adapter.saved.items():
         out[f"{prefix}{key}"] = t.clone()
     return out
@@ -130,7 +139,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: 
         sd = {}
         renames = {f"{n}.base.": f"{n}." for n in state.layers}
         for k, v in model.state_dict().items():
-            if k.endswith((".vera_d", ".vera_b")):
+            if k.endswith((".vera_d", ".vera_b", ".vera_m")):
                 continue
             for old, new in renames.items():
                 if k.startswith(old):

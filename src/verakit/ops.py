@@ -38,6 +38,8 @@ __all__ = [
     "cache_pays",
     "delta_factors",
     "vera_delta",
+    "row_norms",
+    "magnitude_scale",
     "vera_tail",
     "vera_tail_ref",
     "vera_materialized",
@@ -141,6 +143,25 @@ def vera_delta(A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tenso
         return torch.addmm(base, left, A, alpha=alpha, out=out)  # (m, n)
     # (m, r) @ (r, n) in the compute dtype, summed in base's dtype
     return torch.add(base, left.to(A_c.dtype) @ A_c, alpha=alpha, out=out)
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Semantics: ||weight[i, :]||_2 per output row, float32 (d_out,); DVoRA's magnitude at init."""
+    return torch.linalg.vector_norm(weight.float(), dim=1)
+
+
+def magnitude_scale(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Semantics: m / ||weight + delta|| per output row (d_out,): DVoRA's W' = scale * (W0 + delta).
+
+    weight (m, n) any dtype and strides (dequantized for a quantized base), delta (m, n), m (m,) float32.
+    The norm is computed in float32 without gradients: DoRA (Liu et al. 2024, section 4.3) treats
+    ||W0 + delta|| as a constant in backward, which keeps the (m, n) weight out of the autograd graph;
+    gradients reach m through this quotient and d, b through the delta's own path. A zero row (norm 0)
+    divides by the smallest normal float instead, so its output stays zero rather than NaN.
+    """
+    with torch.no_grad():
+        norm = row_norms(weight.float() + delta.float()).clamp_min(torch.finfo(torch.float32).tiny)
+    return m / norm
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,14 @@ EXPORTABLE_KINDS = ("linear", "conv1d")
 
 
 def check_exportable(adapter: Adapter, target: str) -> None:
-    """Raise AdapterError naming the first module whose kind `target` (PEFT VeRA, LoRA) cannot hold."""
+    """Raise AdapterError naming the first module whose kind `target` (PEFT VeRA, LoRA) cannot hold, or
+    the magnitude of a DVoRA adapter, which neither holds."""
+    if adapter.config.magnitude:
+        why = ("PEFT VeRA layers have no magnitude vector" if "PEFT" in target else
+               "its change to a weight, m * (W0 + delta) / ||W0 + delta|| - W0, rescales every row of W0, so "
+               "it is not low rank and no LoRA export of it is exact")
+        raise AdapterError(f"{adapter.path or '<adapter>'}: a DVoRA adapter (config.magnitude=True) cannot be "
+                           f"exported to {target}: {why}; merge it instead (verakit merge)")
     for name, (_, _, kind) in adapter.modules.items():
         if kind not in EXPORTABLE_KINDS:
             raise AdapterError(f"{adapter.path or '<adapter>'}: module {name!r} is a {kind.split(':')[0]} layer "
