@@ -26,7 +26,8 @@ artifact, loaded into a fresh backbone, reproduces the final accuracy. The extra
 (seed 0, regime full) measures the gap the library recipe would have.
 
     python experiments/cnn_cifar.py run [--seeds 0 1 2] [--regimes full shots10] [--methods ...]
-    python experiments/cnn_cifar.py report
+    python experiments/cnn_cifar.py cli-check     # the same gap through `verakit train --task images`
+    python experiments/cnn_cifar.py report        # cnn_cifar_report.py writes the section
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import hashlib
 import io
 import json
 import os
-import statistics
+import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -322,111 +324,68 @@ def run(args: argparse.Namespace) -> None:
         run_cell(runs, folder, data, regime, method, seed)
 
 
-def load_cells(runs: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((runs / "adapt").glob("*/metrics.json"))]
+CLI_ARGS = ["--method", "vera", "--target-modules", "all-conv", "--shots", "10", "--epochs", "25", "--batch-size", "10",
+            "--augment", "--seed", "0", "--quiet"]
 
 
-def _stats(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+def export_hf(folder: Path) -> Path:
+    """The cached backbone as a transformers folder (config, weights, a 32x32 ViT-style image processor with
+    mean = std = 0.5, as _normalise) that `verakit train --task images --model` reads."""
+    from transformers import ViTImageProcessorPil
+
+    hf = folder / "hf"
+    if not (hf / "preprocessor_config.json").is_file():
+        tmp = folder / ".hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone(folder, 0).save_pretrained(tmp)
+        ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp)
+        os.replace(tmp, hf)
+    return hf
 
 
-def section(info: dict | None, rows: list[dict]) -> str:
-    """The Markdown of SECTION from the backbone info (None: not pretrained yet) and the finished cells."""
-    lines = [
-        SECTION, "",
-        "**A small ResNet pretrained here, not the paper's setting** (the VeRA paper adapts no convolution). "
-        "`experiments/cnn_cifar.py` pretrains a transformers `ResNetForImageClassification` from scratch on five "
-        "CIFAR-10 classes and adapts it to the five others; the images are the subset's 32x32 JPEGs at their own "
-        "size (no downscaling). The comparison between methods on one backbone is the point, not the accuracies.", "",
-    ]
-    if info is not None:
-        b = info["backbone"]
-        lines.append(
-            f"* Backbone: ResNet, 7x7/2 stem + max pool, basic blocks, depths {b['depths']}, widths "
-            f"{b['hidden_sizes']}: {info['params']:,} parameters, 12 Conv2d layers, BatchNorm after each. "
-            f"Pretrained in full ({info['n_train']:,} images, {info['recipe']['epochs']} epochs, AdamW lr "
-            f"{info['recipe']['lr']}, flips + 4-pixel shifts, {info['train_seconds'] / 60:.1f} min at 1 thread): "
-            f"test accuracy on its 5 classes {info['final_accuracy']:.3f} (best epoch {info['best_accuracy']:.3f}).")
-    lines += [
-        "* Adaptation (every BatchNorm of the frozen base kept in eval mode; see below): `vera` = verakit "
-        "`VeraConfig(r=256, target_modules=\"all-conv\")` on all 12 convolutions, lr 1e-2; `lora` = PEFT "
-        "`LoraConfig(r=8, lora_alpha=8)` on the same 12 convolutions by name, lr 1e-3; `head` = the new linear "
-        "head only. The head (512 x 5 + 5) trains at 4e-3 in every method and is counted apart. AdamW (weight "
-        "decay 0.01), linear warmup 6% and decay, flips + shifts. Regimes: "
-        + "; ".join(f"{k}: {'all 2,500 images' if v['shots'] is None else str(v['shots']) + ' images per class'}, "
-                    f"{v['epochs']} epochs, batch {v['batch_size']}" for k, v in REGIMES.items()) + ".",
-        "* Accuracy on the 500 test images of the adaptation classes after the last epoch (no selection on the "
-        "test set): median over seeds (min-max), per seed in order. *Reloaded* is the saved artifact loaded into a "
-        "fresh backbone and evaluated again (it matches the final accuracy in every cell when BatchNorm stays "
-        "frozen). *File* is the artifact on disk: verakit's adapter file, PEFT's adapter_model.safetensors, or "
-        "the head's tensors; each holds the head's 2,565 floats.", "",
-        "| regime | method | seeds | final accuracy, median (min-max) | per seed | reloaded = final | adapter params "
-        "| head params | file (B) | wall time (s, median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for regime in REGIMES:
-        for method in [*METHODS, *EXTRA]:
-            ms = sorted((r for r in rows if r["regime"] == regime and r["method"] == method), key=lambda r: r["seed"])
-            if not ms:
-                if method not in EXTRA or EXTRA[method][0] == regime:
-                    lines.append(f"| {regime} | {method} | 0 | not yet measured | | | | | | |")
-                continue
-            acc = [r["final_accuracy"] for r in ms]
-            same = all(abs(r["reloaded_accuracy"] - r["final_accuracy"]) < 1e-9 for r in ms)
-            reload_txt = "yes" if same else "no: " + ", ".join(f"{r['reloaded_accuracy']:.3f}" for r in ms)
-            lines.append(
-                f"| {regime} | {method} | {', '.join(str(r['seed']) for r in ms)} | {_stats(acc)} | "
-                f"{', '.join(f'{a:.3f}' for a in acc)} | {reload_txt} | {ms[0]['adapter_params']:,} | "
-                f"{ms[0]['head_params']:,} | {ms[0]['artifact_bytes']:,} | "
-                f"{statistics.median(r['train_seconds'] for r in ms):.0f} |")
-    lines += [
-        "", "`vera-bntrain` is `vera` with the BatchNorm layers in train mode, as `verakit train --task images` "
-        "runs a model today: the running statistics move to the adaptation data during training and are in no "
-        "artifact, so the reloaded adapter scores differently from the run that saved it.", "",
-        "Wall times come from a shared 2-core machine with other jobs running (`nice -n 5`, one thread): compare "
-        "them within this table only.", "",
-        "Reproduce (about 40 min at one thread; runs under `../runs_cnn/`, outside the repository):", "",
-        "```",
-        "OMP_NUM_THREADS=1 nice -n 5 python experiments/cnn_cifar.py run    # pretrain once, then every cell; resumable",
-        "python experiments/cnn_cifar.py report                            # this section + docs/results_cnn.json",
-        "```", "",
-    ]
-    return "\n".join(lines)
+def adapt_zip(runs: Path) -> Path:
+    """The CIFAR subset's JPEG bytes of ADAPT_CLASSES, unchanged, as a zip of the same layout."""
+    path = runs / "data" / "adapt.zip"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with zipfile.ZipFile(CIFAR) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+            for rows in members(src.namelist(), ADAPT_CLASSES).values():
+                for name, _ in rows:
+                    dst.writestr(name, src.read(name))
+        os.replace(tmp, path)
+    return path
 
 
-def replace_section(old: str, heading: str, text: str) -> str:
-    """`old` with the section under `heading` (up to the next "## " heading) replaced by `text`, or `text`
-    appended; every other byte of `old` is kept."""
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == heading), None)
-    body = text.rstrip("\n") + "\n"
-    if start is None:
-        return old.rstrip("\n") + "\n\n" + body
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def report(args: argparse.Namespace) -> None:
+def cli_check(args: argparse.Namespace) -> None:
+    """One `verakit train --task images` VeRA run on the backbone's convolutions, then `verakit eval` of its
+    artifact: RUNS/cli/check.json holds the accuracy the run recorded and the one its file gives back."""
     runs = Path(args.runs)
-    found = sorted(runs.glob("backbone-*/pretrain.json"))
-    info = json.loads(found[-1].read_text()) if found else None
-    rows = load_cells(runs)
-    text = section(info, rows)
-    path = Path(args.results)
-    write_atomic(path, replace_section(path.read_text() if path.is_file() else "# Results\n", SECTION, text))
-    slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
-    write_atomic(Path(args.json), json.dumps({"backbone": info and {k: v for k, v in info.items() if k != "history"},
-                                              "cells": slim}, indent=1) + "\n")
-    print(text)
+    hf, data = export_hf(pretrain(runs)), adapt_zip(runs)
+    out = runs / "cli" / "shots10-vera-s0"
+    verakit = [sys.executable, "-m", "verakit.cli"]
+    train = [*verakit, "train", "--task", "images", "--data-dir", str(data), "--model", str(hf), "--out", str(out), *CLI_ARGS]
+    if not (out / "metrics.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        print("+", " ".join(train), flush=True)
+        subprocess.run(train, check=True)
+    evaluate = [*verakit, "eval", "--adapter", str(out / "adapter.safetensors")]
+    scored = json.loads(subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout)
+    m = json.loads((out / "metrics.json").read_text())
+    check = {"command": "verakit train --task images --data-dir adapt.zip --model BACKBONE_HF --out RUN " + " ".join(CLI_ARGS),
+             "eval_command": "verakit eval --adapter RUN/adapter.safetensors", "best_epoch": m["best_epoch"],
+             "recorded_accuracy": m["metric"]["accuracy"], "eval_accuracy": scored["metric"]["accuracy"],
+             "adapter_params": m["trainable_params"], "head_params": m["head_params"], "adapter_bytes": m["adapter_bytes"]}
+    from results_section import write_atomic
+
+    write_atomic(runs / "cli" / "check.json", json.dumps(check, indent=2) + "\n")
+    print(json.dumps(check, indent=2))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from cnn_cifar_report import report  # imports this module's constants
+
+    report(args)
 
 
 def main() -> None:
@@ -438,10 +397,11 @@ def main() -> None:
     r.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     r.add_argument("--methods", nargs="+", default=[*METHODS, *EXTRA], choices=[*METHODS, *EXTRA])
     r.set_defaults(func=run)
-    s = sub.add_parser("report")
+    sub.add_parser("cli-check").set_defaults(func=cli_check)
+    s = sub.add_parser("report")  # in cnn_cifar_report.py, with the section's Markdown
     s.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     s.add_argument("--json", default=str(REPO / "docs" / "results_cnn.json"))
-    s.set_defaults(func=report)
+    s.set_defaults(func=_report)
     args = p.parse_args()
     args.func(args)
 

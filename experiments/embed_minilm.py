@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from cnn_cifar import replace_section, write_atomic
+from results_section import replace_section, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
@@ -111,7 +110,7 @@ def accuracy(clf: Classifier, dev: list[tuple[Any, Any]], labels: list[int]) -> 
     with torch.no_grad():
         for ids, mask in dev:
             preds += clf.logits(ids, mask).argmax(-1).tolist()
-    return sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(labels)
 
 
 def prepare(method: str, body: Any, seed: int) -> tuple[Any, list]:

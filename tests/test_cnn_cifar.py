@@ -1,6 +1,7 @@
-"""experiments/cnn_cifar.py and experiments/embed_minilm.py without training anything: the data split,
-the cell order, BatchNorm kept frozen while training, and the reports on fake run folders holding only
-metrics.json (a reload mismatch must show). The experiments themselves never run in tests or CI."""
+"""experiments/cnn_cifar.py (its report in cnn_cifar_report.py) and experiments/embed_minilm.py without
+training anything: the data split, the cell order, BatchNorm kept frozen while training, the reports on
+fake run folders holding only metrics.json (a reload mismatch must show), and results_section.py's
+section replacement. The experiments themselves never run in tests or CI."""
 
 from __future__ import annotations
 
@@ -29,7 +30,19 @@ def cnn():
 
 
 @pytest.fixture(scope="module")
-def embed(cnn):
+def helpers():
+    yield _load("results_section")
+    sys.modules.pop("results_section", None)
+
+
+@pytest.fixture(scope="module")
+def report(cnn, helpers):
+    yield _load("cnn_cifar_report")
+    sys.modules.pop("cnn_cifar_report", None)
+
+
+@pytest.fixture(scope="module")
+def embed(helpers):
     yield _load("embed_minilm")
     sys.modules.pop("embed_minilm", None)
 
@@ -80,29 +93,36 @@ def _cell(regime, method, seed, acc, reloaded=None, **kw):
             "head_params": 2565, "artifact_bytes": kw.get("bytes", 38860), "train_seconds": 100.0 + seed}
 
 
-def test_cnn_report_on_fake_runs(cnn, tmp_path):
+def test_cnn_report_on_fake_runs(cnn, report, tmp_path):
     for row in (_cell("full", "vera", 1, 0.70), _cell("full", "vera", 0, 0.60), _cell("full", "vera", 2, 0.80),
                 _cell("full", "vera-bntrain", 0, 0.75, reloaded=0.50)):
         out = tmp_path / "adapt" / f"{row['regime']}-{row['method']}-s{row['seed']}"
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(row))
-    text = cnn.section(None, cnn.load_cells(tmp_path))
+    text = report.section(None, report.load_cells(tmp_path))
     lines = text.splitlines()
     assert lines[0] == cnn.SECTION
     assert "| full | vera | 0, 1, 2 | 0.700 (0.600-0.800) | 0.600, 0.700, 0.800 | yes | 5,952 | 2,565 | 38,860 | 101 |" in lines
     assert "| full | vera-bntrain | 0 | 0.750 | 0.750 | no: 0.500 | 5,952 | 2,565 | 38,860 | 100 |" in lines
     assert "| shots10 | lora | 0 | not yet measured | | | | | | |" in lines
     assert not any(line.startswith("| shots10 | vera-bntrain") for line in lines)  # runs at full only
+    assert not any("cli-check" in line for line in lines)
+    check = {"command": "verakit train X", "eval_command": "verakit eval Y", "best_epoch": 7.0, "recorded_accuracy": 0.5,
+             "eval_accuracy": 0.4, "adapter_params": 5952, "head_params": 2565, "adapter_bytes": 39036}
+    text = report.section(None, report.load_cells(tmp_path), check)
+    assert ("Through the CLI (`python experiments/cnn_cifar.py cli-check`): `verakit train X` recorded test accuracy "
+            "0.500 for its best epoch (7), and `verakit eval Y` scores the saved file 0.400 (5,952 adapter + 2,565 "
+            "head parameters, 39,036 B).") in text.splitlines()
 
 
-def test_replace_section_keeps_other_sections(cnn):
+def test_replace_section_keeps_other_sections(helpers):
     old = "# Results\n\nintro\n\n## A\n\na text\n\n## B\n\nb text\n"
-    new = cnn.replace_section(old, "## A", "## A\n\nnew a\n")
+    new = helpers.replace_section(old, "## A", "## A\n\nnew a\n")
     assert new == "# Results\n\nintro\n\n## A\n\nnew a\n\n## B\n\nb text\n"
-    assert cnn.replace_section(new, "## A", "## A\n\nnew a\n") == new  # idempotent
-    added = cnn.replace_section(old, "## C", "## C\n\nc\n")
+    assert helpers.replace_section(new, "## A", "## A\n\nnew a\n") == new  # idempotent
+    added = helpers.replace_section(old, "## C", "## C\n\nc\n")
     assert added == old + "\n## C\n\nc\n"
-    last = cnn.replace_section(old, "## B", "## B\n\nnew b")
+    last = helpers.replace_section(old, "## B", "## B\n\nnew b")
     assert last == "# Results\n\nintro\n\n## A\n\na text\n\n## B\n\nnew b\n"
 
 
