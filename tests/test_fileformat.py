@@ -1,3 +1,4 @@
+import base64
 import json
 import os
 
@@ -112,6 +113,12 @@ BAD_CASES = {
     "inf": (None, lambda t: t["classifier.weight"].fill_(float("inf")), "classifier.weight.*NaN or Inf"),
     "dtype": (None, lambda t: t.update({"bert.encoder.layer.0.attention.self.query.vera_d": torch.zeros(4, dtype=torch.float64)}),
               "unsupported dtype F64"),
+    "samples cut": (lambda m: _set(m, ["base", "samples", "data"], m["base"]["samples"]["data"][:-4]), None,
+                    "corrupt metadata.*base.samples holds 2301 bytes, expected 2304 for budget 768 over 4 modules"),
+    "samples nan": (lambda m: _set(m, ["base", "samples", "data"], base64.b64encode(b"\x00\xc0\x7f" * 768).decode()), None,
+                    "corrupt metadata.*base.samples contains NaN or Inf"),
+    "samples budget": (lambda m: _set(m, ["base", "samples", "budget"], 1 << 20), None, "budget 1048576 .* is invalid"),
+    "samples missing": (lambda m: _set(m, ["base", "samples", "missing"], ["rogue"]), None, "'missing' must list adapted modules"),
 }
 
 
@@ -122,6 +129,12 @@ def test_every_validation_error_names_file_and_fault(good_file, tmp_path, case):
     with pytest.raises(AdapterError, match=pattern) as err:
         read_adapter(bad)
     assert bad.name in str(err.value)
+
+
+def test_unknown_sample_rule_reads_without_samples(good_file, tmp_path):
+    """A later verakit's sampling rule is not refused: this one just cannot compare the base weights."""
+    newer = _rewrite(good_file, tmp_path / "newer.safetensors", lambda m: _set(m, ["base", "samples", "rule"], "v9"))
+    assert read_adapter(newer).samples is None and read_adapter(good_file).samples is not None
 
 
 def test_not_safetensors_truncated_and_foreign(good_file, tmp_path):
@@ -160,6 +173,8 @@ def test_fingerprint_mismatch_names_module_and_shapes(good_file, tmp_path):
 
 
 def _another(model):
+    """Another instance of the fixture's checkpoint (seed 0, as conftest builds it): the base weights match."""
+    torch.manual_seed(0)
     return type(model)(model.config).eval()
 
 
@@ -211,7 +226,7 @@ _LINEAR_V1_SHA256 = (
 
 def test_linear_only_adapters_keep_version_1_bytes(tmp_path, monkeypatch):
     """Adding convolution/embedding kinds (format version 2) leaves linear-only files as they were, so
-    verakit versions that read 1..1 keep reading them."""
+    verakit versions that read 1..1 keep reading them (base-weight samples aside, which they ignore)."""
     import hashlib
 
     from torch import nn
@@ -229,7 +244,12 @@ def test_linear_only_adapters_keep_version_1_bytes(tmp_path, monkeypatch):
     header = json.loads(data[8 : 8 + n])
     meta = header.pop("__metadata__")
     assert meta["format"] == FORMAT_NAME
-    got = (meta["verakit"].encode(), json.dumps(header, sort_keys=True).encode(), data[8 + n :])
+    # The base-weight samples came later, as one more key of "base" that version-1 readers ignore: without
+    # it, the metadata string is the one pinned above.
+    inner = json.loads(meta["verakit"])
+    assert inner["format_version"] == 1 and set(inner["base"].pop("samples")) == {"rule", "budget", "quant", "missing", "data"}
+    old_meta = json.dumps(inner, separators=(",", ":"))
+    got = (old_meta.encode(), json.dumps(header, sort_keys=True).encode(), data[8 + n :])
     assert tuple(hashlib.sha256(part).hexdigest() for part in got) == _LINEAR_V1_SHA256
 
 

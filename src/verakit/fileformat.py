@@ -4,14 +4,15 @@ Tensors: `<module>.vera_d` (r), `<module>.vera_b` (d_out) for every adapted modu
 tensors of each module to save under their model names (e.g. `classifier.weight`). The projections are
 not stored by default: they are regenerated from the seed. Only adapters imported with a projection that
 cannot be regenerated (VeraConfig.projection_kind "explicit", e.g. from PEFT) store the shared tables, as
-`vera_projection.A` / `vera_projection.B` in float32. Metadata key `verakit` holds JSON; see docs/format.md.
+`vera_projection.A` / `vera_projection.B` in float32. Metadata key `verakit` holds JSON, with samples of the
+base weights (`fingerprint`) that loading compares with the model's; see docs/format.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write_bytes  # public here too: callers have always imported it from this module
 from .config import PROJECTION_KINDS, ConfigError, VeraConfig
+from .fileprojection import TABLE_KEYS, projection_from_file, projection_meta
+from .fingerprint import BaseSamples, base_fingerprint, compare, sample_layers
 from .inject import VeraState, attach, detach, layer_class, vera_state
 from .projection import GENERATOR, GENERATORS, MAX_PROJECTION_ELEMENTS, Projection
 
 __all__ = [
     "AdapterError",
+    "BaseMismatchError",
     "Adapter",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -52,7 +56,6 @@ _V1_KINDS = ("linear", "conv1d")
 # refused above it.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_TABLE_KEYS = ("vera_projection.A", "vera_projection.B")  # explicit projections only
 # Largest safetensors header (the JSON after the 8-byte length prefix) a reader accepts. An adapter's header
 # lists its tensors and metadata: tens of KiB even for every linear layer of a 100-layer model, so 16 MiB
 # refuses nothing real, while the JSON parser's memory stays bounded whatever a file's prefix claims.
@@ -61,6 +64,10 @@ MAX_HEADER_BYTES = 16 << 20
 
 class AdapterError(ValueError):
     """An adapter file or object is unusable; the message names the file and the fault."""
+
+
+class BaseMismatchError(AdapterError):
+    """The model's base weights are not the ones the adapter was trained on (`load_adapter(check_base=...)`)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class Adapter:
     d, b: module name -> vector. saved: model state-dict key -> tensor of the modules to save.
     projection: the shared pair when config.projection_kind is not the default (PEFT-generated or
         stored tables, already scaled); None when it is regenerated from the seed.
+    samples: samples of the base weights it was trained on (`fingerprint.BaseSamples`); None for files
+        written before they existed, and adapters built without a model.
     """
 
     config: VeraConfig
@@ -86,6 +95,7 @@ class Adapter:
     dtype: str = "F32"
     path: str | None = None
     projection: Projection | None = None
+    samples: BaseSamples | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -94,12 +104,6 @@ class Adapter:
     @property
     def trained_numel(self) -> int:
         return sum(t.numel() for t in (*self.d.values(), *self.b.values(), *self.saved.values()))
-
-
-def base_fingerprint(model_type: str | None, modules: dict[str, tuple[int, int, str]]) -> str:
-    """sha256 over the model type and the adapted modules' names, shapes and kinds (16 hex digits)."""
-    canon = json.dumps([model_type, sorted([k, *v] for k, v in modules.items())], separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def _fail(path: str | os.PathLike[str] | None, msg: str) -> AdapterError:
@@ -121,7 +125,8 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
     if state.saved_modules and getattr(cfg, "id2label", None) and "labels" not in info:
         info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
     proj = state.projection if state.config.projection_kind != PROJECTION_KINDS[0] else None
-    return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj)
+    return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj,
+                   samples=sample_layers(state.layers))
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:
@@ -137,7 +142,10 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
         tensors[f"{n}.vera_b"] = adapter.b[n].to(dtype).contiguous()
     for k, t in adapter.saved.items():
         tensors[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    proj_meta, tables = _projection_meta(adapter, path)
+    try:
+        proj_meta, tables = projection_meta(adapter.config, adapter.projection)
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
     tensors.update(tables)
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -153,6 +161,7 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
             "architecture": adapter.architecture,
             "modules": {n: list(v) for n, v in adapter.modules.items()},
             "fingerprint": adapter.fingerprint,
+            **({"samples": adapter.samples.to_meta(adapter.modules)} if adapter.samples is not None else {}),
         },
         "saved": sorted(adapter.saved),
         "dtype": _DTYPE_NAMES[dtype],
@@ -161,60 +170,6 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
     data = save(tensors, metadata={"format": FORMAT_NAME, "verakit": json.dumps(meta, separators=(",", ":"))})
     atomic_write_bytes(path, data)
     return len(data)
-
-
-def _projection_meta(adapter: Adapter, path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The file's "projection" metadata, and the tables to store (explicit projections only)."""
-    cfg = adapter.config
-    meta: dict[str, Any] = {
-        "generator": GENERATORS[cfg.projection_kind],
-        "seed": cfg.seed,
-        "distribution": cfg.distribution,
-        "sharing": cfg.projection_sharing,
-    }
-    if cfg.projection_kind == PROJECTION_KINDS[0]:
-        return meta, {}
-    proj = adapter.projection
-    if proj is None or proj.kind != cfg.projection_kind:
-        raise _fail(path, f"projection_kind {cfg.projection_kind!r} needs the adapter's projection of that kind")
-    # The tables are always float32: rounding them would change every adapted layer's output.
-    meta.update(rank=proj.rank, max_in=proj.max_in, max_out=proj.max_out)
-    if cfg.projection_kind == "explicit":
-        return meta, {_TABLE_KEYS[0]: proj.A.float().contiguous(), _TABLE_KEYS[1]: proj.B.float().contiguous()}
-    return meta, {}
-
-
-def _projection_from_file(
-    path: Path, config: VeraConfig, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-    modules: dict[str, tuple[int, int, str]],
-) -> Projection | None:
-    """Rebuild a non-default projection from the file, checking it covers every adapted module."""
-    if config.projection_kind == PROJECTION_KINDS[0]:
-        return None
-    try:
-        rank, max_in, max_out = int(meta["rank"]), int(meta["max_in"]), int(meta["max_out"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise _fail(path, f"corrupt metadata: projection needs rank, max_in, max_out ({type(e).__name__}: {e})") from None
-    need_in = max((v[1] for v in modules.values()), default=1)
-    need_out = max((v[0] for v in modules.values()), default=1)
-    if rank < config.r or max_in < need_in or max_out < need_out:
-        raise _fail(
-            path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) is too small for r={config.r} "
-            f"and the largest module ({need_out}, {need_in})"
-        )
-    if config.projection_kind == "peft-torch":
-        if (rank, max_in, max_out) != (config.r, need_in, need_out):
-            raise _fail(path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) is not PEFT's pair for "
-                        f"r={config.r} and the largest module ({need_out}, {need_in}): PEFT sizes it exactly")
-        if rank * (max_in + max_out) > MAX_PROJECTION_ELEMENTS:
-            raise _fail(path, f"projection (rank {rank}, max_in {max_in}, max_out {max_out}) would hold "
-                        f"{rank * (max_in + max_out):,} elements, above the limit of {MAX_PROJECTION_ELEMENTS:,}")
-        return Projection.peft_torch(config.seed, rank, max_in, max_out)
-    A, B = tensors[_TABLE_KEYS[0]], tensors[_TABLE_KEYS[1]]
-    for key, t, want in ((_TABLE_KEYS[0], A, (rank, max_in)), (_TABLE_KEYS[1], B, (max_out, rank))):
-        if tuple(t.shape) != want or t.dtype != torch.float32:
-            raise _fail(path, f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected float32 {want}")
-    return Projection.from_tables(A, B, kind="explicit", seed=config.seed)
 
 
 def save_adapter(
@@ -280,6 +235,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         info = dict(meta.get("extra") or {})
         model_type, architecture = base.get("model_type"), str(base.get("architecture", ""))
         fingerprint, dtype = base.get("fingerprint"), str(meta.get("dtype", "F32"))
+        samples = BaseSamples.from_meta(base["samples"], modules) if "samples" in base else None
     except AdapterError:
         raise
     # Any JSON can sit in the metadata: a wrong type anywhere (a list for an object, a float for an int, a
@@ -304,7 +260,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise _fail(path, f"corrupt tensor data: {e}") from None
     expected = {f"{n}.{v}" for n in modules for v in ("vera_d", "vera_b")} | set(saved_keys)
     if config.projection_kind == "explicit":
-        expected |= set(_TABLE_KEYS)
+        expected |= set(TABLE_KEYS)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise _fail(path, f"missing tensor(s): {', '.join(missing[:5])}")
@@ -321,9 +277,12 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise _fail(path, f"tensor {k!r} contains NaN or Inf")
-    projection = _projection_from_file(path, config, proj, tensors, modules)
+    try:
+        projection = projection_from_file(config, proj, tensors, modules)
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
     return Adapter(
-        config, model_type, architecture, modules, d, b, saved, info, dtype, str(path), projection,
+        config, model_type, architecture, modules, d, b, saved, info, dtype, str(path), projection, samples,
     )
 
 
@@ -376,10 +335,32 @@ def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> 
         raise _fail(where, f"saved modules differ: adapter has {sorted(adapter.saved)[:4]}, model {sorted(model_keys)[:4]}")
 
 
-def load_adapter(model: nn.Module, path_or_adapter: str | os.PathLike[str] | Adapter) -> nn.Module:
+def _check_base(model: nn.Module, adapter: Adapter, where: str | None) -> None:
+    """Compare the model's base weights with the adapter's samples (docs/format.md, "Base-weight samples")."""
+    if adapter.samples is None:
+        # warnings' registry shows this once per file and call site, not on every load
+        warnings.warn(f"{where or '<adapter>'}: records no samples of its base weights (written by verakit before "
+                      "they existed, or built without a model): only module names and shapes were checked",
+                      stacklevel=3)
+        return
+    result = compare(adapter.samples, vera_state(model).layers)
+    if result.failed:
+        base = adapter.extra.get("model") or adapter.architecture or "its base model"
+        raise BaseMismatchError(
+            f"{where or '<adapter>'}: base model mismatch: the adapter was trained on {base}, but this "
+            f"{type(model).__name__}'s weights differ from the ones it was trained on: {result.describe()}. "
+            "Load it into that base, or pass check_base=False to load it anyway"
+        )
+
+
+def load_adapter(
+    model: nn.Module, path_or_adapter: str | os.PathLike[str] | Adapter, *, check_base: bool = True
+) -> nn.Module:
     """Load an adapter into `model` (attaching VeRA from the file's config if needed); returns the model.
 
-    On any mismatch the model is left as it was and AdapterError names the first difference.
+    On any mismatch the model is left as it was and AdapterError names the first difference. check_base:
+    compare the model's base weights with the samples the file records (BaseMismatchError when they are
+    another checkpoint's; casts to fp32/bf16/fp16 of the same one pass); False checks names and shapes only.
     """
     adapter = path_or_adapter if isinstance(path_or_adapter, Adapter) else read_adapter(path_or_adapter)
     where = adapter.path
@@ -394,6 +375,8 @@ def load_adapter(model: nn.Module, path_or_adapter: str | os.PathLike[str] | Ada
         state = vera_state(model)
         if any(layer.merged for layer in state.layers.values()):
             raise _fail(where, "the model's VeRA is merged; unmerge(model) before loading another adapter")
+        if check_base:
+            _check_base(model, adapter, where)
         for s in state.saved_modules:
             mine = model.get_submodule(s).state_dict()
             for k, t in mine.items():

@@ -49,6 +49,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         "model_type": ad.model_type,
         "architecture": ad.architecture,
         "fingerprint": ad.fingerprint,
+        "base_samples": None if ad.samples is None else {
+            "samples": sum(v.numel() for v in ad.samples.values.values()), "modules": len(ad.samples.values),
+            "quant": ad.samples.quant,
+        },
         "adapted_modules": len(ad.modules),
         "blocks": len({_block_of(n) for n in ad.modules} - {None}),
         "vector_params": vec,
@@ -67,6 +71,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}{kind}")
     print(f"  targets       {cfg.target_modules} -> {describe_modules(ad.modules)}")
     print(f"  trained       {vec:,} vector params (d, b) + {info['saved_params']:,} in saved modules")
+    print(f"  base samples  {_describe_samples(info['base_samples'])}")
     if ad.saved:
         print(f"  saved modules {', '.join(cfg.modules_to_save)}")
     if ad.extra:
@@ -76,6 +81,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     if len(ad.modules) > args.max_layers:
         print(f"    ... {len(ad.modules) - args.max_layers} more (--max-layers)")
     return 0
+
+
+def _describe_samples(samples: dict | None) -> str:
+    """What `load_adapter` will check of the base model's weights."""
+    if samples is None:
+        return "none (an older file): loading checks module names and shapes only"
+    quant = f", taken from a {samples['quant']} base" if samples["quant"] else ""
+    return (f"{samples['samples']} weights of {samples['modules']} modules{quant}: loading refuses another "
+            "checkpoint (check_base=False to override)")
 
 
 def run_inspect_peft(args: argparse.Namespace) -> int:
