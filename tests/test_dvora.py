@@ -189,6 +189,7 @@ def test_magnitude_scale_semantics():
     m = torch.tensor([10.0, 0.0], requires_grad=True)  # m starts at 0 on a zero row of W0
     s = ops.magnitude_scale(w, delta, m)
     torch.testing.assert_close(s, torch.tensor([2.0, 0.0]))  # 10 / 5; a zero row gives 0, not NaN
+    assert torch.equal(ops.magnitude_scale(w + delta, None, m), s)  # None: `weight` holds W0 + delta already
     s.sum().backward()
     assert m.grad[0].item() == pytest.approx(0.2)  # the norm is a constant: d s / d m = 1 / ||w + delta||
     torch.testing.assert_close(ops.row_norms(w.double()), torch.tensor([5.0, 0.0]))
@@ -200,3 +201,31 @@ def test_conv_and_embedding_refuse_magnitude():
         VeraConv(nn.Conv2d(3, 4, 3), proj, 4, 0.1, magnitude=True)
     with pytest.raises(ValueError, match="linear layers only.*Embedding"):
         VeraEmbedding(nn.Embedding(10, 4), proj, 4, 0.1, magnitude=True)
+
+
+def test_parity_with_peft_dora_over_the_same_low_rank_factors():
+    """PEFT's LoRA+DoRA with lora_A = diag(s d) A_sl, lora_B = diag(b) B_sl (scaling 1) and magnitude m is
+    DVoRA by definition: outputs and the gradient of m agree (both detach the norm)."""
+    peft = pytest.importorskip("peft")
+    layer = _layer()
+    A, B = layer.slices(torch.device("cpu"), torch.float32)
+    F_A, F_B = ops.delta_factors(A, B, layer.vera_d.detach(), layer.vera_b.detach(), layer.scale)
+    base = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    base[0].load_state_dict(layer.base.state_dict())
+    cfg = peft.LoraConfig(r=R, lora_alpha=R, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    model = peft.get_peft_model(base, cfg)
+    lora = model.base_model.model[0]
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(F_A)
+        lora.lora_B["default"].weight.copy_(F_B)
+        lora.lora_magnitude_vector["default"].weight.copy_(layer.vera_m)
+    for tokens in (3, 512):  # the factored and the materialized path
+        x = torch.randn(tokens, D_IN, generator=torch.Generator().manual_seed(tokens))
+        ours, theirs = layer(x), model(x)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        ours.sum().backward()
+        theirs.sum().backward()
+        torch.testing.assert_close(layer.vera_m.grad, lora.lora_magnitude_vector["default"].weight.grad,
+                                   rtol=1e-5, atol=1e-5)
+        layer.vera_m.grad = None
+        lora.lora_magnitude_vector["default"].weight.grad = None

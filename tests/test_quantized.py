@@ -158,3 +158,41 @@ def test_merge_into_a_quantized_base_is_refused(tiny_llama, kind, tmp_path):
     after = q.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_dvora_over_a_quantized_base_matches_the_dequantized_reference(kind, monkeypatch):
+    """DVoRA's m starts at the dequantized weight's row norms (identity at init), and its forward and the
+    gradients of d, b, m match a float base holding that weight; the base never needs a plain weight for
+    its matmul (the norm uses the dequantized one), and stays frozen."""
+    from verakit.layer import VeraLinear
+    from verakit.projection import Projection
+
+    torch.manual_seed(0)
+    q = quantize_linears(nn.Sequential(nn.Linear(64, 48)), kind, skip=())[0]
+    ref = nn.Linear(64, 48)
+    with torch.no_grad():
+        ref.weight.copy_(dequantized_weight(q))
+        ref.bias.copy_(q.bias)
+    ref.requires_grad_(False)
+    proj = Projection(3, "kaiming_uniform", 8, 64, 48)
+    layers = [VeraLinear(base, proj, 8, 0.1, magnitude=True).train() for base in (q, ref)]  # 8-bit: train mode
+    torch.testing.assert_close(layers[0].vera_m, layers[1].vera_m, rtol=0, atol=0)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layers[0](x), q(x), rtol=1e-5, atol=1e-5)  # identity at init
+    g = torch.Generator().manual_seed(2)
+    d, b, m = torch.randn(8, generator=g), torch.randn(48, generator=g) * 0.3, 1 + 0.2 * torch.randn(48, generator=g)
+    outs = []
+    for ly in layers:
+        with torch.no_grad():
+            ly.vera_d.copy_(d), ly.vera_b.copy_(b), ly.vera_m.mul_(m)
+        with monkeypatch.context() as mp:
+            if ly.quantized:
+                mp.setattr(ops, "vera_materialized", lambda *a: pytest.fail("quantized base took a plain-weight path"))
+            y = ly(x)
+        y.square().sum().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    for name in ("vera_d", "vera_b", "vera_m"):
+        torch.testing.assert_close(getattr(layers[0], name).grad, getattr(layers[1], name).grad, rtol=1e-3, atol=1e-6)
+    assert not q.weight.requires_grad and q.weight.grad is None

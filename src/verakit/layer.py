@@ -257,7 +257,7 @@ class VeraLinear(nn.Module):
     # gradients (the vectors change every step), once per change of d, b, m or W0 without.
     def _magnitude(self, device: torch.device, grad: bool) -> torch.Tensor:
         """scale = m / ||W0 + delta|| (d_out,) float32, with m's gradient; cached for gradient-free calls."""
-        if grad:
+        if grad or torch.compiler.is_compiling():  # no Python-side cache under torch.compile
             return self._magnitude_now(device)
         key = self._weight_key(device, torch.float32)
         c = self._cache
@@ -272,15 +272,19 @@ class VeraLinear(nn.Module):
         return scale
 
     def _magnitude_now(self, device: torch.device) -> torch.Tensor:
+        with torch.no_grad():
+            weight = self._adapted_weight(device)  # W0 + delta (d_out, d_in) float32: the one temporary
+        return ops.magnitude_scale(weight, None, self.vera_m)
+
+    def _adapted_weight(self, device: torch.device) -> torch.Tensor:
+        """W0 + delta (d_out, d_in) float32, a new tensor (W0 dequantized for a quantized base)."""
         A, B = self.slices(device, torch.float32)
-        delta = ops.vera_delta(A, B, self.vera_d.detach(), self.vera_b.detach(), self.scale)  # (d_out, d_in)
-        return ops.magnitude_scale(self._plain_weight(), delta, self.vera_m)
+        d, b = self.vera_d.detach(), self.vera_b.detach()
+        return ops.vera_delta(A, B, d, b, self.scale, base=self._plain_weight().float())
 
     def _scaled_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """W' = scale * (W0 + delta) (d_out, d_in) float32, no gradients."""
-        A, B = self.slices(scale.device, torch.float32)
-        d, b = self.vera_d.detach(), self.vera_b.detach()
-        return ops.vera_delta(A, B, d, b, self.scale, base=self._plain_weight().float()) * scale.detach().unsqueeze(1)
+        return self._adapted_weight(scale.device).mul_(scale.detach().unsqueeze(1))
 
     def _rescaled(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """scale * y + bias: y is W0 x + delta x (..., d_out) without the base's bias."""

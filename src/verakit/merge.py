@@ -114,7 +114,7 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, pre
         if adapter.config.magnitude:  # DVoRA: W' = m * (W + delta) / ||W + delta|| per output row
             transposed = adapter.modules[name][2] == "conv1d"  # Conv1D stores (d_in, d_out)
             rows = merged.t() if transposed else merged  # (d_out, d_in) view
-            rows.mul_(magnitude_scale(rows, torch.zeros_like(rows), adapter.m[name].float()).unsqueeze(1))
+            rows.mul_(magnitude_scale(rows, None, adapter.m[name].float()).unsqueeze(1))
         out[key] = merged.to(w.dtype)
     for key, t in adapter.saved.items():
         out[f"{prefix}{key}"] = t.clone()

@@ -150,17 +150,19 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.float(), dim=1)
 
 
-def magnitude_scale(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def magnitude_scale(weight: torch.Tensor, delta: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
     """Semantics: m / ||weight + delta|| per output row (d_out,): DVoRA's W' = scale * (W0 + delta).
 
-    weight (m, n) any dtype and strides (dequantized for a quantized base), delta (m, n), m (m,) float32.
+    weight (d_out, d_in) any dtype and strides (dequantized for a quantized base), delta (d_out, d_in) or
+    None when `weight` already holds W0 + delta (one (d_out, d_in) temporary less), m (d_out,) float32.
     The norm is computed in float32 without gradients: DoRA (Liu et al. 2024, section 4.3) treats
-    ||W0 + delta|| as a constant in backward, which keeps the (m, n) weight out of the autograd graph;
-    gradients reach m through this quotient and d, b through the delta's own path. A zero row (norm 0)
-    divides by the smallest normal float instead, so its output stays zero rather than NaN.
+    ||W0 + delta|| as a constant in backward, which keeps the (d_out, d_in) weight out of the autograd
+    graph; gradients reach m through this quotient and d, b through the delta's own path (scale * delta x).
+    A zero row (norm 0) divides by the smallest normal float instead, so its output stays zero, not NaN.
     """
     with torch.no_grad():
-        norm = row_norms(weight.float() + delta.float()).clamp_min(torch.finfo(torch.float32).tiny)
+        full = weight.float() if delta is None else weight.float() + delta.float()
+        norm = row_norms(full).clamp_min(torch.finfo(torch.float32).tiny)
     return m / norm
 
 

@@ -42,3 +42,22 @@ def test_linear_only_adapters_still_export(tmp_path):
     assert (to_peft(adapter, tmp_path / "peft") / "adapter_config.json").is_file()
     to_lora(adapter, tmp_path / "lora")
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
+
+
+def test_dvora_adapters_are_refused_by_peft_and_lora_export(tmp_path):
+    """PEFT VeRA has no magnitude vector; DVoRA's change to W0 rescales every row, so it is not low rank."""
+    import dataclasses
+
+    from verakit.interop import vera_factors
+
+    model = verakit.attach(_Net(), verakit.VeraConfig(r=4, target_modules=("proj",)))
+    verakit.save_adapter(model, tmp_path / "a.safetensors")
+    plain = verakit.read_adapter(tmp_path / "a.safetensors")
+    adapter = dataclasses.replace(plain, config=plain.config.replace(magnitude=True))
+    for export, name, why in ((to_peft, "PEFT VeRA", "no magnitude vector"), (to_lora, "LoRA", "not low rank")):
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(AdapterError, match=rf"DVoRA adapter .* cannot be exported to {name}: .*{why}"):
+            export(adapter, out)
+        assert not out.exists()
+    with pytest.raises(AdapterError, match="not low rank"):
+        vera_factors(adapter)
