@@ -7,8 +7,9 @@ Semantics: h = W0 x + b * (B_sl (s * d * (A_sl dropout(x))))
 The forward picks per call, by the cost model in `ops`, between the factored path (per token) and the
 materialized one (W0 + delta once per call); without gradients it reuses a cached W0 + delta until the
 vectors or the base weight change. That choice is one pure function, `layer_plan.plan_forward`; the
-forward only dispatches on the plan it returns. A quantized base (bitsandbytes 4-bit or 8-bit, `quant`) always takes
-the factored path and runs its own forward: a plain W0 would cost the memory quantizing saves.
+forward only dispatches on the plan it returns. A quantized base (bitsandbytes 4-bit or 8-bit, `quant`)
+always takes the factored path and runs its own forward: a plain W0 would cost the memory quantizing saves.
+With a magnitude (DVoRA, VeraConfig.magnitude) every path's output is rescaled per row: docs/dvora.md.
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ def unmerge_layer(layer: nn.Module) -> None:
 
 
 def _vector_versions(layer: nn.Module) -> tuple[int, ...]:
-    m = getattr(layer, "vera_m", None)  # DVoRA's magnitude (VeraLinear only)
-    return tuple(p._version for p in (layer.vera_d, layer.vera_b, m) if p is not None)
+    return tuple(p._version for p in (layer.vera_d, layer.vera_b, layer.vera_m) if p is not None)
 
 
 class VeraLinear(nn.Module):

@@ -100,6 +100,7 @@ class VeraEmbedding(nn.Module):
         self.projection = projection  # plain attribute: shared, never in state_dict
         self.scale = projection.scale(self.fan_in(self.kind, self.in_features), r)
         self.vera_d, self.vera_b = new_vectors(r, self.out_features, d_initial, train_d, train_b, base.weight.device)
+        self.vera_m: nn.Parameter | None = None  # DVoRA's magnitude: linear layers only (refused above)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_versions: tuple[int, int] | None = None
