@@ -369,4 +369,5 @@ class VeraLinear(nn.Module):
     def extra_repr(self) -> str:
         low = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"
         low += "" if self.quantized is None else f", base={self.quantized}"
+        low += "" if self.vera_m is None else ", magnitude=True"
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}{low}"
