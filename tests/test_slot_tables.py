@@ -82,6 +82,9 @@ def test_training_tables_start_from_the_model_and_train_what_the_config_says(tin
         assert out.extra == {"k": 1} and out.modules == template.modules
         assert all(torch.equal(out.d[n], template.d[n]) and torch.equal(out.b[n], template.b[n]) for n in out.d)
         assert all(torch.equal(out.saved[k], template.saved[k]) for k in template.saved)
+        # the base weights' samples (load_adapter's check) carry over: the tables never change W0
+        assert out.samples is not None and out.samples.values.keys() == template.samples.values.keys()
+        assert all(torch.equal(v, template.samples.values[k]) for k, v in out.samples.values.items())
     # training's slot 0 head is the head as it is at conversion (serving's is the pre-attach one)
     assert torch.equal(tables.heads["classifier"].weight[0], template.saved["classifier.weight"])
 

@@ -18,6 +18,13 @@ Ranks: the unit tables have the prefix property (a rank-r adapter uses A[:r], B[
 tables), but the fan-in scale s(d_in, r) depends on r; `write` stores a rank-r adapter's d as
 d * s(d_in, r) / s(d_in, R), zero-padded to R, so the layer's rank-R scale gives back the adapter's output
 (for r == R the factor is exactly 1.0: the copy is bit for bit).
+
+DVoRA adapters (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| per output row. The scale
+m / ||W0 + delta|| depends only on the adapter (and W0), so `write` computes it once, from the adapter's own
+rank-r delta (`ops.vera_delta`, `ops.magnitude_scale`, as VeraLinear does; the dequantized weight for a
+quantized base) and keeps it in the layer's per-slot vera_s table; plain VeRA slots there hold 1. A batch
+mixing DVoRA, VeRA and base rows still costs the two shared matmuls plus a per-row scaling. The tables keep
+the scale, not m, so a DVoRA slot cannot be exported, and training tables refuse DVoRA templates.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ops
 from .fileformat import Adapter, AdapterError, adapter_from_model
 from .inject import AttachError, detach, vera_state
+from .quant import dequantized_weight, quant_kind
 from .slots import RowSlots, SlotConv, SlotEmbedding, SlotHeadLinear, SlotLinear, slot_layer
 
 __all__ = ["SlotLayer", "SlotTables", "to_slot_tables"]
@@ -49,8 +58,10 @@ class SlotTables:
     original_heads: dict[str, nn.Linear] = field(default_factory=dict, repr=False)  # head leaf -> the leaf replaced
     # state-dict key of a head tensor ("classifier.weight") -> (per-slot head, "weight" | "bias"), in model order
     head_tensors: dict[str, tuple[SlotHeadLinear, str]] = field(init=False, repr=False)
+    magnitude_slots: set[int] = field(init=False, repr=False)  # slots holding a DVoRA adapter
 
     def __post_init__(self) -> None:
+        self.magnitude_slots = set()
         self.head_tensors = {}
         for full, head in self.heads.items():
             self.head_tensors[f"{full}.weight"] = (head, "weight")
@@ -86,9 +97,10 @@ class SlotTables:
         return self.adapter_params() + tuple(getattr(h, a) for h, a in self.head_tensors.values())
 
     def tables(self) -> tuple[nn.Parameter, ...]:
-        """Every per-slot table, trainable or not (what a bank allocates up front)."""
+        """Every per-slot table, trainable or not (what a bank allocates: up front, DVoRA scales at first use)."""
         vectors = tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b))
-        return vectors + tuple(getattr(h, a) for h, a in self.head_tensors.values())
+        scales = tuple(ly.vera_s for ly in self.layers.values() if isinstance(ly, SlotLinear) and ly.vera_s is not None)
+        return vectors + scales + tuple(getattr(h, a) for h, a in self.head_tensors.values())
 
     def check(self, adapter: Adapter) -> None:
         """Raise AdapterError (naming the file and field) unless `adapter`'s modules, rank and head fit the tables.
@@ -103,6 +115,15 @@ class SlotTables:
         if adapter.model_type != ours.model_type:
             raise AdapterError(f"{where}: base model mismatch: adapter for model_type {adapter.model_type!r}, "
                                f"bank {ours.model_type!r}")
+        for n, m in _magnitudes(adapter).items():
+            if n not in adapter.modules or n not in self.layers:
+                raise AdapterError(f"{where}: DVoRA magnitude for {n!r}, which the adapter or the bank does not adapt")
+            if not isinstance(self.layers[n], SlotLinear):
+                raise AdapterError(f"{where}: module {n!r} carries a DVoRA magnitude, but it is a {self.modules[n][2]} "
+                                   "layer; DVoRA adapts linear layers only")
+            if tuple(m.shape) != (self.modules[n][0],):
+                raise AdapterError(f"{where}: DVoRA magnitude of {n!r} has shape {tuple(m.shape)}, the layer has "
+                                   f"{self.modules[n][0]} output rows")
         for n, shape in adapter.modules.items():
             if n not in self.modules:
                 raise AdapterError(f"{where}: base model mismatch: adapter module {n!r} {shape[:2]} is not a bank layer")
@@ -128,7 +149,15 @@ class SlotTables:
         self.check(adapter)
         r = adapter.config.r
         with torch.no_grad():
+            # DVoRA scales first: an adapter refused here leaves the slot as it was
+            scales = {n: magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in _magnitudes(adapter)}
             for n, layer in self.layers.items():
+                if isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
+                    row = layer.magnitude_table()[slot]
+                    if n in scales:
+                        row.copy_(scales[n])
+                    else:
+                        row.fill_(1.0)  # plain VeRA (or a layer this adapter leaves alone): no rescaling
                 if n not in adapter.modules:
                     layer.vera_d[slot].zero_()
                     layer.vera_b[slot].zero_()
@@ -139,9 +168,16 @@ class SlotTables:
                 layer.vera_b[slot].copy_(adapter.b[n])
             for k, (head, attr) in self.head_tensors.items():
                 getattr(head, attr)[slot].copy_(adapter.saved[k])
+        if scales:
+            self.magnitude_slots.add(slot)
+        else:
+            self.magnitude_slots.discard(slot)
 
     def export(self, model: nn.Module, slot: int, extra: dict[str, Any]) -> Adapter:
         """Slot `slot` as an ordinary rank-R `Adapter` (fp32 vectors, its head or the shared head), for write_adapter."""
+        if slot in self.magnitude_slots:
+            raise AdapterError(f"slot {slot} holds a DVoRA adapter: the tables keep its scale m / ||W0 + delta||, "
+                               "not m, so it cannot be exported from them (its file is the adapter)")
         t = self.template
         d = {n: ly.vera_d[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
         b = {n: ly.vera_b[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
@@ -151,8 +187,9 @@ class SlotTables:
             head = self.head_tensors.get(k)
             src = getattr(head[0], head[1])[slot] if head is not None else state[k]
             saved[k] = src.detach().cpu().clone()
+        # the base weights never change in the tables, so the template's samples of them hold for every slot
         return Adapter(t.config, t.model_type, t.architecture, dict(t.modules), d, b, saved, dict(extra),
-                       projection=t.projection)
+                       projection=t.projection, samples=t.samples)
 
     def restore(self, model: nn.Module) -> nn.Module:
         """Put the plain base layers and the replaced head leaves back into `model` and return it."""
@@ -174,6 +211,9 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
     if merged:
         raise AttachError(f"to_slot_tables: VeRA is merged into {merged[:3]}; unmerge(model) first")
     template = adapter_from_model(model)
+    if trainable and _magnitudes(template):
+        raise AttachError("to_slot_tables: grouped training of DVoRA (magnitude) adapters is not supported: each "
+                          "slot's row norms depend on its own delta at every step; train them one at a time")
     cfg, saved = state.config, state.saved_modules
     taken = {n: (ly.base, ly.projection, ly.dropout) for n, ly in state.layers.items()}
     detach(model)  # base layers back in place; heads back to their values at attach time (the bank's slot 0)...
@@ -203,6 +243,26 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
         for p in tables.head_params(model):
             p.requires_grad_(True)
     return tables
+
+
+def magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str, kind: str) -> torch.Tensor:
+    """Semantics: m / ||W0 + delta|| per output row (d_out,), float32, for `adapter`'s layer `name` at its own
+    rank r (A_sl[:r], B_sl[:, :r], scale s(d_in, r)), the same delta the VeRA layer of rank r forms."""
+    r, dev = adapter.config.r, layer.vera_b.device
+    A, B = layer.slices(dev, torch.float32)
+    if quant_kind(layer.base) is not None:
+        w0 = dequantized_weight(layer.base)  # what the quantized layer multiplies by, as VeraLinear's norm uses
+    else:
+        w0 = layer.base.weight.detach()
+        w0 = w0.t() if kind == "conv1d" else w0  # (d_out, d_in): transformers' Conv1D stores W0 transposed
+    delta = ops.vera_delta(A[:r], B[:, :r], adapter.d[name].to(dev), adapter.b[name].to(dev),
+                           layer.projection.scale(layer.fan_in, r))
+    return ops.magnitude_scale(w0, delta, _magnitudes(adapter)[name].to(dev))
+
+
+def _magnitudes(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Module name -> DVoRA magnitude m (d_out,) of `adapter`; empty for plain VeRA."""
+    return getattr(adapter, "m", None) or {}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> Any:
