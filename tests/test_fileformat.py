@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import randomize_vectors
@@ -260,3 +261,81 @@ def test_unknown_module_kind_is_refused(good_file, tmp_path):
                        lambda m: m["base"]["modules"]["bert.encoder.layer.0.attention.self.query"].__setitem__(2, "lstm"))
     with pytest.raises(AdapterError, match="bad.safetensors: module 'bert.encoder.layer.0.attention.self.query': unknown module kind 'lstm'"):
         read_adapter(bad)
+
+
+# ---------------------------------------------------------------- DVoRA (config.magnitude): `<module>.vera_m`
+
+
+def _dvora_file(tiny_llama, tmp_path, dtype=None):
+    import copy
+
+    base = copy.deepcopy(tiny_llama)
+    model = _trained(tiny_llama, VeraConfig(r=8, target_modules="all-linear", magnitude=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in vera_layers(model).values():
+            layer.vera_m.mul_(1 + 0.3 * torch.randn(layer.vera_m.shape, generator=g))
+    path = tmp_path / "dvora.safetensors"
+    save_adapter(model, path, dtype=dtype)
+    return model, base, path
+
+
+def test_dvora_round_trip_gives_identical_outputs(tiny_llama, tmp_path):
+    from verakit import trainable_parameters
+
+    model, base, path = _dvora_file(tiny_llama, tmp_path)
+    assert sum(n.endswith(".vera_m") for n, p in trainable_parameters(model) if p.requires_grad) == 14
+    ad = read_adapter(path)
+    assert ad.config.magnitude and set(ad.m) == set(ad.modules)
+    assert all(torch.equal(ad.m[n], ly.vera_m.detach()) for n, ly in vera_layers(model).items())
+    x = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        plain = base(x).logits
+    fresh = load_adapter(base, path)
+    with torch.no_grad():
+        want, got = model(x).logits, fresh(x).logits
+    assert torch.equal(got, want) and (want - plain).abs().max() > 0.1  # m moved the outputs visibly
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["verakit"])["format_version"] == 3
+
+
+def test_dvora_magnitudes_stay_float32_in_a_bf16_file(tiny_llama, tmp_path):
+    _, _, path = _dvora_file(tiny_llama, tmp_path, dtype=torch.bfloat16)
+    tensors = load_file(path)
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".vera_m")} == {torch.float32}
+    assert {t.dtype for k, t in tensors.items() if k.endswith((".vera_d", ".vera_b"))} == {torch.bfloat16}
+
+
+M = "model.layers.1.self_attn.v_proj.vera_m"  # (32,): v_proj has 2 KV heads of 16
+DVORA_CASES = {
+    "missing m": (None, lambda t: t.pop(M), f"missing tensor.*{M}"),
+    "wrong shape": (None, lambda t: t.update({M: torch.ones(5)}), rf"'{M}' has shape \(5,\), expected \(32,\)"),
+    "nan": (None, lambda t: t[M].fill_(float("nan")), f"{M}.*NaN or Inf"),
+    "version 2": (lambda m: _set(m, ["format_version"], 2), None, "config.magnitude \\(DVoRA\\) needs format version 3, the file says 2"),
+    "m without magnitude": (lambda m: m["config"].pop("magnitude"), None,
+                            "tensor '.*vera_m' is a DVoRA magnitude, but the file's config.magnitude is false"),
+}
+
+
+@pytest.mark.parametrize("case", list(DVORA_CASES))
+def test_bad_dvora_files_are_refused_naming_the_fault(tiny_llama, tmp_path, case):
+    mutate_meta, mutate_tensors, pattern = DVORA_CASES[case]
+    _, _, path = _dvora_file(tiny_llama, tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", mutate_meta, mutate_tensors)
+    with pytest.raises(AdapterError, match=pattern) as err:
+        read_adapter(bad)
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_truncated_dvora_file_and_older_readers(tiny_llama, tmp_path, monkeypatch):
+    _, base, path = _dvora_file(tiny_llama, tmp_path)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-6])  # the last tensor in the data section is cut short
+    with pytest.raises(AdapterError, match="cut.safetensors: truncated: tensor"):
+        read_adapter(cut)
+    plain = attach(base, VeraConfig(r=8, target_modules="all-linear"))
+    with pytest.raises(AdapterError, match="the model's VeRA has magnitude=False but the adapter True"):
+        load_adapter(plain, path)
+    monkeypatch.setattr("verakit.fileformat.FORMAT_VERSION", 2)  # a reader from before DVoRA
+    with pytest.raises(AdapterError, match=r"unknown format version 3 \(this verakit reads 1..2\)"):
+        read_adapter(path)

@@ -1,6 +1,7 @@
 """Adapter files: one .safetensors file of vectors and JSON metadata, validated on read, written atomically.
 
-Tensors: `<module>.vera_d` (r), `<module>.vera_b` (d_out) for every adapted module, and the state-dict
+Tensors: `<module>.vera_d` (r), `<module>.vera_b` (d_out) for every adapted module (and `<module>.vera_m`
+(d_out), float32, for DVoRA adapters: VeraConfig.magnitude), and the state-dict
 tensors of each module to save under their model names (e.g. `classifier.weight`). The projections are
 not stored by default: they are regenerated from the seed. Only adapters imported with a projection that
 cannot be regenerated (VeraConfig.projection_kind "explicit", e.g. from PEFT) store the shared tables, as
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._version import __version__
 from .atomic import atomic_write_bytes  # public here too: callers have always imported it from this module
 from .config import PROJECTION_KINDS, ConfigError, VeraConfig
 from .fileprojection import TABLE_KEYS, projection_from_file, projection_meta
-from .fingerprint import BaseSamples, base_fingerprint, compare, sample_layers
+from .fingerprint import BaseSamples, base_fingerprint, compare, model_mismatch, sample_layers
 from .inject import VeraState, attach, detach, layer_class, vera_state
 from .projection import GENERATOR, GENERATORS, MAX_PROJECTION_ELEMENTS, Projection
 
@@ -47,8 +48,9 @@ __all__ = [
 FORMAT_NAME = "verakit.adapter"
 # Version 2 added the module kinds of convolutions and embeddings ("conv:3x3", "embedding"), which a version-1
 # reader would take for linear layers. Files whose modules are all linear are still written as version 1,
-# byte for byte as before, so older readers keep reading them.
-FORMAT_VERSION = 2
+# byte for byte as before, so older readers keep reading them. Version 3 added DVoRA's magnitude tensors
+# (VeraConfig.magnitude), which a version-2 reader would drop; only DVoRA files are written as version 3.
+FORMAT_VERSION = 3
 _V1_KINDS = ("linear", "conv1d")
 # MAX_PROJECTION_ELEMENTS (defined in `projection`, still importable from here): a "peft-torch" projection is
 # generated from (seed, rank, max_in, max_out) in the file's metadata, which no tensor backs, and an
@@ -82,6 +84,7 @@ class Adapter:
         stored tables, already scaled); None when it is regenerated from the seed.
     samples: samples of the base weights it was trained on (`fingerprint.BaseSamples`); None for files
         written before they existed, and adapters built without a model.
+    m: module name -> DVoRA magnitude (d_out,) float32 when config.magnitude, else empty.
     """
 
     config: VeraConfig
@@ -96,6 +99,7 @@ class Adapter:
     path: str | None = None
     projection: Projection | None = None
     samples: BaseSamples | None = None
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -103,7 +107,7 @@ class Adapter:
 
     @property
     def trained_numel(self) -> int:
-        return sum(t.numel() for t in (*self.d.values(), *self.b.values(), *self.saved.values()))
+        return sum(t.numel() for t in (*self.d.values(), *self.b.values(), *self.m.values(), *self.saved.values()))
 
 
 def _fail(path: str | os.PathLike[str] | None, msg: str) -> AdapterError:
@@ -116,6 +120,7 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
     modules = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
     d = {n: ly.vera_d.detach().float().cpu().clone() for n, ly in state.layers.items()}
     b = {n: ly.vera_b.detach().float().cpu().clone() for n, ly in state.layers.items()}
+    m = {n: ly.vera_m.detach().float().cpu().clone() for n, ly in state.layers.items() if getattr(ly, "vera_m", None) is not None}
     saved = {}
     for s in state.saved_modules:
         for k, t in model.get_submodule(s).state_dict().items():
@@ -126,7 +131,7 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
         info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
     proj = state.projection if state.config.projection_kind != PROJECTION_KINDS[0] else None
     return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj,
-                   samples=sample_layers(state.layers))
+                   samples=sample_layers(state.layers), m=m)
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:
@@ -140,6 +145,11 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
     for n in adapter.modules:
         tensors[f"{n}.vera_d"] = adapter.d[n].to(dtype).contiguous()
         tensors[f"{n}.vera_b"] = adapter.b[n].to(dtype).contiguous()
+        if n in adapter.m:  # float32 whatever `dtype`: m scales the whole row, W0 included
+            tensors[f"{n}.vera_m"] = adapter.m[n].float().contiguous()
+    if set(adapter.m) != (set(adapter.modules) if adapter.config.magnitude else set()):
+        raise _fail(path, f"config.magnitude is {adapter.config.magnitude} but the adapter has magnitudes for "
+                          f"{len(adapter.m)} of its {len(adapter.modules)} modules")
     for k, t in adapter.saved.items():
         tensors[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     try:
@@ -152,7 +162,7 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
             raise _fail(path, f"refusing to save non-finite values in tensor {k!r}")
     meta = {
         "format": FORMAT_NAME,
-        "format_version": 1 if all(v[2] in _V1_KINDS for v in adapter.modules.values()) else FORMAT_VERSION,
+        "format_version": _version_needed(adapter.config, adapter.modules),
         "verakit_version": __version__,
         "config": adapter.config.to_dict(),
         "projection": proj_meta,
@@ -170,6 +180,11 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.d
     data = save(tensors, metadata={"format": FORMAT_NAME, "verakit": json.dumps(meta, separators=(",", ":"))})
     atomic_write_bytes(path, data)
     return len(data)
+
+
+def _version_needed(config: VeraConfig, modules: dict[str, tuple[int, int, str]]) -> int:
+    """The lowest format version that holds the file: older readers keep reading what they can."""
+    return 3 if config.magnitude else 1 if all(v[2] in _V1_KINDS for v in modules.values()) else 2
 
 
 def save_adapter(
@@ -258,7 +273,11 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         tensors = load(data)
     except Exception as e:  # safetensors raises its own error type for corrupt payloads
         raise _fail(path, f"corrupt tensor data: {e}") from None
-    expected = {f"{n}.{v}" for n in modules for v in ("vera_d", "vera_b")} | set(saved_keys)
+    vectors = ("vera_d", "vera_b", "vera_m") if config.magnitude else ("vera_d", "vera_b")
+    stray = sorted(k for k in tensors if k.endswith(".vera_m") and k not in saved_keys and not config.magnitude)
+    if stray:
+        raise _fail(path, f"tensor {stray[0]!r} is a DVoRA magnitude, but the file's config.magnitude is false")
+    expected = {f"{n}.{v}" for n in modules for v in vectors} | set(saved_keys)
     if config.projection_kind == "explicit":
         expected |= set(TABLE_KEYS)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -266,9 +285,11 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise _fail(path, f"missing tensor(s): {', '.join(missing[:5])}")
     if extra:
         raise _fail(path, f"unexpected tensor(s): {', '.join(extra[:5])}")
-    d, b = {}, {}
+    d, b, m = {}, {}, {}
     for n, (d_out, _, _) in modules.items():
-        for name, want, store in (("vera_d", config.r, d), ("vera_b", d_out, b)):
+        for name, want, store in (("vera_d", config.r, d), ("vera_b", d_out, b), ("vera_m", d_out, m)):
+            if name == "vera_m" and not config.magnitude:
+                continue
             t = tensors[f"{n}.{name}"]
             if tuple(t.shape) != (want,):
                 raise _fail(path, f"tensor '{n}.{name}' has shape {tuple(t.shape)}, expected ({want},)")
@@ -282,12 +303,13 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     except ValueError as e:
         raise _fail(path, str(e)) from None
     return Adapter(
-        config, model_type, architecture, modules, d, b, saved, info, dtype, str(path), projection, samples,
+        config, model_type, architecture, modules, d, b, saved, info, dtype, str(path), projection, samples, m,
     )
 
 
 def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str, tuple[int, int, str]]) -> None:
-    """Every module's kind is known, consistent with its shape and its file's version; tables stay bounded."""
+    """Every module's kind is known, consistent with its shape, its file's version and DVoRA (linear only);
+    tables stay bounded."""
     for n, (d_out, d_in, kind) in modules.items():
         if d_out < 1 or d_in < 1:
             raise _fail(path, f"corrupt metadata: module {n!r} has shape ({d_out}, {d_in})")
@@ -297,42 +319,15 @@ def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str
             raise _fail(path, f"module {n!r}: {e}") from None
         if version < 2 and kind not in _V1_KINDS:
             raise _fail(path, f"module {n!r} has kind {kind!r}, which format version {version} does not have")
+        if config.magnitude and kind not in _V1_KINDS:
+            raise _fail(path, f"module {n!r} has kind {kind!r}, but DVoRA (config.magnitude) adapts linear layers only")
+    if config.magnitude and version < 3:
+        raise _fail(path, f"config.magnitude (DVoRA) needs format version 3, the file says {version}")
     emb = [n for n, v in modules.items() if v[2].startswith("embedding")]
     need = config.r * (max(v[1] for v in modules.values()) + max(v[0] for v in modules.values())) if modules else 0
     if emb and need > MAX_PROJECTION_ELEMENTS:
         raise _fail(path, f"embedding {emb[0]!r} needs projection tables of {need:,} elements, above the limit of "
                           f"{MAX_PROJECTION_ELEMENTS:,} (verakit.projection.MAX_PROJECTION_ELEMENTS)")
-
-
-def _check_compatible(model: nn.Module, adapter: Adapter, where: str | None) -> None:
-    state = vera_state(model)
-    mine = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
-    for n, shape in adapter.modules.items():
-        if n not in mine:
-            raise _fail(where, f"base model mismatch: adapter module {n!r} {shape[:2]} is not adapted in the model")
-        if mine[n] != shape:
-            raise _fail(
-                where, f"base model mismatch: module {n!r} has shape {shape[:2]} in the adapter but {mine[n][:2]} in the model"
-            )
-    if set(mine) != set(adapter.modules):
-        extra = sorted(set(mine) - set(adapter.modules))
-        raise _fail(where, f"base model mismatch: the model adapts {extra[:3]} which the adapter lacks")
-    ours, theirs = state.config, adapter.config
-    for f in ("r", "seed", "distribution", "projection_sharing", "projection_kind"):
-        if getattr(ours, f) != getattr(theirs, f):
-            raise _fail(where, f"the model's VeRA has {f}={getattr(ours, f)!r} but the adapter {getattr(theirs, f)!r}")
-    if adapter.projection is not None and state.projection is not adapter.projection:
-        mine_p, theirs_p = state.projection, adapter.projection
-        used_in = max(v[1] for v in adapter.modules.values())
-        used_out = max(v[0] for v in adapter.modules.values())
-        same = mine_p is not None and torch.equal(mine_p.A[: ours.r, :used_in], theirs_p.A[: ours.r, :used_in])
-        if not (same and torch.equal(mine_p.B[:used_out, : ours.r], theirs_p.B[:used_out, : ours.r])):
-            raise _fail(where, "the model's VeRA projection tables differ from the adapter's")
-    model_keys = set()
-    for s in state.saved_modules:
-        model_keys |= {f"{s}.{k}" for k in model.get_submodule(s).state_dict()}
-    if set(adapter.saved) != model_keys:
-        raise _fail(where, f"saved modules differ: adapter has {sorted(adapter.saved)[:4]}, model {sorted(model_keys)[:4]}")
 
 
 def _check_base(model: nn.Module, adapter: Adapter, where: str | None) -> None:
@@ -371,7 +366,9 @@ def load_adapter(
         except ValueError as e:
             raise _fail(where, f"cannot attach to {type(model).__name__}: {e}") from None
     try:
-        _check_compatible(model, adapter, where)
+        fault = model_mismatch(model, adapter.modules, adapter.config, adapter.projection, adapter.saved)
+        if fault:
+            raise _fail(where, fault)
         state = vera_state(model)
         if any(layer.merged for layer in state.layers.values()):
             raise _fail(where, "the model's VeRA is merged; unmerge(model) before loading another adapter")
@@ -387,6 +384,8 @@ def load_adapter(
             for n, layer in state.layers.items():
                 layer.vera_d.copy_(adapter.d[n])
                 layer.vera_b.copy_(adapter.b[n])
+                if n in adapter.m:
+                    layer.vera_m.copy_(adapter.m[n])
             for s in state.saved_modules:
                 sub = {k[len(s) + 1 :]: v for k, v in adapter.saved.items() if k.startswith(s + ".")}
                 model.get_submodule(s).load_state_dict(sub, strict=True)

@@ -1,4 +1,5 @@
-"""Which base model an adapter belongs to: the structural fingerprint and samples of the base weights.
+"""Which base model an adapter belongs to: the structural fingerprint, the model's modules and settings
+(`model_mismatch`), and samples of the base weights.
 
 The structural fingerprint hashes the model type and the adapted modules' names, shapes and kinds: it
 tells architectures apart, not checkpoints. The base-weight samples do: at save, a file records a few
@@ -29,6 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import VeraConfig
+from .inject import vera_state
+from .projection import Projection
 from .quant import dequantized_weight
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "sample_positions",
     "sample_layers",
     "compare",
+    "model_mismatch",
 ]
 
 SAMPLE_RULE = "sha256-positions/v1"
@@ -252,3 +257,35 @@ def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseCompar
     everything = [sum(a[j] for a in sums.values()) for j in range(3)]
     pooled = {g: pool(a) for g, a in sums.items() if g != "float"}
     return BaseComparison(rel, pooled, pool(everything), total, tuple(unchecked), frozenset(quantized))
+
+
+def model_mismatch(
+    model: nn.Module, modules: Mapping[str, tuple[int, int, str]], config: VeraConfig, projection: Projection | None,
+    saved: Iterable[str],
+) -> str | None:
+    """The first difference between an adapter (its modules, config, projection, saved tensor names) and the
+    VeRA attached to `model`, as a sentence; None when they fit. Base weights: `compare`."""
+    state = vera_state(model)
+    mine = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
+    for n, shape in modules.items():
+        if n not in mine:
+            return f"base model mismatch: adapter module {n!r} {shape[:2]} is not adapted in the model"
+        if mine[n] != shape:
+            return f"base model mismatch: module {n!r} has shape {shape[:2]} in the adapter but {mine[n][:2]} in the model"
+    if set(mine) != set(modules):
+        return f"base model mismatch: the model adapts {sorted(set(mine) - set(modules))[:3]} which the adapter lacks"
+    ours = state.config
+    for f in ("r", "seed", "distribution", "projection_sharing", "projection_kind", "magnitude"):
+        if getattr(ours, f) != getattr(config, f):
+            return f"the model's VeRA has {f}={getattr(ours, f)!r} but the adapter {getattr(config, f)!r}"
+    if projection is not None and state.projection is not projection:
+        mine_p, used_in, used_out = state.projection, max(v[1] for v in modules.values()), max(v[0] for v in modules.values())
+        same = mine_p is not None and torch.equal(mine_p.A[: ours.r, :used_in], projection.A[: ours.r, :used_in])
+        if not (same and torch.equal(mine_p.B[:used_out, : ours.r], projection.B[:used_out, : ours.r])):
+            return "the model's VeRA projection tables differ from the adapter's"
+    model_keys = set()
+    for s in state.saved_modules:
+        model_keys |= {f"{s}.{k}" for k in model.get_submodule(s).state_dict()}
+    if set(saved) != model_keys:
+        return f"saved modules differ: adapter has {sorted(saved)[:4]}, model {sorted(model_keys)[:4]}"
+    return None

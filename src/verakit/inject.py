@@ -265,7 +265,8 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
             d_out, d_in = linear_shape(base)
             proj = Projection(config.seed, config.distribution, config.r, d_in, d_out, matrix_ids("unique", name))
         cls = VeraConv if is_conv_leaf(base) else VeraEmbedding if is_embedding_leaf(base) else VeraLinear
-        layer = cls(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b)
+        layer = cls(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b,
+                    magnitude=config.magnitude)  # convolutions and embeddings refuse True, naming the layer
         if isinstance(layer, VeraEmbedding):
             layer.tied = tuple(n for n in tied.get(id(base.weight), ()) if n != f"{name}.weight")
         parent_name, _, leaf = name.rpartition(".")
@@ -279,6 +280,8 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
     for layer in layers.values():
         layer.vera_d.requires_grad_(config.train_d)
         layer.vera_b.requires_grad_(config.train_b)
+        if getattr(layer, "vera_m", None) is not None:
+            layer.vera_m.requires_grad_(True)  # DVoRA's magnitude is always trained
     original_saved: dict[str, torch.Tensor] = {}
     for s in saved:
         for pn, p in model.get_submodule(s).named_parameters():
@@ -394,10 +397,11 @@ def set_input_recompute(model: nn.Module, enabled: bool) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs training must update: d, b (as configured) and modules_to_save."""
+    """(name, parameter) pairs training must update: d, b (as configured), DVoRA's m, and modules_to_save."""
     state = vera_state(model)
     keep = {id(layer.vera_d) for layer in state.layers.values() if state.config.train_d}
     keep |= {id(layer.vera_b) for layer in state.layers.values() if state.config.train_b}
+    keep |= {id(layer.vera_m) for layer in state.layers.values() if getattr(layer, "vera_m", None) is not None}
     for s in state.saved_modules:
         keep |= {id(p) for p in model.get_submodule(s).parameters()}
     return [(n, p) for n, p in model.named_parameters() if id(p) in keep]
