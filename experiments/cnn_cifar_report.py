@@ -11,7 +11,7 @@ from pathlib import Path
 from cnn_cifar import EXTRA, METHODS, REGIMES, SECTION
 from results_section import replace_section, write_atomic
 
-__all__ = ["load_cells", "section", "report"]
+__all__ = ["load_cells", "paired", "section", "report"]
 
 
 def load_cells(runs: Path) -> list[dict]:
@@ -22,6 +22,24 @@ def _stats(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Per regime, final-accuracy differences in points between methods, paired by seed (a seed fixes the
+    shots, the head's initialisation, the order and the augmentation for every method)."""
+    out = []
+    for regime in REGIMES:
+        acc = {m: {r["seed"]: r["final_accuracy"] for r in rows if r["regime"] == regime and r["method"] == m}
+               for m in METHODS}
+        parts = []
+        for a, b in (("vera", "head"), ("lora", "head"), ("vera", "lora")):
+            seeds = sorted(set(acc[a]) & set(acc[b]))
+            if seeds:
+                d = [100 * (acc[a][s] - acc[b][s]) for s in seeds]
+                parts.append(f"{a} − {b} {statistics.mean(d):+.1f} (seeds: {', '.join(f'{x:+.1f}' for x in d)})")
+        if parts:
+            out.append(f"* {regime}, mean difference in points, paired by seed: " + "; ".join(parts) + ".")
+    return out
 
 
 def section(info: dict | None, rows: list[dict], check: dict | None = None) -> str:
@@ -74,6 +92,7 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
                 f"{', '.join(f'{a:.3f}' for a in acc)} | {reload_txt} | {ms[0]['adapter_params']:,} | "
                 f"{ms[0]['head_params']:,} | {ms[0]['artifact_bytes']:,} | "
                 f"{statistics.median(r['train_seconds'] for r in ms):.0f} |")
+    lines += ["", *paired(rows)]
     lines += [
         "", "`vera-bntrain` is `vera` with the BatchNorm layers in train mode, as `verakit train --task images` "
         "runs a model today: the running statistics move to the adaptation data during training and are in no "

@@ -107,6 +107,11 @@ def test_cnn_report_on_fake_runs(cnn, report, tmp_path):
     assert "| shots10 | lora | 0 | not yet measured | | | | | | |" in lines
     assert not any(line.startswith("| shots10 | vera-bntrain") for line in lines)  # runs at full only
     assert not any("cli-check" in line for line in lines)
+    assert not any(line.startswith("* full, mean difference") for line in lines)  # no pair measured yet
+    rows = [_cell("full", "vera", 0, 0.60), _cell("full", "vera", 1, 0.70), _cell("full", "head", 1, 0.65),
+            _cell("full", "head", 0, 0.50), _cell("full", "lora", 0, 0.55)]
+    assert report.paired(rows) == ["* full, mean difference in points, paired by seed: vera − head +7.5 (seeds: +10.0, "
+                                   "+5.0); lora − head +5.0 (seeds: +5.0); vera − lora +5.0 (seeds: +5.0)."]
     check = {"command": "verakit train X", "eval_command": "verakit eval Y", "best_epoch": 7.0, "recorded_accuracy": 0.5,
              "eval_accuracy": 0.4, "adapter_params": 5952, "head_params": 2565, "adapter_bytes": 39036}
     text = report.section(None, report.load_cells(tmp_path), check)
