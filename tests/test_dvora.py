@@ -8,11 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from verakit import ops
+from verakit import (
+    VeraConfig,
+    attach,
+    load_adapter,
+    merge,
+    ops,
+    read_adapter,
+    save_adapter,
+    trainable_parameters,
+    vera_layers,
+)
 from verakit.layer import VeraLinear
 from verakit.layer_conv import VeraConv
 from verakit.layer_embedding import VeraEmbedding
 from verakit.layer_plan import Path, plan_forward
+from verakit.merge import merged_state_dict
 from verakit.projection import Projection
 
 D_IN, D_OUT, R = 24, 20, 8
@@ -229,3 +240,50 @@ def test_parity_with_peft_dora_over_the_same_low_rank_factors():
                                    rtol=1e-5, atol=1e-5)
         layer.vera_m.grad = None
         lora.lora_magnitude_vector["default"].weight.grad = None
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 7)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def test_attach_train_save_load_and_merge_a_dvora_model(tmp_path):
+    """End to end through attach: m is trained, the file carries it, a fresh model loads the same function,
+    and the pure merged_state_dict of the file equals the live merge."""
+    torch.manual_seed(0)
+    model, fresh, plain = _MLP(), _MLP(), _MLP()
+    fresh.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    attach(model, VeraConfig(r=8, target_modules=("up", "down"), magnitude=True))
+    names = {n for n, _ in trainable_parameters(model)}
+    assert names == {f"{m}.vera_{v}" for m in ("up", "down") for v in "dbm"}
+    x = torch.randn(16, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-6)  # identity at init
+    opt = torch.optim.Adam([p for _, p in trainable_parameters(model)], lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    m0 = {n: ly.vera_m.detach().clone() for n, ly in vera_layers(model).items()}
+    assert any((ly.vera_m - plain.get_submodule(n).weight.norm(dim=1)).abs().max() > 1e-3
+               for n, ly in vera_layers(model).items())  # m moved
+    save_adapter(model, tmp_path / "a.safetensors")
+    load_adapter(fresh, tmp_path / "a.safetensors")  # attaches with the file's config (magnitude=True)
+    for n, ly in vera_layers(fresh).items():
+        assert torch.equal(ly.vera_m, m0[n])
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+        merged_sd = merged_state_dict(plain.state_dict(), read_adapter(tmp_path / "a.safetensors"))
+        merge(model)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+    plain.load_state_dict(merged_sd)
+    for n, ly in vera_layers(model).items():
+        torch.testing.assert_close(plain.get_submodule(n).weight, ly.base.weight, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=1e-5)
