@@ -34,15 +34,15 @@ def one(args: argparse.Namespace) -> None:
     """Child process: one case, JSON on stdout."""
     import torch
 
-    from verakit.train.causal import enable_gradient_checkpointing, peak_rss_mib, prepare_causal, token_loss
-    from verakit.train.methods import MethodSpec
+    from verakit.train.causal import enable_gradient_checkpointing, peak_rss_mib, token_loss
+    from verakit.train.methods import NO_HEAD, MethodSpec, prepare_model
 
     torch.set_num_threads(args.threads)
     model = build_model("smollm2", 30)
     if args.ckpt:
         enable_gradient_checkpointing(model)
     targets = args.targets if args.targets in ("", "all-linear") else tuple(args.targets.split(","))
-    prepared = prepare_causal(model, MethodSpec(args.method, args.r, 0.1, targets or None, 0))  # type: ignore[arg-type]
+    prepared = prepare_model(model, MethodSpec(args.method, args.r, 0.1, targets or None, 0, head=NO_HEAD))
     if args.keepx:
         import verakit
 

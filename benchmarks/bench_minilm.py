@@ -63,7 +63,7 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from verakit.train.data import load_task
+    from verakit.train.classify import load_task
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

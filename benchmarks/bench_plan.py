@@ -51,13 +51,8 @@ def child(args: argparse.Namespace) -> None:
     import transformers.models.roberta.modeling_roberta  # noqa: F401
     from _common import adapt
 
-    from verakit.train.causal import (
-        build_causal_lm,
-        enable_gradient_checkpointing,
-        prepare_causal,
-        token_loss,
-    )
-    from verakit.train.methods import MethodSpec
+    from verakit.train.causal import build_causal_lm, enable_gradient_checkpointing, token_loss
+    from verakit.train.methods import NO_HEAD, MethodSpec, prepare_model
 
     if args.precision == "4bit":
         import bitsandbytes  # noqa: F401
@@ -80,8 +75,8 @@ def child(args: argparse.Namespace) -> None:
                     q.data = q.data.clone()
         if args.ckpt:
             enable_gradient_checkpointing(model)
-        prepared = prepare_causal(model, MethodSpec(args.method, {"vera": 1024, "lora": 8}.get(args.method, 0), 0.1,
-                                                    None, 0))
+        prepared = prepare_model(model, MethodSpec(args.method, {"vera": 1024, "lora": 8}.get(args.method, 0), 0.1,
+                                                   None, 0, head=NO_HEAD))
         model, params = prepared.model, [p for _, p in prepared.adapter]
         batch = batch_for("smollm2", args.batch, args.seq, 49152)
 

@@ -235,8 +235,7 @@ def majority(task: str) -> dict[str, float]:
     """Dev metrics of always predicting the most frequent training label (what a collapsed run scores)."""
     import numpy as np
 
-    from verakit.train.data import load_task
-    from verakit.train.metrics import compute_metrics
+    from verakit.train.classify import compute_metrics, load_task
 
     b = TASKS[task]
     data = load_task(b.task, DATA / b.folder, max_train_samples=b.n_train, max_eval_samples=b.max_eval, seed=0)

@@ -96,10 +96,8 @@ def run(args: argparse.Namespace) -> None:
 
 def _base_test() -> dict:
     """The untrained model on the same test MRs, prompts encoded as in training (plain text, no template)."""
-    from verakit.train.causal import build_causal_lm, evaluate_lm
-    from verakit.train.causal_data import load_causal_data
-    from verakit.train.generate import DecodeConfig
-    from verakit.train.lm_data import tokenize_examples
+    from verakit.train.causal import DecodeConfig, build_causal_lm, evaluate_lm, load_causal_data
+    from verakit.train.causal.lm_data import tokenize_examples
 
     _, test = load_causal_data("e2e", str(DATA), max_train_samples=1, max_eval_samples=N_TEST, eval_split="test")
     model, tok = build_causal_lm(None)
@@ -113,9 +111,8 @@ def paired(args: argparse.Namespace) -> None:
     generations are redone (greedy, so identical to phase 3's) and kept whole in paired.json."""
     import random
 
-    from verakit.train.causal_data import load_causal_data
-    from verakit.train.gen_metrics import generation_metrics
-    from verakit.train.generate import DecodeConfig, generate_with_artifact
+    from verakit.train.causal import DecodeConfig, generate_with_artifact, load_causal_data
+    from verakit.train.causal.gen_metrics import generation_metrics
 
     runs = Path(args.runs)
     out = runs / "paired.json"

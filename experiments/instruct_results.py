@@ -65,10 +65,8 @@ def run(args: argparse.Namespace) -> None:
     base = runs / "base.json"
     if not base.is_file():
         t0 = time.perf_counter()
-        from verakit.train.causal import build_causal_lm, evaluate_lm
-        from verakit.train.causal_data import load_causal_data
-        from verakit.train.generate import DecodeConfig
-        from verakit.train.lm_data import tokenize_examples
+        from verakit.train.causal import DecodeConfig, build_causal_lm, evaluate_lm, load_causal_data
+        from verakit.train.causal.lm_data import tokenize_examples
 
         _, held = load_causal_data("instruct", str(DATA), max_train_samples=1, max_eval_samples=N_EVAL)
         model, tok = build_causal_lm(None)

@@ -69,7 +69,7 @@ def tiny_task(tmp_path_factory) -> Path:
 def make_recipe(tiny_bert_dir, tiny_task):
     """make_recipe(method="vera", **TrainArgs fields) -> ClassificationRecipe on the tiny model and task."""
     from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
-    from verakit.train.data import load_task
+    from verakit.train.classify.data import load_task
     from verakit.train.methods import prepare_model
 
     def make(method: str = "vera", **kw):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
-from verakit.train.data import load_task
+from verakit.train.classify.data import load_task
 from verakit.train.loop import LoopConfig, run_loop
 from verakit.train.methods import MethodSpec, prepare_model
 

@@ -73,7 +73,7 @@ def test_eval_of_an_artifact_without_run_info_says_what_to_pass(tmp_path, capsys
     from helpers import randomize_vectors
     from verakit import VeraConfig, attach, save_adapter
     from verakit.train.classify import Encoded, build_classifier, evaluate_encoded
-    from verakit.train.data import load_task
+    from verakit.train.classify.data import load_task
 
     data = load_task("csv", tiny_task)
     base, tok = build_classifier(tiny_bert_dir, data.spec)
@@ -141,7 +141,7 @@ def test_minilm_sst2_end_to_end(tmp_path, capsys, shared_data, minilm_path):
     # into the base layers) moves the logits; measured mean |change| 0.158, the bound leaves 3x margin.
     from verakit import vera_layers
     from verakit.train.classify import Encoded, build_classifier
-    from verakit.train.data import load_task
+    from verakit.train.classify.data import load_task
     from verakit.train.methods import load_artifact
 
     data = load_task("sst2", shared_data / "glue" / "SST-2", max_train_samples=1)
@@ -260,9 +260,9 @@ def test_eval_of_an_interrupted_run_says_to_resume_with_the_exact_command(tmp_pa
     import shlex
     import signal
 
-    from verakit.train import classify
+    from verakit.train import runner
 
-    real_run_loop = classify.run_loop
+    real_run_loop = runner.run_loop
     interrupt_at = [1, 4]  # before the first trained evaluation (step 3), then after it
 
     def ctrl_c(recipe, config, run_dir, **kw):
@@ -273,7 +273,7 @@ def test_eval_of_an_interrupted_run_says_to_resume_with_the_exact_command(tmp_pa
 
         return real_run_loop(recipe, config, run_dir, on_step=on_step, **kw)
 
-    monkeypatch.setattr(classify, "run_loop", ctrl_c)
+    monkeypatch.setattr(runner, "run_loop", ctrl_c)
     run_dir = tmp_path / "run"
     assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model",
                  tiny_bert_dir, "--r", "16", "--epochs", "2", "--batch-size", "32", "--lr", "0.02", "--quiet"]) == 130

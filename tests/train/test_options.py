@@ -114,7 +114,7 @@ def test_cli_options_reach_the_file_and_unique_projections_regenerate_bit_identi
 
     from verakit import load_adapter
     from verakit.train.classify import build_classifier
-    from verakit.train.data import load_task
+    from verakit.train.classify.data import load_task
 
     spec = load_task("csv", tiny_task).spec
     layers = vera_layers(load_adapter(build_classifier(tiny_bert_dir, spec)[0], path))
@@ -152,7 +152,7 @@ def test_uniform_projections_give_a_non_negative_bounded_delta(tiny_bert_clf):
 
 def test_grouped_training_applies_the_options(tmp_path, capsys, tiny_bert_dir):
     """Every per-group adapter of `--group-column` gets the options: b fixed at ones, unique tables."""
-    from train.test_grouped import write_grouped_task
+    from train.grouped.test_recipe import write_grouped_task
 
     data_dir = write_grouped_task(tmp_path / "data", ["a", "b"], 40, 16)
     run_dir = tmp_path / "run"
@@ -171,7 +171,7 @@ def test_only_d_learns_the_tiny_task(tmp_path, tiny_bert_dir):
     """Behaviour, not just plumbing: with the head frozen at a tiny lr, "only d" must lower the training
     loss well below its start (with b frozen at zero, as before this option existed, it could not)."""
     from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
-    from verakit.train.data import load_task
+    from verakit.train.classify.data import load_task
     from verakit.train.methods import prepare_model
 
     task = write_task(tmp_path / "task", n_train=64, n_dev=16, seed=1)

@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..config import ConfigError
     from ..fileformat import AdapterError
     from ..models import ModelNotInstalledError  # stdlib only
-    from ..train.data import DataError  # stdlib only
-    from ..train.lm_data import LMDataError
+    from ..train.causal.lm_data import LMDataError
+    from ..train.errors import DataError  # stdlib only
     from ..train.methods import ArtifactError
 
     args = build_parser().parse_args(argv)

@@ -1,5 +1,8 @@
 """What several `verakit` subcommands share: option groups, value parsers, logging, and how a training
-or evaluation call becomes an exit code and its message on stderr."""
+or evaluation call becomes an exit code and its message on stderr.
+
+Every training option is declared once, here, for `verakit train` and `verakit tune` alike, and its
+default is read from the recipes' argument dataclasses (`field_default`), never written again here."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECIPES", "add_run_options", "add_vera_options", "command_line", "csv_list", "defaults_help", "fields_of",
-           "interrupted_run", "log_to_stderr", "print_evaluation", "run_training"]
+__all__ = ["RECIPES", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
+           "defaults_help", "field_default", "fields_of", "interrupted_run", "log_to_stderr", "print_evaluation",
+           "run_training"]
 
 RECIPES = ("classification", "causal LMs", "images")  # the recipes `defaults_help` describes, in this order
 _UNUSED = {"r": ("full", "head"), "lr": ("head",)}  # methods for which an option's resolved value means nothing
@@ -28,14 +32,36 @@ def fields_of(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in cls.__dataclass_fields__}
 
 
+def _recipe_args() -> tuple[type, ...]:
+    """The dataclasses `verakit train` fills from its options: one per recipe (grouped adds its own fields)."""
+    from ..train.causal import CausalArgs
+    from ..train.classify import TrainArgs
+    from ..train.grouped import GroupedArgs
+    from ..train.vision import ImageArgs
+
+    return TrainArgs, GroupedArgs, CausalArgs, ImageArgs
+
+
+def field_default(dest: str, classes: Iterable[type] | None = None) -> Any:
+    """The default of field `dest` in the dataclasses `classes` (default: every recipe's arguments) that have
+    it: one value, which the option declared once takes; a recipe whose default differed would need its own
+    option, so that is an error naming them, as is a field none of them has."""
+    import dataclasses
+
+    found = {cls.__name__: f.default for cls in (classes or _recipe_args()) for f in dataclasses.fields(cls)
+             if f.name == dest and f.default is not dataclasses.MISSING}
+    if len({repr(v) for v in found.values()}) != 1:
+        raise ValueError(f"option {dest!r}: defaults {found or 'none'} in the recipes' arguments; one option needs one")
+    return next(iter(found.values()))
+
+
 def _recipe_grid(recipe: str) -> tuple[type, dict[str, dict[str, dict[str, Any]]]]:
     """(args dataclass, {budget: {method: {task: resolved args}}}) of one recipe: every combination resolved
     exactly as a run would resolve it, so help texts show the values in force (hparams.py and friends)."""
     from ..train.hparams import BUDGETS
 
     if recipe == "classification":
-        from ..train.classify import TrainArgs
-        from ..train.data import TASKS
+        from ..train.classify import TASKS, TrainArgs
         from ..train.methods import METHODS
 
         def make(t: str, m: str, b: str) -> Any:
@@ -44,15 +70,15 @@ def _recipe_grid(recipe: str) -> tuple[type, dict[str, dict[str, dict[str, Any]]
         # peft-vera resolves exactly as vera (hparams.task_defaults): naming it would only lengthen each help.
         cls, tasks, methods = TrainArgs, list(TASKS), tuple(m for m in METHODS if m != "peft-vera")
     elif recipe == "causal LMs":
-        from ..train.causal import CAUSAL_METHODS, CausalArgs
-        from ..train.causal_data import CAUSAL_TASKS
+        from ..train.causal import CAUSAL_METHODS, CAUSAL_TASKS, CausalArgs
 
         def make(t: str, m: str, b: str) -> Any:
             return CausalArgs(task=t, data_dir="", out="", method=m, budget=b).budgeted()
 
         cls, tasks, methods = CausalArgs, list(CAUSAL_TASKS), CAUSAL_METHODS
     else:
-        from ..train.vision import IMAGE_DEFAULTS, IMAGE_TASK, ImageArgs
+        from ..train.hparams import IMAGE_DEFAULTS
+        from ..train.vision import IMAGE_TASK, ImageArgs
 
         def make(t: str, m: str, b: str) -> Any:
             return ImageArgs(data_dir="", out="", model="m", method=m).resolved()
@@ -113,23 +139,29 @@ def defaults_help(dest: str, recipes: Iterable[str] = RECIPES, budget: str | Non
 
 
 def add_vera_options(s: argparse.ArgumentParser) -> None:
-    """The VeRA ablation flags of `verakit train` and `verakit tune` (VeraConfig's fields)."""
+    """The VeRA ablation flags of `verakit train` and `verakit tune` (VeraConfig's fields, TrainArgs's defaults)."""
     from ..config import DISTRIBUTIONS, SHARING_MODES
+    from ..train.classify import ADAPTER_COMPUTE_DTYPES
 
+    on = {True: "on", False: "off"}
     g = s.add_argument_group("VeRA options (the paper's ablations; docs/tuning.md)")
-    g.add_argument("--train-d", action=argparse.BooleanOptionalAction, default=True,
-                   help="train d (default on; --no-train-d: d stays at --d-initial; the paper's 'only b' uses 1.0)")
-    g.add_argument("--train-b", action=argparse.BooleanOptionalAction, default=True,
-                   help="train b (default on; --no-train-b: b is fixed at ones; the paper's 'only d' uses "
-                   "--d-initial 0)")
-    g.add_argument("--distribution", default="kaiming_uniform", choices=DISTRIBUTIONS,
-                   help="projection values (default kaiming_uniform; uniform is on [0, 0.1), the paper's bad case)")
-    g.add_argument("--projection-sharing", default="shared", choices=SHARING_MODES,
-                   help="shared: one projection pair for all layers (default shared); unique: a pair per layer")
-    g.add_argument("--adapter-compute-dtype", default="fp32", choices=["fp32", "bf16"],
+    g.add_argument("--train-d", action=argparse.BooleanOptionalAction, default=field_default("train_d"),
+                   help=f"train d (default {on[field_default('train_d')]}; --no-train-d: d stays at --d-initial; "
+                   "the paper's 'only b' uses 1.0)")
+    g.add_argument("--train-b", action=argparse.BooleanOptionalAction, default=field_default("train_b"),
+                   help=f"train b (default {on[field_default('train_b')]}; --no-train-b: b is fixed at ones; the "
+                   "paper's 'only d' uses --d-initial 0)")
+    g.add_argument("--distribution", default=field_default("distribution"), choices=DISTRIBUTIONS,
+                   help=f"projection values (default {field_default('distribution')}; uniform is on [0, 0.1), the "
+                   "paper's bad case)")
+    g.add_argument("--projection-sharing", default=field_default("projection_sharing"), choices=SHARING_MODES,
+                   help="shared: one projection pair for all layers; unique: a pair per layer (default "
+                   f"{field_default('projection_sharing')})")
+    g.add_argument("--adapter-compute-dtype", default=field_default("adapter_compute_dtype"),
+                   choices=list(ADAPTER_COMPUTE_DTYPES),
                    help="bf16: VeRA's own products (delta, g^T x, A x) in bf16 during training steps, faster on "
-                   "CPUs with avx512_bf16/AMX and on GPUs; evaluation and the saved file stay exact (default fp32; "
-                   "classification tasks only; docs/performance.md)")
+                   "CPUs with avx512_bf16/AMX and on GPUs; evaluation and the saved file stay exact (default "
+                   f"{field_default('adapter_compute_dtype')}; classification tasks only; docs/performance.md)")
 
 
 def interrupted_run(adapter: str | Path) -> Path | None:
@@ -196,44 +228,72 @@ def print_evaluation(evaluate: Callable[[], dict[str, Any]]) -> int:
     return 0
 
 
+def _head_defaults() -> str:
+    """classify.DEFAULT_HEAD in words: "vera for vera and peft-vera, full for lora, full and head"."""
+    from ..train.classify import DEFAULT_HEAD
+
+    by_head: dict[str, list[str]] = {}
+    for method, head in DEFAULT_HEAD.items():
+        by_head.setdefault(head, []).append(method)
+    return ", ".join(f"{head} for {', '.join(ms[:-1]) + ' and ' if len(ms) > 1 else ''}{ms[-1]}"
+                     for head, ms in by_head.items())
+
+
 def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
                     batch_size: int | None = None) -> None:
     """The settings of one training run, declared once for `verakit train` and `verakit tune` (whose trials
     are such runs): rank, budget and its overrides, seed, subsets, evaluation cadence. `default(dest)` says
     an option's resolved default; `per_trial` words the help for tune; `batch_size` is the parser default."""
     from ..train.hparams import BUDGETS
+    from ..train.methods import HEADS
 
     each = "every trial's " if per_trial else ""
     # --adapter-rank: the same flag under torchrun, whose own parser rejects "--r" as an ambiguous prefix.
     g.add_argument("--r", "--adapter-rank", dest="r", type=int, default=None, help=f"rank (default: {default('r')})")
-    g.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial d (default 0.1)")
+    g.add_argument("--d-initial", type=float, default=field_default("d_initial"),
+                   help=f"VeRA's initial d (default {field_default('d_initial')})")
     g.add_argument("--target-modules", type=csv_list, default=None, help="comma-separated leaf names "
                    "(default: the model type's, query,value for BERT)")
-    g.add_argument("--head", choices=["vera", "full"], default=None,
+    g.add_argument("--head", choices=list(HEADS), default=None,
                    help="classification head: vera (VeRA vectors on its hidden layer, e.g. BERT's pooler, and the "
                    "output layer in full: a file a fraction of the size) or full (the whole head trained and "
-                   "saved) (default: vera for vera and peft-vera, full for lora, full and head; full where the "
-                   "base checkpoint lacks the head's hidden layer)")
-    g.add_argument("--budget", default="cpu", choices=list(BUDGETS),
-                   help=f"{each}preset of epochs, training rows and learning rates: cpu (default; minutes "
+                   f"saved) (default: {_head_defaults()}; full where the base checkpoint lacks the head's hidden layer)")
+    g.add_argument("--budget", default=field_default("budget"), choices=list(BUDGETS),
+                   help=f"{each}preset of epochs, training rows and learning rates (default "
+                   f"{field_default('budget')}): cpu (minutes "
                    f"{'a trial ' if per_trial else ''}on a laptop CPU with the default MiniLM) or paper (the VeRA/LoRA "
                    "papers' GPU budgets over the whole training set); --epochs, --max-train-samples, --lr and "
                    f"--head-lr{' and searched settings' if per_trial else ''} override single values (docs/training.md)")
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {default('epochs')})")
     g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size, split across processes "
                    f"(default: {default('batch_size') if batch_size is None else batch_size})")
-    g.add_argument("--max-length", type=int, default=128, help="max tokens per example, truncated (default 128)")
+    g.add_argument("--max-length", type=int, default=field_default("max_length"),
+                   help=f"max tokens per example, truncated (default {field_default('max_length')})")
     g.add_argument("--lr", type=float, default=None,
                    help=f"adapter (full: body) learning rate (default: {default('lr')})")
     g.add_argument("--head-lr", type=float, default=None,
                    help=f"classifier head learning rate (default: {default('head_lr')})")
-    g.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps with a linear warm-up "
-                   "of the learning rate (default 0.06)")
-    g.add_argument("--seed", type=int, default=0, help=f"{'training seed of every trial: ' if per_trial else ''}"
-                   "data subset and order, head init, dropout and VeRA's projection (default 0)")
+    g.add_argument("--warmup-ratio", type=float, default=field_default("warmup_ratio"), help="fraction of the steps "
+                   f"with a linear warm-up of the learning rate (default {field_default('warmup_ratio')})")
+    g.add_argument("--seed", type=int, default=field_default("seed"), help=f"{'training seed of every trial: ' if per_trial else ''}"
+                   f"data subset and order, head init, dropout and VeRA's projection (default {field_default('seed')})")
     g.add_argument("--max-train-samples", type=int, default=None, help=f"train {'each trial ' if per_trial else ''}"
                    f"on a seeded subset of this many rows (default: {default('max_train_samples')})")
     g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
                    f"rows (default: {default('max_eval_samples')})")
     g.add_argument("--eval-every", type=int, default=None, help=f"also evaluate{' (and maybe prune)' if per_trial else ''}"
                    " every N optimizer steps (default: only before training and at each epoch end)")
+
+
+def add_target_options(s: argparse.ArgumentParser, *, tasks: Iterable[str], methods: Iterable[str], task: str,
+                       data: str, out: str, model: str, method: str = "") -> None:
+    """What a run trains on, declared once for `verakit train` and `verakit tune`: --task (one of `tasks`),
+    --data-dir, --out (all three required), --model and --method (one of `methods`, default the recipes'
+    own). `task`, `data`, `out`, `model`: the command's words for the tasks, the data folder, what RUN_DIR
+    receives and the default model; `method`: a note after the method's default."""
+    s.add_argument("--task", required=True, choices=list(tasks), help=f"{task} (required)")
+    s.add_argument("--data-dir", required=True, help=f"{data} (required)")
+    s.add_argument("--out", required=True, help=f"{out} (required)")
+    s.add_argument("--model", default=None, help=f"model folder or hub id (default: {model})")
+    s.add_argument("--method", default=field_default("method"), choices=list(methods),
+                   help=f"what trains (default {field_default('method')}{method})")

@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from .common import field_default
+
 __all__ = ["add_parsers", "run_generate"]
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate for every --prompt and every non-blank line of --prompts-file; 2 when there is none."""
-    from ..train.generate import DecodeConfig, generate_with_artifact
+    from ..train.causal import DecodeConfig, generate_with_artifact
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -31,6 +33,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `generate`."""
+    from ..train.causal import DecodeConfig
+
     s = sub.add_parser("generate", help="generate text with a trained causal-LM adapter (or the base model)")
     s.add_argument("--adapter", default=None, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) or "
                    "RUN_DIR/trained.safetensors (default: none, the base model alone)")
@@ -39,7 +43,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default=None, help="base model (default: the adapter's, else SmolLM2-135M-Instruct)")
     s.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as the adapter was trained; for the base model, on when it has a template")
-    s.add_argument("--num-beams", type=int, default=1, help="1: greedy (default); > 1: beam search")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    decode = (DecodeConfig,)
+    s.add_argument("--num-beams", type=int, default=field_default("num_beams", decode),
+                   help=f"1: greedy; > 1: beam search (default {field_default('num_beams', decode)})")
+    s.add_argument("--max-new-tokens", type=int, default=field_default("max_new_tokens", decode),
+                   help=f"tokens generated per prompt at most (default {field_default('max_new_tokens', decode)})")
     s.add_argument("--json", action="store_true", help="print a JSON list of {prompt, generation}")
     s.set_defaults(func=run_generate)

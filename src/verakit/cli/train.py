@@ -9,9 +9,11 @@ from pathlib import Path
 
 from .common import (
     add_run_options,
+    add_target_options,
     add_vera_options,
     command_line,
     defaults_help,
+    field_default,
     fields_of,
     interrupted_run,
     print_evaluation,
@@ -32,15 +34,15 @@ __all__ = [
 
 def run_train(args: argparse.Namespace) -> int:
     """Refuse flags the task cannot use (2), then train the recipe the task and flags name."""
-    from ..train.causal_data import CAUSAL_TASKS
+    from ..train.causal import CAUSAL_TASKS
     from ..train.classify import TrainArgs, train_classifier
+    from ..train.grouped.recipe import COMPUTE_DTYPE_REFUSED
     from ..train.methods import VERA_OPTION_DEFAULTS
     from ..train.vision import IMAGE_TASK
 
-    if args.adapter_compute_dtype != "fp32" and (
-            args.group_column is not None or args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
-        print("verakit train: error: --adapter-compute-dtype is wired for classification tasks without "
-              "--group-column only", file=sys.stderr)
+    if args.adapter_compute_dtype != "fp32" and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
+        # Their arguments have no such field; GroupedArgs refuses it itself, with the same message.
+        print(f"verakit train: error: {COMPUTE_DTYPE_REFUSED}", file=sys.stderr)
         return 2
     if args.quantize is not None and args.task not in CAUSAL_TASKS:
         print("verakit train: error: --quantize is wired for causal-LM tasks (e2e, instruct, jsonl) only",
@@ -130,7 +132,7 @@ def run_train_images(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved artifact with the recipe of its task (--task, else the one it was trained on); one
     that records no task (saved outside `verakit train`) and gets no --task is refused (2)."""
-    from ..train.causal_data import CAUSAL_TASKS
+    from ..train.causal import CAUSAL_TASKS
     from ..train.classify import evaluate_classifier
     from ..train.methods import read_artifact_info, recorded
     from ..train.vision import IMAGE_TASK
@@ -168,8 +170,7 @@ def _resume_command(run_dir: Path) -> str:
 
 def run_eval_causal(args: argparse.Namespace) -> int:
     """Held-out loss (and generation metrics) of a causal-LM artifact."""
-    from ..train.causal import evaluate_causal
-    from ..train.generate import DecodeConfig
+    from ..train.causal import DecodeConfig, evaluate_causal
 
     decode = None
     if args.num_beams is not None or args.max_new_tokens is not None:
@@ -204,27 +205,30 @@ def _add_group_options(s: argparse.ArgumentParser) -> None:
 
 
 def _add_causal_options(s: argparse.ArgumentParser, train: bool) -> None:
+    from ..quant import QUANT_KINDS
+
     g = s.add_argument_group("causal-LM tasks (e2e, instruct, jsonl)")
     if train:
-        g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+        g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=field_default("chat_template"),
                        help="render prompts with the tokenizer's chat template (default: on for instruct when "
                        "the tokenizer has one, else off)")
         g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
                        "in backward: less memory, one more forward per step (default off)")
-        g.add_argument("--held-out", type=float, default=0.1, help="instruct / one-file jsonl: fraction held out "
-                       "for evaluation (default 0.1)")
-        g.add_argument("--report-samples", type=int, default=4, help="held-out generations shown in report.md, "
-                       "before and after training (default 4)")
-        g.add_argument("--quantize", choices=("4bit", "8bit"), default=None, help="load the base's linear layers "
-                       "quantized by bitsandbytes (QVeRA; --method vera only; the adapter loads into the fp32 "
-                       "base; default: fp32 base)")
+        g.add_argument("--held-out", type=float, default=field_default("held_out"), help="instruct / one-file jsonl: "
+                       f"fraction held out for evaluation (default {field_default('held_out')})")
+        g.add_argument("--report-samples", type=int, default=field_default("report_samples"), help="held-out "
+                       f"generations shown in report.md, before and after training (default {field_default('report_samples')})")
+        g.add_argument("--quantize", choices=QUANT_KINDS, default=field_default("quantize"), help="load the base's "
+                       "linear layers quantized by bitsandbytes (QVeRA; --method vera only; the adapter loads into "
+                       "the fp32 base; default: fp32 base)")
     g.add_argument("--gen-eval-samples", type=int, default=None, help="held-out examples generated and scored "
                    "(BLEU, ROUGE-L, chrF) at each evaluation (default: " + (
                        defaults_help("gen_eval_samples", ("causal LMs",)) if train else "as in training") + ")")
-    g.add_argument("--num-beams", type=int, default=1 if train else None, help="1: greedy; > 1: beam search "
-                   "(default " + ("1" if train else "as in training") + ")")
-    g.add_argument("--max-new-tokens", type=int, default=64 if train else None, help="generation limit "
-                   "(default " + ("64" if train else "as in training") + ")")
+    beams, new_tokens = field_default("num_beams"), field_default("max_new_tokens")
+    g.add_argument("--num-beams", type=int, default=beams if train else None, help="1: greedy; > 1: beam search "
+                   f"(default {beams if train else 'as in training'})")
+    g.add_argument("--max-new-tokens", type=int, default=new_tokens if train else None, help="generation limit "
+                   f"(default {new_tokens if train else 'as in training'})")
     if not train:
         g.add_argument("--split", default="dev", choices=["dev", "test"], help="e2e: dev or test set (default dev)")
 
@@ -239,8 +243,8 @@ def _add_image_options(s: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `train` and `eval`, in that order."""
-    from ..train.causal_data import CAUSAL_TASKS
-    from ..train.data import TASKS
+    from ..train.causal import CAUSAL_METHODS, CAUSAL_TASKS
+    from ..train.classify import TASKS
     from ..train.methods import METHODS
     from ..train.vision import IMAGE_TASK
 
@@ -249,17 +253,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "or one VeRA adapter per group of rows (--group-column)")
     s = sub.add_parser("train", help=what, description=what[0].upper() + what[1:] + ". Writes RUN_DIR: the best "
                        "evaluation's adapter, config.json, metrics.json, report.md, curve.png (docs/training.md).")
-    s.add_argument("--task", required=True, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
-                   help="GLUE task or csv (classification), e2e / instruct / jsonl (causal LM), images (required)")
-    s.add_argument("--data-dir", required=True, help="GLUE task folder (or GLUE root); for csv, the folder "
-                   "holding train and dev .csv/.jsonl/.tsv; for images, a folder or .zip of train/<class>/ and "
-                   "test/<class>/; for causal LMs, the task's file or folder (required)")
-    s.add_argument("--out", required=True, help="RUN_DIR, absent or empty: adapter, config.json, metrics.json, "
-                   "report.md, curve.png (required)")
-    s.add_argument("--model", default=None, help="model folder or hub id (default: classification "
-                   "all-MiniLM-L6-v2, causal LMs SmolLM2-135M-Instruct, both installed offline; images: required)")
-    s.add_argument("--method", default="vera", choices=list(METHODS), help="what trains (default vera; causal "
-                   "LMs take vera, lora or full)")
+    add_target_options(
+        s, tasks=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK], methods=METHODS,
+        task="GLUE task or csv (classification), e2e / instruct / jsonl (causal LM), images",
+        data="GLUE task folder (or GLUE root); for csv, the folder holding train and dev .csv/.jsonl/.tsv; for "
+        "images, a folder or .zip of train/<class>/ and test/<class>/; for causal LMs, the task's file or folder",
+        out="RUN_DIR, absent or empty: adapter, config.json, metrics.json, report.md, curve.png",
+        model="classification all-MiniLM-L6-v2, causal LMs SmolLM2-135M-Instruct, both installed offline; images: "
+        "required", method=f"; causal LMs take {', '.join(CAUSAL_METHODS[:-1])} or {CAUSAL_METHODS[-1]}")
     add_run_options(s, defaults_help, per_trial=False)
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoint "
                    "(written on Ctrl-C); repeat the same command with --resume (default off: a new run)")

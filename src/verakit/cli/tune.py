@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from .common import add_run_options, add_vera_options, defaults_help, log_to_stderr
+from .common import (
+    add_run_options,
+    add_target_options,
+    add_vera_options,
+    defaults_help,
+    field_default,
+    log_to_stderr,
+)
 
 __all__ = ["add_parsers", "run_tune"]
 
@@ -52,19 +59,17 @@ def _spec(d: Any) -> str:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `tune`."""
-    from ..train.data import TASKS
+    from ..train.classify import TASKS
     from ..train.methods import METHODS
-    from ..train.tune import PRUNERS, TUNABLE, default_space
+    from ..train.tune import PRUNERS, TUNABLE, TuneArgs, default_space
 
     what = ("hyperparameter search (Optuna) over `verakit train` runs of a classification task: resumable by "
             "rerunning the same command, with a report")
     s = sub.add_parser("tune", help=what, description=what[0].upper() + what[1:] + " (docs/tuning.md).")
-    s.add_argument("--task", required=True, choices=list(TASKS), help="classification task (required)")
-    s.add_argument("--data-dir", required=True, help="as for verakit train (required)")
-    s.add_argument("--out", required=True, help="RUN_DIR: study.db (resume by rerunning), trials/NNNN/, report.md, "
-                   "importance.png, summary.json (required)")
-    s.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2, offline)")
-    s.add_argument("--method", default="vera", choices=list(METHODS), help="what trains (default vera)")
+    add_target_options(s, tasks=TASKS, methods=METHODS, task="classification task", data="as for verakit train",
+                       out="RUN_DIR: study.db (resume by rerunning), trials/NNNN/, report.md, importance.png, "
+                       "summary.json", model="all-MiniLM-L6-v2, offline")
+    tune_default = lambda dest: field_default(dest, (TuneArgs,))  # noqa: E731
     g = s.add_argument_group("budget and search")
     g.add_argument("--trials", type=int, default=None, help="finished (complete + pruned) trials the study should "
                    "hold; a rerun runs only the missing ones (default: none, give --trials and/or --timeout)")
@@ -76,10 +81,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    + f" (default, without --param and --space: {spaces})")
     g.add_argument("--space", default=None, help="JSON file of dimensions (docs/tuning.md), with or instead of --param "
                    "(default: none)")
-    g.add_argument("--pruner", default="median", choices=list(PRUNERS), help="median: stop a trial below the median "
-                   "of earlier ones at the same point; none: never (default median)")
-    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
-    g.add_argument("--study-name", default="verakit-tune", help="name of the study in study.db (default verakit-tune)")
+    g.add_argument("--pruner", default=tune_default("pruner"), choices=list(PRUNERS), help="median: stop a trial below "
+                   f"the median of earlier ones at the same point; none: never (default {tune_default('pruner')})")
+    g.add_argument("--sampler-seed", type=int, default=tune_default("seed"),
+                   help=f"seed of the TPE sampler (default {tune_default('seed')})")
+    g.add_argument("--study-name", default=tune_default("study_name"),
+                   help=f"name of the study in study.db (default {tune_default('study_name')})")
     f = s.add_argument_group("fixed training settings (as verakit train; a searched setting overrides its flag)")
     # Tune searches classification runs only; its batch default stays the explicit 32 studies record.
     add_run_options(f, lambda dest: defaults_help(dest, ("classification",)), per_trial=True, batch_size=32)

@@ -1,5 +1,7 @@
-"""Per-task default budgets and learning rates for classification, and where they come from
-(docs/training.md, "Per-task defaults and their source").
+"""Every recipe's default hyperparameters, in one shape: `Defaults`, which `defaults(recipe, task,
+method, budget)` returns and `fill` applies to a recipe's arguments (each None field takes its default).
+Classification's per-task budgets and learning rates, and where they come from (docs/training.md,
+"Per-task defaults and their source"); causal LMs' per-task budgets; images' per-method defaults.
 
 Two presets, chosen with `--budget`:
 
@@ -18,13 +20,56 @@ Full fine-tuning: 2e-5 for the body in both presets (the usual BERT/RoBERTa GLUE
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 __all__ = [
-    "BUDGETS", "Budget", "CAUSAL_BUDGETS", "CAUSAL_LR", "CAUSAL_RANK", "CausalBudget", "METHOD_RANK", "TASK_BUDGETS",
-    "causal_budget", "task_defaults",
+    "BUDGETS", "Budget", "CAUSAL_BUDGETS", "CAUSAL_LR", "CAUSAL_RANK", "CausalBudget", "Defaults", "IMAGE_DEFAULTS",
+    "METHOD_RANK", "RECIPES", "TASK_BUDGETS", "causal_budget", "defaults", "fill", "task_defaults",
 ]
+
+RECIPES = ("classify", "causal", "images")  # the recipes `defaults` knows
+BATCH_SIZE = 32  # global batch of classification and images when --batch-size is not given (both budgets)
+_Args = TypeVar("_Args")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A run's defaults for the settings left None; a field a recipe's arguments lack is not used by it."""
+
+    epochs: int
+    lr: float  # adapter (full: body) learning rate
+    head_lr: float | None  # None: the recipe has no task head (causal LMs)
+    r: int  # VeRA's projection rank or LoRA's rank (0 where unused)
+    batch_size: int  # global batch, in examples
+    max_train_samples: int | None  # None: every training row
+    max_eval_samples: int | None = None  # None: every evaluation row
+    gen_eval_samples: int | None = None  # causal LMs: held-out examples generated at each evaluation
+
+
+def fill(args: _Args, d: Defaults) -> _Args:
+    """A copy of dataclass `args` whose None fields that `Defaults` has take `d`'s values."""
+    names = {f.name for f in fields(args)}  # type: ignore[arg-type]
+    unset: dict[str, Any] = {f.name: getattr(d, f.name) for f in fields(d)
+                             if f.name in names and getattr(args, f.name) is None}
+    return replace(args, **unset)  # type: ignore[type-var]
+
+
+def defaults(recipe: str, task: str, method: str, budget: str = "cpu") -> Defaults:
+    """The defaults of one `recipe` ("classify", "causal" or "images") for `task`, `method` and `budget`
+    (images have one task and no budget)."""
+    if recipe == "classify":
+        epochs, lr, head_lr, max_train = task_defaults(task, method, budget)
+        return Defaults(epochs, lr, head_lr, METHOD_RANK.get(method, 0), BATCH_SIZE, max_train)
+    if recipe == "causal":
+        b = causal_budget(task, budget)
+        return Defaults(b.epochs, CAUSAL_LR[method], None, CAUSAL_RANK[method], b.batch_size, b.max_train_samples,
+                        b.max_eval_samples, b.gen_eval_samples)
+    if recipe == "images":
+        epochs, lr, head_lr, rank = IMAGE_DEFAULTS[method]
+        return Defaults(epochs, lr, head_lr, rank, BATCH_SIZE, None)
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 # Rank when --r is not given: VeRA's shared-projection rank, LoRA's per-layer rank.
 METHOD_RANK: Mapping[str, int] = MappingProxyType({"vera": 1024, "lora": 8, "peft-vera": 1024})
@@ -131,3 +176,16 @@ def causal_budget(task: str, budget: str = "cpu") -> CausalBudget:
     if budget not in CAUSAL_BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
     return CAUSAL_BUDGETS[budget][task]
+
+
+# ------------------------------------------------------------------------------------------- images
+
+# method -> (epochs, adapter/body lr, head lr, rank). Ranks follow the paper's ViT-B counts: VeRA's
+# 24.6K = 24 layers x (768 + r) gives r = 256; LoRA's 294.9K = 24 x 8 x (768 + 768) gives r = 8.
+# The learning rates are CPU-budget choices (docs/vision.md), not the paper's vision table.
+IMAGE_DEFAULTS: Mapping[str, tuple[int, float, float, int]] = MappingProxyType({
+    "vera": (10, 1e-2, 4e-3, 256),
+    "lora": (10, 1e-3, 4e-3, 8),
+    "full": (10, 1e-4, 4e-3, 0),
+    "head": (10, 4e-3, 4e-3, 0),
+})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -46,6 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .progress import ESTIMATE_AFTER, Progress, estimate, eval_line, evaluations, plan_line
+from .sigint import SigintFlag
 
 __all__ = [
     "LoopConfig",
@@ -182,30 +182,6 @@ def _local_slice(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank * per : (rank + 1) * per]
 
 
-class _SigintFlag:
-    """Turns the first SIGINT into a flag checked between steps; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigintFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def run_loop(
     recipe: Recipe,
     config: LoopConfig,
@@ -330,7 +306,7 @@ def run_loop(
     model.train()
     timed_steps, step_seconds = 0, 0.0
     estimate_at = min(ESTIMATE_AFTER, total_steps - start_step - 1)
-    with _SigintFlag() as sigint:
+    with SigintFlag() as sigint:
         if step == 0 and not history:
             evaluate(0.0)  # one dev pass: the score every trained evaluation is compared with
         while step < total_steps:

@@ -1,5 +1,5 @@
-"""The four fine-tuning methods compared in the paper, on a transformers sequence classifier, and
-PEFT's own VeRA as the anchor verakit's is measured against.
+"""The four fine-tuning methods compared in the paper, on a transformers model, and PEFT's own VeRA as
+the anchor verakit's is measured against; every recipe prepares its model and saves its artifact here.
 
 * ``vera``: verakit's VeRA on the target layers; artifact: one verakit adapter file.
 * ``lora``: PEFT's LoRA (not our own) on the same targets, alpha = r; artifact: a PEFT adapter folder.
@@ -10,7 +10,9 @@ PEFT's own VeRA as the anchor verakit's is measured against.
 
 Every method trains the same head: the modules that `verakit.attach` trains and saves with an adapter
 (``classifier``, and BERT's ``pooler``, which all-MiniLM-L6-v2 never trained). Head parameters are
-counted separately from the adapter's, as in the paper.
+counted separately from the adapter's, as in the paper. A model without a task head (a causal LM, whose
+output layer is the language model's own) is prepared with head ``NO_HEAD``: every trained parameter is
+the adapter's (``head`` has no meaning there).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "METHODS",
     "PEFT_METHODS",
     "HEADS",
+    "NO_HEAD",
     "VERA_OPTION_DEFAULTS",
     "MethodSpec",
     "Prepared",
@@ -49,6 +52,7 @@ PEFT_METHODS = ("lora", "peft-vera")  # trained through PEFT's get_peft_model; a
 # head's hidden layers, e.g. BERT's pooler.dense, and only the output layer in full). docs/training.md,
 # "Classification heads", gives the measurements behind the default.
 HEADS = ("full", "vera")
+NO_HEAD = "none"  # MethodSpec.head of a model without a task head (causal LMs); not a --head choice
 _TRAINED_FORMAT = "verakit.trained"  # safetensors metadata "format" of full/head artifacts
 _UNSAVED_PROJECTION = "Specified to not (save|load) vera_A and vera_B"  # PEFT VeRA warnings, expected here
 _PEFT_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA / PEFT VeRA artifact folder
@@ -63,17 +67,17 @@ class MethodSpec:
     method: str  # one of METHODS
     r: int  # VeRA's projection rank or LoRA's rank (unused by full/head)
     d_initial: float  # VeRA's initial d (both VeRAs)
-    target_modules: tuple[str, ...] | None  # None: the model type's default (query, value for BERT)
+    target_modules: tuple[str, ...] | str | None  # None: the model type's default (query, value for BERT); "all-linear"
     seed: int  # VeRA's projection seed (PEFT VeRA's projection_prng_key)
     # VeRA ablation options (VeraConfig documents them): freeze d or b, projection values, sharing.
     train_d: bool = True
     train_b: bool = True
     distribution: str = "kaiming_uniform"
     projection_sharing: str = "shared"
-    head: str = "full"  # one of HEADS
+    head: str = "full"  # one of HEADS, or NO_HEAD
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
+        if self.head not in (*HEADS, NO_HEAD):
             raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
         if self.head == "vera" and self.method not in ("vera", *PEFT_METHODS):
             raise ValueError(f"head 'vera' adapts the head's hidden layers with the adapter, but the method "
@@ -95,6 +99,7 @@ class Prepared:
     model: nn.Module  # the model to train (a peft.PeftModel for "lora" and "peft-vera")
     adapter: tuple[tuple[str, nn.Parameter], ...]  # trainable, not head: d/b, LoRA A/B, or the body
     head: tuple[tuple[str, nn.Parameter], ...]  # trainable head parameters
+    has_head: bool = True  # False: prepared with NO_HEAD (a causal LM), `head` is empty
 
     @property
     def adapter_numel(self) -> int:
@@ -113,7 +118,7 @@ def head_modules(model: nn.Module) -> tuple[str, ...]:
     return _resolve_saved(model, VeraConfig())[1]
 
 
-def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...]:
+def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...] | str:
     """The adapted layers: the given or default body targets, plus the head's hidden layers for head 'vera'."""
     from ..config import DEFAULT_TARGETS
     from ..inject import head_hidden_layers
@@ -125,7 +130,7 @@ def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...]:
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(f"no default target modules for model_type {model_type!r}; pass --target-modules")
         body = DEFAULT_TARGETS[model_type]
-    if spec.head == "full":
+    if spec.head != "vera":
         return body
     return (*body, *(h for h in head_hidden_layers(model) if h not in body))
 
@@ -136,15 +141,18 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
         raise ValueError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
     if spec.method in PEFT_METHODS:
         return _prepare_peft(model, spec)
-    heads = head_modules(model)
-    if not heads:
+    heads = head_modules(model) if spec.head != NO_HEAD else ()
+    if not heads and spec.head != NO_HEAD:
         raise ValueError(f"{type(model).__name__} has no classification head (classifier/score) to train")
     in_head = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
     if spec.method == "vera":
         from ..config import VeraConfig
         from ..inject import attach, trainable_parameters
 
-        attach(model, VeraConfig(r=spec.r, target_modules=_targets(model, spec), d_initial=spec.d_initial, seed=spec.seed,
+        # Without a head the targets go to VeraConfig as given (None: attach's default for the model type),
+        # which is what a causal LM's saved config has always recorded.
+        targets = spec.target_modules if spec.head == NO_HEAD else _targets(model, spec)
+        attach(model, VeraConfig(r=spec.r, target_modules=targets, d_initial=spec.d_initial, seed=spec.seed,
                                  train_d=spec.train_d, train_b=spec.train_b, distribution=spec.distribution,
                                  projection_sharing=spec.projection_sharing))
         trainable = trainable_parameters(model)
@@ -154,7 +162,7 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
     head = tuple((n, p) for n, p in trainable if id(p) in in_head)
-    return Prepared(model, adapter, head)
+    return Prepared(model, adapter, head, has_head=spec.head != NO_HEAD)
 
 
 def _prepare_peft(model: nn.Module, spec: MethodSpec) -> Prepared:
@@ -168,7 +176,7 @@ def _prepare_peft(model: nn.Module, spec: MethodSpec) -> Prepared:
     trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     adapter = tuple((n, p) for n, p in trainable if id(p) not in in_head)
     head = tuple((n, p) for n, p in trainable if id(p) in in_head)
-    return Prepared(peft_model, adapter, head)
+    return Prepared(peft_model, adapter, head, has_head=spec.head != NO_HEAD)
 
 
 def _peft_config(model: nn.Module, spec: MethodSpec) -> Any:
@@ -178,10 +186,13 @@ def _peft_config(model: nn.Module, spec: MethodSpec) -> Any:
     from peft import LoraConfig, TaskType, VeraConfig
 
     # PEFT's SEQ_CLS wrapper forwards input_ids/attention_mask only; an image classifier takes pixel_values,
-    # which the plain PeftModel (task_type None) passes through unchanged.
+    # which the plain PeftModel (task_type None) passes through unchanged. A model without a head is a causal
+    # LM here: PEFT's CAUSAL_LM wrapper, which also generates.
     seq_cls = type(model).__name__.endswith("ForSequenceClassification")
-    common = {"task_type": TaskType.SEQ_CLS if seq_cls else None, "r": spec.r,
-              "target_modules": list(_targets(model, spec)), "modules_to_save": _peft_saved(model, spec)}
+    task_type = TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM if spec.head == NO_HEAD else None
+    targets = _targets(model, spec)  # a str ("all-linear") goes to PEFT as is
+    common = {"task_type": task_type, "r": spec.r, "target_modules": targets if isinstance(targets, str) else list(targets),
+              "modules_to_save": _peft_saved(model, spec)}
     if spec.method == "lora":
         # LoRA paper's RoBERTa setting: alpha = r = 8, so the scale alpha / r is 1.
         return LoraConfig(**common, lora_alpha=spec.r, lora_dropout=0.0)
@@ -193,8 +204,11 @@ def _peft_config(model: nn.Module, spec: MethodSpec) -> Any:
                           d_initial=spec.d_initial)
 
 
-def _peft_saved(model: nn.Module, spec: MethodSpec) -> list[str]:
-    """PEFT's modules_to_save: the head modules' leaf names, or for head 'vera' the head parts left unadapted."""
+def _peft_saved(model: nn.Module, spec: MethodSpec) -> list[str] | None:
+    """PEFT's modules_to_save: the head modules' leaf names, or for head 'vera' the head parts left unadapted;
+    None without a head."""
+    if spec.head == NO_HEAD:
+        return None
     if spec.head == "full":
         return sorted({h.rpartition(".")[2] for h in head_modules(model)})
     from ..config import VeraConfig
@@ -204,20 +218,27 @@ def _peft_saved(model: nn.Module, spec: MethodSpec) -> list[str]:
 
 
 def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
-    """config.json's "method" entry: the VeraConfig, the LoRA / PEFT VeRA settings, or the first 50 trained names."""
+    """config.json's "method" entry: the VeraConfig, the LoRA / PEFT VeRA settings, or the first 50 trained
+    names. Without a head (a causal LM) LoRA has no modules to save and its targets may be "all-linear",
+    and full fine-tuning trains every parameter, so the entry says so instead of listing names."""
     if method == "vera":
         from ..inject import vera_state
 
         return vera_state(prepared.model).config.to_dict()
     if method == "lora":
         cfg = prepared.model.peft_config["default"]  # PEFT's own adapter name; one adapter per run
-        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+        if not prepared.has_head:
+            return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets}
+        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets,
                 "modules_to_save": sorted(cfg.modules_to_save or [])}
     if method == "peft-vera":
         cfg = prepared.model.peft_config["default"]
         return {"r": cfg.r, "d_initial": cfg.d_initial, "projection_prng_key": cfg.projection_prng_key,
                 "save_projection": cfg.save_projection, "target_modules": sorted(cfg.target_modules),
                 "modules_to_save": sorted(cfg.modules_to_save or [])}
+    if not prepared.has_head and method == "full":
+        return {"trainable": "all parameters"}
     return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
 
 

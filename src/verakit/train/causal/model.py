@@ -1,0 +1,38 @@
+"""The causal LM a run trains or an artifact loads into: built in fp32 with a tokenizer that pads, and
+transformers' own gradient checkpointing. Both the recipe and generation build it here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["build_causal_lm", "enable_gradient_checkpointing"]
+
+
+def build_causal_lm(model_name: str | None) -> tuple[nn.Module, Any]:
+    """(fp32 AutoModelForCausalLM, its tokenizer with a pad id); None: SmolLM2-135M-Instruct, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ...models import resolve_model
+
+    path = resolve_model(model_name, "causal-lm")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the attention mask and -100 labels hide it
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' own).
+
+    Non-reentrant checkpointing, because with frozen embeddings no input of a checkpointed layer requires
+    grad, which the reentrant variant would silently turn into no gradient for d and b at all.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
