@@ -197,3 +197,24 @@ def test_plan_under_compile_never_touches_the_cache():
                   m=20, r=32, cached=False, tokens_seen=0)
     assert plan_forward(f)[:2] == (Path.MATERIALIZED, CacheStep.KEEP)
     assert plan_forward(f.__class__(**{**f.__dict__, "tokens": 2}))[:2] == (Path.FACTORED, CacheStep.KEEP)
+
+
+def test_core_math_imports_point_down():
+    """config <- projection <- layer: the layer modules and what they use import nothing above them (inject,
+    fileformat, merge, slots, train, serve, interop, cli), so `vera_delta` stays usable from every caller."""
+    import ast
+    from pathlib import Path
+
+    import verakit
+
+    src = Path(verakit.__file__).resolve().parent
+    below = {"config", "projection", "quant", "recompute", "ops", "leaves", "layer_plan", "layer", "layer_conv",
+             "layer_embedding", "_version"}
+    wrong = []
+    for name in sorted(below):
+        tree = ast.parse((src / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                wrong += [f"{name} imports {t}" for t in targets if t.split(".")[0] not in below]
+    assert wrong == []
