@@ -13,6 +13,7 @@ import torch
 from helpers import randomize_vectors
 from verakit import AdapterError, VeraConfig, attach, load_adapter
 from verakit.fileformat import adapter_from_model
+from verakit.inject import AttachError
 from verakit.serve import AdapterBank
 from verakit.slot_tables import SlotTables, to_slot_tables
 from verakit.slots import SlotHeadLinear, SlotLinear
@@ -124,3 +125,10 @@ def test_restore_gives_back_the_plain_model_and_the_bank_uses_the_same_converter
     torch.testing.assert_close(_alone(restored, None, inputs), _alone(tiny_bert_clf, None, inputs), atol=0, rtol=0)
     bank = AdapterBank(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4)), 2)
     assert isinstance(bank.tables, SlotTables) and bank.layers is bank.tables.layers and bank.heads is bank.tables.heads
+
+
+def test_training_tables_refuse_dvora_and_serving_tables_take_it(tiny_bert_clf):
+    with pytest.raises(AttachError, match="grouped training of DVoRA"):
+        to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4, magnitude=True)), 3)
+    tables = to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4, magnitude=True)), 3, trainable=False)
+    assert all(ly.vera_s is None for ly in tables.layers.values())  # no DVoRA slot written yet: plain forward

@@ -115,7 +115,7 @@ class SlotTables:
         if adapter.model_type != ours.model_type:
             raise AdapterError(f"{where}: base model mismatch: adapter for model_type {adapter.model_type!r}, "
                                f"bank {ours.model_type!r}")
-        for n, m in _magnitudes(adapter).items():
+        for n, m in adapter.m.items():
             if n not in adapter.modules or n not in self.layers:
                 raise AdapterError(f"{where}: DVoRA magnitude for {n!r}, which the adapter or the bank does not adapt")
             if not isinstance(self.layers[n], SlotLinear):
@@ -150,7 +150,7 @@ class SlotTables:
         r = adapter.config.r
         with torch.no_grad():
             # DVoRA scales first: an adapter refused here leaves the slot as it was
-            scales = {n: magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in _magnitudes(adapter)}
+            scales = {n: magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in adapter.m}
             for n, layer in self.layers.items():
                 if isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
                     row = layer.magnitude_table()[slot]
@@ -211,7 +211,7 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
     if merged:
         raise AttachError(f"to_slot_tables: VeRA is merged into {merged[:3]}; unmerge(model) first")
     template = adapter_from_model(model)
-    if trainable and _magnitudes(template):
+    if trainable and template.m:
         raise AttachError("to_slot_tables: grouped training of DVoRA (magnitude) adapters is not supported: each "
                           "slot's row norms depend on its own delta at every step; train them one at a time")
     cfg, saved = state.config, state.saved_modules
@@ -257,12 +257,7 @@ def magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str, kind: str) -
         w0 = w0.t() if kind == "conv1d" else w0  # (d_out, d_in): transformers' Conv1D stores W0 transposed
     delta = ops.vera_delta(A[:r], B[:, :r], adapter.d[name].to(dev), adapter.b[name].to(dev),
                            layer.projection.scale(layer.fan_in, r))
-    return ops.magnitude_scale(w0, delta, _magnitudes(adapter)[name].to(dev))
-
-
-def _magnitudes(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Module name -> DVoRA magnitude m (d_out,) of `adapter`; empty for plain VeRA."""
-    return getattr(adapter, "m", None) or {}
+    return ops.magnitude_scale(w0, delta, adapter.m[name].to(dev))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> Any:

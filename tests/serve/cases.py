@@ -93,6 +93,25 @@ def trained_adapter(base, config, seed: int, std: float = 0.5):
     return adapter_from_model(model)
 
 
+def dvora_adapter(base, config, seed, std=0.5):
+    """`trained_adapter` for DVoRA too: every vector, head and (with config.magnitude) magnitude randomized;
+    m starts at W0's row norms (identity), so each row's is scaled by 1 + 0.3 N(0, 1)."""
+    from verakit import attach, vera_layers
+    from verakit.fileformat import adapter_from_model
+
+    model = attach(copy.deepcopy(base), config)
+    randomize_vectors(model, seed=seed, std=std)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for layer in vera_layers(model).values():
+            if getattr(layer, "vera_m", None) is not None:  # ||W0|| per row at init: move it off identity
+                layer.vera_m.mul_(1 + 0.3 * torch.randn(layer.vera_m.shape, generator=g))
+        for name, p in model.named_parameters():
+            if p.requires_grad and "vera_" not in name:  # the heads
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return adapter_from_model(model)
+
+
 def write_model(root: Path, name: str, kind: str, adapters: dict[str, tuple[int, float]]) -> tuple[Path, Path]:
     """<root>/<name> (model + tokenizer) and <root>/<name>_adapters with adapters {name: (rank, std)}."""
     from verakit import VeraConfig

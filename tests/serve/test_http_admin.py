@@ -1,12 +1,13 @@
 """Admin endpoints of a real server: bearer auth, validated atomic uploads, path traversal, delete."""
 
+import dataclasses
 import os
 
 import httpx
 import pytest
 import torch
 
-from serve.cases import TOKEN, tiny_llama, trained_adapter
+from serve.cases import TOKEN, dvora_adapter, tiny_llama, trained_adapter
 from verakit import VeraConfig, load_adapter
 from verakit.fileformat import write_adapter
 
@@ -118,3 +119,22 @@ def test_path_traversal_is_refused(classify_server, bert_dirs, tmp_path):
     r = httpx.post(f"{s.url}/v1/classify", json={"adapter": "../bert/model", "inputs": ["x"]})
     assert r.status_code == 422
     assert (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists()
+
+
+def test_uploaded_dvora_adapter_is_served_beside_plain_ones(classify_server, bert, tmp_path):
+    """A DVoRA file (format version 3, with vera_m) uploaded to a server whose bank holds plain VeRA adapters
+    answers as the file loaded offline; the magnitude is not ignored (the same vectors without it differ)."""
+    s = classify_server
+    ad = dvora_adapter(bert[0], VeraConfig(r=8, magnitude=True), 21)
+    path = tmp_path / "dv.safetensors"
+    write_adapter(ad, path)
+    r = httpx.post(f"{s.url}/v1/adapters", params={"name": "dvora"}, content=path.read_bytes(), headers=AUTH, timeout=30)
+    assert r.status_code == 201, r.text
+    try:
+        got = _probs(s, "dvora", "a fine film")
+        torch.testing.assert_close(got, _offline(bert, path, "a fine film"), atol=1e-5, rtol=0)
+        plain = tmp_path / "plain.safetensors"
+        write_adapter(dataclasses.replace(ad, config=dataclasses.replace(ad.config, magnitude=False), m={}), plain)
+        assert (got - _offline(bert, plain, "a fine film")).abs().max() > 1e-3
+    finally:
+        httpx.delete(f"{s.url}/v1/adapters/dvora", headers=AUTH)

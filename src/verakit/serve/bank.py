@@ -9,7 +9,8 @@ converter grouped training uses too): a slot layer around each adapted base laye
 around each linear leaf of the modules to save. Adapter vectors then live in slot tables (S = capacity + 1
 rows; slot 0 = no adapter). Adding an adapter copies its vectors into a free slot (or the least recently
 used one): no allocation, so the cost does not grow with the number resident. A rank-r adapter (r <= R)
-is folded into the rank-R tables exactly as `slot_tables` describes.
+is folded into the rank-R tables exactly as `slot_tables` describes. DVoRA adapters (VeraConfig.magnitude)
+mix with plain ones: `add` computes each one's per-row scale m / ||W0 + delta|| once and keeps it per slot.
 
 Quantized bases (bitsandbytes 4-bit/8-bit, `verakit.quant`): each slot layer calls the quantized layer
 itself and adds the factored adapter part, so no dequantized weight is ever held; a mixed batch equals
