@@ -266,3 +266,42 @@ def test_real_smollm2_all_linear_casts_load(tmp_path):
     load_adapter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), adapter)
     with pytest.raises(BaseMismatchError):
         load_adapter(_noisy(AutoModelForCausalLM.from_pretrained(path).eval(), 0.01), adapter)
+
+
+def test_the_serving_banks_slot_layers_compare_like_the_model(tiny_llama, tmp_path):
+    """`compare` reads any wrapper's `.base` (the layout follows the base module), so the bank can check
+    an adapter against its shared base (Conv1D-free Llama here; the layouts are tested above)."""
+    from verakit.slot_tables import to_slot_tables
+
+    cfg = VeraConfig(r=8, target_modules="all-linear")
+    path = _saved(copy.deepcopy(tiny_llama), tmp_path / "a.safetensors", cfg)
+    samples = read_adapter(path).samples
+    same = to_slot_tables(attach(copy.deepcopy(tiny_llama), cfg), 3, trainable=False)
+    assert not compare(samples, same.layers).failed and compare(samples, same.layers).samples == SAMPLE_BUDGET
+    other = to_slot_tables(attach(_noisy(copy.deepcopy(tiny_llama), 0.01), cfg), 3, trainable=False)
+    assert len(compare(samples, other.layers).failed) == 14
+
+
+def test_merged_dvora_records_what_attach_sampled(tiny_llama, tmp_path):
+    """A merged DVoRA layer's weight is m * (W0 + delta) / ||W0 + delta||: the file takes W0's samples from
+    attach time instead of leaving the module out."""
+    base = copy.deepcopy(tiny_llama)
+    model = attach(tiny_llama, VeraConfig(r=4, target_modules="all-linear", magnitude=True))
+    randomize_vectors(model)
+    merge(model)
+    path = tmp_path / "merged.safetensors"
+    save_adapter(model, path)
+    ad = read_adapter(path)
+    assert set(ad.samples.values) == set(ad.modules)
+    assert not compare(ad.samples, vera_layers(attach(base, ad.config))).failed
+
+
+def test_weights_that_cannot_be_read_warn_like_an_old_file(tiny_llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    path = _saved(copy.deepcopy(tiny_llama), tmp_path / "a.safetensors", VeraConfig(r=4))
+    with torch.device("meta"):
+        empty = LlamaForCausalLM(tiny_llama.config)
+    with pytest.warns(UserWarning, match="a.safetensors: has base-weight samples, but this model's weights cannot be "
+                                         "read here: only module names and shapes were checked"):
+        load_adapter(empty, path)

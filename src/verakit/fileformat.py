@@ -131,7 +131,7 @@ def adapter_from_model(model: nn.Module, extra: dict[str, Any] | None = None) ->
         info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
     proj = state.projection if state.config.projection_kind != PROJECTION_KINDS[0] else None
     return Adapter(state.config, state.model_type, state.architecture, modules, d, b, saved, info, projection=proj,
-                   samples=sample_layers(state.layers), m=m)
+                   samples=sample_layers(state.layers, state.base_samples), m=m)
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:
@@ -332,13 +332,12 @@ def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str
 
 def _check_base(model: nn.Module, adapter: Adapter, where: str | None) -> None:
     """Compare the model's base weights with the adapter's samples (docs/format.md, "Base-weight samples")."""
-    if adapter.samples is None:
-        # warnings' registry shows this once per file and call site, not on every load
-        warnings.warn(f"{where or '<adapter>'}: records no samples of its base weights (written by verakit before "
-                      "they existed, or built without a model): only module names and shapes were checked",
-                      stacklevel=3)
+    result = None if adapter.samples is None else compare(adapter.samples, vera_state(model).layers)
+    if result is None or result.samples == 0:  # warnings' registry shows it once per file and call site
+        why = ("records no samples of its base weights (written by verakit before they existed, or built without a "
+               "model)" if result is None else "has base-weight samples, but this model's weights cannot be read here")
+        warnings.warn(f"{where or '<adapter>'}: {why}: only module names and shapes were checked", stacklevel=3)
         return
-    result = compare(adapter.samples, vera_state(model).layers)
     if result.failed:
         base = adapter.extra.get("model") or adapter.architecture or "its base model"
         raise BaseMismatchError(
@@ -366,7 +365,8 @@ def load_adapter(
         except ValueError as e:
             raise _fail(where, f"cannot attach to {type(model).__name__}: {e}") from None
     try:
-        fault = model_mismatch(model, adapter.modules, adapter.config, adapter.projection, adapter.saved)
+        fault = model_mismatch(model, vera_state(model), adapter.modules, adapter.config, adapter.projection,
+                               adapter.saved)
         if fault:
             raise _fail(where, fault)
         state = vera_state(model)

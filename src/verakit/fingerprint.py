@@ -5,7 +5,8 @@ The structural fingerprint hashes the model type and the adapted modules' names,
 tells architectures apart, not checkpoints. The base-weight samples do: at save, a file records a few
 entries of each adapted module's base weight, at positions that depend only on the module's name and
 shape (`sample_positions`), SAMPLE_BUDGET entries in all, each stored as the top 24 bits of its float32
-(3 KiB of metadata whatever the model). At load, `compare` reads the same positions of the model's weights.
+(3 KiB of metadata whatever the model); a weight that cannot be read at save (sharded by FSDP, a merged
+DVoRA layer) gives the samples `attach` took. At load, `compare` reads the same positions of the model.
 
 Semantics: rel(module) = ||w_model - w_file|| / max(||w_model||, ||w_file||) over the module's samples;
 the base matches when rel <= the tolerance for every module. Casts of one checkpoint stay below
@@ -31,9 +32,9 @@ import torch
 from torch import nn
 
 from .config import VeraConfig
-from .inject import vera_state
+from .leaves import is_conv1d_leaf, is_conv_leaf, is_embedding_leaf
 from .projection import Projection
-from .quant import dequantized_weight
+from .quant import dequantized_weight, quant_kind
 
 __all__ = [
     "SAMPLE_RULE",
@@ -105,21 +106,29 @@ def _plain(w: torch.Tensor) -> bool:
 
 def _read_weight(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
     """The base weight's entries at (rows, cols) of the (d_out, d_in) layout, float32 on the CPU, without
-    the delta of a merged layer; None when they cannot be read here (sharded, meta, merged DVoRA)."""
-    w, kind = layer.base.weight, layer.kind
-    if w.is_meta or (layer.merged and getattr(layer, "vera_m", None) is not None):
+    the delta of a merged layer; None when they cannot be read here (sharded, meta, merged DVoRA, a
+    quantized weight bitsandbytes cannot dequantize).
+
+    `layer` is any wrapper with `.base` (VeraLinear/VeraConv/VeraEmbedding, or the serving bank's slot
+    layers): the layout follows the base module's class, not the wrapper's."""
+    base, merged = layer.base, getattr(layer, "merged", False)
+    w = base.weight
+    if w.is_meta or (merged and getattr(layer, "vera_m", None) is not None):
         return None
-    if layer.quantized is not None:  # bitsandbytes' parameter classes: packed, not the layer's layout
-        w = dequantized_weight(layer.base)  # (d_out, d_in)
+    if quant_kind(base) is not None:  # bitsandbytes' parameter classes: packed, not the layer's layout
+        try:
+            w = dequantized_weight(base)  # (d_out, d_in)
+        except (ValueError, TypeError, RuntimeError):  # e.g. bitsandbytes' CPU inference packing
+            return None
     elif not _plain(w):
         return None
-    elif kind == "conv1d" or kind.startswith("embedding"):
+    elif is_conv1d_leaf(base) or is_embedding_leaf(base):
         w = w.t()  # Conv1D (d_in, d_out), embedding table (V, D)
-    elif kind.startswith("conv:"):
+    elif is_conv_leaf(base):
         w = w.reshape(w.shape[0], -1)  # im2col order, as the file's d_in
     with torch.no_grad():
         vals = w[rows.to(w.device), cols.to(w.device)].float()
-        if layer.merged:  # W0 = W - delta; an embedding's padding row was never changed
+        if merged:  # W0 = W - delta; an embedding's padding row was never changed
             delta = layer.delta_weight()[rows.to(vals.device), cols.to(vals.device)]
             pad = getattr(layer, "padding_idx", None)
             vals = vals - (delta if pad is None else delta.masked_fill(cols.to(vals.device) == pad, 0.0))
@@ -179,17 +188,21 @@ class BaseSamples:
         return cls(values, quant, budget)
 
 
-def sample_layers(layers: Mapping[str, nn.Module]) -> BaseSamples:
-    """Read the samples of every adapted layer (`VeraState.layers`) from its base weight. Modules whose
-    weights cannot be read here (sharded, meta, merged DVoRA) get no entry, so they are not compared."""
+def sample_layers(layers: Mapping[str, nn.Module], earlier: BaseSamples | None = None) -> BaseSamples:
+    """Read the samples of every adapted layer (`VeraState.layers`, or any wrappers with `.base`,
+    `.out_features`, `.in_features`) from its base weight. A module whose weight cannot be read here
+    (sharded by FSDP, on the meta device, a merged DVoRA layer) takes its entry from `earlier` (what
+    `attach` sampled), else gets none and is not compared."""
     counts = sample_counts(layers)
-    values, quant = {}, None
+    values, quant = {}, earlier.quant if earlier is not None else None
     for n, layer in layers.items():
         rows, cols = sample_positions(n, layer.out_features, layer.in_features, counts[n])
         vals = _read_weight(layer, rows, cols)
         if vals is not None:
             values[n] = _widen(_truncate(vals))  # as the file will hold them
-            quant = quant or layer.quantized
+            quant = quant or quant_kind(layer.base)
+        elif earlier is not None and n in earlier.values and earlier.values[n].numel() == counts[n]:
+            values[n] = earlier.values[n]
     return BaseSamples(values, quant)
 
 
@@ -226,7 +239,8 @@ class BaseComparison:
 
 
 def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseComparison:
-    """Compare the adapted layers' base weights with `samples` (positions from `sample_positions`).
+    """Compare the adapted layers' base weights with `samples` (positions from `sample_positions`); `layers`
+    as for `sample_layers` (the serving bank passes its slot layers).
 
     A module whose weight is quantized in the model or was when the file was written is judged within
     all such modules pooled (4bit when either side is 4-bit): a few nf4 samples of one module can differ
@@ -241,7 +255,7 @@ def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseCompar
             continue
         diff, nm, nf = float((got - want).norm()), float(got.norm()), float(want.norm())
         rel[n] = diff / max(nm, nf) if max(nm, nf) > 0 else 0.0
-        kinds = {samples.quant, layer.quantized} - {None}
+        kinds = {samples.quant, quant_kind(layer.base)} - {None}
         group = "4bit" if "4bit" in kinds else kinds.pop() if kinds else "float"
         if group != "float":
             quantized.add(n)
@@ -260,12 +274,12 @@ def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseCompar
 
 
 def model_mismatch(
-    model: nn.Module, modules: Mapping[str, tuple[int, int, str]], config: VeraConfig, projection: Projection | None,
-    saved: Iterable[str],
+    model: nn.Module, state: Any, modules: Mapping[str, tuple[int, int, str]], config: VeraConfig,
+    projection: Projection | None, saved: Iterable[str],
 ) -> str | None:
     """The first difference between an adapter (its modules, config, projection, saved tensor names) and the
-    VeRA attached to `model`, as a sentence; None when they fit. Base weights: `compare`."""
-    state = vera_state(model)
+    VeRA attached to `model` (`state`: its `inject.VeraState`), as a sentence; None when they fit. Base
+    weights: `compare`."""
     mine = {n: (ly.out_features, ly.in_features, ly.kind) for n, ly in state.layers.items()}
     for n, shape in modules.items():
         if n not in mine:

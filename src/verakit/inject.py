@@ -2,9 +2,9 @@
 
 `attach` replaces each target leaf with its wrapper (`VeraLinear` for linear layers, `VeraConv` for
 torch's convolutions, `VeraEmbedding` for embeddings; `layer_class` finds one by a file's kind string), all
-sharing one `Projection` per model, freezes everything except d, b and the modules to save, and records
-what it did in a `VeraState` kept on the model, so that `detach` can restore the original modules and
-flags bit for bit. Linear leaves are targets by name or "all-linear", convolutions by name or "all-conv",
+sharing one `Projection` per model, freezes everything except d, b (DVoRA: and m) and the modules to
+save, samples the base weights (`fingerprint`), and records what it did in a `VeraState` kept on the
+model, so that `detach` can restore the original modules and flags bit for bit. Linear leaves are targets by name or "all-linear", convolutions by name or "all-conv",
 embeddings by name only.
 """
 
@@ -18,27 +18,16 @@ from torch import nn
 
 from . import recompute
 from .config import DEFAULT_TARGETS, TARGET_KEYWORDS, VeraConfig
+from .fingerprint import BaseSamples, sample_layers
 from .layer import VeraLinear, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape, share_inputs
 from .layer_conv import VeraConv
 from .layer_embedding import VeraEmbedding
 from .projection import MAX_PROJECTION_ELEMENTS, Projection, matrix_ids
 
 __all__ = [
-    "head_hidden_layers",
-    "AttachError",
-    "VeraState",
-    "attach",
-    "detach",
-    "vera_state",
-    "vera_layers",
-    "trainable_parameters",
-    "find_targets",
-    "set_compute_dtype",
-    "set_input_recompute",
-    "COMPUTE_DTYPES",
-    "AdaptedLayer",
-    "LAYER_CLASSES",
-    "layer_class",
+    "head_hidden_layers", "AttachError", "VeraState", "attach", "detach", "vera_state", "vera_layers",
+    "trainable_parameters", "find_targets", "set_compute_dtype", "set_input_recompute", "COMPUTE_DTYPES",
+    "AdaptedLayer", "LAYER_CLASSES", "layer_class",
 ]
 
 AdaptedLayer = VeraLinear | VeraConv | VeraEmbedding
@@ -85,6 +74,8 @@ class VeraState:
     projection: Projection | None  # None when projections are unique per layer
     original_requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
     original_saved: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    # The base weights' samples (`fingerprint`) at attach: what a file records where save cannot read them
+    base_samples: BaseSamples | None = field(repr=False, default=None)
 
 
 def vera_state(model: nn.Module) -> VeraState:
@@ -297,6 +288,7 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
         projection=shared,
         original_requires_grad=original_rg,
         original_saved=original_saved,
+        base_samples=sample_layers(layers),
     )
     setattr(model, _STATE_ATTR, state)
     recompute.enable(model)  # adapted layers fed by a norm keep the norm's input, not their own x
