@@ -20,7 +20,7 @@ from train.conftest import NEGATIVE, NEUTRAL, POSITIVE
 from verakit import VeraConfig, attach, load_adapter, read_adapter
 from verakit.cli import main
 from verakit.fileformat import adapter_from_model
-from verakit.train.grouped.slot_tables import to_slot_tables
+from verakit.slot_tables import to_slot_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,8 +1,9 @@
 """One VeRA adapter per group of rows, trained in one run over mixed batches: `verakit train --group-column`.
 
     recipe.py       GroupedArgs, groups and their adapter names, GroupedRecipe, train_grouped
-    slot_tables.py  the model as slot tables (one row of d, b and head per group)
     slot_optim.py   SlotAdamW: AdamW with a step count per group
+The model becomes slot tables (one row of d, b and head per group) through the core's converter,
+`verakit.slot_tables`, the one the serving bank uses too.
 
 Imports the shared layer of verakit.train and the classification recipe (its data, model and head).
 Names resolve on first access.

@@ -14,7 +14,7 @@ Memory: the frozen model, its activations and the shared projection are paid onc
 number of groups is the per-group state itself (vectors, per-group heads, their gradients and moments).
 
 Outputs in RUN_DIR: adapters/<name>.safetensors (one ordinary adapter file per group, names sanitized to
-the serve store's rule, so the folder can be passed to `verakit serve --adapters`), group_metrics.json
+the rule of verakit.names, so the folder can be passed to `verakit serve --adapters`), group_metrics.json
 (per-group dev metrics of the saved adapters), metrics.json, report.md, curve.png, config.json.
 """
 
@@ -34,13 +34,13 @@ from torch import nn
 
 from ...atomic import replacing_dir
 from ...fileformat import Adapter, write_adapter
+from ...slot_tables import SlotTables, to_slot_tables
 from ..classify.data import DataError, Example, TaskSpec, load_task
 from ..classify.recipe import Encoded, TrainArgs, build_classifier_checked, resolve_head
 from ..loop import ParamGroup
 from ..rundir import environment, field_defaults, jsonable, loop_metrics, write_json
 from ..runner import EVAL_BATCH, classification_loss, length_batches, open_run
 from .slot_optim import SlotAdamW
-from .slot_tables import SlotTables, to_slot_tables
 
 __all__ = [
     "GroupedArgs",
