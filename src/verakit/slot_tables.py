@@ -150,7 +150,7 @@ class SlotTables:
         r = adapter.config.r
         with torch.no_grad():
             # DVoRA scales first: an adapter refused here leaves the slot as it was
-            scales = {n: magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in adapter.m}
+            scales = {n: _magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in adapter.m}
             for n, layer in self.layers.items():
                 if isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
                     row = layer.magnitude_table()[slot]
@@ -245,7 +245,7 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
     return tables
 
 
-def magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str, kind: str) -> torch.Tensor:
+def _magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str, kind: str) -> torch.Tensor:
     """Semantics: m / ||W0 + delta|| per output row (d_out,), float32, for `adapter`'s layer `name` at its own
     rank r (A_sl[:r], B_sl[:, :r], scale s(d_in, r)), the same delta the VeRA layer of rank r forms."""
     r, dev = adapter.config.r, layer.vera_b.device

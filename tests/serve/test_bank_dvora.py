@@ -142,3 +142,28 @@ def test_dvora_over_a_4bit_base_equals_rows_alone(tiny_llama):
         with torch.no_grad():
             want = model(input_ids=inputs["input_ids"][i : i + 1]).logits[0]
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_dvora_low_precision_base(tiny_llama, dtype, atol):
+    """A bf16/fp16 base: the scale is computed in float32 from the cast W0 and applied in the model's dtype."""
+    torch.set_num_threads(1)
+    base = tiny_llama
+    adapters = {"dv": dvora_adapter(base, VeraConfig(r=8, magnitude=True), 1),
+                "plain": dvora_adapter(base, VeraConfig(r=3), 2)}
+    bank = AdapterBank(attach(copy.deepcopy(base), VeraConfig(r=8)), capacity=2)
+    bank.model.to(dtype)
+    for name, ad in adapters.items():
+        bank.add(name, ad)
+    names = ["dv", "plain", None, "dv"]
+    inputs = {"input_ids": torch.randint(0, 101, (4, 9), generator=torch.Generator().manual_seed(4))}
+    with torch.no_grad():
+        got = bank.forward(names, **inputs).logits.float()
+    for i, name in enumerate(names):
+        model = copy.deepcopy(base)
+        if name is not None:
+            load_adapter(model, adapters[name])
+        model.to(dtype)
+        with torch.no_grad():
+            want = model(input_ids=inputs["input_ids"][i : i + 1]).logits[0].float()
+        torch.testing.assert_close(got[i], want, atol=atol, rtol=0)
