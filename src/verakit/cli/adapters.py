@@ -131,7 +131,7 @@ def run_merge(args: argparse.Namespace) -> int:
     """Write a transformers model directory with the adapter merged into its weights."""
     from ..merge import merge_pretrained
 
-    out = merge_pretrained(args.model, args.adapter, args.out)
+    out = merge_pretrained(args.model, args.adapter, args.out, check_base=not args.no_base_check)
     print(f"merged model written to {out}")
     return 0
 
@@ -164,4 +164,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "a classifier, SmolLM2-135M-Instruct for a causal LM)")
     s.add_argument("--adapter", required=True, help="adapter .safetensors file")
     s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    s.add_argument("--no-base-check", action="store_true", help="merge even when the base weights differ from the "
+                   "samples the adapter recorded (another checkpoint of the same architecture); names and shapes "
+                   "are still checked")
     s.set_defaults(func=run_merge)
