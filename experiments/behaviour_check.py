@@ -70,9 +70,9 @@ def file_digest(path: Path, work: str) -> dict[str, Any]:
     return out
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+def run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "verakit.cli", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
-    return p.returncode, p.stdout + p.stderr
+    return p.returncode, p.stdout, p.stderr
 
 
 def grouped_data(folder: Path) -> Path:
@@ -97,7 +97,8 @@ def serve_answers(env: dict[str, str], cwd: Path, adapters: Path) -> dict[str, A
         port = s.getsockname()[1]
     log = adapters.parent / "serve.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "verakit.cli", "serve", "--adapters", str(adapters), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "verakit.cli", "serve", "--model", "minilm", "--adapters",
+                                 str(adapters), "--port",
                                  str(port), "--max-wait-ms", "50"], env=env, cwd=cwd, stdout=sink,
                                 stderr=subprocess.STDOUT)
     try:
@@ -163,11 +164,11 @@ def capture(src: Path, out: Path, only: list[str] | None = None) -> None:
                                               and any(o.split()[-1] == name.split()[-1] for o in only)):
             continue
         t0 = time.time()
-        rc, text = run(cmd, env, work)
+        rc, text, err = run(cmd, env, work)
         entry: dict[str, Any] = {"rc": rc}
         print(f"{name}: rc {rc} in {time.time() - t0:.0f} s", flush=True)
         if rc != 0:
-            entry["output"] = text[-3000:]
+            entry["output"] = (text + err)[-3000:]
         if name.startswith(("eval", "generate")):
             entry["stdout"] = scrub(text.strip().splitlines()[-20:], w)
         if name.startswith("inspect"):
@@ -220,6 +221,8 @@ def main() -> int:
     d = sub.add_parser("compare")
     d.add_argument("before", type=Path)
     d.add_argument("after", type=Path)
+    d.add_argument("--expected", nargs="*", default=[], metavar="REGEX",
+                   help="paths allowed to differ (a change the refactor names), listed apart, e.g. samples")
     a = ap.parse_args()
     if a.cmd == "capture":
         capture(a.src, a.out, a.only)
@@ -228,8 +231,12 @@ def main() -> int:
     before.pop("src"), after.pop("src")
     out: list[str] = []
     diff(before, after, "", out)
-    print("\n".join(out) if out else f"identical: {len(before)} commands")
-    return 1 if out else 0
+    named = [x for x in out if any(re.search(e, x.split(":")[0]) for e in a.expected)]
+    unexpected = [x for x in out if x not in named]
+    if named:
+        print(f"{len(named)} differences named by --expected:\n  " + "\n  ".join(named))
+    print("\n".join(unexpected) if unexpected else f"otherwise identical: {len(before)} commands")
+    return 1 if unexpected else 0
 
 
 if __name__ == "__main__":
