@@ -70,8 +70,7 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
                     f"{v['epochs']} epochs, batch {v['batch_size']}" for k, v in REGIMES.items()) + ".",
         "* Accuracy on the 500 test images of the adaptation classes after the last epoch (no selection on the "
         "test set): median over seeds (min-max), per seed in order. *Reloaded* is the saved artifact loaded into a "
-        "fresh backbone and evaluated again (it matches the final accuracy in every cell when BatchNorm stays "
-        "frozen). *File* is the artifact on disk: verakit's adapter file, PEFT's adapter_model.safetensors, or "
+        "fresh backbone and evaluated again: \"yes\" when it gives the final accuracy back exactly. *File* is the artifact on disk: verakit's adapter file, PEFT's adapter_model.safetensors, or "
         "the head's tensors; each holds the head's 2,565 floats.", "",
         "| regime | method | seeds | final accuracy, median (min-max) | per seed | reloaded = final | adapter params "
         "| head params | file (B) | wall time (s, median) |",
@@ -104,7 +103,9 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
            f"{check['adapter_bytes']:,} B).", ""] if check else []),
         "Wall times come from a shared 2-core machine with other jobs running (`nice -n 5`, one thread): compare "
         "them within this table only.", "",
-        "Reproduce (about 40 min at one thread; runs under `../runs_cnn/`, outside the repository):", "",
+        "Reproduce (runs under `../runs_cnn/`, outside the repository" + (
+            f"; here pretraining took {info['train_seconds'] / 60:.0f} min and the cells measured so far "
+            f"{sum(r['train_seconds'] for r in rows) / 60:.0f} min of training at one thread" if info else "") + "):", "",
         "```",
         "OMP_NUM_THREADS=1 nice -n 5 python experiments/cnn_cifar.py run    # pretrain once, then every cell; resumable",
         "python experiments/cnn_cifar.py report                            # this section + docs/results_cnn.json",
