@@ -193,3 +193,36 @@ def test_only_d_learns_the_tiny_task(tmp_path, tiny_bert_dir):
     start = loss()
     run_loop(recipe, LoopConfig(epochs=4, batch_size=16, seed=0, quiet=True), tmp_path / "run")
     assert loss() < 0.8 * start
+
+
+def test_magnitude_trains_a_dvora_file_and_is_refused_elsewhere(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """--magnitude: a tiny run writes an adapter file with vera_m (d_out, fp32) for every adapted layer, the
+    magnitudes moved from their start (W0's row norms), and `verakit eval` of the file reproduces the
+    training-time dev metric; with another method, a causal-LM task or --group-column it is refused by name."""
+    base = ["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--r", "16",
+            "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "dvora"), "--magnitude"]) == 0
+    metrics = json.loads((tmp_path / "dvora" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "dvora" / "config.json").read_text())["method"]["magnitude"] is True
+    adapter = read_adapter(tmp_path / "dvora" / "adapter.safetensors")
+    assert adapter.config.magnitude and set(adapter.m) == set(adapter.modules)
+    from transformers import AutoModelForSequenceClassification
+
+    weights = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).state_dict()
+    moved = 0.0
+    for name, m in adapter.m.items():
+        assert m.dtype == torch.float32 and m.shape == (adapter.modules[name][0],)
+        moved = max(moved, float((m - weights[f"{name}.weight"].norm(dim=1)).abs().max()))
+    assert moved > 1e-4  # trained: m is not still W0's row norms
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "dvora" / "adapter.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == metrics["metric"]
+    refused = {
+        "lora": (["--method", "lora"], "magnitude: VeRA options, but the method is 'lora'"),
+        "causal": (["--task", "e2e"], "--magnitude: VeRA ablation options are wired for classification tasks only"),
+        "grouped": (["--group-column", "g"], "--magnitude (DVoRA) is not wired for --group-column"),
+    }
+    for case, (flags, message) in refused.items():
+        assert main([*base, "--out", str(tmp_path / case), "--magnitude", *flags]) == 2, case
+        assert message in capsys.readouterr().err, case
+        assert not (tmp_path / case).exists(), case

@@ -75,6 +75,7 @@ class MethodSpec:
     distribution: str = "kaiming_uniform"
     projection_sharing: str = "shared"
     head: str = "full"  # one of HEADS, or NO_HEAD
+    magnitude: bool = False  # DVoRA (VeraConfig.magnitude): a trained magnitude per output row
 
     def __post_init__(self) -> None:
         if self.head not in (*HEADS, NO_HEAD):
@@ -91,7 +92,7 @@ class MethodSpec:
 
 # MethodSpec's VeRA ablation fields and their defaults (VeraConfig's); other methods must keep them.
 VERA_OPTION_DEFAULTS = {"train_d": True, "train_b": True, "distribution": "kaiming_uniform",
-                         "projection_sharing": "shared"}
+                         "projection_sharing": "shared", "magnitude": False}
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def prepare_model(model: nn.Module, spec: MethodSpec) -> Prepared:
         targets = spec.target_modules if spec.head == NO_HEAD else _targets(model, spec)
         attach(model, VeraConfig(r=spec.r, target_modules=targets, d_initial=spec.d_initial, seed=spec.seed,
                                  train_d=spec.train_d, train_b=spec.train_b, distribution=spec.distribution,
-                                 projection_sharing=spec.projection_sharing))
+                                 projection_sharing=spec.projection_sharing, magnitude=spec.magnitude))
         trainable = trainable_parameters(model)
     else:
         for p in model.parameters():

@@ -76,6 +76,7 @@ class TrainArgs:
     train_b: bool = True
     distribution: str = "kaiming_uniform"  # or kaiming_normal, or uniform (on [0, 0.1), the paper's bad case)
     projection_sharing: str = "shared"  # or unique (one pair per layer)
+    magnitude: bool = False  # DVoRA: a trained magnitude per output row on VeRA's layers (docs/dvora.md)
     # fp32: exact; bf16: VeRA's own products in bf16 during training steps (vera only; docs/performance.md).
     adapter_compute_dtype: str = "fp32"
     budget: str = "cpu"  # cpu: minutes on a laptop CPU with MiniLM; paper: the papers' GPU budgets and rates
@@ -96,7 +97,7 @@ class TrainArgs:
         """The MethodSpec these arguments train (after `resolved()`)."""
         return MethodSpec(self.method, int(self.r or 0), self.d_initial, self.target_modules, self.seed,
                           self.train_d, self.train_b, self.distribution, self.projection_sharing,
-                          head=self.head or DEFAULT_HEAD[self.method])
+                          head=self.head or DEFAULT_HEAD[self.method], magnitude=self.magnitude)
 
     def resolved(self) -> TrainArgs:
         """A copy with every None default filled in for this task and method."""
@@ -117,7 +118,8 @@ class TrainArgs:
             from ...config import VeraConfig
 
             VeraConfig(r=spec.r, d_initial=spec.d_initial, train_d=spec.train_d, train_b=spec.train_b,
-                       distribution=spec.distribution, projection_sharing=spec.projection_sharing)
+                       distribution=spec.distribution, projection_sharing=spec.projection_sharing,
+                       magnitude=spec.magnitude)
         return out
 
 

@@ -79,6 +79,8 @@ class GroupedArgs:
             raise ValueError("GroupedArgs.group_column must name a column")
         if self.train.adapter_compute_dtype != "fp32":  # the slot tables compute in fp32 only
             raise ValueError(COMPUTE_DTYPE_REFUSED)
+        if self.train.magnitude:  # a DVoRA slot's row norms depend on its own delta at every step
+            raise ValueError("--magnitude (DVoRA) is not wired for --group-column: train DVoRA adapters one at a time")
         for name in ("max_groups", "min_group_examples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
