@@ -89,8 +89,8 @@ def test_port_in_use_is_exit_2(bert_dirs, capsys):
 
 
 def test_port_0_binds_a_free_port_and_names_it(bert_dirs):
-    from verakit.serve.server import Server
     from verakit.serve.options import ServeOptions
+    from verakit.serve.server import Server
 
     model_dir, adapter_dir = bert_dirs
     server = Server(ServeOptions(model=str(model_dir), adapters=str(adapter_dir), port=0, threads=1))
