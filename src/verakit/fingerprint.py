@@ -24,7 +24,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "sample_positions",
     "sample_layers",
     "compare",
+    "read_samples",
     "model_mismatch",
 ]
 
@@ -238,9 +239,17 @@ class BaseComparison:
                 "fp32/bf16/fp16 differ by at most 0.0045)")
 
 
-def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseComparison:
+def read_samples(name: str, layer: nn.Module, k: int) -> torch.Tensor | None:
+    """The `k` samples of module `name`'s base weight (`sample_positions`), float32 on the CPU, unrounded;
+    None when they cannot be read here (see `_read_weight`)."""
+    return _read_weight(layer, *sample_positions(name, layer.out_features, layer.in_features, k))
+
+
+def compare(samples: BaseSamples, layers: Mapping[str, nn.Module],
+            read: Callable[[str, nn.Module, int], torch.Tensor | None] = read_samples) -> BaseComparison:
     """Compare the adapted layers' base weights with `samples` (positions from `sample_positions`); `layers`
-    as for `sample_layers` (the serving bank passes its slot layers).
+    as for `sample_layers` (the serving bank passes its slot layers, and a `read` that caches what it read:
+    its base weights never change).
 
     A module whose weight is quantized in the model or was when the file was written is judged within
     all such modules pooled (4bit when either side is 4-bit): a few nf4 samples of one module can differ
@@ -249,7 +258,7 @@ def compare(samples: BaseSamples, layers: Mapping[str, nn.Module]) -> BaseCompar
     sums: dict[str, list[float]] = {}  # group -> [sum diff^2, sum |model|^2, sum |file|^2]
     for n, want in samples.values.items():
         layer = layers.get(n)
-        got = None if layer is None else _read_weight(layer, *sample_positions(n, layer.out_features, layer.in_features, want.numel()))
+        got = None if layer is None else read(n, layer, want.numel())
         if got is None:
             unchecked.append(n)
             continue

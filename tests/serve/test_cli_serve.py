@@ -38,7 +38,7 @@ def test_help_shows_every_default(capsys):
     assert e.value.code == 0
     blocks = _blocks(capsys.readouterr().out)
     for field in fields(ServeOptions):
-        flag = "--" + field.name.replace("_", "-")
+        flag = "--no-base-check" if field.name == "check_base" else "--" + field.name.replace("_", "-")
         if field.name == "adapters":
             continue  # required
         assert "default" in blocks[flag], f"{flag} does not say its default: {blocks[flag]}"
@@ -128,3 +128,17 @@ def test_startup_line_names_the_url_it_serves(bert_dirs):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_model_flag_may_be_left_out(tmp_path):
+    """`verakit serve --adapters DIR` alone: --model reads as None (minilm or smollm2 chosen from --task), not
+    the dataclass's missing-default marker, which crashed the start-up with an AttributeError."""
+    from verakit.cli import build_parser
+    from verakit.cli.common import fields_of
+    from verakit.serve.options import ServeOptions
+
+    args = build_parser().parse_args(["serve", "--adapters", str(tmp_path)])
+    assert args.model is None and args.check_base is True
+    options = ServeOptions(**fields_of(ServeOptions, args))
+    assert options.model is None and options.check_base
+    assert build_parser().parse_args(["serve", "--adapters", str(tmp_path), "--no-base-check"]).check_base is False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 from .common import fields_of
@@ -93,7 +93,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `serve`."""
     from ..serve.options import DTYPES, TASKS, ServeOptions
 
-    default: dict[str, Any] = {f.name: f.default for f in fields(ServeOptions)}
+    # A field without a default (model: the CLI's default is None, resolved from --task) reads as None.
+    default: dict[str, Any] = {f.name: None if f.default is MISSING else f.default for f in fields(ServeOptions)}
     s = sub.add_parser("serve", help="serve many adapters over one base model over HTTP (mixed-adapter batches)",
                        description="Serve many VeRA adapters over one base model over HTTP (docs/serving.md). "
                        "Prints 'listening on URL' once the model is loaded and the port bound.")
@@ -138,6 +139,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     opt("dtype", "dtype of the base model weights; adapter vectors stay float32 (default: %(default)s)", choices=DTYPES)
     opt("threads", "torch threads; 1 suits a machine shared with other work (default: torch's, one per core)",
         type=int)
+    s.add_argument("--no-base-check", dest="check_base", action="store_false",
+                   help="serve adapters whose recorded base-weight samples differ from this base model (another "
+                   "checkpoint of the same architecture; default: refused with 409, docs/format.md)")
     s.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: one process; ray: replicas on Ray Serve over the same --adapters directory, "
                    "pip install 'verakit[ray]' (default: %(default)s; docs/serving.md, Ray Serve)")

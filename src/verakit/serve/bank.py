@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..config import PROJECTION_KINDS
-from ..fileformat import Adapter, AdapterError, read_adapter
+from ..fileformat import Adapter, AdapterError, BaseMismatchError, read_adapter
+from ..fingerprint import compare, read_samples
 from ..inject import VeraState, vera_state
 from ..slot_tables import SlotLayer, to_slot_tables
 from ..slots import SlotHeadLinear
@@ -47,7 +48,7 @@ class AdapterBank:
     Not thread-safe: one thread (the serving engine's worker) adds, removes and runs forwards.
     """
 
-    def __init__(self, model: nn.Module, capacity: int = 64) -> None:
+    def __init__(self, model: nn.Module, capacity: int = 64, check_base: bool = True) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"AdapterBank capacity must be an integer >= 1, got {capacity!r}")
         state: VeraState = vera_state(model)
@@ -72,13 +73,19 @@ class AdapterBank:
         self._lru: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = list(range(capacity, 0, -1))  # pop() hands out slot 1 first
         self._extra: dict[str, dict[str, Any]] = {}
+        # Refuse adapters whose base-weight samples differ from this base (as load_adapter does). The base
+        # weights never change, so what was read at each module's sample positions is kept (a 4-bit base
+        # dequantizes a whole weight per read).
+        self.check_base = check_base
+        self._base_reads: dict[tuple[str, int], torch.Tensor | None] = {}
         self.loads = 0  # adapters written into a slot (counters for monitoring)
         self.evictions = 0
 
     # ---------------------------------------------------------------- adapters
 
     def check(self, adapter: Adapter) -> None:
-        """Raise AdapterError (naming the file and field) unless `adapter` can live in this bank."""
+        """Raise AdapterError (naming the file and field) unless `adapter` can live in this bank;
+        BaseMismatchError when its base-weight samples differ from this base (unless `check_base` is off)."""
         where = adapter.path or "<adapter>"
         ours, theirs = self.config, adapter.config
         if theirs.projection_kind != PROJECTION_KINDS[0]:
@@ -90,6 +97,21 @@ class AdapterBank:
             if getattr(ours, f) != getattr(theirs, f):
                 raise AdapterError(f"{where}: the bank's projection has {f}={getattr(ours, f)!r} but the adapter {getattr(theirs, f)!r}")
         self.tables.check(adapter)  # rank, base model, modules and head shapes
+        if self.check_base and adapter.samples is not None:
+            result = compare(adapter.samples, self.layers, read=self._read_base)
+            if result.failed:
+                base = adapter.extra.get("model") or adapter.architecture or "its base model"
+                raise BaseMismatchError(
+                    f"{where}: base model mismatch: the adapter was trained on {base}, but this server's base "
+                    f"weights differ from the ones it was trained on: {result.describe()}. Serve it over that "
+                    "base, or start the server with --no-base-check"
+                )
+
+    def _read_base(self, name: str, layer: nn.Module, k: int) -> torch.Tensor | None:
+        key = (name, k)
+        if key not in self._base_reads:  # two threads may both read: same values, harmless
+            self._base_reads[key] = read_samples(name, layer, k)
+        return self._base_reads[key]
 
     def add(self, name: str, source: str | os.PathLike[str] | Adapter) -> int:
         """Make `name` resident (replacing a resident adapter of that name) and return its slot.

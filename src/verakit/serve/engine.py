@@ -107,7 +107,7 @@ class Engine:
             attach(model, config)
         except ValueError as e:
             raise AdapterError(f"adapters in {options.adapters} do not fit the model {path}: {e}") from None
-        self.bank = AdapterBank(model, options.capacity)
+        self.bank = AdapterBank(model, options.capacity, check_base=options.check_base)
         self.model = model
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or options.max_input_tokens)
         self.max_input_tokens = min(options.max_input_tokens, self.context)

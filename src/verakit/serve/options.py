@@ -56,6 +56,8 @@ class ServeOptions:
         connections are refused meanwhile); those still running then are cut (503 if their answer had not
         started).
     dtype: dtype of the base model weights (the adapter vectors stay float32).
+    check_base: refuse (409) an adapter whose recorded base-weight samples differ from this base model's
+        weights (another checkpoint of the same architecture; docs/format.md, "Base-weight samples").
     threads: torch intra-op threads for the model; None keeps torch's default (one per core). On a
         machine shared with other work, 1 avoids threads waiting on each other at every op.
     """
@@ -85,6 +87,7 @@ class ServeOptions:
     max_queue: int = 512
     body_timeout_s: float = 30.0
     shutdown_timeout_s: float = 30.0
+    check_base: bool = True
 
     def __post_init__(self) -> None:
         for f in ("capacity", "max_batch", "max_body_bytes", "max_upload_bytes", "max_inputs",
