@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train(tmp_path, tiny_bert_dir, tiny_task, method, **kw):
     # The same full head for every method, so the counts below differ only by method (vera's default VeRA
-    # head, with only the classifier saved, is tested in test_heads_train.py).
+    # head, with only the classifier saved, is tested in classify/test_heads.py).
     kw.setdefault("head", "full")
     args = TrainArgs(task="csv", data_dir=str(tiny_task), out=str(tmp_path / method), model=tiny_bert_dir,
                      method=method, epochs=8, batch_size=16, lr=1e-2 if method != "full" else 1e-3, head_lr=1e-2,
