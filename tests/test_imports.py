@@ -192,3 +192,17 @@ def test_import_direction_check_catches_train_importing_serve_and_core_importing
     found = {str(p.relative_to(fake)): _imported_packages(p, fake) for p in fake.rglob("*.py")}
     assert "serve" in found["train/grouped/recipe.py"] and "serve" in found["train/loop.py"]
     assert "cli" in found["plan.py"] and "train" not in found["serve/bank.py"]
+
+
+def test_train_packages_import_nothing_heavy():
+    """The train packages resolve their names on first access, so importing them (and a stdlib-only data
+    module such as classify.tasks) imports none of transformers, scikit-learn, scipy, accelerate, optuna, peft."""
+    code = ("import sys, verakit.train, verakit.train.classify, verakit.train.causal, verakit.train.vision, "
+            "verakit.train.grouped, verakit.train.tune, verakit.train.classify.tasks, verakit.train.errors; "
+            "print(sorted(m for m in ('transformers', 'sklearn', 'scipy', 'accelerate', 'optuna', 'peft') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+    from verakit.train.causal import CausalArgs  # and the names resolve on access
+
+    assert CausalArgs.__module__ == "verakit.train.causal.recipe"
