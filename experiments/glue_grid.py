@@ -58,6 +58,8 @@ METHODS = {
     "peft-vera-256": ("peft-vera", 256, VERA_LRS),
     "peft-vera-1024": ("peft-vera", 1024, VERA_LRS),
     "head": ("head", 1024, VERA_LRS),  # head vera: VeRA r=1024 on pooler.dense alone
+    # DVoRA (issue 21 Part 2): verakit VeRA r=1024 with the learned magnitude (--magnitude), same protocol.
+    "dvora-1024": ("dvora", 1024, VERA_LRS),
 }
 HEAD_FULL_LRS = ("1e-3", "2e-3", "4e-3", "1e-2")  # head only with --head full: the swept rate is --head-lr
 PENDING = "?"  # the lr of a seeds cell whose method's sweep is unfinished
@@ -89,6 +91,8 @@ def method_flags(method: str, head: str, lr: str) -> list[str]:
     if kind == "head":  # the VeRA head without body targets: only pooler.dense's vectors and the classifier
         return ["--method", "vera", "--target-modules", "pooler.dense", "--head", "vera", "--r", str(rank),
                 "--lr", lr]
+    if kind == "dvora":
+        return ["--method", "vera", "--magnitude", "--head", head, "--r", str(rank), "--lr", lr]
     return ["--method", kind, "--head", head, "--r", str(rank), "--lr", lr]
 
 
@@ -287,7 +291,7 @@ def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
                          f"{rs[0]['adapter_params']:,} | {rs[0]['file_bytes']:,} | "
                          f"{statistics.median(r['train_seconds'] for r in rs):.0f} |")
     pairs = [(a, "lora-8") for a in ("vera-256", "vera-1024", "peft-vera-256", "peft-vera-1024")]
-    pairs += list(VERA_VS.items())
+    pairs += [*VERA_VS.items(), ("dvora-1024", "vera-1024"), ("dvora-1024", "lora-8")]
     lines += ["", "| difference (points, paired by seed) | " + " | ".join(tasks) + " | mean over tasks |",
               "|---|" + "---|" * (len(tasks) + 1)]
     for a, b in pairs:
@@ -321,7 +325,7 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.4), constrained_layout=True, squeeze=False)
-    colors = dict(zip(METHODS, ("tab:blue", "navy", "tab:orange", "tab:green", "darkgreen", "tab:gray"), strict=True))
+    colors = dict(zip(METHODS, ("tab:blue", "navy", "tab:orange", "tab:green", "darkgreen", "tab:gray", "tab:purple"), strict=True))
     for ax, t in zip(axes[0], tasks, strict=True):
         for meth in methods:
             rs = [r for r in seeds if r["task"] == t and r["method"] == meth]

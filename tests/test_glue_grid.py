@@ -65,6 +65,9 @@ def test_seeds_commands_train_the_full_set_at_the_table_budget(grid, tmp_path):
     assert (p.method, p.r, p.head, p.lr, p.epochs) == ("peft-vera", 1024, "full", 0.1, grid.EPOCHS["cola"])
     lora = _resolved(grid.command(grid.Cell("seeds", "stsb", "lora-8", 1, "2e-3"), "vera", tmp_path))
     assert (lora.method, lora.r, lora.head, lora.lr) == ("lora", 8, "vera", 2e-3)
+    dv = _resolved(grid.command(grid.Cell("seeds", "mrpc", "dvora-1024", 0, "5e-2"), "vera", tmp_path))
+    assert (dv.method, dv.r, dv.magnitude, dv.head, dv.lr) == ("vera", 1024, True, "vera", 5e-2)
+    assert not lora.magnitude
 
 
 def test_head_only_is_the_vera_head_alone_or_method_head(grid, tmp_path):
@@ -82,7 +85,7 @@ def test_sweep_commands_use_the_carved_split_and_their_budget(grid, tmp_path, fa
     assert (m.data_dir, m.max_train_samples, m.epochs) == (str(tmp_path / "data" / "MRPC"), None, 10)
     cells = grid.sweep_cells(list(grid.METHODS), "vera")
     assert len(cells) == 2 * sum(len(grid.lrs(x, "vera")) for x in grid.METHODS)
-    assert {(c.task, c.method) for c in cells[:12]} == {(t, x) for t in ("sst2", "mrpc") for x in grid.METHODS}
+    assert {(c.task, c.method) for c in cells[:2 * len(grid.METHODS)]} == {(t, x) for t in ("sst2", "mrpc") for x in grid.METHODS}
 
 
 def test_lr_choice_is_the_best_mean_of_the_held_out_scores(grid, tmp_path):
