@@ -62,8 +62,8 @@ def test_training_encodes_by_this_rule(chat):
     """Training's encoding (train.lm_data, train.generate's stops), pinned to ids built by hand: plain text
     gets the tokenizer's BOS and ends with EOS; a chat prompt is the rendered user turn with its trailing
     newline stripped, no second BOS, and the completion ends with what the template writes after a reply."""
-    from verakit.train.generate import DecodeConfig, generate_ids
-    from verakit.train.lm_data import IGNORE_INDEX, LMExample, prompt_ids, tokenize_examples
+    from verakit.train.causal.generate import DecodeConfig, generate_ids
+    from verakit.train.causal.lm_data import IGNORE_INDEX, LMExample, prompt_ids, tokenize_examples
 
     tok = CharChat()
     prompt = _ords("<u>ab|\n<a>") if chat else [1, *_ords("ab\n")]
