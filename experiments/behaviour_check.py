@@ -40,7 +40,9 @@ TINY = ["--max-train-samples", "96", "--max-eval-samples", "64", "--epochs", "1"
 def scrub(obj: Any, work: str) -> Any:
     """Drop volatile keys, replace the work folder in strings."""
     if isinstance(obj, dict):
-        return {k: scrub(v, work) for k, v in obj.items() if not VOLATILE.search(str(k))}
+        # PEFT writes target_modules from a set: its order changes from run to run (hash seed).
+        return {k: sorted(v) if k == "target_modules" and isinstance(v, list) else scrub(v, work)
+                for k, v in obj.items() if not VOLATILE.search(str(k))}
     if isinstance(obj, list):
         return [scrub(v, work) for v in obj]
     if isinstance(obj, str):
