@@ -27,6 +27,7 @@ artifact, loaded into a fresh backbone, reproduces the final accuracy. The extra
 
     python experiments/cnn_cifar.py run [--seeds 0 1 2] [--regimes full shots10] [--methods ...]
     python experiments/cnn_cifar.py cli-check     # the same gap through `verakit train --task images`
+    python experiments/cnn_cifar.py steptime      # seconds per training step of each method
     python experiments/cnn_cifar.py report        # cnn_cifar_report.py writes the section
 """
 
@@ -382,6 +383,38 @@ def cli_check(args: argparse.Namespace) -> None:
     print(json.dumps(check, indent=2))
 
 
+def steptime(args: argparse.Namespace) -> None:
+    """Seconds per training step (forward, backward, AdamW) of each method at batch 32 on 32x32 inputs, one
+    thread: the least of 5 steps after one warm-up, in 3 interleaved rounds; RUNS/steptime.json."""
+    import torch
+    import torch.nn.functional as F
+    from results_section import write_atomic
+
+    torch.set_num_threads(1)
+    runs = Path(args.runs)
+    folder = pretrain(runs)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    rounds: dict[str, list[float]] = {}
+    for _ in range(3):
+        for method in METHODS:
+            model, adapter, head = prepare(method, backbone(folder, 0), 0)
+            train_mode(model)
+            opt = torch.optim.AdamW(adapter + head)
+            times = []
+            for _ in range(6):
+                t = time.perf_counter()
+                loss = F.cross_entropy(model(pixel_values=x).logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t)
+            rounds.setdefault(method, []).append(min(times[1:]))
+    result = {m: round(min(v), 4) for m, v in rounds.items()}
+    write_atomic(runs / "steptime.json", json.dumps({"batch": 32, "seconds_per_step": result, "rounds": rounds}, indent=2) + "\n")
+    print(json.dumps(result))
+
+
 def _report(args: argparse.Namespace) -> None:
     from cnn_cifar_report import report  # imports this module's constants
 
@@ -398,6 +431,7 @@ def main() -> None:
     r.add_argument("--methods", nargs="+", default=[*METHODS, *EXTRA], choices=[*METHODS, *EXTRA])
     r.set_defaults(func=run)
     sub.add_parser("cli-check").set_defaults(func=cli_check)
+    sub.add_parser("steptime").set_defaults(func=steptime)
     s = sub.add_parser("report")  # in cnn_cifar_report.py, with the section's Markdown
     s.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     s.add_argument("--json", default=str(REPO / "docs" / "results_cnn.json"))

@@ -42,9 +42,26 @@ def paired(rows: list[dict]) -> list[str]:
     return out
 
 
-def section(info: dict | None, rows: list[dict], check: dict | None = None) -> str:
-    """The Markdown of SECTION from the backbone info (None: not pretrained yet), the finished cells and the
-    cli-check result (None: not run)."""
+# Written by hand from the runs of 2026-12-05 (3 seeds of every cell); re-read it when the cells change.
+READING = [
+    "Reading (runs of 2026-12-05):",
+    "* With all 2,500 images, VeRA on the 12 convolutions is as good as PEFT LoRA on the same layers "
+    "(-0.5 points paired, within the seeds' spread) with 22x fewer trained floats (5,952 vs 133,784) and a 14x "
+    "smaller file; both beat the head alone by about 4 points on every seed. At 10 images per class no method "
+    "separates from the head beyond the seeds' spread.",
+    "* VeRA's training step costs about twice LoRA's here (see the step times): `VeraConv` builds the delta "
+    "kernel diag(b) B diag(s d) A (C_out x d_in x r multiply-adds per layer) on every training step, which at "
+    "r = 256 exceeds the convolutions' own work once the feature maps are 2x2 or 1x1 (the deep stages of a "
+    "32x32 ResNet). The factored path (a k x k convolution into r channels, then 1x1) would be cheaper there.",
+    "* BatchNorm: a frozen base's running statistics must stay frozen. `vera-bntrain` and the CLI check show the "
+    "gap a run with BatchNorm in train mode leaves between the accuracy it records and the accuracy of its saved "
+    "file.",
+]
+
+
+def section(info: dict | None, rows: list[dict], check: dict | None = None, steps: dict | None = None) -> str:
+    """The Markdown of SECTION from the backbone info (None: not pretrained yet), the finished cells, the
+    cli-check result and the step times (None: not run)."""
     lines = [
         SECTION, "",
         "**A small ResNet pretrained here, not the paper's setting** (the VeRA paper adapts no convolution). "
@@ -70,8 +87,9 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
                     f"{v['epochs']} epochs, batch {v['batch_size']}" for k, v in REGIMES.items()) + ".",
         "* Accuracy on the 500 test images of the adaptation classes after the last epoch (no selection on the "
         "test set): median over seeds (min-max), per seed in order. *Reloaded* is the saved artifact loaded into a "
-        "fresh backbone and evaluated again: \"yes\" when it gives the final accuracy back exactly. *File* is the artifact on disk: verakit's adapter file, PEFT's adapter_model.safetensors, or "
-        "the head's tensors; each holds the head's 2,565 floats.", "",
+        "fresh backbone and evaluated again: \"yes\" when it gives the final accuracy back exactly. *File* is the "
+        "artifact on disk: verakit's adapter file, PEFT's adapter_model.safetensors, or the head's tensors; each "
+        "holds the head's 2,565 floats.", "",
         "| regime | method | seeds | final accuracy, median (min-max) | per seed | reloaded = final | adapter params "
         "| head params | file (B) | wall time (s, median) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -101,6 +119,10 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
            f"`{check['eval_command']}` scores the saved file {check['eval_accuracy']:.3f} "
            f"({check['adapter_params']:,} adapter + {check['head_params']:,} head parameters, "
            f"{check['adapter_bytes']:,} B).", ""] if check else []),
+        *(["Seconds per training step at batch 32, one thread, least of 15 (`python experiments/cnn_cifar.py "
+           "steptime`): " + ", ".join(f"{m} {t:.3f}" for m, t in steps["seconds_per_step"].items()) + ".", ""]
+          if steps else []),
+        *(READING + [""] if len({r["seed"] for r in rows}) >= 3 else []),
         "Wall times come from a shared 2-core machine with other jobs running (`nice -n 5`, one thread): compare "
         "them within this table only.", "",
         "Reproduce (runs under `../runs_cnn/`, outside the repository" + (
@@ -108,11 +130,12 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None) -> s
             f"{sum(r['train_seconds'] for r in rows) / 60:.0f} min of training at one thread" if info else "") + "):", "",
         "```",
         "OMP_NUM_THREADS=1 nice -n 5 python experiments/cnn_cifar.py run    # pretrain once, then every cell; resumable",
+        "OMP_NUM_THREADS=1 python experiments/cnn_cifar.py cli-check        # one verakit train + verakit eval",
+        "OMP_NUM_THREADS=1 python experiments/cnn_cifar.py steptime         # seconds per training step",
         "python experiments/cnn_cifar.py report                            # this section + docs/results_cnn.json",
         "```", "",
     ]
     return "\n".join(lines)
-
 
 
 def report(args: argparse.Namespace) -> None:
@@ -122,10 +145,12 @@ def report(args: argparse.Namespace) -> None:
     rows = load_cells(runs)
     check_path = runs / "cli" / "check.json"
     check = json.loads(check_path.read_text()) if check_path.is_file() else None
-    text = section(info, rows, check)
+    steps_path = runs / "steptime.json"
+    steps = json.loads(steps_path.read_text()) if steps_path.is_file() else None
+    text = section(info, rows, check, steps)
     path = Path(args.results)
     write_atomic(path, replace_section(path.read_text() if path.is_file() else "# Results\n", SECTION, text))
     slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     write_atomic(Path(args.json), json.dumps({"backbone": info and {k: v for k, v in info.items() if k != "history"},
-                                              "cells": slim, "cli_check": check}, indent=1) + "\n")
+                                              "cells": slim, "cli_check": check, "steptime": steps}, indent=1) + "\n")
     print(text)

@@ -106,7 +106,8 @@ def test_cnn_report_on_fake_runs(cnn, report, tmp_path):
     assert "| full | vera-bntrain | 0 | 0.750 | 0.750 | no: 0.500 | 5,952 | 2,565 | 38,860 | 100 |" in lines
     assert "| shots10 | lora | 0 | not yet measured | | | | | | |" in lines
     assert not any(line.startswith("| shots10 | vera-bntrain") for line in lines)  # runs at full only
-    assert not any("cli-check" in line for line in lines)
+    assert not any(line.startswith(("Through the CLI", "Seconds per training step")) for line in lines)
+    assert "Reading (runs of 2026-12-05):" in lines  # every seed of the grid is there
     assert not any(line.startswith("* full, mean difference") for line in lines)  # no pair measured yet
     rows = [_cell("full", "vera", 0, 0.60), _cell("full", "vera", 1, 0.70), _cell("full", "head", 1, 0.65),
             _cell("full", "head", 0, 0.50), _cell("full", "lora", 0, 0.55)]
@@ -114,7 +115,10 @@ def test_cnn_report_on_fake_runs(cnn, report, tmp_path):
                                    "+5.0); lora − head +5.0 (seeds: +5.0); vera − lora +5.0 (seeds: +5.0)."]
     check = {"command": "verakit train X", "eval_command": "verakit eval Y", "best_epoch": 7.0, "recorded_accuracy": 0.5,
              "eval_accuracy": 0.4, "adapter_params": 5952, "head_params": 2565, "adapter_bytes": 39036}
-    text = report.section(None, report.load_cells(tmp_path), check)
+    steps = {"seconds_per_step": {"vera": 0.15, "lora": 0.07, "head": 0.02}}
+    text = report.section(None, report.load_cells(tmp_path), check, steps)
+    assert ("Seconds per training step at batch 32, one thread, least of 15 (`python experiments/cnn_cifar.py "
+            "steptime`): vera 0.150, lora 0.070, head 0.020.") in text.splitlines()
     assert ("Through the CLI (`python experiments/cnn_cifar.py cli-check`): `verakit train X` recorded test accuracy "
             "0.500 for its best epoch (7), and `verakit eval Y` scores the saved file 0.400 (5,952 adapter + 2,565 "
             "head parameters, 39,036 B).") in text.splitlines()
@@ -147,3 +151,4 @@ def test_embed_cells_subset_and_report(embed, tmp_path):
     assert "| vera-emb | 0, 1 | 0.8000 (0.7900-0.8100) | 0.8100, 0.7900 | no: 0.8100, 0.7000 | 640 | 3,480 | 50 |" in lines
     assert "* vera-emb − head, paired by seed: +1.00 points on average (seeds: +1.00, +1.00)." in lines
     assert "| lora-emb | 0 | not yet measured | | | | | |" in lines
+    assert "Reading (runs of 2026-12-05):" not in lines  # written for the full grid only
