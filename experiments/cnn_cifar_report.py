@@ -56,6 +56,10 @@ READING = [
     "* BatchNorm: a frozen base's running statistics must stay frozen. `vera-bntrain` and the CLI check show the "
     "gap a run with BatchNorm in train mode leaves between the accuracy it records and the accuracy of its saved "
     "file.",
+    "* Library: the runs imported verakit from a snapshot of commit f3dda25's src/ (so that edits made by other "
+    "sessions meanwhile could not change a run midway). From commit d2cef97 on, a verakit adapter file also "
+    "carries 3,176 B of base-weight samples: the `vera` file is 42,036 B at that commit (PEFT's and the head's "
+    "files do not change).",
 ]
 
 

@@ -277,6 +277,9 @@ READING = [
     "the size of the embedding; at 5e-3, 0.13x.",
     "* The file path works end to end: every reloaded adapter (3,480 B for the table alone) scores exactly "
     "what the trained model scored.",
+    "* Library: the runs imported verakit from a snapshot of commit f3dda25's src/. From commit d2cef97 on, a "
+    "verakit adapter file also carries 3,176 B of base-weight samples: 6,656 / 37,816 / 40,648 B for vera-emb / "
+    "vera-qv / vera-qv-emb at that commit (PEFT's folder does not change).",
 ]
 
 
