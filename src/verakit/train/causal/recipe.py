@@ -80,6 +80,7 @@ class CausalArgs:
     r: int | None = None  # VeRA 1024, LoRA 8
     d_initial: float = 0.1
     target_modules: tuple[str, ...] | str | None = None  # leaf names, "all-linear", or None: the model type's
+    magnitude: bool = False  # DVoRA: a trained magnitude per output row on VeRA's layers (docs/dvora.md)
     # cpu: minutes on a laptop CPU with SmolLM2; paper: the papers' budgets. None fields below: the budget's.
     budget: str = "cpu"
     epochs: int | None = None
@@ -137,7 +138,8 @@ class CausalArgs:
 
     def method_spec(self) -> MethodSpec:
         """The MethodSpec these arguments train (after `resolved()`): no task head."""
-        return MethodSpec(self.method, int(self.r or 0), self.d_initial, self.target_modules, self.seed, head=NO_HEAD)
+        return MethodSpec(self.method, int(self.r or 0), self.d_initial, self.target_modules, self.seed, head=NO_HEAD,
+                          magnitude=self.magnitude)
 
 
 # ------------------------------------------------------------------------------------- loss, eval
