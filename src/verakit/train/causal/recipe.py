@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hparams import BUDGETS, defaults, fill
-from ..loop import ParamGroup
+from ..loop import ParamGroup, train_mode
 from ..methods import (
     NO_HEAD,
     MethodSpec,
@@ -239,7 +239,7 @@ def _samples(model: nn.Module, tokenizer: Any, examples: Sequence[LMExample], ar
         return []
     model.eval()
     texts = generate_texts(model, tokenizer, examples, use_chat_template=bool(args.chat_template), config=args.decode())
-    model.train()
+    train_mode(model)
     return texts
 
 
