@@ -116,8 +116,10 @@ def section(info: dict | None, rows: list[dict], check: dict | None = None, step
     lines += ["", *paired(rows)]
     lines += [
         "", "`vera-bntrain` is `vera` with the BatchNorm layers in train mode, as `verakit train --task images` "
-        "runs a model today: the running statistics move to the adaptation data during training and are in no "
-        "artifact, so the reloaded adapter scores differently from the run that saved it.", "",
+        "ran a model until session 6: the running statistics move to the adaptation data during training and are "
+        "in no artifact, so the reloaded adapter scores differently from the run that saved it. Since then "
+        "`verakit train` keeps a frozen base's BatchNorm in eval mode (`verakit.train.loop.train_mode`, "
+        "tests/train/vision/test_batchnorm.py); the CLI check below ran before that fix.", "",
         *([f"Through the CLI (`python experiments/cnn_cifar.py cli-check`): `{check['command']}` recorded test "
            f"accuracy {check['recorded_accuracy']:.3f} for its best epoch ({check['best_epoch']:.0f}), and "
            f"`{check['eval_command']}` scores the saved file {check['eval_accuracy']:.3f} "
