@@ -326,3 +326,42 @@ def test_bf16_base_runs_and_merges_close_to_fp32():
     assert got.dtype == merged.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.02)
     torch.testing.assert_close(merged.float(), expected, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("case,size,factored", [
+    ("plain", (2, 2), True),  # widened below to 24 -> 64 channels, padding 1: 2 x 4 x (216 + 64) < 64 x 216
+    ("groups", (2, 2), True),  # 64 -> 64 channels in 2 groups: 2 x 4 x (2 x 288 + 64) < 64 x 288
+    ("stride-pad-dilation", (40, 40), False),  # 6 x 24 kernel, 2 x 400 positions: the kernel is cheaper
+])
+def test_training_paths_match_the_reference(case, size, factored):
+    """A training step takes the factored path where it costs less (small feature maps) and builds the delta
+    kernel otherwise; both give the reference's outputs and gradients of d and b."""
+    torch.manual_seed(0)
+    kw = dict(CASES[case], **({"padding": 1} if case == "plain" else {}))
+    wide = dict(kw, out_channels=64, in_channels=kw["in_channels"] * 8) if factored else kw
+    model = Wrap(nn.Conv2d(**wide))
+    base = copy.deepcopy(model.conv)
+    attach(model, VeraConfig(r=6, target_modules=("conv",)))
+    layer = vera_layers(model)["conv"]
+    _randomize(layer)
+    x = torch.randn(2, base.in_channels, *size)
+    assert layer.factored_for(x) is factored
+    model(x).pow(2).sum().backward()
+    d = layer.vera_d.detach().double().requires_grad_(True)
+    b = layer.vera_b.detach().double().requires_grad_(True)
+    want = reference_conv2d(base.double(), x.double(), d, b, 6)
+    want.pow(2).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), want.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.vera_d.grad.double(), d.grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(layer.vera_b.grad.double(), b.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_factored_choice_counts_output_positions():
+    """1x1 and 2x2 feature maps of a 512-channel 3x3 convolution (a ResNet's last stage, batch 32) take the
+    factored path; 32x32 maps build the kernel."""
+    layer = vera_layers(attach(Wrap(nn.Conv2d(512, 512, 3, padding=1)), VeraConfig(r=256, target_modules=("conv",))))["conv"]
+    assert layer.factored_for(torch.empty(32, 512, 1, 1)) and layer.factored_for(torch.empty(32, 512, 2, 2))
+    assert not layer.factored_for(torch.empty(32, 512, 32, 32))
+    strided = vera_layers(attach(Wrap(nn.Conv2d(512, 512, 3, stride=8)), VeraConfig(r=8, target_modules=("conv",))))["conv"]
+    assert strided.factored_for(torch.empty(8, 512, 17, 17))  # 2x2 output positions after stride 8, no padding

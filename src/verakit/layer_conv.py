@@ -154,6 +154,9 @@ class VeraConv(nn.Module):
         if self.training and isinstance(self.dropout, nn.Dropout):  # the base sees x, the adapter dropout(x)
             return self.base(x) + conv_adapter(self.base, self.dropout(x), A, B, d * self.scale, b)
         grad = torch.is_grad_enabled() and (d.requires_grad or b.requires_grad or w0.requires_grad)
+        if grad and self.factored_for(x):  # small feature maps: cheaper than building the delta kernel
+            self._cache = None
+            return self.base(x) + conv_adapter(self.base, x, A, B, d * self.scale, b)
         if grad or torch.compiler.is_compiling():
             self._cache = None
             W = self._weight(A, B)
@@ -164,6 +167,21 @@ class VeraConv(nn.Module):
                 self._cache = WeightCache(key, self._weight(A, B))
             W = self._cache.weight
         return self.base._conv_forward(x, W, self.base.bias)
+
+    def factored_for(self, x: torch.Tensor) -> bool:
+        """Whether a training step on input `x` costs less factored (a k x k convolution into r channels per
+        group, then a grouped 1x1: N P r (g d_in + C_out) multiply-adds over P output positions) than with
+        the delta kernel built (C_out r d_in, whatever the batch). Small feature maps (a ResNet's deep
+        stages) take the factored path; wide ones the kernel. Forward and backward scale alike."""
+        base, n_k = self.base, len(self.kernel)
+        batch = x.shape[0] if x.dim() == n_k + 2 else 1
+        if base.padding == "same":
+            positions = math.prod(x.shape[-n_k:])
+        else:
+            pad = (0,) * n_k if base.padding == "valid" else base.padding
+            positions = math.prod((size + 2 * p - dil * (k - 1) - 1) // s + 1 for size, p, dil, k, s in
+                                  zip(x.shape[-n_k:], pad, base.dilation, self.kernel, base.stride, strict=True))
+        return batch * positions * (base.groups * self.in_features + self.out_features) < self.out_features * self.in_features
 
     def _weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """W0 + delta as a kernel, in W0's dtype (differentiable in d and b)."""
