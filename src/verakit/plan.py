@@ -335,7 +335,7 @@ def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules
     # mask) run for real, so the traced path is the one training takes, not transformers' tracing path.
     saved, blocks = _saved_bytes(model, task, batch, seq, tables)
     if checkpointing:
-        from .train.causal import enable_gradient_checkpointing  # exactly what `verakit train` turns on
+        from .recompute import enable_gradient_checkpointing  # exactly what `verakit train` turns on
 
         enable_gradient_checkpointing(model)
         # kept: block inputs and whatever is outside the blocks; in backward one block at a time is rebuilt

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["NormSource", "is_norm", "enable", "disable", "enabled", "source_of"]
+__all__ = ["NormSource", "is_norm", "enable", "disable", "enabled", "source_of", "enable_gradient_checkpointing"]
 
 _ATTR = "_verakit_norm_source"
 _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -111,3 +111,16 @@ def source_of(x: torch.Tensor) -> NormSource | None:
     if src is None or x.is_inference() or x._version != src.out_version or src.input is None:
         return None
     return src
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' own).
+
+    Non-reentrant checkpointing, because with frozen embeddings no input of a checkpointed layer requires
+    grad, which the reentrant variant would silently turn into no gradient for d and b at all.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...recompute import enable_gradient_checkpointing  # core (verakit plan uses it too); re-exported here
+
 __all__ = ["build_causal_lm", "enable_gradient_checkpointing"]
 
 
@@ -25,14 +27,3 @@ def build_causal_lm(model_name: str | None) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' own).
-
-    Non-reentrant checkpointing, because with frozen embeddings no input of a checkpointed layer requires
-    grad, which the reentrant variant would silently turn into no gradient for d and b at all.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
