@@ -343,7 +343,8 @@ def _check_base(model: nn.Module, adapter: Adapter, where: str | None) -> None:
         raise BaseMismatchError(
             f"{where or '<adapter>'}: base model mismatch: the adapter was trained on {base}, but this "
             f"{type(model).__name__}'s weights differ from the ones it was trained on: {result.describe()}. "
-            "Load it into that base, or pass check_base=False to load it anyway"
+            "Load it into that base, or pass check_base=False (verakit eval/generate/merge/serve: --no-base-check) "
+            "to load it anyway"
         )
 
 

@@ -166,5 +166,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     s.add_argument("--no-base-check", action="store_true", help="merge even when the base weights differ from the "
                    "samples the adapter recorded (another checkpoint of the same architecture); names and shapes "
-                   "are still checked")
+                   "are still checked (default: refused)")
     s.set_defaults(func=run_merge)

@@ -23,7 +23,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print("verakit generate: error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
         return 2
     texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
-                                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams))
+                                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams),
+                                   check_base=args.check_base)
     if args.json:
         print(json.dumps([{"prompt": p, "generation": t} for p, t in zip(prompts, texts, strict=True)], indent=2))
     else:
@@ -49,4 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-new-tokens", type=int, default=field_default("max_new_tokens", decode),
                    help=f"tokens generated per prompt at most (default {field_default('max_new_tokens', decode)})")
     s.add_argument("--json", action="store_true", help="print a JSON list of {prompt, generation}")
+    s.add_argument("--no-base-check", dest="check_base", action="store_false", help="load a verakit adapter even when its recorded base-weight samples differ from "
+                   "this base model (another checkpoint of the same architecture; names and shapes are still checked; "
+                   "the check's default: on, such adapters are refused)")
     s.set_defaults(func=run_generate)

@@ -153,7 +153,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if task == IMAGE_TASK:
         return run_eval_images(args)
     return print_evaluation(lambda: evaluate_classifier(
-        args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples))
+        args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
+        check_base=args.check_base))
 
 
 def _resume_command(run_dir: Path) -> str:
@@ -178,7 +179,7 @@ def run_eval_causal(args: argparse.Namespace) -> int:
         decode = DecodeConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams or 1)
     return print_evaluation(lambda: evaluate_causal(
         args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
-        gen_eval_samples=args.gen_eval_samples, eval_split=args.split, decode=decode))
+        gen_eval_samples=args.gen_eval_samples, eval_split=args.split, decode=decode, check_base=args.check_base))
 
 
 def run_eval_images(args: argparse.Namespace) -> int:
@@ -186,7 +187,8 @@ def run_eval_images(args: argparse.Namespace) -> int:
     from ..train.vision import evaluate_images
 
     return print_evaluation(lambda: evaluate_images(
-        args.adapter, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples))
+        args.adapter, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
+        check_base=args.check_base))
 
 
 def _add_group_options(s: argparse.ArgumentParser) -> None:
@@ -282,5 +284,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
     s.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
                    "rows (default: as in training)")
+    s.add_argument("--no-base-check", dest="check_base", action="store_false", help="load a verakit adapter even when its recorded base-weight samples differ from "
+                   "this base model (another checkpoint of the same architecture; names and shapes are still checked; "
+                   "the check's default: on, such adapters are refused)")
     _add_causal_options(s, train=False)
     s.set_defaults(func=run_eval)

@@ -345,14 +345,15 @@ def _metadata(path: Path) -> dict[str, str]:
         raise ArtifactError(f"{path}: not a safetensors file ({e})") from None
 
 
-def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
-    """`base` (the freshly built pretrained classifier) with the artifact's trained weights applied."""
+def load_artifact(path: str | Path, base: nn.Module, check_base: bool = True) -> nn.Module:
+    """`base` (the freshly built pretrained classifier) with the artifact's trained weights applied;
+    `check_base=False`: a verakit file loads even when its base-weight samples differ from `base`."""
     path = Path(path)
     method = read_artifact_info(path).get("method")
     if method == "vera":
         from ..fileformat import load_adapter
 
-        return load_adapter(base, path)
+        return load_adapter(base, path, check_base=check_base)
     if method in PEFT_METHODS:
         import warnings
 

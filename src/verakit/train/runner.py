@@ -105,11 +105,12 @@ def open_run(args: RunArgs) -> Run:
     return Run(run_dir, state, args)
 
 
-def load_trained(adapter: str | Path, build: Callable[[], tuple[nn.Module, Any]]) -> tuple[nn.Module, Any]:
+def load_trained(adapter: str | Path, build: Callable[[], tuple[nn.Module, Any]],
+                 check_base: bool = True) -> tuple[nn.Module, Any]:
     """(the base from `build()` with the artifact's trained weights, in eval mode; what `build` returned
-    beside the model: its tokenizer or image processor)."""
+    beside the model: its tokenizer or image processor). `check_base`: as `load_artifact`."""
     base, preprocess = build()
-    return load_artifact(adapter, base).eval(), preprocess
+    return load_artifact(adapter, base, check_base).eval(), preprocess
 
 
 def param_groups(prepared: Prepared, lr: float | None, head_lr: float | None = None) -> list[ParamGroup]:

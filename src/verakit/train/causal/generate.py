@@ -117,6 +117,7 @@ def generate_with_artifact(
     model: str | None = None,
     chat_template: bool | None = None,
     config: DecodeConfig | None = None,
+    check_base: bool = True,
 ) -> list[str]:
     """Generations for `prompts` of a trained artifact (vera file, LoRA folder, full-model tensors), or of
     the base model alone when `adapter` is None.
@@ -130,7 +131,7 @@ def generate_with_artifact(
 
     info = read_artifact_info(adapter) if adapter is not None else {}
     base, tokenizer = build_causal_lm(model or info.get("model"))
-    trained = (load_artifact(adapter, base) if adapter is not None else base).eval()
+    trained = (load_artifact(adapter, base, check_base) if adapter is not None else base).eval()
     fmt = prompt_format(info, bool(tokenizer.chat_template), chat_template)  # the rule `verakit serve` follows too
     texts = [fmt.text(p) for p in prompts]
     return generate_texts(trained, tokenizer, texts, use_chat_template=fmt.chat_template, config=config)

@@ -305,6 +305,7 @@ def evaluate_causal(
     gen_eval_samples: int | None = None,
     eval_split: str = "dev",
     decode: DecodeConfig | None = None,
+    check_base: bool = True,
 ) -> dict[str, Any]:
     """Held-out metrics of a saved artifact. Unset arguments come from the run info saved with it, so by
     default this reproduces the evaluation that picked the checkpoint (same data subset, length, decoding);
@@ -319,7 +320,7 @@ def evaluate_causal(
     max_eval = max_eval_samples if max_eval_samples is not None else run.max_eval_samples
     _, dev = load_causal_data(task, data_dir, max_train_samples=1, max_eval_samples=max_eval, seed=int(run.seed),
                               held_out=float(run.held_out), eval_split=eval_split)
-    trained, tokenizer = load_trained(adapter, lambda: build_causal_lm(model or info.get("model")))
+    trained, tokenizer = load_trained(adapter, lambda: build_causal_lm(model or info.get("model")), check_base)
     run = run.resolved(bool(getattr(tokenizer, "chat_template", None)))  # fills what the info lacks, as training did
     chat = bool(run.chat_template)
     n_gen = gen_eval_samples if gen_eval_samples is not None else int(run.gen_eval_samples or 0)

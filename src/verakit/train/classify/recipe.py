@@ -325,6 +325,7 @@ def evaluate_classifier(
     data_dir: str | None = None,
     model: str | None = None,
     max_eval_samples: int | None = None,
+    check_base: bool = True,
 ) -> dict[str, Any]:
     """Dev metrics of a saved artifact (vera file, LoRA folder, trained tensors).
 
@@ -340,7 +341,7 @@ def evaluate_classifier(
     spec = data.spec
     if not spec.is_regression and info.get("labels") and list(spec.label_names) != list(info["labels"]):
         raise ValueError(f"{adapter}: trained with labels {info['labels']}, but {task} data has {list(spec.label_names)}")
-    trained, tokenizer = load_trained(adapter, lambda: build_classifier(model or info.get("model"), spec))
+    trained, tokenizer = load_trained(adapter, lambda: build_classifier(model or info.get("model"), spec), check_base)
     dev = Encoded(tokenizer, data.dev, int(info.get("max_length", 128)), spec.is_regression)
     return {"task": spec.name, "method": info.get("method"), "metric": evaluate_encoded(trained, dev, spec),
             "n_eval": len(dev), "adapter": str(adapter)}

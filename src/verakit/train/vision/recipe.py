@@ -292,6 +292,7 @@ def evaluate_images(
     data_dir: str | None = None,
     model: str | None = None,
     max_eval_samples: int | None = None,
+    check_base: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and per-class accuracy of a saved artifact on the evaluation split of an image folder.
 
@@ -305,7 +306,7 @@ def evaluate_images(
     data = load_images(data_dir, max_eval_samples=max_eval, seed=int(info.get("seed", 0)), decode_train=False)
     if info.get("labels") and list(data.classes) != list(info["labels"]):
         raise ValueError(f"{adapter}: trained on classes {info['labels']}, but {data_dir} has {list(data.classes)}")
-    trained, processor = load_trained(adapter, lambda: build_image_classifier(str(model), data.classes))
+    trained, processor = load_trained(adapter, lambda: build_image_classifier(str(model), data.classes), check_base)
     metrics, detail = score_split(trained, processor, data.test, data.classes)
     return {"task": IMAGE_TASK, "method": info.get("method"), "metric": metrics, **detail,
             "n_eval": len(data.test), "eval_split": data.test.name, "adapter": str(adapter)}

@@ -1,0 +1,54 @@
+"""`verakit eval` and `verakit generate` refuse an adapter over another checkpoint of the same architecture
+(its recorded base-weight samples differ: BaseMismatchError, exit 2, the file named) unless --no-base-check."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from verakit.cli import main
+
+
+def _moved_copy(folder: str, out: Path, kind: str) -> str:
+    """`folder`'s model with every weight moved by 2% of its tensor's std (another checkpoint), its other
+    files (tokenizer, config) copied."""
+    import transformers
+
+    cls = getattr(transformers, "AutoModelForCausalLM" if kind == "causal" else "AutoModelForSequenceClassification")
+    model = cls.from_pretrained(folder)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
+    shutil.copytree(folder, out)
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_eval_refuses_another_checkpoint_unless_told(tmp_path, tiny_bert_dir, tiny_task, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out", str(run),
+                 "--r", "16", "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
+    other = _moved_copy(tiny_bert_dir, tmp_path / "other", "classify")
+    capsys.readouterr()
+    args = ["eval", "--adapter", str(run / "adapter.safetensors"), "--model", other]
+    assert main(args) == 2
+    assert "adapter.safetensors: base model mismatch" in capsys.readouterr().err
+    assert main([*args, "--no-base-check"]) == 0
+
+
+def test_generate_refuses_another_checkpoint_unless_told(tmp_path, llama_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from verakit import VeraConfig, attach, save_adapter
+
+    model = attach(AutoModelForCausalLM.from_pretrained(llama_dir), VeraConfig(r=8, target_modules=("q_proj",)))
+    save_adapter(model, tmp_path / "a.safetensors")
+    other = _moved_copy(llama_dir, tmp_path / "other", "causal")
+    args = ["generate", "--adapter", str(tmp_path / "a.safetensors"), "--model", other, "--prompt", "hello",
+            "--max-new-tokens", "2", "--no-chat-template"]
+    assert main(args) == 2
+    assert "a.safetensors: base model mismatch" in capsys.readouterr().err
+    assert main([*args, "--no-base-check"]) == 0
