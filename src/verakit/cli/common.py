@@ -195,11 +195,21 @@ def command_line(parser: argparse.ArgumentParser, prog: str, values: Mapping[str
     return shlex.join([*argv, *extra])
 
 
+def _not_hub_kernel_noise(record: Any) -> bool:
+    """False for bitsandbytes' "Failed to load CPU ... from kernels-community" line: bitsandbytes (imported by
+    transformers -> peft in every run, quantized or not) tries to fetch an optional CPU kernel from the Hub,
+    which offline or untrusted always fails, and falls back to its own CPU code; the line alarms for nothing."""
+    return not (record.name.startswith("bitsandbytes") and "kernels-community" in record.getMessage())
+
+
 def log_to_stderr() -> None:
     """INFO log lines with timestamps on stderr: training progress without a progress bar."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if _not_hub_kernel_noise not in handler.filters:
+            handler.addFilter(_not_hub_kernel_noise)
 
 
 def run_training(train: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
