@@ -34,6 +34,20 @@ def test_inspect_reports_adapted_modules_and_blocks(tiny_llama, tmp_path, capsys
     assert "targets       4 adapted modules (q_proj, v_proj in 2 blocks)" in capsys.readouterr().out
 
 
+def test_inspect_counts_dvora_magnitudes_as_vectors(tiny_llama, tmp_path, capsys):
+    """A DVoRA file: m (d_out per layer) counts with d and b, not as saved-module parameters."""
+    attach(tiny_llama, VeraConfig(r=4, target_modules=("q_proj", "v_proj"), magnitude=True))
+    path = tmp_path / "dv.safetensors"
+    save_adapter(tiny_llama, path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    d_out = {n: m.out_features for n, m in tiny_llama.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    assert info["vector_params"] == sum(4 + 2 * o for o in d_out.values())  # d (r) + b + m (d_out each)
+    assert info["saved_params"] == 0
+    assert main(["inspect", str(path)]) == 0
+    assert "vector params (d, b, m: DVoRA) + 0 in saved modules" in capsys.readouterr().out
+
+
 def test_a_reader_that_stops_early_ends_the_command_quietly(tiny_llama, tmp_path):
     """`verakit inspect FILE | head`: no BrokenPipeError traceback, whether the pipe breaks mid-output or at exit."""
     attach(tiny_llama, VeraConfig(r=4, target_modules="all-linear"))

@@ -40,7 +40,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         return run_inspect_peft(args)
     ad = read_adapter(args.file)
     size = Path(args.file).stat().st_size
-    vec = sum(t.numel() for t in (*ad.d.values(), *ad.b.values()))
+    vec = sum(t.numel() for t in (*ad.d.values(), *ad.b.values(), *ad.m.values()))  # m: DVoRA's magnitudes
     info = {
         "file": str(args.file),
         "bytes": size,
@@ -70,7 +70,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     kind = "" if cfg.projection_kind == "philox4x32-10" else f" kind={cfg.projection_kind}"
     print(f"  projection    seed={cfg.seed} distribution={cfg.distribution} sharing={cfg.projection_sharing} r={cfg.r}{kind}")
     print(f"  targets       {cfg.target_modules} -> {describe_modules(ad.modules)}")
-    print(f"  trained       {vec:,} vector params (d, b) + {info['saved_params']:,} in saved modules")
+    vectors = "d, b, m: DVoRA" if ad.config.magnitude else "d, b"
+    print(f"  trained       {vec:,} vector params ({vectors}) + {info['saved_params']:,} in saved modules")
     print(f"  base samples  {_describe_samples(info['base_samples'])}")
     if ad.saved:
         print(f"  saved modules {', '.join(cfg.modules_to_save)}")
