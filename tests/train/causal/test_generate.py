@@ -127,7 +127,7 @@ def test_artifact_prompts_get_the_recorded_format(monkeypatch, record, has_templ
     seen = {}
     monkeypatch.setattr(model, "build_causal_lm", lambda name: (base, tokenizer))
     monkeypatch.setattr(methods, "read_artifact_info", lambda path: dict(record))
-    monkeypatch.setattr(methods, "load_artifact", lambda path, model: model)
+    monkeypatch.setattr(methods, "load_artifact", lambda path, model, check_base=True: model)
 
     def fake_generate_texts(model, tok, prompts, *, use_chat_template, config):
         seen.update(model=model, prompts=list(prompts), chat=use_chat_template)
