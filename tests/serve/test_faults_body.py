@@ -52,8 +52,10 @@ def _trickle(port: int, results: list, interval_s: float = 0.1, length: int = 20
             while sock.recv(4096):
                 pass
             closed = True
-        except OSError:
+        except TimeoutError:  # still open 2 s after the answer: the connection is held
             pass
+        except OSError:  # reset: the server closed while the trickle's last bytes were unread (closed too)
+            closed = True
     finally:
         sock.close()
     results.append((status, took, closed))
