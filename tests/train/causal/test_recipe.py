@@ -204,6 +204,8 @@ def test_magnitude_trains_a_dvora_causal_lm(tmp_path, llama_dir, jsonl_dir, caps
     """--magnitude on a causal LM: the file carries vera_m for every adapted layer, moved from W0's row
     norms by training; `verakit eval` reproduces the training-time held-out loss and `verakit generate`
     answers with the magnitudes applied (the same vectors without them generate otherwise)."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
 
     from verakit import read_adapter
@@ -222,18 +224,15 @@ def test_magnitude_trains_a_dvora_causal_lm(tmp_path, llama_dir, jsonl_dir, caps
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out / "adapter.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out)["metric"] == pytest.approx(metrics["metric"], rel=1e-5, abs=1e-5)
-    import dataclasses
-
     prompt = e2e_like(1, seed=5)[0]["prompt"]
     (tmp_path / "gen").mkdir()
     plain = tmp_path / "gen" / "plain.safetensors"
-    write_adapter(dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, magnitude=False), m={}),
+    write_adapter(replace(adapter, config=replace(adapter.config, magnitude=False), m={}),
                   plain)
     texts = []
     for path in (out / "adapter.safetensors", plain):
         assert main(["generate", "--adapter", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--json"]) == 0
         texts.append(json.loads(capsys.readouterr().out)[0]["generation"])
-    assert metrics["method"] == "vera"
     assert texts[0] != texts[1] or moved < 1e-2  # the magnitudes matter when they moved visibly
 
 
