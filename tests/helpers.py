@@ -12,3 +12,13 @@ def randomize_vectors(model, seed: int = 0, std: float = 0.5) -> None:
         for layer in vera_layers(model).values():
             layer.vera_b.copy_(torch.randn(layer.vera_b.shape, generator=g) * std)
             layer.vera_d.copy_(torch.randn(layer.vera_d.shape, generator=g) * std)
+
+
+def perturb_weights(model, rel: float, seed: int = 1):
+    """`model` with Gaussian noise of `rel` times each parameter's RMS added to every parameter: another
+    checkpoint of the same architecture (the base-weight check's test case). Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.float().pow(2).mean().sqrt() * rel)
+    return model

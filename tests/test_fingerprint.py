@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers import randomize_vectors
+from helpers import perturb_weights, randomize_vectors
 from verakit import (
     AdapterError,
     VeraConfig,
@@ -51,15 +51,6 @@ def _saved(model, path, cfg=None):
     randomize_vectors(model)
     save_adapter(model, path)
     return path
-
-
-def _noisy(model, rel: float, seed: int = 1):
-    """The model with Gaussian noise of `rel` times each weight's RMS added to every parameter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * p.float().pow(2).mean().sqrt() * rel)
-    return model
 
 
 def _size(err: Exception) -> float:
@@ -122,7 +113,7 @@ def test_bf16_model_adapter_loads_into_fp32_and_fp16(minilm_path, tmp_path):
 
 def test_perturbed_checkpoint_fails_naming_file_base_and_size(minilm_clf, minilm_path, tmp_path):
     path = _saved(minilm_clf, tmp_path / "a.safetensors")
-    other = _noisy(_fresh_minilm(minilm_path), 0.01)
+    other = perturb_weights(_fresh_minilm(minilm_path), 0.01)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(BaseMismatchError) as err:
         load_adapter(other, path)
@@ -192,7 +183,7 @@ def test_old_file_without_samples_loads_with_one_warning(good_file_factory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         for _ in range(3):
-            load_adapter(_noisy(copy.deepcopy(model), 0.05), old)  # not comparable: shapes only
+            load_adapter(perturb_weights(copy.deepcopy(model), 0.05), old)  # not comparable: shapes only
     msgs = [str(w.message) for w in caught if "records no samples" in str(w.message)]
     assert len(msgs) == 1 and "old.safetensors" in msgs[0] and "only module names and shapes" in msgs[0]
 
@@ -265,7 +256,7 @@ def test_real_smollm2_all_linear_casts_load(tmp_path):
     assert _samples_json_bytes(adapter) <= 3200
     load_adapter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), adapter)
     with pytest.raises(BaseMismatchError):
-        load_adapter(_noisy(AutoModelForCausalLM.from_pretrained(path).eval(), 0.01), adapter)
+        load_adapter(perturb_weights(AutoModelForCausalLM.from_pretrained(path).eval(), 0.01), adapter)
 
 
 def test_the_serving_banks_slot_layers_compare_like_the_model(tiny_llama, tmp_path):
@@ -278,7 +269,7 @@ def test_the_serving_banks_slot_layers_compare_like_the_model(tiny_llama, tmp_pa
     samples = read_adapter(path).samples
     same = to_slot_tables(attach(copy.deepcopy(tiny_llama), cfg), 3, trainable=False)
     assert not compare(samples, same.layers).failed and compare(samples, same.layers).samples == SAMPLE_BUDGET
-    other = to_slot_tables(attach(_noisy(copy.deepcopy(tiny_llama), 0.01), cfg), 3, trainable=False)
+    other = to_slot_tables(attach(perturb_weights(copy.deepcopy(tiny_llama), 0.01), cfg), 3, trainable=False)
     assert len(compare(samples, other.layers).failed) == 14
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from helpers import randomize_vectors
+from helpers import perturb_weights, randomize_vectors
 from verakit import (
     VeraConfig,
     attach,
@@ -282,11 +282,7 @@ def test_cli_merge_refuses_another_checkpoint_unless_told(minilm_clf, minilm_pat
     randomize_vectors(minilm_clf, std=0.2)
     adapter = tmp_path / "a.safetensors"
     save_adapter(minilm_clf, adapter)
-    other = type(minilm_clf).from_pretrained(minilm_path).eval()
-    with torch.no_grad():
-        torch.manual_seed(1)
-        for p in other.parameters():
-            p.add_(torch.randn_like(p) * 0.02 * p.std())
+    other = perturb_weights(type(minilm_clf).from_pretrained(minilm_path).eval(), 0.02)
     other.save_pretrained(tmp_path / "other")
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "other")
     args = ["merge", "--model", str(tmp_path / "other"), "--adapter", str(adapter), "--out", str(tmp_path / "m")]

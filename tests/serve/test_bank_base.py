@@ -10,22 +10,13 @@ import httpx
 import pytest
 import torch
 
+from helpers import perturb_weights
 from serve.cases import TOKEN, Server, tiny_bert, trained_adapter
 from verakit import BaseMismatchError, VeraConfig, attach
 from verakit.fileformat import read_adapter, write_adapter
 from verakit.serve.bank import AdapterBank
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _moved(model, scale: float = 0.02, seed: int = 1):
-    """The same architecture with every weight moved by `scale` of its tensor's std: another checkpoint."""
-    other = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
-    return other
 
 
 @pytest.fixture
@@ -43,7 +34,7 @@ def test_adapter_of_another_checkpoint_is_refused_and_the_bank_unchanged(base, t
     write_adapter(trained_adapter(base, VeraConfig(r=8), 0), own)
     bank.add("own", own)
     other = tmp_path / "other.safetensors"
-    write_adapter(trained_adapter(_moved(base), VeraConfig(r=8), 1), other)
+    write_adapter(trained_adapter(perturb_weights(copy.deepcopy(base), 0.02), VeraConfig(r=8), 1), other)
     with pytest.raises(BaseMismatchError, match=r"other.safetensors: base model mismatch: .*relative RMS difference "
                                                 r".*--no-base-check"):
         bank.add("other", other)
@@ -60,7 +51,7 @@ def test_casts_of_the_served_base_and_files_without_samples_are_served(base, tmp
     _bank(copy.deepcopy(base).to(torch.bfloat16)).add("a", path)  # a bf16 server over the fp32-trained base
     bare = read_adapter(path)
 
-    moved = _bank(_moved(base))
+    moved = _bank(perturb_weights(copy.deepcopy(base), 0.02))
     with pytest.raises(BaseMismatchError):
         moved.add("a", bare)
     moved.add("old", dataclasses.replace(bare, samples=None))  # an older file: names and shapes only
@@ -76,7 +67,7 @@ def test_upload_of_a_mismatched_adapter(check, bert_dirs, tmp_path):
     model_dir, _ = bert_dirs
     served = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     path = tmp_path / "m.safetensors"
-    write_adapter(trained_adapter(_moved(served), VeraConfig(r=8), 3), path)
+    write_adapter(trained_adapter(perturb_weights(copy.deepcopy(served), 0.02), VeraConfig(r=8), 3), path)
     store = tmp_path / "adapters"
     store.mkdir()
     server = Server(["--model", str(model_dir), "--adapters", str(store), "--admin-token", TOKEN,

@@ -6,8 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
+from helpers import perturb_weights
 from verakit.cli import main
 
 
@@ -17,11 +16,7 @@ def _moved_copy(folder: str, out: Path, kind: str) -> str:
     import transformers
 
     cls = getattr(transformers, "AutoModelForCausalLM" if kind == "causal" else "AutoModelForSequenceClassification")
-    model = cls.from_pretrained(folder)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
+    model = perturb_weights(cls.from_pretrained(folder), 0.02, seed=7)
     shutil.copytree(folder, out)
     model.save_pretrained(out)
     return str(out)
