@@ -158,6 +158,8 @@ class VeraLinear(nn.Module):
         plan = plan_forward(facts)
         if plan.path is Path.MERGED:
             return self.base(x)
+        if plan.path is Path.CACHED and facts.cached:  # built and current: nothing to slice, count or rebuild
+            return F.linear(x, self._cache.weight, self.base.bias)
         A, B = self.slices(x.device, x.dtype)  # (r, d_in), (d_out, r) views
         if plan.cache is CacheStep.DROP:
             self._cache = None  # training: the vectors change every step, free the weight
