@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from verakit.train.loop import LoopConfig, TrainingInterrupted, _epoch_order, _local_slice, run_loop
+from verakit.train.batching import epoch_order as _epoch_order
+from verakit.train.loop import LoopConfig, TrainingInterrupted, _local_slice, run_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

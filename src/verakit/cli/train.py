@@ -44,6 +44,14 @@ def run_train(args: argparse.Namespace) -> int:
         # Their arguments have no such field; GroupedArgs refuses it itself, with the same message.
         print(f"verakit train: error: {COMPUTE_DTYPE_REFUSED}", file=sys.stderr)
         return 2
+    if args.task == IMAGE_TASK and (args.group_by_length or args.mixed_precision != "no"):
+        print("verakit train: error: --group-by-length and --mixed-precision are wired for text tasks only (images "
+              "have one length)", file=sys.stderr)
+        return 2
+    if args.quantize is not None and args.mixed_precision != "no":
+        print("verakit train: error: --mixed-precision bf16 with --quantize is not supported: the quantized "
+              "layers pick their own compute dtype", file=sys.stderr)
+        return 2
     if args.quantize is not None and args.task not in CAUSAL_TASKS:
         print("verakit train: error: --quantize is wired for causal-LM tasks (e2e, instruct, jsonl) only",
               file=sys.stderr)

@@ -24,7 +24,6 @@ picks the saved checkpoint: the best evaluation is the best *trained* one.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -35,7 +34,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import fsdp
+from . import fsdp, precision
+from .batching import epoch_order
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -113,6 +113,9 @@ class LoopConfig:
     seed: int = 0  # data order and dropout; rank k seeds dropout with seed + k
     eval_every: int | None = None  # evaluate every N optimizer steps too; always at each epoch end
     quiet: bool = False  # log lines instead of a progress bar
+    # Batches of similar-length examples (batching.py; the recipe needs `train_lengths()`): less padding.
+    group_by_length: bool = False
+    mixed_precision: str = "no"  # "bf16": training forwards under bf16 autocast (precision.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -123,6 +126,7 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"LoopConfig.eval_every must be >= 1 or None, got {self.eval_every!r}")
+        precision.check_mode(self.mixed_precision)
 
 
 @dataclass(frozen=True)
@@ -185,13 +189,6 @@ def adamw(groups: list[ParamGroup], weight_decay: float) -> torch.optim.Optimize
     )
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    # Depends on (seed, epoch) only, not on any global RNG, so a resumed run sees the same batches.
-    order = list(range(n))
-    random.Random(f"verakit:order:{seed}:{epoch}").shuffle(order)
-    return order
-
-
 def _local_slice(indices: list[int], rank: int, world: int) -> list[int]:
     per = math.ceil(len(indices) / world)
     return indices[rank * per : (rank + 1) * per]
@@ -240,6 +237,8 @@ def run_loop(
     trainable = {named[id(p)]: now[id(p)] for g in built for p in g.params}
     optimizer = (optimizer_factory or adamw)(groups, config.weight_decay)
     n_train = recipe.num_train()
+    lengths = _train_lengths(recipe, n_train) if config.group_by_length else None
+    precision.prepare_model(raw_model, config.mixed_precision, acc.device.type)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
@@ -327,13 +326,14 @@ def run_loop(
         while step < total_steps:
             step_start = _clock()
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = _epoch_order(n_train, config.seed, epoch)
+            order = epoch_order(n_train, config.seed, epoch, config.batch_size, lengths)
             global_idx = order[in_epoch * config.batch_size : (in_epoch + 1) * config.batch_size]
             local = _local_slice(global_idx, rank, world)
             # A rank left without examples (tiny last batch) still runs forward/backward, weighted 0,
             # because DDP needs every rank in the all-reduce.
             batch = {k: v.to(acc.device) for k, v in recipe.collate(local or global_idx[:1]).items()}
-            loss_sum, units = recipe.loss(model, batch)
+            with precision.step_context(config.mixed_precision, acc.device.type):
+                loss_sum, units = recipe.loss(model, batch)
             if not local:
                 loss_sum, units = loss_sum * 0.0, 0
             stats = torch.tensor([float(units), loss_sum.item(), float(sigint.raised)], device=acc.device)
@@ -389,6 +389,14 @@ def run_loop(
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
     return LoopResult(history, losses, best, seconds_before + _clock() - t0, total_steps, world, baseline, shard_stats)
+
+
+def _train_lengths(recipe: Recipe, n: int) -> list[int]:
+    # Optional: `train_lengths(self) -> Sequence[int]`, each training example's length in tokens.
+    get = getattr(recipe, "train_lengths", None)
+    if get is None:
+        raise ValueError(f"group_by_length: {type(recipe).__name__} does not report its examples' lengths")
+    return list(get())
 
 
 def _baseline(recipe: Recipe) -> dict[str, float] | None:

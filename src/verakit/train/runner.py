@@ -55,6 +55,8 @@ class RunArgs(Protocol):
     batch_size: int | None
     warmup_ratio: float
     eval_every: int | None
+    # group_by_length (bool) and mixed_precision (str) are optional: a recipe without them trains with
+    # random batches in fp32 (images: one length, and no bf16 path measured).
 
 
 @dataclass
@@ -72,7 +74,9 @@ class Run:
         if a.epochs is None or a.batch_size is None:
             raise ValueError(f"{type(a).__name__}: epochs and batch_size are None; run on the resolved arguments")
         return LoopConfig(epochs=a.epochs, batch_size=a.batch_size, warmup_ratio=a.warmup_ratio, seed=a.seed,
-                          eval_every=a.eval_every, quiet=a.quiet)
+                          eval_every=a.eval_every, quiet=a.quiet,
+                          group_by_length=getattr(a, "group_by_length", False),
+                          mixed_precision=getattr(a, "mixed_precision", "no"))
 
     def start(self, args: dict[str, Any], method: dict[str, Any], *, defaults: dict[str, Any] | None = None
               ) -> dict[str, Any]:

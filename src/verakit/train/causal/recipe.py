@@ -101,6 +101,10 @@ class CausalArgs:
     # "4bit" (nf4) or "8bit": the base's linear layers quantized by bitsandbytes (QVeRA, vera only; the
     # output head stays fp32). The adapter file is the same either way and loads into the fp32 base.
     quantize: str | None = None
+    # Training-step speed (docs/performance.md): batches of similar-length examples (less padding), and the
+    # forward under bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, evaluation stays fp32).
+    group_by_length: bool = False
+    mixed_precision: str = "no"
     eval_every: int | None = None
     resume: bool = False
     quiet: bool = False
@@ -216,6 +220,9 @@ class CausalRecipe:
 
     def num_train(self) -> int:
         return len(self.train)
+
+    def train_lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.train]
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return collate_lm([self.train[i] for i in indices], self.tokenizer.pad_token_id)

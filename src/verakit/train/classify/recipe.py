@@ -89,6 +89,10 @@ class TrainArgs:
     seed: int = 0  # data subset, order, head init, dropout and VeRA projection
     max_train_samples: int | None = None  # None: the budget's subset (cpu) or the whole training set (paper)
     max_eval_samples: int | None = None
+    # Training-step speed (docs/performance.md): batches of similar-length examples (less padding), and the
+    # forward under bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, evaluation stays fp32).
+    group_by_length: bool = False
+    mixed_precision: str = "no"
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
     resume: bool = False
     quiet: bool = False
@@ -234,6 +238,9 @@ class ClassificationRecipe:
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self.train.batch(indices)
+
+    def train_lengths(self) -> list[int]:
+        return self.train.lengths()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, num_labels)

@@ -179,6 +179,9 @@ class GroupedRecipe:
     def num_train(self) -> int:
         return len(self.train)
 
+    def train_lengths(self) -> list[int]:
+        return self.train.lengths()
+
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return {**self.train.batch(indices), "slots": self.train_slots[list(indices)]}
 
