@@ -45,9 +45,10 @@ def test_grouped_batches_come_from_one_megabatch_and_the_short_batch_is_last():
     for b in batches:
         assert len({mega_of[i] for i in b}) == 1
     assert [len(b) for b in batches[:-1]] == [batch] * (len(batches) - 1) and len(batches[-1]) == n % batch
-    # the last megabatch (n % 1600 = 217 rows) ends with its short batch: the shortest of its 7 batches' rows
+    # the last megabatch (n % 1600 = 217 rows) ends with its short batch, of its shortest rows
     last_mega = [i for i in shuffled if mega_of[i] == mega_of[shuffled[-1]]]
-    assert max(lengths[i] for i in batches[-1]) == sorted(lengths[i] for i in last_mega)[n % batch - 1]
+    quartile = sorted(lengths[i] for i in last_mega)[len(last_mega) // 4]
+    assert sum(lengths[i] for i in batches[-1]) / len(batches[-1]) < quartile
     # batches are shuffled across megabatches: not in megabatch order
     firsts = [mega_of[b[0]] for b in batches[:-1]]
     assert firsts != sorted(firsts)
@@ -58,9 +59,18 @@ def test_grouping_cuts_padding():
     lengths = _lengths(n, 2)
     random_tokens = padded_tokens(epoch_order(n, 0, 0), lengths, batch)
     grouped_tokens = padded_tokens(epoch_order(n, 0, 0, batch, lengths), lengths, batch)
-    assert grouped_tokens < 1.1 * sum(lengths) < 0.6 * random_tokens
+    assert grouped_tokens < 1.15 * sum(lengths) < 0.6 * random_tokens
 
 
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="3 lengths for 4 examples"):
         epoch_order(4, 0, 0, 2, [1, 2, 3])
+
+
+def test_small_sets_get_new_batches_every_epoch():
+    # 200 rows, one megabatch: without the jitter, sorting would cut the same 13 batches in every epoch.
+    lengths = _lengths(200, 3)
+    def batches(epoch):
+        order = epoch_order(200, 0, epoch, 16, lengths)
+        return {frozenset(order[k : k + 16]) for k in range(0, 200, 16)}
+    assert len(batches(0) & batches(1)) < 4
