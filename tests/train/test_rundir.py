@@ -73,3 +73,20 @@ def test_loop_metrics_carry_the_baseline_into_metrics_json():
     assert loop_metrics(result) == {"train_seconds": 12.35, "total_steps": 6, "world_size": 1,
                                     "baseline": {"accuracy": 0.5}}
     assert loop_metrics(LoopResult([], [], {}, 1.0, 6, 1))["baseline"] is None  # a recipe without baseline()
+
+
+def test_a_run_from_before_length_grouping_resumes_only_with_random_batches(tmp_path):
+    # Grouped batches became the default after runs with random batches existed: such a run's config.json
+    # lacks the key, and resuming it under the new default would change its batches mid-run.
+    from verakit.train.classify import TrainArgs
+    from verakit.train.rundir import field_defaults
+
+    run_dir = tmp_path / "run"
+    start_run(run_dir, {"args": {"epochs": 2, "resume": False}}, resume=False, state=_Process(True, run_dir))
+    defaults = field_defaults(TrainArgs)
+    assert defaults["group_by_length"] is True
+    with pytest.raises(ValueError, match=r"group_by_length: False -> True.*add --no-group-by-length"):
+        start_run(run_dir, {"args": {"epochs": 2, "group_by_length": True, "resume": True}}, resume=True,
+                  state=_Process(True, run_dir), defaults=defaults)
+    start_run(run_dir, {"args": {"epochs": 2, "group_by_length": False, "resume": True}}, resume=True,
+              state=_Process(True, run_dir), defaults=defaults)

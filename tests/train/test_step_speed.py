@@ -110,12 +110,16 @@ def test_cli_options_reach_the_loop_and_refusals(tiny_bert_dir, tiny_task, tmp_p
 
     run = tmp_path / "run"
     code = main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out", str(run),
-                 "--r", "32", "--epochs", "1", "--quiet", "--group-by-length", "--mixed-precision", "bf16"])
+                 "--r", "32", "--epochs", "1", "--quiet", "--mixed-precision", "bf16"])
     assert code == 0
     loop = json.loads((run / "config.json").read_text())["loop"]
-    assert (loop["group_by_length"], loop["mixed_precision"]) == (True, "bf16")
+    assert (loop["group_by_length"], loop["mixed_precision"]) == (True, "bf16")  # grouping: the default
+    code = main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out",
+                 str(tmp_path / "plain"), "--r", "32", "--epochs", "1", "--quiet", "--no-group-by-length"])
+    loop = json.loads((tmp_path / "plain" / "config.json").read_text())["loop"]
+    assert code == 0 and (loop["group_by_length"], loop["mixed_precision"]) == (False, "no")
     for flags, message in [
-        (["--task", "images", "--group-by-length"], "--group-by-length and --mixed-precision are wired for text tasks"),
+        (["--task", "images", "--mixed-precision", "bf16"], "--mixed-precision is wired for text tasks only"),
         (["--task", "jsonl", "--quantize", "4bit", "--mixed-precision", "bf16"], "--mixed-precision bf16 with --quantize"),
     ]:
         code = main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "refused"), *flags])

@@ -44,9 +44,8 @@ def run_train(args: argparse.Namespace) -> int:
         # Their arguments have no such field; GroupedArgs refuses it itself, with the same message.
         print(f"verakit train: error: {COMPUTE_DTYPE_REFUSED}", file=sys.stderr)
         return 2
-    if args.task == IMAGE_TASK and (args.group_by_length or args.mixed_precision != "no"):
-        print("verakit train: error: --group-by-length and --mixed-precision are wired for text tasks only (images "
-              "have one length)", file=sys.stderr)
+    if args.task == IMAGE_TASK and args.mixed_precision != "no":  # (--group-by-length: images have one length)
+        print("verakit train: error: --mixed-precision is wired for text tasks only", file=sys.stderr)
         return 2
     if args.quantize is not None and args.mixed_precision != "no":
         print("verakit train: error: --mixed-precision bf16 with --quantize is not supported: the quantized "

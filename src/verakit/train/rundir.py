@@ -48,18 +48,27 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty; pass --resume or choose another --out")
 
 
+# What a run made before an option existed did, where that is not the option's default now: such a run
+# had uniformly random batches, so resuming it with grouped ones (the default since) is another run.
+BEFORE_OPTION: Mapping[str, Any] = {"group_by_length": False}
+
+
 def check_same_args(run_dir: Path, args: dict[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse --resume with other settings than RUN_DIR/config.json's ("resume" and "quiet" aside): they
     would not continue the same run. A setting missing from an older config.json (an option added since)
-    counts as its value in `defaults`: the run was made with what is now that option's default."""
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
-    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
+    counts as its value in BEFORE_OPTION, else in `defaults`: the run was made with what is now that
+    option's default."""
+    saved = original = json.loads((run_dir / "config.json").read_text())["args"]
+    older = {**(defaults or {}), **BEFORE_OPTION}
+    saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
     ignore = {"resume", "quiet"}
     diff = sorted(k for k in args if k not in ignore and saved.get(k) != args[k])
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {args[k]!r}" for k in diff)
+        hint = ("; it was started before --group-by-length became the default: add --no-group-by-length"
+                if "group_by_length" in diff and "group_by_length" not in original else "")
         raise ValueError(f"{run_dir / 'config.json'}: --resume with different settings ({shown}); "
-                         "repeat the interrupted command with --resume")
+                         f"repeat the interrupted command with --resume{hint}")
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
