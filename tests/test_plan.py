@@ -217,3 +217,26 @@ def test_quantized_base_traces_the_factored_path(tiny_cfg):
     fp32 = plan(tiny_cfg, methods=("vera",), r=16, batch_size=2, seq_len=256).methods[0]
     assert q4.activations == _real_saved_bytes(model, ids)
     assert q4.activations > fp32.activations
+
+
+def test_dvora_plan_counts_magnitudes_and_the_row_norm_temporary(tiny_cfg, capsys):
+    from verakit import VeraConfig, attach
+    from verakit.cli import main
+
+    plain = plan(tiny_cfg, methods=("vera", "lora"), r=16, batch_size=2, seq_len=8)
+    dv = plan(tiny_cfg, methods=("vera", "lora"), r=16, batch_size=2, seq_len=8, magnitude=True)
+    assert dv.magnitude and not plain.magnitude
+    # m (d_out) on q (64) and v (32) of both layers, on top of d and b
+    assert dv.methods[0].trainable_params == plain.methods[0].trainable_params + 2 * (64 + 32)
+    # the delta and W0 + delta of the largest adapted layer (q: 64 x 64), fp32
+    assert dv.methods[0].transient == plain.methods[0].transient + 8 * 64 * 64
+    assert dv.methods[1] == plain.methods[1]  # LoRA has no magnitude
+    # activations as a real DVoRA run saves them
+    torch.manual_seed(0)
+    model = _real_tiny().train()
+    attach(model, VeraConfig(r=16, magnitude=True))
+    assert dv.methods[0].activations == _real_saved_bytes(model, torch.randint(0, 101, (2, 8)))
+    assert main(["plan", "--model", tiny_cfg, "--r", "16", "--magnitude", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["magnitude"] is True
+    assert main(["plan", "--model", tiny_cfg, "--r", "16", "--magnitude"]) == 0
+    assert "DVoRA (VeRA with magnitudes) r=16" in capsys.readouterr().out

@@ -17,7 +17,9 @@ Semantics: total = base weights + shared projections + trainable state + activat
                  With gradient checkpointing, what the checkpointed run keeps plus the largest block's
                  activations (recomputed one block at a time in backward);
   transient      the largest short-lived buffers at the peak: the fp32 logits and their gradient for a
-                 causal LM's loss, one dequantized weight for a quantized base, and AdamW's foreach
+                 causal LM's loss, one dequantized weight for a quantized base, DVoRA's (`magnitude`) row
+                 norms of W0 + delta (the delta and the sum, fp32, of the largest adapted layer, formed
+                 without gradients one layer at a time), and AdamW's foreach
                  scratch (one parameter-sized buffer, which matters for full fine-tuning only; torch's
                  default on GPUs: on CPU AdamW runs per tensor and needs less, so the plan is high there).
 The peak is taken at the worse of two moments, both with AdamW's moments allocated (step two onward):
@@ -82,6 +84,7 @@ class Plan:
     lora_r: int
     target_modules: tuple[str, ...] | str
     methods: tuple[MethodPlan, ...] = field(default_factory=tuple)
+    magnitude: bool = False  # VeRA planned as DVoRA (VeraConfig.magnitude)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "methods"}
@@ -108,6 +111,7 @@ class _Trace:
     projection: int  # elements of VeRA's shared pair
     activations: int  # bytes saved for backward
     loss_transient: int  # bytes: the causal-LM loss's fp32 logits gradients
+    magnitude_transient: int = 0  # bytes: DVoRA's W0 + delta for the row norms (largest layer, fp32)
 
 
 def quantized_linear_bytes(d_out: int, d_in: int, kind: str) -> int:
@@ -165,6 +169,7 @@ def plan(
     checkpointing: bool = False,
     target_modules: tuple[str, ...] | str | None = None,
     task: str | None = None,
+    magnitude: bool = False,
 ) -> Plan:
     """Plan the peak memory of a training step for each of `methods` (see the module docstring).
 
@@ -172,6 +177,7 @@ def plan(
     for precision "bf16", else fp32 (as `verakit train`, which loads fp32 and then quantizes the linears).
     target_modules None: the model type's default targets (`DEFAULT_TARGETS`, as `verakit train` uses).
     task None: "classification" for encoder model types (a 2-label head), else "causal-lm".
+    magnitude: plan VeRA as DVoRA (a trained magnitude per output row: `verakit train --magnitude`).
     """
     from .config import DEFAULT_TARGETS
 
@@ -208,10 +214,10 @@ def plan(
             plans.append(MethodPlan(method, False, 0, 0, 0, 0, 0, 0, 0, note=f"cannot train {precision} weights"))
             continue
         t = _trace(cfg, task, method, r, lora_r, target_modules, precision, compute_dtype, batch_size, seq_len,
-                   checkpointing)
+                   checkpointing, magnitude)
         plans.append(_add_up(method, shapes, t, precision, compute_dtype))
     return Plan(model, cfg.model_type, task, shapes.params, precision, compute_dtype, batch_size, seq_len,
-                checkpointing, r, lora_r, target_modules, tuple(plans))
+                checkpointing, r, lora_r, target_modules, tuple(plans), magnitude)
 
 
 def _add_up(method: str, shapes: _Shapes, t: _Trace, precision: str, compute_dtype: str) -> MethodPlan:
@@ -227,7 +233,7 @@ def _add_up(method: str, shapes: _Shapes, t: _Trace, precision: str, compute_dty
         own, grads, moments = 4 * t.trainable, 4 * t.trainable, 8 * t.trainable
     scratch = grads  # AdamW foreach step (the GPU default): one parameter-sized temporary at a time
     dequant = item * max((o * i for o, i in shapes.quantizable), default=0) if quant else 0
-    transient = t.loss_transient + dequant
+    transient = t.loss_transient + dequant + t.magnitude_transient
     at_backward = base + proj + own + moments + t.activations + transient
     at_step = base + proj + own + moments + grads + scratch
     note = "QLoRA-style (PEFT); verakit train --quantize is VeRA only" if quant and method == "lora" else ""
@@ -290,7 +296,8 @@ class _LoraShaped:
 
 
 def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules: tuple[str, ...] | str,
-           precision: str, compute_dtype: str, batch: int, seq: int, checkpointing: bool) -> _Trace:
+           precision: str, compute_dtype: str, batch: int, seq: int, checkpointing: bool,
+           magnitude: bool = False) -> _Trace:
     """Run one forward of the adapted model under FakeTensorMode and count what autograd saves."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -305,7 +312,8 @@ def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules
     with FakeTensorMode(allow_non_fake_inputs=True):  # parameters and tables without memory
         model = _build(cfg, task, dtype)
         # "explicit" tables: no Philox work; the values do not matter, only the shapes and dtypes
-        vera = VeraConfig(r=r, target_modules=target_modules, projection_kind="explicit")
+        vera = VeraConfig(r=r, target_modules=target_modules, projection_kind="explicit",
+                          magnitude=magnitude and method == "vera")
         try:
             targets = find_targets(model, vera)
         except AttachError as e:
@@ -344,7 +352,9 @@ def _trace(cfg: Any, task: str, method: str, r: int, lora_r: int, target_modules
     # token_loss: the fp32 logits' gradient and the log-softmax gradient (the log-softmax output is saved),
     # plus the fp32 copy of narrower logits
     loss_transient = 8 * logits + (4 * logits if dtype != torch.float32 else 0)
-    return _Trace(trainable, projection, saved, loss_transient)
+    largest = max((o * i for o, i in (linear_shape(m) for m in targets.values())), default=0)
+    magnitude_transient = 8 * largest if magnitude and method == "vera" else 0
+    return _Trace(trainable, projection, saved, loss_transient, magnitude_transient)
 
 
 def _saved_bytes(model: Any, task: str, batch: int, seq: int, tables: list[Any]) -> tuple[int, list[int]]:

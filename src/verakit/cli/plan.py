@@ -31,7 +31,7 @@ def format_plan(p: Plan) -> str:
     tm = ",".join(p.target_modules) if isinstance(p.target_modules, tuple) else p.target_modules
     lines = [f"{p.model} ({p.model_type}, {p.task}, {p.params:,} parameters); base {p.precision}, compute "
              f"{p.compute_dtype}; batch {p.batch_size} x {p.seq_len} tokens; gradient checkpointing {ckpt}",
-             f"VeRA r={p.r} and LoRA r={p.lora_r} on {tm}; AdamW", ""]
+             f"{'DVoRA (VeRA with magnitudes)' if p.magnitude else 'VeRA'} r={p.r} and LoRA r={p.lora_r} on {tm}; AdamW", ""]
     heads = [m.method for m in p.methods]
     rows = [["", *heads], ["trainable parameters", *(f"{m.trainable_params:,}" if m.supported else "-" for m in p.methods)]]
     for label, key in _ROWS:
@@ -50,7 +50,8 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         p = plan(args.model, methods=args.methods, r=args.r, lora_r=args.lora_r, precision=args.precision,
                  compute_dtype=args.compute_dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                 checkpointing=args.checkpointing, target_modules=args.target_modules, task=args.task)
+                 checkpointing=args.checkpointing, target_modules=args.target_modules, task=args.task,
+                 magnitude=args.magnitude)
     except PlanError as e:
         print(f"verakit plan: error: {e}", file=sys.stderr)
         return 2
@@ -81,5 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default: the model type's, as verakit train)")
     s.add_argument("--task", default=None, help="causal-lm or classification (default: classification for "
                    "encoders, else causal-lm)")
+    s.add_argument("--magnitude", action="store_true", help="plan VeRA as DVoRA (verakit train --magnitude): "
+                   "the magnitude vectors and the row norms' temporary (docs/dvora.md)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     s.set_defaults(func=run_plan)
