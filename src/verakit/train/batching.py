@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-__all__ = ["JITTER", "MEGABATCH", "epoch_order", "padded_tokens"]
+__all__ = ["JITTER", "MEGABATCH", "epoch_order", "padded_tokens", "recipe_lengths"]
 
 MEGABATCH = 50  # global batches per sorted megabatch (transformers' LengthGroupedSampler uses 50 too)
 JITTER = 0.1  # each length is scaled by a factor in [1 - JITTER, 1 + JITTER] before sorting
@@ -51,3 +51,11 @@ def padded_tokens(order: Sequence[int], lengths: Sequence[int], batch_size: int)
     """Tokens the batches of `order` hold once each is padded to its longest example."""
     return sum(max(lengths[i] for i in order[k : k + batch_size]) * len(order[k : k + batch_size])
                for k in range(0, len(order), batch_size))
+
+
+def recipe_lengths(recipe: object) -> list[int]:
+    """A loop recipe's optional `train_lengths() -> Sequence[int]`: each training example's length in tokens."""
+    get = getattr(recipe, "train_lengths", None)
+    if get is None:
+        raise ValueError(f"group_by_length: {type(recipe).__name__} does not report its examples' lengths")
+    return list(get())

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import fsdp, precision
-from .batching import epoch_order
+from .batching import epoch_order, recipe_lengths
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -237,7 +237,7 @@ def run_loop(
     trainable = {named[id(p)]: now[id(p)] for g in built for p in g.params}
     optimizer = (optimizer_factory or adamw)(groups, config.weight_decay)
     n_train = recipe.num_train()
-    lengths = _train_lengths(recipe, n_train) if config.group_by_length else None
+    lengths = recipe_lengths(recipe) if config.group_by_length else None
     precision.prepare_model(raw_model, config.mixed_precision, acc.device.type)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -389,14 +389,6 @@ def run_loop(
         remove_checkpoint(run_dir)
     acc.wait_for_everyone()
     return LoopResult(history, losses, best, seconds_before + _clock() - t0, total_steps, world, baseline, shard_stats)
-
-
-def _train_lengths(recipe: Recipe, n: int) -> list[int]:
-    # Optional: `train_lengths(self) -> Sequence[int]`, each training example's length in tokens.
-    get = getattr(recipe, "train_lengths", None)
-    if get is None:
-        raise ValueError(f"group_by_length: {type(recipe).__name__} does not report its examples' lengths")
-    return list(get())
 
 
 def _baseline(recipe: Recipe) -> dict[str, float] | None:
