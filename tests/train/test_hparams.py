@@ -21,10 +21,12 @@ from verakit.train.vision import ImageArgs
 
 def test_one_shape_from_each_recipes_table():
     b = TASK_BUDGETS["paper"]["rte"]
-    assert defaults("classify", "rte", "lora", "paper") == Defaults(b.lora_epochs, b.lora_lr, b.head_lr, 8, 32, None)
+    assert defaults("classify", "rte", "lora", "paper") == Defaults(b.lora_epochs, b.lora_lr, b.head_lr, 8, 32, None,
+                                                                    group_by_length=True)
     c = CAUSAL_BUDGETS["cpu"]["e2e"]
     assert defaults("causal", "e2e", "vera") == Defaults(c.epochs, CAUSAL_LR["vera"], None, 1024, c.batch_size,
-                                                         c.max_train_samples, c.max_eval_samples, c.gen_eval_samples)
+                                                         c.max_train_samples, c.max_eval_samples, c.gen_eval_samples,
+                                                         group_by_length=False)
     epochs, lr, head_lr, r = IMAGE_DEFAULTS["vera"]
     assert defaults("images", "images", "vera") == Defaults(epochs, lr, head_lr, r, 32, None)
     with pytest.raises(ValueError, match="unknown recipe 'audio'; choose one of classify, causal, images"):

@@ -84,7 +84,7 @@ def test_a_run_from_before_length_grouping_resumes_only_with_random_batches(tmp_
     run_dir = tmp_path / "run"
     start_run(run_dir, {"args": {"epochs": 2, "resume": False}}, resume=False, state=_Process(True, run_dir))
     defaults = field_defaults(TrainArgs)
-    assert defaults["group_by_length"] is True
+    assert defaults["group_by_length"] is None  # resolved per recipe: classification groups by length
     with pytest.raises(ValueError, match=r"group_by_length: False -> True.*add --no-group-by-length"):
         start_run(run_dir, {"args": {"epochs": 2, "group_by_length": True, "resume": True}}, resume=True,
                   state=_Process(True, run_dir), defaults=defaults)

@@ -145,3 +145,9 @@ def test_causal_recipe_groups_by_length(tmp_path):
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["step_losses"]) == 5 and all(math.isfinite(v) for v in metrics["step_losses"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loop"]["group_by_length"] is True
+    # without the flag a causal LM trains on random batches (its token-mean loss; hparams.Defaults)
+    code = main(["train", "--task", "jsonl", "--data-dir", str(data), "--model", model, "--out", str(tmp_path / "plain"),
+                 "--r", "32", "--epochs", "1", "--batch-size", "8", "--max-length", "48", "--gen-eval-samples", "0",
+                 "--report-samples", "0", "--quiet"])
+    assert code == 0 and json.loads((tmp_path / "plain" / "config.json").read_text())["loop"]["group_by_length"] is False

@@ -297,7 +297,7 @@ def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=field_default("group_by_length"),
                    help="batches of similar-length examples: far less padding (GLUE: 1.3-2.7x fewer tokens, 1.5-2.9x "
                    "faster steps), each batch still a random draw; --no-group-by-length: uniformly random batches "
-                   f"(text tasks; default {'on' if field_default('group_by_length') else 'off'}; docs/performance.md)")
+                   f"(text tasks; default: {default('group_by_length')}; docs/performance.md)")
     g.add_argument("--mixed-precision", choices=["no", "bf16"], default=field_default("mixed_precision"),
                    help="bf16: training forwards under bf16 autocast, about 2x faster on CPUs with AMX and on "
                    "GPUs, slower on CPUs without bf16 units; parameters, optimizer and evaluation stay fp32 "

@@ -46,6 +46,10 @@ class Defaults:
     max_train_samples: int | None  # None: every training row
     max_eval_samples: int | None = None  # None: every evaluation row
     gen_eval_samples: int | None = None  # causal LMs: held-out examples generated at each evaluation
+    # Length-grouped batches: on for classification (1.5-2.9x faster steps on GLUE, same scores); off for
+    # causal LMs, whose loss is a mean over each batch's tokens, so a batch of short examples would weigh
+    # each of its tokens more (E2E, seed 0: held-out loss 1.464 grouped vs 1.428, BLEU 55.0 vs 57.2).
+    group_by_length: bool | None = None
 
 
 def fill(args: _Args, d: Defaults) -> _Args:
@@ -61,11 +65,11 @@ def defaults(recipe: str, task: str, method: str, budget: str = "cpu") -> Defaul
     (images have one task and no budget)."""
     if recipe == "classify":
         epochs, lr, head_lr, max_train = task_defaults(task, method, budget)
-        return Defaults(epochs, lr, head_lr, METHOD_RANK.get(method, 0), BATCH_SIZE, max_train)
+        return Defaults(epochs, lr, head_lr, METHOD_RANK.get(method, 0), BATCH_SIZE, max_train, group_by_length=True)
     if recipe == "causal":
         b = causal_budget(task, budget)
         return Defaults(b.epochs, CAUSAL_LR[method], None, CAUSAL_RANK[method], b.batch_size, b.max_train_samples,
-                        b.max_eval_samples, b.gen_eval_samples)
+                        b.max_eval_samples, b.gen_eval_samples, group_by_length=False)
     if recipe == "images":
         epochs, lr, head_lr, rank = IMAGE_DEFAULTS[method]
         return Defaults(epochs, lr, head_lr, rank, BATCH_SIZE, None)

@@ -75,7 +75,7 @@ class Run:
             raise ValueError(f"{type(a).__name__}: epochs and batch_size are None; run on the resolved arguments")
         return LoopConfig(epochs=a.epochs, batch_size=a.batch_size, warmup_ratio=a.warmup_ratio, seed=a.seed,
                           eval_every=a.eval_every, quiet=a.quiet,
-                          group_by_length=getattr(a, "group_by_length", False),
+                          group_by_length=bool(getattr(a, "group_by_length", False)),
                           mixed_precision=getattr(a, "mixed_precision", "no"))
 
     def start(self, args: dict[str, Any], method: dict[str, Any], *, defaults: dict[str, Any] | None = None

@@ -89,10 +89,10 @@ class TrainArgs:
     seed: int = 0  # data subset, order, head init, dropout and VeRA projection
     max_train_samples: int | None = None  # None: the budget's subset (cpu) or the whole training set (paper)
     max_eval_samples: int | None = None
-    # Training-step speed (docs/performance.md): batches of similar-length examples (less padding: on by
-    # default, 1.5-2.9x faster steps on GLUE), and the forward under bf16 autocast ("bf16"; fast on CPUs with
-    # AMX and on GPUs, slow on CPUs without bf16 units, so opt-in; evaluation stays fp32).
-    group_by_length: bool = True
+    # Training-step speed (docs/performance.md): batches of similar-length examples (less padding; None: the
+    # recipe's default, hparams.Defaults: on for classification, off for causal LMs), and the forward under
+    # bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, slow without bf16 units, so opt-in).
+    group_by_length: bool | None = None
     mixed_precision: str = "no"
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
     resume: bool = False
