@@ -68,6 +68,15 @@ METHODS = {
 HEAD_FULL_LRS = ("1e-3", "2e-3", "4e-3", "1e-2")  # head only with --head full: the swept rate is --head-lr
 PENDING = "?"  # the lr of a seeds cell whose method's sweep is unfinished
 VERA_VS = {"vera-256": "peft-vera-256", "vera-1024": "peft-vera-1024"}  # verakit VeRA's PEFT counterpart
+HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
+SECTION_INTRO = (
+    "all-MiniLM-L6-v2, full training sets, real dev sets; verakit VeRA r=256 / r=1024, DVoRA r=1024, PEFT LoRA r=8, "
+    "PEFT VeRA r=256 / r=1024, head only; the VeRA head for every method. Each method's learning rate is the "
+    "best of 4 on rows carved from the training set (SST-2: 20,000 rows x 1 epoch; MRPC: all x 10), then 3 seeds "
+    f"at it with epochs {', '.join(f'{t} {e}' for t, e in EPOCHS.items())}, batch {BATCH}, max length {MAX_LENGTH}, "
+    "length-grouped batches and bf16 autocast steps (fp32 evaluation and files) for every cell. Written by "
+    "`python experiments/glue_grid.py report --results-md docs/results.md`; every cell with its command is in "
+    "docs/results.json, the plot in docs/results_grid.png. No GPU: CPU, one thread per cell.")
 
 
 @dataclass(frozen=True)
@@ -316,6 +325,33 @@ def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(records: list[dict], methods: list[str], head: str) -> str:
+    """The sweep's held-out main metric x 100 per method, task and rate; the chosen rate in bold."""
+    got = {(r["method"], r["task"], r["lr"]): r["value"] for r in records if r["stage"] == "sweep"}
+    lines = ["| method | " + " | ".join(f"{t} (held-out)" for t in SWEEP) + " | chosen lr |", "|---|" + "---|" * (len(SWEEP) + 1)]
+    for meth in methods:
+        rates = lrs(meth, head)
+        means = {lr: [got.get((meth, t, float(lr))) for t in SWEEP] for lr in rates}
+        done = [lr for lr in rates if all(v is not None for v in means[lr])]
+        best = max(done, key=lambda lr: statistics.mean(means[lr]), default=None) if len(done) == len(rates) else None
+        cells = []
+        for t_i, _ in enumerate(SWEEP):
+            parts = [(f"**{lr}: {100 * v:.1f}**" if lr == best else f"{lr}: {100 * v:.1f}")
+                     for lr in rates if (v := means[lr][t_i]) is not None]
+            cells.append(", ".join(parts) or "-")
+        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {best or 'sweep unfinished'} |")
+    return "\n".join(lines)
+
+
+def progress_line(records: list[dict], methods: list[str], tasks: list[str], seeds: list[int], head: str) -> str:
+    n_sweep = sum(len(lrs(m, head)) for m in methods) * len(SWEEP)
+    n_seeds = len(methods) * len(tasks) * len(seeds)
+    done = {s: sum(r["stage"] == s for r in records) for s in ("sweep", "seeds")}
+    state = "complete" if done["sweep"] == n_sweep and done["seeds"] == n_seeds else "**partial**"
+    return (f"Cells measured: sweep {done['sweep']}/{n_sweep}, seeds {done['seeds']}/{n_seeds} ({state}; "
+            "`python experiments/glue_grid.py status` for the rest).")
+
+
 def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
     """Score against file bytes (log x) per task: each seed faint, the median as a diamond, the trivial
     baseline dashed."""
@@ -358,7 +394,18 @@ def report(args: argparse.Namespace) -> None:
     chosen = {m: choose_lr(m, args.head, root) for m in args.methods}
     print(f"Head: {args.head}. Chosen learning rates (sweep): " + ", ".join(f"{m} {lr or '(sweep unfinished)'}"
                                                                           for m, lr in chosen.items()) + "\n")
-    print(markdown(records, args.tasks, args.methods))
+    text = "\n\n".join([progress_line(records, args.methods, args.tasks, args.seeds, args.head),
+                         "Learning-rate sweep (seed 0; held-out rows carved from the training set):",
+                         sweep_table(records, args.methods, args.head),
+                         "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods)])
+    print(text)
+    if args.results_md:
+        sys.path.insert(0, str(REPO / "experiments"))
+        from results_section import replace_section, write_atomic
+
+        md = Path(args.results_md)
+        body = f"{HEADING}\n\n{SECTION_INTRO}\n\n{text}\n"
+        write_atomic(md, replace_section(md.read_text() if md.is_file() else "", HEADING, body))
     print(f"\nwrote {args.json} ({len(records)} cells) and {args.plot}", file=sys.stderr)
 
 
@@ -374,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="/work/runs_glue_grid", help="carved data and RUN_DIRs (outside the repo)")
     p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "results_grid.png"))
+    p.add_argument("--results-md", default=None, help="report: also write the section into this Markdown file "
+                   "(docs/results.md), replacing the grid's earlier section")
     args = p.parse_args(argv)
     {"run": run, "status": status, "report": report}[args.action](args)
 

@@ -184,3 +184,23 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO / "src")
     assert not stale.exists()  # an interrupted cell restarts from nothing
     assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
+
+
+def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake_carve):
+    root = tmp_path / "runs"
+    for lr in grid.lrs("vera-256", "vera"):
+        for t in ("sst2", "mrpc"):
+            _write_metrics(grid, grid.Cell("sweep", t, "vera-256", 0, lr), "vera", root, 0.8 if lr == "5e-2" else 0.7)
+    _write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3"), "vera", root, 0.75)
+    md = tmp_path / "results.md"
+    md.write_text("# Results\n\n## GLUE at learnable budgets: the grid (issue 16)\n\nold\n\n## Vision\n\nkept\n")
+    grid.main(["report", "--root", str(root), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "g.png"),
+               "--methods", "vera-256", "lora-8", "--results-md", str(md)])
+    text = capsys.readouterr().out
+    assert "Cells measured: sweep 9/16, seeds 0/30 (**partial**;" in text
+    assert "| vera-256 | 1e-2: 70.0, 2e-2: 70.0, **5e-2: 80.0**, 1e-1: 70.0 | 1e-2: 70.0, 2e-2: 70.0, **5e-2: 80.0**, " \
+           "1e-1: 70.0 | 5e-2 |" in text
+    assert "| lora-8 | 1e-3: 75.0 | - | sweep unfinished |" in text
+    out = md.read_text()
+    assert out.startswith("# Results\n\n## GLUE at learnable budgets: the grid (issue 16)\n\nall-MiniLM-L6-v2")
+    assert "old" not in out and out.endswith("## Vision\n\nkept\n") and "| vera-256 |" in out
