@@ -11,7 +11,7 @@ import torch
 
 from verakit.train.batching import epoch_order
 from verakit.train.loop import LoopConfig, run_loop
-from verakit.train.precision import prepare_model, step_context
+from verakit.train.precision import step_context, training_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,16 +56,18 @@ def test_unknown_mixed_precision_is_refused():
 def test_bf16_autocasts_training_forwards_only_and_keeps_fp32_state(make_recipe, tmp_path):
     recipe = make_recipe(seed=5)
     model = recipe.model
-    calls: list[tuple[bool, bool]] = []  # (training, autocast on) of each forward
-    model.register_forward_pre_hook(lambda m, a: calls.append((m.training, torch.is_autocast_enabled("cpu"))))
+    calls: list[tuple[bool, bool, str]] = []  # (training, autocast on, attention) of each forward
+    model.register_forward_pre_hook(lambda m, a: calls.append((m.training, torch.is_autocast_enabled("cpu"),
+                                                               m.config._attn_implementation)))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert model.config._attn_implementation == "sdpa"  # transformers' default, which bf16 steps replace on CPU
     result = run_loop(recipe, LoopConfig(epochs=2, batch_size=16, seed=5, quiet=True, mixed_precision="bf16"), tmp_path)
-    assert model.config._attn_implementation == "eager"
-    train_calls = [a for t, a in calls if t]
-    eval_calls = [a for t, a in calls if not t]
-    assert len(train_calls) == result.total_steps and all(train_calls)
-    assert eval_calls and not any(eval_calls)
+    assert model.config._attn_implementation == "sdpa"  # restored after training
+    train_calls = [(a, impl) for t, a, impl in calls if t]
+    eval_calls = [(a, impl) for t, a, impl in calls if not t]
+    assert len(train_calls) == result.total_steps and set(train_calls) == {(True, "eager")}
+    # evaluations run as `verakit eval` will run the file: fp32, the loaded attention
+    assert len(eval_calls) == 3 and set(eval_calls) == {(False, "sdpa")}
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.dtype == torch.float32, n
@@ -92,11 +94,19 @@ def test_bf16_learns_like_fp32(make_recipe, tmp_path):
         assert rel < 0.1, (n, float(rel))
 
 
-def test_prepare_model_leaves_fp32_and_gpu_runs_alone(make_recipe):
+def test_attention_switch_only_for_bf16_on_cpu(make_recipe):
     model = make_recipe().model
-    impl = model.config._attn_implementation
-    assert prepare_model(model, "no", "cpu") is None and model.config._attn_implementation == impl
-    assert prepare_model(model, "bf16", "cuda") is None and model.config._attn_implementation == impl
+    for mode, device in (("no", "cpu"), ("bf16", "cuda")):
+        with training_attention(model, mode, device) as evaluating:
+            assert model.config._attn_implementation == "sdpa"
+            with evaluating():
+                assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, "bf16", "cpu") as evaluating:
+        assert model.config._attn_implementation == "eager"
+        with evaluating():
+            assert model.config._attn_implementation == "sdpa"
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
     with step_context("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with step_context("no", "cpu"):
@@ -114,6 +124,9 @@ def test_cli_options_reach_the_loop_and_refusals(tiny_bert_dir, tiny_task, tmp_p
     assert code == 0
     loop = json.loads((run / "config.json").read_text())["loop"]
     assert (loop["group_by_length"], loop["mixed_precision"]) == (True, "bf16")  # grouping: the default
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run / "adapter.safetensors")]) == 0  # a fresh model, SDPA attention
+    assert json.loads(capsys.readouterr().out)["metric"] == json.loads((run / "metrics.json").read_text())["metric"]
     code = main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out",
                  str(tmp_path / "plain"), "--r", "32", "--epochs", "1", "--quiet", "--no-group-by-length"])
     loop = json.loads((tmp_path / "plain" / "config.json").read_text())["loop"]

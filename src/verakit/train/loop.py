@@ -238,7 +238,6 @@ def run_loop(
     optimizer = (optimizer_factory or adamw)(groups, config.weight_decay)
     n_train = recipe.num_train()
     lengths = recipe_lengths(recipe) if config.group_by_length else None
-    precision.prepare_model(raw_model, config.mixed_precision, acc.device.type)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
@@ -296,7 +295,7 @@ def run_loop(
         if main or sharded:  # a sharded forward is collective: every rank runs the evaluation
             started = _clock()
             raw_model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), evaluating():  # the attention the file will be evaluated with
                 record["metrics"] = recipe.evaluate(raw_model)
             train_mode(raw_model)
             eval_seconds = _clock() - started
@@ -320,7 +319,8 @@ def run_loop(
     train_mode(model)
     timed_steps, step_seconds = 0, 0.0
     estimate_at = min(ESTIMATE_AFTER, total_steps - start_step - 1)
-    with SigintFlag() as sigint:
+    with SigintFlag() as sigint, precision.training_attention(raw_model, config.mixed_precision,
+                                                              acc.device.type) as evaluating:
         if step == 0 and not history:
             evaluate(0.0)  # one dev pass: the score every trained evaluation is compared with
         while step < total_steps:

@@ -9,12 +9,13 @@ about 2x (docs/performance.md). On CPUs without them it is slower: `verakit trai
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-__all__ = ["MIXED_PRECISIONS", "check_mode", "prepare_model", "step_context"]
+__all__ = ["MIXED_PRECISIONS", "check_mode", "step_context", "training_attention"]
 
 MIXED_PRECISIONS = ("no", "bf16")
 
@@ -32,16 +33,42 @@ def step_context(mode: str, device_type: str) -> AbstractContextManager[object]:
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-def prepare_model(model: nn.Module, mode: str, device_type: str) -> str | None:
-    """Under bf16 on a CPU, switch a transformers model from SDPA to eager attention: torch's CPU flash
-    attention backward in bf16 is ~8x slower than in fp32 (it ate the whole gain: 0.99 s/step with SDPA,
-    0.50 s eager, MiniLM batch 32 x 40 tokens, one thread), eager attention's bmm products run on AMX.
-    Returns the implementation set, or None when nothing changed."""
-    if check_mode(mode) == "no" or device_type != "cpu":
-        return None
-    for module in model.modules():  # the outermost transformers model (under a PEFT wrapper too)
+@contextmanager
+def training_attention(model: nn.Module, mode: str, device_type: str) -> Iterator[Callable[[], AbstractContextManager[None]]]:
+    """Within this context a transformers model trains with eager attention when bf16 steps run on a CPU:
+    torch's CPU flash-attention backward in bf16 is ~8x slower than in fp32 (it ate the whole gain: 0.99
+    s/step with SDPA, 0.50 s eager, MiniLM batch 32 x 40 tokens, one thread), while eager attention's bmm
+    products run on AMX. Yields `evaluating()`, a context that restores the loaded implementation for
+    evaluations, so the dev score equals what `verakit eval` computes from the file later; on exit the
+    model has its loaded implementation again. Elsewhere (fp32, GPUs, models without the switch) a no-op."""
+    target = _switchable(model) if check_mode(mode) == "bf16" and device_type == "cpu" else None
+    loaded = None if target is None else target.config._attn_implementation
+
+    @contextmanager
+    def evaluating() -> Iterator[None]:
+        if target is None:
+            yield
+            return
+        target.set_attn_implementation(loaded)
+        try:
+            yield
+        finally:
+            target.set_attn_implementation("eager")
+
+    if target is None:
+        yield evaluating
+        return
+    target.set_attn_implementation("eager")
+    try:
+        yield evaluating
+    finally:
+        target.set_attn_implementation(loaded)
+
+
+def _switchable(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers model (under a PEFT wrapper too) running SDPA attention, or None."""
+    for module in model.modules():
         config = getattr(module, "config", None)
         if hasattr(module, "set_attn_implementation") and getattr(config, "_attn_implementation", None) == "sdpa":
-            module.set_attn_implementation("eager")
-            return "eager"
+            return module
     return None
