@@ -164,3 +164,20 @@ def test_causal_recipe_groups_by_length(tmp_path):
                  "--r", "32", "--epochs", "1", "--batch-size", "8", "--max-length", "48", "--gen-eval-samples", "0",
                  "--report-samples", "0", "--quiet"])
     assert code == 0 and json.loads((tmp_path / "plain" / "config.json").read_text())["loop"]["group_by_length"] is False
+
+
+def test_amx_tip(tmp_path, monkeypatch, make_recipe, caplog):
+    from verakit.train import precision
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert precision.cpu_has_amx.__wrapped__(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert precision.cpu_has_amx.__wrapped__(str(info)) is False
+    assert precision.cpu_has_amx.__wrapped__(str(tmp_path / "absent")) is False
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    assert "--mixed-precision bf16" in precision.speed_tip("no", "cpu")
+    assert precision.speed_tip("bf16", "cpu") is None and precision.speed_tip("no", "cuda") is None
+    with caplog.at_level("INFO", logger="verakit.train"):
+        run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16, quiet=True), tmp_path / "run")
+    assert "this CPU has AMX bf16 units" in caplog.text

@@ -361,6 +361,8 @@ def run_loop(
                 for line, warning in estimate(step_seconds / timed_steps, eval_seconds, total_steps - step,
                                               evals_left, _clock() - t0, acc.device.type == "cpu"):
                     progress.say(line, warning)
+                if tip := precision.speed_tip(config.mixed_precision, acc.device.type):
+                    progress.say(tip)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or (config.eval_every and step % config.eval_every == 0):
                 evaluate(step / steps_per_epoch)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["MIXED_PRECISIONS", "check_mode", "step_context", "training_attention"]
+__all__ = ["MIXED_PRECISIONS", "check_mode", "cpu_has_amx", "speed_tip", "step_context", "training_attention"]
 
 MIXED_PRECISIONS = ("no", "bf16")
 
@@ -71,4 +73,22 @@ def _switchable(model: nn.Module) -> nn.Module | None:
         config = getattr(module, "config", None)
         if hasattr(module, "set_attn_implementation") and getattr(config, "_attn_implementation", None) == "sdpa":
             return module
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU advertises AMX bf16 tiles (Linux /proc/cpuinfo "amx_bf16"; False where unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+
+
+def speed_tip(mode: str, device_type: str) -> str | None:
+    """A line for fp32 training on a CPU with AMX: bf16 steps would be faster there (and only there)."""
+    if mode == "no" and device_type == "cpu" and cpu_has_amx():
+        return ("this CPU has AMX bf16 units: --mixed-precision bf16 makes training steps 1.1-1.6x faster "
+                "(evaluation and the file stay fp32; docs/performance.md)")
     return None
