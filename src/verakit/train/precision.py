@@ -4,8 +4,7 @@ Trainable parameters, their gradients and AdamW's state stay float32 (autocast c
 parameters); evaluation runs outside autocast, so the dev score and the saved file are exact fp32.
 On CPUs with AMX (and avx512_bf16), bf16 matrix products run several times faster than fp32: on the
 2-core Xeon this project measures on, a 1280x384 @ 384x1536 product is 9x faster; a MiniLM training step
-1.1-1.6x on top of length-grouped batches (docs/performance.md; VeRA's own products gain less than PEFT's
-plain linears there, "Known gap"). On CPUs without them it is slower: `verakit train` keeps fp32 the default.
+1.1-1.6x on top of length-grouped batches (docs/performance.md). On CPUs without them it is slower: `verakit train` keeps fp32 the default.
 """
 
 from __future__ import annotations
