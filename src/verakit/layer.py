@@ -176,13 +176,7 @@ class VeraLinear(nn.Module):
             src = recompute.source_of(x) if grad else None  # x rebuilt from its norm's input in backward
             y = ops.vera_materialized(x, self._base_weight(), bias, A, B, d, b, self.scale, plan.keep_weight, A_c, src)
             return y if mag is None else self._rescaled(y, mag)
-        if low is None and grad and torch.is_autocast_enabled(x.device.type):
-            # Autocast casts A and B to its dtype inside each forward product anyway (the same rounding as
-            # these cached tables); handing them over in that dtype also keeps the custom backward's
-            # (T, m) @ (m, r) product out of fp32 (MiniLM r=1024: 21 of ~45 ms per layer at 3,072 tokens).
-            low = torch.get_autocast_dtype(x.device.type)
-            A, B = self.slices(x.device, low)
-        elif low is not None:
+        if low is not None:
             A, B = self.slices(x.device, low)  # cached per dtype by the projection, not cast per call
         u = self._projected(x, A)  # (..., r) in A's dtype
         tail = ops.vera_tail(u, B, d, b, self.scale, None if low is None else x.dtype)  # (..., d_out)
@@ -215,9 +209,13 @@ class VeraLinear(nn.Module):
         """The dtype of the adapter's products for this call, or None for x's own dtype: `compute_dtype`
         only applies to calls with gradients (gradient-free calls stay exact, so evaluation matches the
         saved file), only when it is narrower than x's dtype (a bf16 or fp16 model is low precision
-        already), and not under autocast (which picks dtypes itself)."""
-        low = self.compute_dtype
-        if low is None or not grad or low.itemsize >= x.dtype.itemsize or torch.is_autocast_enabled(x.device.type):
+        already). Under autocast it is autocast's dtype: autocast casts A and B to it inside each forward
+        product anyway (the rounding of these cached tables), and handing them over in it also keeps the
+        custom backward's (T, m) @ (m, r) product out of fp32 (MiniLM r=1024: 21 of ~45 ms per layer at
+        3,072 tokens)."""
+        device = x.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.compute_dtype
+        if low is None or not grad or low.itemsize >= x.dtype.itemsize:
             return None
         return low
 
