@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECIPES", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
+__all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
            "defaults_help", "field_default", "fields_of", "interrupted_run", "log_to_stderr", "print_evaluation",
            "run_training"]
 
@@ -136,6 +136,14 @@ def defaults_help(dest: str, recipes: Iterable[str] = RECIPES, budget: str | Non
         else:
             parts += [f"{label}{b} budget: {text}" for b, text in cells.items()]
     return "; ".join(parts)
+
+
+def add_base_check_option(s: argparse.ArgumentParser) -> None:
+    """`--no-base-check` of the commands that load an adapter to evaluate or generate (args.check_base)."""
+    s.add_argument("--no-base-check", dest="check_base", action="store_false", help="load a verakit adapter even when "
+                   "its recorded base-weight samples differ from this base model (another checkpoint of the same "
+                   "architecture; names and shapes are still checked; the check's default: on, such adapters are "
+                   "refused)")
 
 
 def add_vera_options(s: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import field_default
+from .common import add_base_check_option, field_default
 
 __all__ = ["add_parsers", "run_generate"]
 
@@ -50,7 +50,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-new-tokens", type=int, default=field_default("max_new_tokens", decode),
                    help=f"tokens generated per prompt at most (default {field_default('max_new_tokens', decode)})")
     s.add_argument("--json", action="store_true", help="print a JSON list of {prompt, generation}")
-    s.add_argument("--no-base-check", dest="check_base", action="store_false", help="load a verakit adapter even when its recorded base-weight samples differ from "
-                   "this base model (another checkpoint of the same architecture; names and shapes are still checked; "
-                   "the check's default: on, such adapters are refused)")
+    add_base_check_option(s)
     s.set_defaults(func=run_generate)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .common import (
+    add_base_check_option,
     add_run_options,
     add_target_options,
     add_vera_options,
@@ -291,8 +292,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")
     s.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
                    "rows (default: as in training)")
-    s.add_argument("--no-base-check", dest="check_base", action="store_false", help="load a verakit adapter even when its recorded base-weight samples differ from "
-                   "this base model (another checkpoint of the same architecture; names and shapes are still checked; "
-                   "the check's default: on, such adapters are refused)")
+    add_base_check_option(s)
     _add_causal_options(s, train=False)
     s.set_defaults(func=run_eval)
