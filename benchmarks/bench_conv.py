@@ -80,7 +80,7 @@ def main() -> None:
     variants = {"vera (rule)": (vera, vera_opt, False), "vera (kernel always)": (kernel, kernel_opt, True),
                 "lora r=8": (lora, lora_opt, False)}
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, (m, o, k) in variants.items():  # warm-up
+    for m, o, k in variants.values():  # warm-up
         step_seconds(m, o, x, y, 1, k)
     for _ in range(a.rounds):
         for name, (m, o, k) in variants.items():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_vectors
 
 import verakit
+from helpers import randomize_vectors
 from verakit.config import DEFAULT_TARGETS, VeraConfig
 from verakit.inject import AttachError, head_hidden_layers, vera_state
 

@@ -88,7 +88,7 @@ def test_bf16_learns_like_fp32(make_recipe, tmp_path):
         runs[mode] = (res.losses, {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad})
     (l32, p32), (l16, p16) = runs["no"], runs["bf16"]
     assert l32[-1] < l32[0] and l16[-1] < l16[0]
-    assert max(abs(a - b) for a, b in zip(l32, l16)) < 0.05
+    assert max(abs(a - b) for a, b in zip(l32, l16, strict=True)) < 0.05
     for n in p32:
         rel = (p32[n] - p16[n]).norm() / p32[n].norm().clamp_min(1e-12)
         assert rel < 0.1, (n, float(rel))
@@ -144,7 +144,6 @@ def test_causal_recipe_groups_by_length(tmp_path):
     import json
 
     from lm_helpers import e2e_like, save_tiny_lm, write_jsonl
-
     from verakit.cli import main
 
     data = tmp_path / "data"

@@ -176,8 +176,8 @@ def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
     the batch, on those rows' share of the batch loss, at the schedule's lr of that step."""
     from transformers import get_linear_schedule_with_warmup
 
-    from verakit.train.classify import build_classifier
     from verakit.train.batching import epoch_order as _epoch_order
+    from verakit.train.classify import build_classifier
     from verakit.train.loop import LoopConfig, run_loop
 
     data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 9)
