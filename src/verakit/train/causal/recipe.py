@@ -101,9 +101,7 @@ class CausalArgs:
     # "4bit" (nf4) or "8bit": the base's linear layers quantized by bitsandbytes (QVeRA, vera only; the
     # output head stays fp32). The adapter file is the same either way and loads into the fp32 base.
     quantize: str | None = None
-    # Training-step speed (docs/performance.md): batches of similar-length examples (less padding; None: the
-    # recipe's default, hparams.Defaults: on for classification, off for causal LMs), and the forward under
-    # bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, slow without bf16 units, so opt-in).
+    # As TrainArgs's; None here resolves to off (hparams.Defaults says why for causal LMs).
     group_by_length: bool | None = None
     mixed_precision: str = "no"
     eval_every: int | None = None
