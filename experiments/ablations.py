@@ -149,7 +149,7 @@ MRPC train split x 3 epochs, ~11x the steps) with a learning-rate sweep first; i
 CPU time of these sessions. MRPC at 1,000 rows x 1 epoch sees no adapter at all (every cell equals
 the always-positive baseline), so its columns are a null result; RTE and CoLA were not run because
 the GLUE grid above shows every method at chance on them at this budget. The SST-2 `base` and `head` cells are the
-session-1 runs of the same commands (the 2,000-row SST-2 table of the GLUE section); rerunning `base` seed
+session-1 runs of the same commands (the 2,000-row SST-2 table of the appendix); rerunning `base` seed
 0 with the session-2 code gave the identical 0.7018."""
 
 

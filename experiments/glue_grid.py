@@ -325,6 +325,35 @@ def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Issue 16's bar for a budget to count: LoRA r=8 >= the trivial baseline + 5 points (accuracy, F1, MCC), or a
+# Pearson >= 0.5 (STS-B, whose constant predictor has no correlation).
+LEARNED_MARGIN, LEARNED_PEARSON = 5.0, 0.5
+
+
+def budget_check(records: list[dict], tasks: list[str], method: str = "lora-8") -> str:
+    """Per task: `method`'s median dev score against the trivial baseline and issue 16's bar (is the task
+    learned at this budget?)."""
+    lines = [f"| task | metric | trivial | {method} median | bar | learned at this budget |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        rs = [r for r in records if r["stage"] == "seeds" and r["task"] == t and r["method"] == method
+              and r["value"] is not None]
+        if not rs:
+            lines.append(f"| {t} | | | not yet measured | | |")
+            continue
+        metric, base = rs[0]["metric"], rs[0]["baseline"]
+        med = 100 * statistics.median(r["value"] for r in rs)
+        if metric == "pearson":
+            bar, ok = f">= {100 * LEARNED_PEARSON:.0f}", med >= 100 * LEARNED_PEARSON
+        elif base is None:
+            bar, ok = "no trivial baseline recorded", None
+        else:
+            bar, ok = f">= {100 * base + LEARNED_MARGIN:.1f}", med >= 100 * base + LEARNED_MARGIN
+        verdict = "?" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {t} | {metric} | {'-' if base is None else f'{100 * base:.1f}'} | {med:.2f} (n={len(rs)}) | "
+                     f"{bar} | {verdict} |")
+    return "\n".join(lines)
+
+
 def sweep_table(records: list[dict], methods: list[str], head: str) -> str:
     """The sweep's held-out main metric x 100 per method, task and rate; the chosen rate in bold."""
     got = {(r["method"], r["task"], r["lr"]): r["value"] for r in records if r["stage"] == "sweep"}
@@ -397,7 +426,9 @@ def report(args: argparse.Namespace) -> None:
     text = "\n\n".join([progress_line(records, args.methods, args.tasks, args.seeds, args.head),
                          "Learning-rate sweep (seed 0; held-out rows carved from the training set):",
                          sweep_table(records, args.methods, args.head),
-                         "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods)])
+                         "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods),
+                         "Is each task learned at its budget? (issue 16: LoRA r=8 at least 5 points above the "
+                         "trivial baseline, or Pearson >= 0.5)", budget_check(records, args.tasks)])
     print(text)
     if args.results_md:
         sys.path.insert(0, str(REPO / "experiments"))

@@ -141,6 +141,23 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     text = capsys.readouterr().out
     assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 6,912 | 5,000 | 11 |" in text
     assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
+    assert "| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes |" in text
+
+
+def test_budget_check_applies_issue_16s_bar(grid):
+    def rec(task, metric, value, baseline, method="lora-8", seed=0):
+        return {"stage": "seeds", "task": task, "method": method, "metric": metric, "value": value,
+                "baseline": baseline, "seed": seed}
+
+    records = [rec("mrpc", "f1", 0.85, 0.812), rec("mrpc", "f1", 0.87, 0.812, seed=1),  # median 86.0 < 86.2
+               rec("rte", "accuracy", 0.60, 0.527), rec("stsb", "pearson", 0.49, 0.0),
+               rec("cola", "matthews_correlation", 0.30, 0.0), rec("cola", "matthews_correlation", 0.9, 0.0, "vera-256")]
+    text = grid.budget_check(records, ["mrpc", "rte", "stsb", "cola", "sst2"])
+    assert "| mrpc | f1 | 81.2 | 86.00 (n=2) | >= 86.2 | **no** |" in text
+    assert "| rte | accuracy | 52.7 | 60.00 (n=1) | >= 57.7 | yes |" in text
+    assert "| stsb | pearson | 0.0 | 49.00 (n=1) | >= 50 | **no** |" in text  # Pearson's own bar, not baseline + 5
+    assert "| cola | matthews_correlation | 0.0 | 30.00 (n=1) | >= 5.0 | yes |" in text  # other methods ignored
+    assert "| sst2 | | | not yet measured | | |" in text
 
 
 def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
