@@ -162,16 +162,19 @@ def test_budget_check_applies_issue_16s_bar(grid):
 
 def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(grid, "_train_rows", lambda task: 1000)
+    monkeypatch.setattr(grid, "_row_chars", lambda task: {"sst2": 50.0, "mrpc": 250.0, "rte": 340.0}[task])
     for t in ("sst2", "mrpc"):
         for lr in grid.lrs("lora-8", "vera"):
             _write_metrics(grid, grid.Cell("sweep", t, "lora-8", 0, lr), "vera", tmp_path, 0.7, seconds=600.0)
     grid.main(["status", "--root", str(tmp_path), "--methods", "lora-8", "--tasks", "rte", "--seeds", "0", "1"])
     out = capsys.readouterr().out
     assert "sweep: 8/8 done; seeds: 0/2 done (0 wait" in out
-    # measured: sst2 600 s / 20,000 rows, mrpc 600 s / (600 rows x 10 epochs): mean 0.065 s per row;
-    # left: 2 rte cells x 1000 rows x 20 epochs, 2 at a time.
-    rate = (600 / 20_000 + 600 / 6000) / 2
-    assert f"left: 2 cells, about {2 * 20_000 * rate / 2 / 3600:.1f} h at 2 at a time" in out
+    # measured per character: sst2 600 s / (20,000 rows x 50), mrpc 600 s / (600 rows x 10 epochs x 250); the
+    # lora-8 median of the 8 cells (4 of each) is the mean of the two rates; left: 2 rte cells x 1000 rows x
+    # 20 epochs x 340 characters, 2 at a time.
+    rate = (600 / 1_000_000 + 600 / 1_500_000) / 2
+    assert f"left: 2 cells, about {2 * 20_000 * 340 * rate / 2 / 3600:.1f} h at 2 at a time " \
+           f"({2 * 20_000 * 340 * 600 / 1_500_000 / 2 / 3600:.1f} h at each method's fastest" in out
 
 
 def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, monkeypatch):
