@@ -239,6 +239,32 @@ def _work(cell: Cell) -> float:
     return _rows(cell) * _row_chars(cell.task)
 
 
+def pauses(root: Path) -> list[tuple[float, float]]:
+    """(stop, cont) unix times from ROOT/pauses.log, whose lines "STOP t" / "CONT t" are appended by whoever
+    SIGSTOPs the grid (e.g. to give a test suite quiet cores); a stop without its cont lasts until now."""
+    path, out, stop = root / "pauses.log", [], None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        kind, _, when = line.partition(" ")
+        if kind == "STOP":
+            stop = float(when)
+        elif kind == "CONT" and stop is not None:
+            out.append((stop, float(when)))
+            stop = None
+    return out + ([(stop, time.time())] if stop is not None else [])
+
+
+def running_seconds(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[float, float]]) -> float:
+    """The cell's train_seconds less the `stops` inside its run (NAME.cmd is written at its start,
+    metrics.json at its end)."""
+    out = run_dir(cell, head, root)
+    cmd, metrics = out.parent / f"{cell.name}.cmd", out / "metrics.json"
+    if not stops or not cmd.is_file():
+        return float(m["train_seconds"])
+    start, end = cmd.stat().st_mtime, metrics.stat().st_mtime
+    paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in stops)
+    return max(0.0, float(m["train_seconds"]) - paused)
+
+
 def estimate(done: list[tuple[Cell, dict]], left: list[Cell], jobs: int, pick=statistics.median) -> float:
     """Wall seconds for `left` at `jobs` at a time: each method's measured seconds per unit of `_work`, reduced
     by `pick` (median; `min` for a quiet machine: cells that shared the CPU with other work ran up to 5x
@@ -255,7 +281,9 @@ def status(args: argparse.Namespace) -> None:
     root = Path(args.root)
     sweep = sweep_cells(args.methods, args.head)
     seeds = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
-    done = [(c, m) for c in [*sweep, *seeds] if (m := read_metrics(c, args.head, root)) is not None]
+    stops = pauses(root)
+    done = [(c, {**m, "train_seconds": running_seconds(c, args.head, root, m, stops)})
+            for c in [*sweep, *seeds] if (m := read_metrics(c, args.head, root)) is not None]
     left = {stage: [c for c in cells if read_metrics(c, args.head, root) is None]
             for stage, cells in (("sweep", sweep), ("seeds", seeds))}
     print(f"sweep: {len(sweep) - len(left['sweep'])}/{len(sweep)} done; seeds: {len(seeds) - len(left['seeds'])}/"
@@ -282,24 +310,26 @@ def _finite(x: object) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def cell_record(cell: Cell, head: str, root: Path, m: dict) -> dict:
-    """One object of docs/results.json."""
+def cell_record(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[float, float]] = ()) -> dict:
+    """One object of docs/results.json; train_seconds excludes the time the grid was paused (`pauses`)."""
     kind, rank, _ = METHODS[cell.method]
     cmd_file = run_dir(cell, head, root).parent / f"{cell.name}.cmd"
     cmd = cmd_file.read_text().strip() if cmd_file.is_file() else shlex.join(["verakit", "train",
                                                                                *command(cell, head, root)])
-    main = m["main_metric"]
+    main, running = m["main_metric"], running_seconds(cell, head, root, m, list(stops))
     return {"stage": cell.stage, "task": cell.task, "method": cell.method, "verakit_method": kind,
             "rank": None if kind == "head" and head == "full" else rank, "head": head, "seed": cell.seed,
             "lr": float(cell.lr), "metric": main, "value": _finite(m["metric"][main]),
             "baseline": _finite((m.get("baseline") or {}).get(main)), "adapter_params": m["trainable_params"],
-            "head_params": m["head_params"], "file_bytes": m["adapter_bytes"], "train_seconds": m["train_seconds"],
+            "head_params": m["head_params"], "file_bytes": m["adapter_bytes"], "train_seconds": round(running, 2),
+            "paused_seconds": round(m["train_seconds"] - running, 2),
             "command": cmd}
 
 
 def collect(methods: list[str], tasks: list[str], seeds: list[int], head: str, root: Path) -> list[dict]:
     cells = [*sweep_cells(methods, head), *seed_cells(methods, tasks, seeds, head, root)]
-    return [cell_record(c, head, root, m) for c in cells if (m := read_metrics(c, head, root)) is not None]
+    stops = pauses(root)
+    return [cell_record(c, head, root, m, stops) for c in cells if (m := read_metrics(c, head, root)) is not None]
 
 
 def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:

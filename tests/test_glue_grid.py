@@ -134,7 +134,7 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     r = next(r for r in seeds if r["method"] == "vera-256" and r["seed"] == 1)
     assert r == {"stage": "seeds", "task": "sst2", "method": "vera-256", "verakit_method": "vera", "rank": 256,
                  "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "baseline": 0.509,
-                 "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0,
+                 "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0, "paused_seconds": 0.0,
                  "command": r["command"]}
     assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
     assert png.stat().st_size > 0
@@ -224,3 +224,24 @@ def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake
     out = md.read_text()
     assert out.startswith("# Results\n\n## GLUE at learnable budgets: the grid (issue 16)\n\nall-MiniLM-L6-v2")
     assert "old" not in out and out.endswith("## Vision\n\nkept\n") and "| vera-256 |" in out
+
+
+def test_paused_time_is_taken_out_of_wall_times(grid, tmp_path, capsys, fake_carve):
+    """Seconds the grid was SIGSTOPped (ROOT/pauses.log) inside a cell's run leave its train_seconds."""
+    import os
+
+    root = tmp_path / "runs"
+    cell = grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3")
+    _write_metrics(grid, cell, "vera", root, 0.8, seconds=1000.0)
+    out = grid.run_dir(cell, "vera", root)
+    (out.parent / f"{cell.name}.cmd").write_text("verakit train ...\n")
+    os.utime(out.parent / f"{cell.name}.cmd", (1000.0, 1000.0))  # started at t=1000, finished at t=2100
+    os.utime(out / "metrics.json", (2100.0, 2100.0))
+    # 300 s inside the run, 50 s of a stop that began before it, and one before it
+    (root / "pauses.log").write_text("STOP 1200\nCONT 1500\nSTOP 950\nCONT 1050\nSTOP 10\nCONT 20\n")
+    assert grid.pauses(root) == [(1200.0, 1500.0), (950.0, 1050.0), (10.0, 20.0)]
+    m = grid.read_metrics(cell, "vera", root)
+    assert grid.running_seconds(cell, "vera", root, m, grid.pauses(root)) == 650.0
+    record = grid.cell_record(cell, "vera", root, m, grid.pauses(root))
+    assert (record["train_seconds"], record["paused_seconds"]) == (650.0, 350.0)
+    assert grid.running_seconds(cell, "vera", root, m, []) == 1000.0
