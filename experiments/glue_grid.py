@@ -20,6 +20,7 @@ task and method once before any second seed.
     python experiments/glue_grid.py run    [--stage all|sweep|seeds] [--jobs 2] [--head vera]
     python experiments/glue_grid.py status                    # cells done / left, and a time estimate
     python experiments/glue_grid.py report                    # docs/results.json, docs/results_grid.png, markdown
+                                                              # (glue_grid_report.py)
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import shlex
 import shutil
@@ -69,15 +69,6 @@ METHODS = {
 HEAD_FULL_LRS = ("1e-3", "2e-3", "4e-3", "1e-2")  # head only with --head full: the swept rate is --head-lr
 PENDING = "?"  # the lr of a seeds cell whose method's sweep is unfinished
 VERA_VS = {"vera-256": "peft-vera-256", "vera-1024": "peft-vera-1024"}  # verakit VeRA's PEFT counterpart
-HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
-SECTION_INTRO = (
-    "all-MiniLM-L6-v2, full training sets, real dev sets; verakit VeRA r=256 / r=1024, DVoRA r=1024, PEFT LoRA r=8, "
-    "PEFT VeRA r=256 / r=1024, head only; the VeRA head for every method. Each method's learning rate is the "
-    "best of 4 on rows carved from the training set (SST-2: 20,000 rows x 1 epoch; MRPC: all x 10), then 3 seeds "
-    f"at it with epochs {', '.join(f'{t} {e}' for t, e in EPOCHS.items())}, batch {BATCH}, max length {MAX_LENGTH}, "
-    "length-grouped batches and bf16 autocast steps (fp32 evaluation and files) for every cell. Written by "
-    "`python experiments/glue_grid.py report --results-md docs/results.md`; every cell with its command is in "
-    "docs/results.json, the plot in docs/results_grid.png. No GPU: CPU, one thread per cell.")
 
 
 @dataclass(frozen=True)
@@ -294,201 +285,6 @@ def status(args: argparse.Namespace) -> None:
           "method's fastest measured rate, i.e. with nothing else running)")
 
 
-# ----------------------------------------------------------------------------------------- report
-
-
-def bootstrap_ci(diffs: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of paired differences, resampling the pairs (seeds)."""
-    import numpy as np
-
-    d = np.asarray(diffs, dtype=np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def _finite(x: object) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
-def cell_record(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[float, float]] = ()) -> dict:
-    """One object of docs/results.json; train_seconds excludes the time the grid was paused (`pauses`)."""
-    kind, rank, _ = METHODS[cell.method]
-    cmd_file = run_dir(cell, head, root).parent / f"{cell.name}.cmd"
-    cmd = cmd_file.read_text().strip() if cmd_file.is_file() else shlex.join(["verakit", "train",
-                                                                               *command(cell, head, root)])
-    main, running = m["main_metric"], running_seconds(cell, head, root, m, list(stops))
-    return {"stage": cell.stage, "task": cell.task, "method": cell.method, "verakit_method": kind,
-            "rank": None if kind == "head" and head == "full" else rank, "head": head, "seed": cell.seed,
-            "lr": float(cell.lr), "metric": main, "value": _finite(m["metric"][main]),
-            "baseline": _finite((m.get("baseline") or {}).get(main)), "adapter_params": m["trainable_params"],
-            "head_params": m["head_params"], "file_bytes": m["adapter_bytes"], "train_seconds": round(running, 2),
-            "paused_seconds": round(m["train_seconds"] - running, 2),
-            "command": cmd}
-
-
-def collect(methods: list[str], tasks: list[str], seeds: list[int], head: str, root: Path) -> list[dict]:
-    cells = [*sweep_cells(methods, head), *seed_cells(methods, tasks, seeds, head, root)]
-    stops = pauses(root)
-    return [cell_record(c, head, root, m, stops) for c in cells if (m := read_metrics(c, head, root)) is not None]
-
-
-def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
-    """The headline table (seeds stage, scores x 100) and the paired differences with bootstrap intervals."""
-    by = {}
-    for r in records:
-        if r["stage"] == "seeds" and r["value"] is not None:
-            by.setdefault((r["task"], r["method"]), {})[r["seed"]] = r
-    lines = ["| task (metric, trivial) | method | lr | median | spread (min-max) | seeds | adapter params | "
-             "file bytes (incl. head) | wall s (median) |", "|---|---|---|---|---|---|---|---|---|"]
-    for t in tasks:
-        for meth in methods:
-            rs = list(by.get((t, meth), {}).values())
-            if not rs:
-                lines.append(f"| {t} | {meth} | | not yet measured | | 0 | | | |")
-                continue
-            v = [100 * r["value"] for r in rs]
-            base = rs[0]["baseline"]
-            lines.append(f"| {t} ({rs[0]['metric']}, {'-' if base is None else f'{100 * base:.1f}'}) | {meth} | "
-                         f"{rs[0]['lr']:g} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} | {len(rs)} | "
-                         f"{rs[0]['adapter_params']:,} | {rs[0]['file_bytes']:,} | "
-                         f"{statistics.median(r['train_seconds'] for r in rs):.0f} |")
-    pairs = [(a, "lora-8") for a in ("vera-256", "vera-1024", "peft-vera-256", "peft-vera-1024")]
-    pairs += [*VERA_VS.items(), ("dvora-1024", "vera-1024"), ("dvora-1024", "lora-8")]
-    lines += ["", "| difference (points, paired by seed) | " + " | ".join(tasks) + " | mean over tasks |",
-              "|---|" + "---|" * (len(tasks) + 1)]
-    for a, b in pairs:
-        if a not in methods or b not in methods:
-            continue
-        row, means = [], []
-        for t in tasks:
-            common = sorted(set(by.get((t, a), {})) & set(by.get((t, b), {})))
-            d = [100 * (by[(t, a)][s]["value"] - by[(t, b)][s]["value"]) for s in common]
-            if not d:
-                row.append("")
-                continue
-            lo, hi = bootstrap_ci(d)
-            means.append(statistics.mean(d))
-            row.append(f"{means[-1]:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(d)})")
-        mean = f"{statistics.mean(means):+.2f} over {len(means)}" if means else ""
-        lines.append(f"| {a} - {b} | " + " | ".join(row) + f" | {mean} |")
-    return "\n".join(lines)
-
-
-# Issue 16's bar for a budget to count: LoRA r=8 >= the trivial baseline + 5 points (accuracy, F1, MCC), or a
-# Pearson >= 0.5 (STS-B, whose constant predictor has no correlation).
-LEARNED_MARGIN, LEARNED_PEARSON = 5.0, 0.5
-
-
-def budget_check(records: list[dict], tasks: list[str], method: str = "lora-8") -> str:
-    """Per task: `method`'s median dev score against the trivial baseline and issue 16's bar (is the task
-    learned at this budget?)."""
-    lines = [f"| task | metric | trivial | {method} median | bar | learned at this budget |", "|---|---|---|---|---|---|"]
-    for t in tasks:
-        rs = [r for r in records if r["stage"] == "seeds" and r["task"] == t and r["method"] == method
-              and r["value"] is not None]
-        if not rs:
-            lines.append(f"| {t} | | | not yet measured | | |")
-            continue
-        metric, base = rs[0]["metric"], rs[0]["baseline"]
-        med = 100 * statistics.median(r["value"] for r in rs)
-        if metric == "pearson":
-            bar, ok = f">= {100 * LEARNED_PEARSON:.0f}", med >= 100 * LEARNED_PEARSON
-        elif base is None:
-            bar, ok = "no trivial baseline recorded", None
-        else:
-            bar, ok = f">= {100 * base + LEARNED_MARGIN:.1f}", med >= 100 * base + LEARNED_MARGIN
-        verdict = "?" if ok is None else ("yes" if ok else "**no**")
-        lines.append(f"| {t} | {metric} | {'-' if base is None else f'{100 * base:.1f}'} | {med:.2f} (n={len(rs)}) | "
-                     f"{bar} | {verdict} |")
-    return "\n".join(lines)
-
-
-def sweep_table(records: list[dict], methods: list[str], head: str) -> str:
-    """The sweep's held-out main metric x 100 per method, task and rate; the chosen rate in bold."""
-    got = {(r["method"], r["task"], r["lr"]): r["value"] for r in records if r["stage"] == "sweep"}
-    lines = ["| method | " + " | ".join(f"{t} (held-out)" for t in SWEEP) + " | chosen lr |", "|---|" + "---|" * (len(SWEEP) + 1)]
-    for meth in methods:
-        rates = lrs(meth, head)
-        means = {lr: [got.get((meth, t, float(lr))) for t in SWEEP] for lr in rates}
-        done = [lr for lr in rates if all(v is not None for v in means[lr])]
-        best = max(done, key=lambda lr: statistics.mean(means[lr]), default=None) if len(done) == len(rates) else None
-        cells = []
-        for t_i, _ in enumerate(SWEEP):
-            parts = [(f"**{lr}: {100 * v:.1f}**" if lr == best else f"{lr}: {100 * v:.1f}")
-                     for lr in rates if (v := means[lr][t_i]) is not None]
-            cells.append(", ".join(parts) or "-")
-        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {best or 'sweep unfinished'} |")
-    return "\n".join(lines)
-
-
-def progress_line(records: list[dict], methods: list[str], tasks: list[str], seeds: list[int], head: str) -> str:
-    n_sweep = sum(len(lrs(m, head)) for m in methods) * len(SWEEP)
-    n_seeds = len(methods) * len(tasks) * len(seeds)
-    done = {s: sum(r["stage"] == s for r in records) for s in ("sweep", "seeds")}
-    state = "complete" if done["sweep"] == n_sweep and done["seeds"] == n_seeds else "**partial**"
-    return (f"Cells measured: sweep {done['sweep']}/{n_sweep}, seeds {done['seeds']}/{n_seeds} ({state}; "
-            "`python experiments/glue_grid.py status` for the rest).")
-
-
-def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
-    """Score against file bytes (log x) per task: each seed faint, the median as a diamond, the trivial
-    baseline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seeds = [r for r in records if r["stage"] == "seeds" and r["value"] is not None]
-    tasks = [t for t in tasks if any(r["task"] == t for r in seeds)]
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.4), constrained_layout=True, squeeze=False)
-    colors = dict(zip(METHODS, ("tab:blue", "navy", "tab:orange", "tab:green", "darkgreen", "tab:gray", "tab:purple"), strict=True))
-    for ax, t in zip(axes[0], tasks, strict=True):
-        for meth in methods:
-            rs = [r for r in seeds if r["task"] == t and r["method"] == meth]
-            if rs:
-                ys = [100 * r["value"] for r in rs]
-                ax.scatter([rs[0]["file_bytes"]] * len(ys), ys, color=colors[meth], alpha=0.35, s=14)
-                ax.scatter([rs[0]["file_bytes"]], [statistics.median(ys)], color=colors[meth], marker="D", s=40,
-                           label=meth)
-        base = next((r["baseline"] for r in seeds if r["task"] == t and r["baseline"] is not None), None)
-        if base is not None:
-            ax.axhline(100 * base, color="black", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_title(t)
-        ax.set_xlabel("file bytes (incl. head)")
-        ax.set_ylabel(next(r["metric"] for r in seeds if r["task"] == t) + " x 100")
-    axes[0][0].legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report(args: argparse.Namespace) -> None:
-    root = Path(args.root)
-    records = collect(args.methods, args.tasks, args.seeds, args.head, root)
-    Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
-    plot(records, args.tasks, args.methods, Path(args.plot))
-    chosen = {m: choose_lr(m, args.head, root) for m in args.methods}
-    print(f"Head: {args.head}. Chosen learning rates (sweep): " + ", ".join(f"{m} {lr or '(sweep unfinished)'}"
-                                                                          for m, lr in chosen.items()) + "\n")
-    text = "\n\n".join([progress_line(records, args.methods, args.tasks, args.seeds, args.head),
-                         "Learning-rate sweep (seed 0; held-out rows carved from the training set):",
-                         sweep_table(records, args.methods, args.head),
-                         "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods),
-                         "Is each task learned at its budget? (issue 16: LoRA r=8 at least 5 points above the "
-                         "trivial baseline, or Pearson >= 0.5)", budget_check(records, args.tasks)])
-    print(text)
-    if args.results_md:
-        sys.path.insert(0, str(REPO / "experiments"))
-        from results_section import replace_section, write_atomic
-
-        md = Path(args.results_md)
-        body = f"{HEADING}\n\n{SECTION_INTRO}\n\n{text}\n"
-        write_atomic(md, replace_section(md.read_text() if md.is_file() else "", HEADING, body))
-    print(f"\nwrote {args.json} ({len(records)} cells) and {args.plot}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["run", "status", "report"])
@@ -504,7 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-md", default=None, help="report: also write the section into this Markdown file "
                    "(docs/results.md), replacing the grid's earlier section")
     args = p.parse_args(argv)
-    {"run": run, "status": status, "report": report}[args.action](args)
+    if args.action == "report":
+        from glue_grid_report import report  # matplotlib and numpy only where a report is written
+
+        report(args)
+    else:
+        {"run": run, "status": status}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,15 @@ def grid():
     sys.modules.pop("glue_grid", None)
 
 
+@pytest.fixture(scope="module")
+def rep(grid):
+    """experiments/glue_grid_report.py, importing the `grid` fixture's module (its experiments/ is on sys.path)."""
+    import glue_grid_report
+
+    yield glue_grid_report
+    sys.modules.pop("glue_grid_report", None)
+
+
 @pytest.fixture
 def fake_carve(grid, monkeypatch, tmp_path):
     """carve() without reading GLUE: the sweep commands only need its folder name."""
@@ -105,12 +114,12 @@ def test_lr_choice_is_the_best_mean_of_the_held_out_scores(grid, tmp_path):
                                                         (1, "rte", "5e-3")]  # seed-major
 
 
-def test_bootstrap_interval(grid):
-    assert grid.bootstrap_ci([1.5, 1.5, 1.5]) == (1.5, 1.5)
-    lo, hi = grid.bootstrap_ci([0.0, 1.0, 2.0])
+def test_bootstrap_interval(grid, rep):
+    assert rep.bootstrap_ci([1.5, 1.5, 1.5]) == (1.5, 1.5)
+    lo, hi = rep.bootstrap_ci([0.0, 1.0, 2.0])
     assert 0.0 <= lo < 1.0 < hi <= 2.0
-    assert (lo, hi) == grid.bootstrap_ci([0.0, 1.0, 2.0])  # seeded
-    lo, hi = grid.bootstrap_ci([2.0, 3.0, 2.5, 3.5])
+    assert (lo, hi) == rep.bootstrap_ci([0.0, 1.0, 2.0])  # seeded
+    lo, hi = rep.bootstrap_ci([2.0, 3.0, 2.5, 3.5])
     assert 2.0 <= lo and hi <= 3.5 and lo < 2.75 < hi
 
 
@@ -144,7 +153,7 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     assert "| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes |" in text
 
 
-def test_budget_check_applies_issue_16s_bar(grid):
+def test_budget_check_applies_issue_16s_bar(grid, rep):
     def rec(task, metric, value, baseline, method="lora-8", seed=0):
         return {"stage": "seeds", "task": task, "method": method, "metric": metric, "value": value,
                 "baseline": baseline, "seed": seed}
@@ -152,7 +161,7 @@ def test_budget_check_applies_issue_16s_bar(grid):
     records = [rec("mrpc", "f1", 0.85, 0.812), rec("mrpc", "f1", 0.87, 0.812, seed=1),  # median 86.0 < 86.2
                rec("rte", "accuracy", 0.60, 0.527), rec("stsb", "pearson", 0.49, 0.0),
                rec("cola", "matthews_correlation", 0.30, 0.0), rec("cola", "matthews_correlation", 0.9, 0.0, "vera-256")]
-    text = grid.budget_check(records, ["mrpc", "rte", "stsb", "cola", "sst2"])
+    text = rep.budget_check(records, ["mrpc", "rte", "stsb", "cola", "sst2"])
     assert "| mrpc | f1 | 81.2 | 86.00 (n=2) | >= 86.2 | **no** |" in text
     assert "| rte | accuracy | 52.7 | 60.00 (n=1) | >= 57.7 | yes |" in text
     assert "| stsb | pearson | 0.0 | 49.00 (n=1) | >= 50 | **no** |" in text  # Pearson's own bar, not baseline + 5
@@ -226,7 +235,7 @@ def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake
     assert "old" not in out and out.endswith("## Vision\n\nkept\n") and "| vera-256 |" in out
 
 
-def test_paused_time_is_taken_out_of_wall_times(grid, tmp_path, capsys, fake_carve):
+def test_paused_time_is_taken_out_of_wall_times(grid, rep, tmp_path, capsys, fake_carve):
     """Seconds the grid was SIGSTOPped (ROOT/pauses.log) inside a cell's run leave its train_seconds."""
     import os
 
@@ -242,6 +251,6 @@ def test_paused_time_is_taken_out_of_wall_times(grid, tmp_path, capsys, fake_car
     assert grid.pauses(root) == [(1200.0, 1500.0), (950.0, 1050.0), (10.0, 20.0)]
     m = grid.read_metrics(cell, "vera", root)
     assert grid.running_seconds(cell, "vera", root, m, grid.pauses(root)) == 650.0
-    record = grid.cell_record(cell, "vera", root, m, grid.pauses(root))
+    record = rep.cell_record(cell, "vera", root, m, grid.pauses(root))
     assert (record["train_seconds"], record["paused_seconds"]) == (650.0, 350.0)
     assert grid.running_seconds(cell, "vera", root, m, []) == 1000.0
