@@ -39,7 +39,8 @@ __all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_rec
 HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
 SECTION_INTRO = (
     "all-MiniLM-L6-v2, full training sets, real dev sets; verakit VeRA r=256 / r=1024, DVoRA r=1024, PEFT LoRA r=8, "
-    "PEFT VeRA r=256 / r=1024, head only; the VeRA head for every method. Each method's learning rate is the "
+    "PEFT VeRA r=256 / r=1024, head only. The head is the same for every method: the pooler's dense layer adapted by "
+    "the method's own adapter (VeRA vectors, LoRA r=8) and the classifier trained in full. Each method's learning rate is the "
     "best of 4 on rows carved from the training set (SST-2: 20,000 rows x 1 epoch; MRPC: all x 10), then 3 seeds "
     f"at it with epochs {', '.join(f'{t} {e}' for t, e in EPOCHS.items())}, batch {BATCH}, max length {MAX_LENGTH}, "
     "length-grouped batches and bf16 autocast steps (fp32 evaluation and files) for every cell. Written by "

@@ -89,6 +89,9 @@ def test_lora_is_peft_with_the_same_head(tmp_path, tiny_bert_dir, tiny_task):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 8
     assert sorted(cfg["target_modules"]) == ["query", "value"]
     assert {"classifier", "pooler"} <= set(cfg["modules_to_save"])
+    run_cfg = json.loads((tmp_path / "lora" / "config.json").read_text())["method"]
+    # PEFT appends its SEQ_CLS defaults ("classifier", "score") to the list it was given: listed once each
+    assert run_cfg["modules_to_save"] == sorted(set(run_cfg["modules_to_save"])) and "pooler" in run_cfg["modules_to_save"]
 
 
 def test_full_and_head_artifacts_round_trip(tmp_path, tiny_bert_dir, tiny_task):

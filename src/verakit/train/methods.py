@@ -232,12 +232,12 @@ def method_config(prepared: Prepared, method: str) -> dict[str, Any]:
         if not prepared.has_head:
             return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets}
         return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets,
-                "modules_to_save": sorted(cfg.modules_to_save or [])}
+                "modules_to_save": sorted(set(cfg.modules_to_save or []))}
     if method == "peft-vera":
         cfg = prepared.model.peft_config["default"]
         return {"r": cfg.r, "d_initial": cfg.d_initial, "projection_prng_key": cfg.projection_prng_key,
                 "save_projection": cfg.save_projection, "target_modules": sorted(cfg.target_modules),
-                "modules_to_save": sorted(cfg.modules_to_save or [])}
+                "modules_to_save": sorted(set(cfg.modules_to_save or []))}
     if not prepared.has_head and method == "full":
         return {"trainable": "all parameters"}
     return {"trainable": [n for n, _ in (*prepared.adapter, *prepared.head)][:50]}
