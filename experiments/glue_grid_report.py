@@ -33,7 +33,7 @@ from glue_grid import (
     sweep_cells,
 )
 
-__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "markdown",
+__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "goal_check", "markdown",
            "plot", "progress_line", "report", "sweep_table"]
 
 HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
@@ -83,12 +83,24 @@ def collect(methods: list[str], tasks: list[str], seeds: list[int], head: str, r
     return [cell_record(c, head, root, m, stops) for c in cells if (m := read_metrics(c, head, root)) is not None]
 
 
-def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
-    """The headline table (seeds stage, scores x 100) and the paired differences with bootstrap intervals."""
-    by = {}
+def _seeds_by_cell(records: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(task, method) -> seed -> record, for the seeds stage's scored cells."""
+    by: dict[tuple[str, str], dict[int, dict]] = {}
     for r in records:
         if r["stage"] == "seeds" and r["value"] is not None:
             by.setdefault((r["task"], r["method"]), {})[r["seed"]] = r
+    return by
+
+
+def _paired(by: dict[tuple[str, str], dict[int, dict]], task: str, a: str, b: str) -> list[float]:
+    """a - b in points on `task`, one difference per seed both measured."""
+    common = sorted(set(by.get((task, a), {})) & set(by.get((task, b), {})))
+    return [100 * (by[(task, a)][s]["value"] - by[(task, b)][s]["value"]) for s in common]
+
+
+def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
+    """The headline table (seeds stage, scores x 100) and the paired differences with bootstrap intervals."""
+    by = _seeds_by_cell(records)
     lines = ["| task (metric, trivial) | method | lr | median | spread (min-max) | seeds | adapter params | "
              "file bytes (incl. head) | wall s (median) |", "|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
@@ -112,8 +124,7 @@ def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
             continue
         row, means = [], []
         for t in tasks:
-            common = sorted(set(by.get((t, a), {})) & set(by.get((t, b), {})))
-            d = [100 * (by[(t, a)][s]["value"] - by[(t, b)][s]["value"]) for s in common]
+            d = _paired(by, t, a, b)
             if not d:
                 row.append("")
                 continue
@@ -123,6 +134,35 @@ def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
         mean = f"{statistics.mean(means):+.2f} over {len(means)}" if means else ""
         lines.append(f"| {a} - {b} | " + " | ".join(row) + f" | {mean} |")
     return "\n".join(lines)
+
+
+GOAL_VS_LORA = -1.0  # issue 16: verakit VeRA >= LoRA r=8 - 1.0 point averaged over the tasks ...
+GOAL_PARAM_RATIO = 6.0  # ... at >= 6x fewer adapter parameters
+
+
+def goal_check(records: list[dict], tasks: list[str]) -> str:
+    """Issue 16's goals, read off the seeds stage: verakit VeRA against LoRA r=8 (mean over tasks, parameter
+    ratio) and against PEFT VeRA at the same rank on every task (below it beyond seed noise = the paired
+    bootstrap interval lies entirely under 0)."""
+    by, lines = _seeds_by_cell(records), []
+    for vera, peft in VERA_VS.items():
+        diffs = {t: d for t in tasks if (d := _paired(by, t, vera, "lora-8"))}
+        if diffs:
+            params = {m: next(iter(by[(t, m)].values()))["adapter_params"] for t in diffs for m in (vera, "lora-8")}
+            ratio = params["lora-8"] / params[vera]
+            mean = statistics.mean(statistics.mean(d) for d in diffs.values())
+            met = mean >= GOAL_VS_LORA and ratio >= GOAL_PARAM_RATIO
+            scope = "" if len(diffs) == len(tasks) else f" (on {len(diffs)} of {len(tasks)} tasks so far)"
+            lines.append(f"- {vera} - lora-8: {mean:+.2f} points averaged over the tasks{scope}, with {ratio:.1f}x fewer "
+                         f"adapter parameters: goal (>= {GOAL_VS_LORA:+.1f} at >= {GOAL_PARAM_RATIO:.0f}x) "
+                         f"{'met' if met else '**not met**'}{'' if not scope else ' so far'}.")
+        below = [t for t in tasks if (d := _paired(by, t, vera, peft)) and len(d) > 1 and bootstrap_ci(d)[1] < 0]
+        seen = [t for t in tasks if _paired(by, t, vera, peft)]
+        if seen:
+            lines.append(f"- {vera} against {peft} on {len(seen)} task(s): "
+                         + ("below beyond seed noise on " + ", ".join(below) if below else
+                            "never below beyond seed noise (no interval entirely under 0)") + ".")
+    return "\n".join(lines) or "- not yet measured"
 
 
 # Issue 16's bar for a budget to count: LoRA r=8 >= the trivial baseline + 5 points (accuracy, F1, MCC), or a
@@ -227,6 +267,7 @@ def report(args: argparse.Namespace) -> None:
                          "Learning-rate sweep (seed 0; held-out rows carved from the training set):",
                          sweep_table(records, args.methods, args.head),
                          "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods),
+                         "Against issue 16's goals:", goal_check(records, args.tasks),
                          "Is each task learned at its budget? (issue 16: LoRA r=8 at least 5 points above the "
                          "trivial baseline, or Pearson >= 0.5)", budget_check(records, args.tasks)])
     print(text)

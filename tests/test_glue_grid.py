@@ -254,3 +254,25 @@ def test_paused_time_is_taken_out_of_wall_times(grid, rep, tmp_path, capsys, fak
     record = rep.cell_record(cell, "vera", root, m, grid.pauses(root))
     assert (record["train_seconds"], record["paused_seconds"]) == (650.0, 350.0)
     assert grid.running_seconds(cell, "vera", root, m, []) == 1000.0
+
+
+def test_goal_check_reads_issue_16s_goals(rep):
+    def rec(task, method, seed, value, params):
+        return {"stage": "seeds", "task": task, "method": method, "seed": seed, "value": value,
+                "adapter_params": params}
+
+    records = []
+    for s, (v, lo, pv) in enumerate([(0.80, 0.82, 0.81), (0.81, 0.82, 0.82), (0.79, 0.80, 0.80)]):
+        records += [rec("sst2", "vera-256", s, v, 8_320), rec("sst2", "lora-8", s, lo, 79_872),
+                    rec("sst2", "peft-vera-256", s, pv, 8_320)]
+    records += [rec("mrpc", "vera-256", 0, 0.90, 8_320), rec("mrpc", "lora-8", 0, 0.90, 79_872)]
+    text = rep.goal_check(records, ["sst2", "mrpc"])
+    # sst2: -2, -1, -1 (mean -1.33); mrpc: 0 -> -0.67 over the two tasks; 79,872 / 8,320 = 9.6x
+    assert "- vera-256 - lora-8: -0.67 points averaged over the tasks, with 9.6x fewer adapter parameters: " \
+           "goal (>= -1.0 at >= 6x) met." in text
+    # against PEFT VeRA: -1, -1, -1 on sst2: the interval [-1, -1] lies under 0
+    assert "- vera-256 against peft-vera-256 on 1 task(s): below beyond seed noise on sst2." in text
+    assert "vera-1024" not in text  # nothing measured for it
+    text = rep.goal_check(records, ["sst2", "mrpc", "rte"])
+    assert "(on 2 of 3 tasks so far)" in text and "met so far." in text
+    assert rep.goal_check([], ["sst2"]) == "- not yet measured"
