@@ -39,6 +39,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "glue"
+sys.path.insert(0, str(REPO / "experiments"))
+from results_section import replace_section, write_atomic  # noqa: E402 (one section writer for every report)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ tried (Figure 2's direction). A run long enough to test Tables 6a-c is the `mrpc
 MRPC train split x 3 epochs, ~11x the steps) with a learning-rate sweep first; it did not fit the
 CPU time of these sessions. MRPC at 1,000 rows x 1 epoch sees no adapter at all (every cell equals
 the always-positive baseline), so its columns are a null result; RTE and CoLA were not run because
-the GLUE grid above shows every method at chance on them at this budget. The SST-2 `base` and `head` cells are the
+the small-budget GLUE grid (appendix) shows every method at chance on them at this budget. The SST-2 `base` and `head` cells are the
 session-1 runs of the same commands (the 2,000-row SST-2 table of the appendix); rerunning `base` seed
 0 with the session-2 code gave the identical 0.7018."""
 
@@ -397,22 +399,6 @@ def plot(rows: list[dict[str, Any]], path: Path, baselines: dict[str, float]) ->
     plt.close(fig)
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Replace (or append) the `## Ablations` section of docs/results.md; other sections stay as they are."""
-    old = path.read_text() if path.is_file() else "# Results\n"
-    lines = old.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Ablations"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = ["", *lines[end:]] if end < len(lines) else []
-        new = "\n".join([*lines[:start], *text.rstrip("\n").splitlines(), *tail]) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     rows = collect(runs)
@@ -422,7 +408,8 @@ def report(args: argparse.Namespace) -> None:
         tasks = {r["task"]: r["main_metric"] for r in rows}
         plot(rows, docs / "ablations.png", {t: majority(t)[m] for t, m in tasks.items()})
     text = section(rows, runs)
-    replace_section(Path(args.results), text)
+    path = Path(args.results)
+    write_atomic(path, replace_section(path.read_text() if path.is_file() else "# Results\n", "## Ablations", text))
     print(text)
 
 
