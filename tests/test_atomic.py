@@ -40,6 +40,28 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
     assert _mode(tmp_path / "new") == 0o777 & ~umask and [p.name for p in (tmp_path / "new").iterdir()] == ["g"]
 
 
+def test_staged_folders_give_what_was_written_into_them_plain_modes(tmp_path, umask):
+    """Files another library wrote 0o600 into a staged folder (safetensors >= 0.8's save_file does) come out
+    as plain open() would have made them; sub-folders as plain mkdir()."""
+    import torch
+    from safetensors.torch import save_file
+
+    for stage in (new_dir, replacing_dir):
+        with stage(tmp_path / "out") as d:
+            save_file({"w": torch.zeros(2)}, d / "model.safetensors")
+            os.close(os.open(d / "private", os.O_WRONLY | os.O_CREAT, 0o600))
+            (d / "sub").mkdir(0o700)
+            (d / "sub" / "x.json").write_text("{}")
+        out = tmp_path / "out"
+        assert {p.name: _mode(p) for p in out.rglob("*")} == {
+            "model.safetensors": 0o666 & ~umask, "private": 0o666 & ~umask, "sub": 0o777 & ~umask,
+            "x.json": 0o666 & ~umask}
+        if stage is new_dir:
+            import shutil
+
+            shutil.rmtree(out)
+
+
 def test_failed_writes_leave_no_temporary_behind(tmp_path):
     with pytest.raises(RuntimeError), staged_file(tmp_path / "c.bin", b"z"):
         raise RuntimeError("validation failed")

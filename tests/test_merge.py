@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,10 @@ def test_export_merged_loads_without_verakit(minilm_clf, minilm_path, tmp_path):
     with torch.no_grad():
         got = plain(input_ids=x).logits
     assert (got - expected).abs().max().item() <= 1e-4
+    # the weights are as readable as config.json (safetensors >= 0.8 alone would leave them 0o600: another
+    # user, e.g. a serving container's, could not load the folder)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in Path(out).iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     with pytest.raises(FileExistsError):
         export_merged(model, out)
 

@@ -7,6 +7,10 @@ copy is removed and whatever was there before is left untouched.
 Permissions are those of a plain `open()` / `mkdir()`: files 0o666 and folders 0o777, less the umask
 (and any default ACL of the folder). tempfile's mkstemp/mkdtemp would make them 0o600 / 0o700, and the
 rename would carry that into place: a server running as another user could not read a trained adapter.
+A folder staged by `new_dir` / `replacing_dir` gets the same rule for everything written into it before it
+is renamed into place, whoever wrote it: safetensors >= 0.8 writes `save_file` through a 0o600 temporary
+(safetensors issue #782), so transformers' `save_pretrained` and PEFT's left `model.safetensors` /
+`adapter_model.safetensors` readable by their owner alone, unlike the JSON beside them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +86,20 @@ def staged_file(path: Path, data: bytes, prefix: str | None = None) -> Iterator[
         os.close(dir_fd)
 
 
+def _plain_modes(folder: Path) -> None:
+    """Give every file under `folder` 0o666 and every folder 0o777, less the umask: the modes a plain
+    open() / mkdir() gives. The umask is read off `folder` itself (made by mkdir(0o777)), not set and reset
+    with os.umask, which would race with other threads creating files."""
+    dir_mode = stat.S_IMODE(folder.stat().st_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode & 0o666)
+
+
 @contextmanager
 def new_dir(out: Path) -> Iterator[Path]:
     """Yield a hidden temp folder beside `out` to fill; when the block returns, it becomes `out` in one
@@ -90,6 +109,7 @@ def new_dir(out: Path) -> Iterator[Path]:
     tmp = _temp_dir(out.parent, f".{out.name}.")
     try:
         yield tmp
+        _plain_modes(tmp)
         if out.exists():
             out.rmdir()  # raises if something was written into `out` meanwhile: never merge two folders
         os.replace(tmp, out)
@@ -108,6 +128,7 @@ def replacing_dir(folder: Path) -> Iterator[Path]:
     old = folder.with_name(f".{folder.name}.old")
     try:
         yield tmp
+        _plain_modes(tmp)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
