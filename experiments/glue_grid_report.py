@@ -43,7 +43,9 @@ SECTION_INTRO = (
     "the method's own adapter (VeRA vectors, LoRA r=8) and the classifier trained in full. Each method's learning rate is the "
     "best of 4 on rows carved from the training set (SST-2: 20,000 rows x 1 epoch; MRPC: all x 10), then 3 seeds "
     f"at it with epochs {', '.join(f'{t} {e}' for t, e in EPOCHS.items())}, batch {BATCH}, max length {MAX_LENGTH}, "
-    "length-grouped batches and bf16 autocast steps (fp32 evaluation and files) for every cell. Written by "
+    "length-grouped batches and bf16 autocast steps (fp32 evaluation and files) for every cell. A cell's score is "
+    "its best epoch-end dev evaluation, as `verakit train` picks the checkpoint it saves (the same rule for every "
+    "method; with 10-20 epochs it reads a little high against a fixed-epoch score). Written by "
     "`python experiments/glue_grid.py report --results-md docs/results.md`; every cell with its command is in "
     "docs/results.json, the plot in docs/results_grid.png. No GPU: CPU, one thread per cell.")
 
