@@ -73,6 +73,7 @@ def cell_record(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[fl
     return {"stage": cell.stage, "task": cell.task, "method": cell.method, "verakit_method": kind,
             "rank": None if kind == "head" and head == "full" else rank, "head": head, "seed": cell.seed,
             "lr": float(cell.lr), "metric": main, "value": _finite(m["metric"][main]),
+            "last_epoch_value": _finite(m["epochs"][-1]["metrics"][main]) if m.get("epochs") else None,
             "baseline": _finite((m.get("baseline") or {}).get(main)), "adapter_params": m["trainable_params"],
             "head_params": m["head_params"], "file_bytes": m["adapter_bytes"], "train_seconds": round(running, 2),
             "paused_seconds": round(m["train_seconds"] - running, 2),
@@ -103,18 +104,20 @@ def _paired(by: dict[tuple[str, str], dict[int, dict]], task: str, a: str, b: st
 def markdown(records: list[dict], tasks: list[str], methods: list[str]) -> str:
     """The headline table (seeds stage, scores x 100) and the paired differences with bootstrap intervals."""
     by = _seeds_by_cell(records)
-    lines = ["| task (metric, trivial) | method | lr | median | spread (min-max) | seeds | adapter params | "
-             "file bytes (incl. head) | wall s (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task (metric, trivial) | method | lr | median | spread (min-max) | seeds | last epoch (median) | "
+             "adapter params | file bytes (incl. head) | wall s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for meth in methods:
             rs = list(by.get((t, meth), {}).values())
             if not rs:
-                lines.append(f"| {t} | {meth} | | not yet measured | | 0 | | | |")
+                lines.append(f"| {t} | {meth} | | not yet measured | | 0 | | | | |")
                 continue
             v = [100 * r["value"] for r in rs]
+            last = [100 * r["last_epoch_value"] for r in rs if r.get("last_epoch_value") is not None]
             base = rs[0]["baseline"]
             lines.append(f"| {t} ({rs[0]['metric']}, {'-' if base is None else f'{100 * base:.1f}'}) | {meth} | "
                          f"{rs[0]['lr']:g} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} | {len(rs)} | "
+                         f"{f'{statistics.median(last):.2f}' if last else '-'} | "
                          f"{rs[0]['adapter_params']:,} | {rs[0]['file_bytes']:,} | "
                          f"{statistics.median(r['train_seconds'] for r in rs):.0f} |")
     pairs = [(a, "lora-8") for a in ("vera-256", "vera-1024", "peft-vera-256", "peft-vera-1024")]

@@ -58,7 +58,8 @@ def _write_metrics(grid, cell, head, root, score, *, main="accuracy", seconds=10
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({
         "task": cell.task, "main_metric": main, "metric": {main: score}, "baseline": {main: baseline},
-        "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds}))
+        "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds,
+        "epochs": [{"metrics": {main: baseline}}, {"metrics": {main: round(score - 0.01, 6)}}]}))  # best, then last
 
 
 def test_seeds_commands_train_the_full_set_at_the_table_budget(grid, tmp_path):
@@ -142,13 +143,14 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     seeds = [r for r in records if r["stage"] == "seeds"]
     r = next(r for r in seeds if r["method"] == "vera-256" and r["seed"] == 1)
     assert r == {"stage": "seeds", "task": "sst2", "method": "vera-256", "verakit_method": "vera", "rank": 256,
-                 "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "baseline": 0.509,
+                 "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "last_epoch_value": 0.9,
+                 "baseline": 0.509,
                  "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0, "paused_seconds": 0.0,
                  "command": r["command"]}
     assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
     assert png.stat().st_size > 0
     text = capsys.readouterr().out
-    assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 6,912 | 5,000 | 11 |" in text
+    assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 89.00 | 6,912 | 5,000 | 11 |" in text
     assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
     assert "| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes |" in text
 
