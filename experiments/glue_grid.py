@@ -17,7 +17,8 @@ head only = VeRA on pooler.dense alone) or ``full`` (pooler and classifier in fu
 the grid stops and restarts at will; cells run in seed-major order, so a partial grid covers every
 task and method once before any second seed.
 
-    python experiments/glue_grid.py run    [--stage all|sweep|seeds] [--jobs 2] [--head vera]
+    python experiments/glue_grid.py run    [--stage all|sweep|seeds] [--jobs 2] [--head vera] [--code CHECKOUT]
+                                           # SIGTERM: running cells checkpoint, the next run resumes them
     python experiments/glue_grid.py status                    # cells done / left, and a time estimate
     python experiments/glue_grid.py report                    # docs/results.json, docs/results_grid.png, markdown
                                                               # (glue_grid_report.py)
@@ -31,6 +32,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,45 +159,70 @@ def seed_cells(methods: list[str], tasks: list[str], seeds: list[int], head: str
     return [Cell("seeds", t, m, s, chosen[m]) for s in seeds for t in tasks for m in methods]
 
 
-def run_cells(cells: list[Cell], head: str, root: Path, jobs: int) -> None:
-    """Run the cells without metrics.json, `jobs` at a time, one thread each; each cell's command and log
-    lie beside its RUN_DIR (NAME.cmd, NAME.log)."""
+def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = REPO) -> None:
+    """Run the cells without metrics.json, `jobs` at a time, one thread each, on `code`'s src/ (a checkout, e.g.
+    a `git worktree` of the commit the grid started on); each cell's command and log lie beside its RUN_DIR
+    (NAME.cmd, NAME.log). A cell stopped with its checkpoint (RUN_DIR/checkpoint/, written by `verakit
+    train` on SIGINT) continues with --resume, which ends as an uninterrupted run would; any other partial
+    RUN_DIR starts again from nothing. SIGTERM or SIGINT to this process starts no new cell and SIGINTs the
+    running ones, so they checkpoint before everything exits (a session's end loses no finished epoch)."""
     todo = [c for c in cells if read_metrics(c, head, root) is None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(code) / "src"), os.environ.get("PYTHONPATH", "")])}
     running: list[tuple[subprocess.Popen[bytes], Cell, float]] = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            cell = todo.pop(0)
-            out = run_dir(cell, head, root)
-            if out.exists():  # an interrupted cell: start it again from nothing
-                shutil.rmtree(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            args = command(cell, head, root)
-            (out.parent / f"{cell.name}.cmd").write_text(shlex.join(["verakit", "train", *args]) + "\n")
-            log = open(out.parent / f"{cell.name}.log", "wb")  # noqa: SIM115 (the child holds it)
-            proc = subprocess.Popen([sys.executable, "-m", "verakit.cli", "train", *args], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            running.append((proc, cell, time.time()))
-            print(f"started {cell.stage} {cell.name}", flush=True)
-        time.sleep(5)
-        for proc, cell, t0 in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, cell, t0))
-                print(f"finished {cell.stage} {cell.name} rc={proc.returncode} in {time.time() - t0:.0f} s", flush=True)
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        for proc, _, _ in running:
+            proc.send_signal(signal.SIGINT)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while (todo and not stopping) or running:
+            while todo and not stopping and len(running) < jobs:
+                cell = todo.pop(0)
+                out = run_dir(cell, head, root)
+                args = command(cell, head, root)
+                resume = (out / "checkpoint").is_dir()
+                if resume:
+                    args.append("--resume")
+                elif out.exists():  # interrupted without a checkpoint: start it again from nothing
+                    shutil.rmtree(out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    (out.parent / f"{cell.name}.cmd").write_text(shlex.join(["verakit", "train", *args]) + "\n")
+                log = open(out.parent / f"{cell.name}.log", "ab" if resume else "wb")  # noqa: SIM115 (the child holds it)
+                # its own session: a terminal's Ctrl-C reaches this runner alone, which passes one SIGINT on (a
+                # second one would stop `verakit train` before its checkpoint is written)
+                proc = subprocess.Popen([sys.executable, "-m", "verakit.cli", "train", *args], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                running.append((proc, cell, time.time()))
+                print(f"{'resumed' if resume else 'started'} {cell.stage} {cell.name}", flush=True)
+            time.sleep(5)
+            for proc, cell, t0 in list(running):
+                if proc.poll() is not None:
+                    running.remove((proc, cell, t0))
+                    print(f"{'stopped' if stopping else 'finished'} {cell.stage} {cell.name} rc={proc.returncode} "
+                          f"in {time.time() - t0:.0f} s", flush=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopping:
+        sys.exit(f"glue_grid: stopped by signal {stopping[0]}; running cells checkpointed, the next `run` resumes them")
 
 
 def run(args: argparse.Namespace) -> None:
     root = Path(args.root)
     if args.stage in ("all", "sweep"):
-        run_cells(sweep_cells(args.methods, args.head), args.head, root, args.jobs)
+        run_cells(sweep_cells(args.methods, args.head), args.head, root, args.jobs, Path(args.code))
     if args.stage in ("all", "seeds"):
         cells = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
         missing = sorted({c.method for c in cells if c.lr == PENDING})
         if missing:
             sys.exit(f"glue_grid: the sweep of {', '.join(missing)} is unfinished under {root}/head-{args.head}/sweep; "
                      "run `--stage sweep` first")
-        run_cells(cells, args.head, root, args.jobs)
+        run_cells(cells, args.head, root, args.jobs, Path(args.code))
 
 
 # ----------------------------------------------------------------------------------------- status
@@ -294,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--jobs", type=int, default=2, help="cells at a time, one thread each (default 2)")
+    p.add_argument("--code", default=str(REPO), help="run: the checkout whose src/ trains the cells, e.g. a git "
+                   "worktree of the commit the grid started on (default: this one)")
     p.add_argument("--root", default="/work/runs_glue_grid", help="carved data and RUN_DIRs (outside the repo)")
     p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "results_grid.png"))

@@ -194,7 +194,7 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     class FakeProc:
         returncode = 0
 
-        def __init__(self, argv, stdout, stderr, env):
+        def __init__(self, argv, stdout, stderr, env, start_new_session):
             started.append((argv, env))
 
         def poll(self):
@@ -215,6 +215,49 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO / "src")
     assert not stale.exists()  # an interrupted cell restarts from nothing
     assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
+
+
+def test_run_resumes_checkpointed_cells_and_stops_them_on_sigterm(grid, tmp_path, monkeypatch):
+    """A RUN_DIR holding checkpoint/ continues with --resume (its files and NAME.cmd kept); SIGTERM to the
+    runner starts nothing more, SIGINTs the running cells (so `verakit train` checkpoints) and exits."""
+    import signal
+
+    started, signalled = [], []
+
+    class FakeProc:
+        returncode = None
+
+        def __init__(self, argv, stdout, stderr, env, start_new_session):
+            assert start_new_session  # a terminal's Ctrl-C must reach the runner alone
+            started.append((argv, env))
+            self.index = len(started) - 1
+
+        def poll(self):
+            return self.returncode
+
+        def send_signal(self, sig):
+            signalled.append((self.index, sig))
+            self.returncode = 130
+
+    def sleep(seconds):  # the first wait of the loop: the session ends
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(grid.time, "sleep", sleep)
+    cells = [grid.Cell("seeds", "rte", "lora-8", s, "2e-3") for s in range(3)]
+    paused = grid.run_dir(cells[0], "vera", tmp_path)
+    (paused / "checkpoint").mkdir(parents=True)
+    (paused.parent / f"{cells[0].name}.cmd").write_text("verakit train (as first started)\n")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="stopped by signal 15; running cells checkpointed"):
+        grid.run_cells(cells, "vera", tmp_path, jobs=2, code=tmp_path / "wt")
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert len(started) == 2 and signalled == [(0, signal.SIGINT), (1, signal.SIGINT)]  # the third never started
+    (argv0, env), (argv1, _) = started
+    assert argv0[-1] == "--resume" and "--resume" not in argv1
+    assert env["PYTHONPATH"].split(":")[0] == str(tmp_path / "wt" / "src")
+    assert (paused / "checkpoint").is_dir()  # kept for --resume
+    assert (paused.parent / f"{cells[0].name}.cmd").read_text() == "verakit train (as first started)\n"
 
 
 def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake_carve):
