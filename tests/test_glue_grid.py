@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -258,6 +259,27 @@ def test_run_resumes_checkpointed_cells_and_stops_them_on_sigterm(grid, tmp_path
     assert env["PYTHONPATH"].split(":")[0] == str(tmp_path / "wt" / "src")
     assert (paused / "checkpoint").is_dir()  # kept for --resume
     assert (paused.parent / f"{cells[0].name}.cmd").read_text() == "verakit train (as first started)\n"
+
+
+def test_commands_are_the_ones_the_grid_started_with(grid, fake_carve):
+    """Golden: the commands the grid's first cells ran (their NAME.cmd files, 2026-12-05). The runner of a
+    later commit drives the grid's commit (--code), so the commands it builds must not drift."""
+    root = Path("/work/runs_glue_grid")
+    got = {c: shlex.join(["verakit", "train", *grid.command(c, "vera", root)]) for c in (
+        grid.Cell("sweep", "mrpc", "dvora-1024", 0, "1e-2"), grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3"),
+        grid.Cell("sweep", "sst2", "head", 0, "1e-2"))}
+    tail = "--budget paper --epochs {} --batch-size 32 --max-length 128 --seed 0 --group-by-length --mixed-precision bf16 --quiet"
+    assert list(got.values()) == [
+        "verakit train --task mrpc --data-dir /work/runs_glue_grid/data/MRPC --out /work/runs_glue_grid/head-vera/sweep/"
+        "mrpc-dvora-1024-lr1e-2-s0 --method vera --magnitude --head vera --r 1024 --lr 1e-2 --head-lr 0.004 "
+        + tail.format(10),
+        "verakit train --task sst2 --data-dir /work/runs_glue_grid/data/SST-2 --max-train-samples 20000 --out "
+        "/work/runs_glue_grid/head-vera/sweep/sst2-lora-8-lr1e-3-s0 --method lora --head vera --r 8 --lr 1e-3 "
+        "--head-lr 0.004 " + tail.format(1),
+        "verakit train --task sst2 --data-dir /work/runs_glue_grid/data/SST-2 --max-train-samples 20000 --out "
+        "/work/runs_glue_grid/head-vera/sweep/sst2-head-lr1e-2-s0 --method vera --target-modules pooler.dense "
+        "--head vera --r 1024 --lr 1e-2 --head-lr 0.004 " + tail.format(1),
+    ]
 
 
 def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake_carve):
