@@ -56,6 +56,10 @@ def run_train(args: argparse.Namespace) -> int:
         print("verakit train: error: --quantize is wired for causal-LM tasks (e2e, instruct, jsonl) only",
               file=sys.stderr)
         return 2
+    if args.selection_rows and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
+        print("verakit train: error: --selection-rows is wired for text classification only (causal LMs: --held-out)",
+              file=sys.stderr)
+        return 2
     if args.group_column is not None:
         return run_train_grouped(args)
     if args.shared_head or args.max_groups is not None or args.min_group_examples is not None:
@@ -77,8 +81,10 @@ def run_train(args: argparse.Namespace) -> int:
     code, metrics = run_training(lambda: train_classifier(TrainArgs(**fields)))
     if metrics:
         main = metrics["main_metric"]
-        print(f"{metrics['task']} {metrics['method']}: best dev {main} {metrics['metric'][main]:.4f} "
-              f"(step {metrics['best_step']}); {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
+        split = "held-out" if "dev" in metrics else "dev"
+        dev = f", dev {main} {metrics['dev'][main]:.4f} (scored once)" if "dev" in metrics else ""
+        print(f"{metrics['task']} {metrics['method']}: best {split} {main} {metrics['metric'][main]:.4f} "
+              f"(step {metrics['best_step']}){dev}; {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
               f"head params; artifact {metrics['adapter_bytes']:,} bytes; {metrics['train_seconds']:.1f} s; "
               f"results in {args.out}")
     return code

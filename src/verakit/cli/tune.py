@@ -44,9 +44,10 @@ def run_tune(args: argparse.Namespace) -> int:
         return 2
     st, best = s["states"], s["best"]
     print(f"{s['n_trials']} trials ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed); "
-          + (f"best dev {s['main_metric']} {best['value']:.4f} (trial {best['number']}: "
+          + (f"best {s['split'].split(' (')[0]} {s['main_metric']} {best['value']:.4f} (trial {best['number']}: "
              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-             + ")" if best else "no trial completed") + f"; report in {s['report']}")
+             + ")" + (f", dev {best['dev'][s['main_metric']]:.4f} (scored once)" if "dev" in best else "")
+             if best else "no trial completed") + f"; report in {s['report']}")
     return 0
 
 

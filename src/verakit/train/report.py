@@ -19,7 +19,8 @@ __all__ = ["write_report", "plot_curve", "render_report", "scores_table"]
 
 
 def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path, title: str,
-               step_losses: list[float] | None = None, baseline: dict[str, float] | None = None) -> None:
+               step_losses: list[float] | None = None, baseline: dict[str, float] | None = None,
+               split: str = "dev") -> None:
     """Two panels over optimizer steps: train loss (per step, and the mean since the previous evaluation),
     and the dev metric at each evaluation from step 0 on, with the trivial baseline as a dashed line."""
     import matplotlib
@@ -39,11 +40,11 @@ def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path
     ax_loss.legend(fontsize=8)
     ax_loss.set_ylabel("train loss")
     ax_metric.plot([h["step"] for h in history], [h["metrics"][main_metric] for h in history], marker="o",
-                   color="tab:green", label="dev (step 0: before training)")
+                   color="tab:green", label=f"{split} (step 0: before training)")
     if baseline and main_metric in baseline:
         ax_metric.axhline(baseline[main_metric], ls="--", color="tab:gray", label="trivial baseline")
     ax_metric.legend(fontsize=8)
-    ax_metric.set_ylabel(f"dev {main_metric}")
+    ax_metric.set_ylabel(f"{split} {main_metric}")
     for ax in (ax_loss, ax_metric):
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -96,13 +97,16 @@ def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     args = config["args"]
     main = metrics["main_metric"]
     names = list(metrics["metric"])
+    split = "held-out" if "dev" in metrics else "dev"  # "dev": the dev score of a run that chose on held-out rows
     lines = [
         f"# {metrics['task']} / {metrics['method']}",
         "",
-        f"Best dev **{main} = {metrics['metric'][main]:.4f}** at step {metrics['best_step']} "
+        f"Best {split} **{main} = {metrics['metric'][main]:.4f}** at step {metrics['best_step']} "
         f"(epoch {metrics['best_epoch']:.2f} of {args['epochs']}); artifact `{metrics['artifact']}`.",
+        *([f"Chosen on {metrics['eval_split']}; dev, scored once by that adapter: **{main} = "
+           f"{metrics['dev'][main]:.4f}** ({metrics['n_dev']:,} rows)."] if "dev" in metrics else []),
         "",
-        *scores_table(metrics, names),
+        *scores_table(metrics, names, split),
         "",
         "## Run",
         "",
@@ -113,7 +117,7 @@ def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         f"| head params (trained separately) | {metrics['head_params']:,} |",
         f"| artifact bytes | {metrics['adapter_bytes']:,} |",
         f"| adapter tensors (fp32, no head) | {metrics['adapter_tensor_bytes']:,} bytes |",
-        f"| train / dev examples | {metrics['n_train']:,} / {metrics['n_eval']:,} |",
+        f"| train / {split} examples | {metrics['n_train']:,} / {metrics['n_eval']:,} |",
         f"| steps, processes | {metrics['total_steps']}, {metrics['world_size']} |",
         f"| wall time | {metrics['train_seconds']:.1f} s |",
         f"| learning rates | adapter {args['lr']:g}, head {args['head_lr']:g}, warmup {args['warmup_ratio']} |",
@@ -137,5 +141,5 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], config: dict[str,
     run_dir = Path(run_dir)
     title = f"{metrics['task']} / {metrics['method']}"
     plot_curve(metrics["epochs"], metrics["main_metric"], run_dir / "curve.png", title, metrics.get("step_losses"),
-               metrics.get("baseline"))
+               metrics.get("baseline"), "held-out" if "dev" in metrics else "dev")
     atomic_write_bytes(run_dir / "report.md", render_report(metrics, config).encode())

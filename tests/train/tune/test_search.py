@@ -273,3 +273,28 @@ def test_study_creation_prints_no_optuna_info(tmp_path, monkeypatch, tiny_bert_d
     finally:
         optuna.logging.set_verbosity(before)
     assert seen == [optuna.logging.WARNING]
+
+
+def test_selection_rows_choose_trials_on_carved_rows_and_report_dev_once(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """--selection-rows: trials are scored (and pruned) on rows carved from the training set, the baseline is
+    computed on those rows, and the best trial's dev score, never used to choose, is reported beside it."""
+    from verakit.train.classify.data import carve_selection, load_task
+    from verakit.train.classify.metrics import trivial_baseline
+
+    run_dir = tmp_path / "held"
+    assert main(_cli(run_dir, tiny_bert_dir, tiny_task, "--trials", "2", "--selection-rows", "16")) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = summary["best"]
+    assert summary["split"] == "held-out (16 training rows)"
+    m = json.loads((tmp_path / "held" / "trials" / f"{best['number']:04d}" / "metrics.json").read_text())
+    assert best["value"] == m["metric"]["accuracy"] and best["dev"] == m["dev"] and m["n_eval"] == 16
+    data = load_task("csv", tiny_task, max_train_samples=64)
+    carved = carve_selection(data.train, 16, 0)[1]
+    assert summary["baseline"] == trivial_baseline(data.spec, [e.label for e in carved])
+    assert f"best held-out accuracy {best['value']:.4f}" in out and f"dev {best['dev']['accuracy']:.4f} (scored once)" in out
+    report = (run_dir / "report.md").read_text()
+    assert "objective: best held-out (16 training rows) `accuracy`" in report
+    assert f"Dev, scored once by its adapter (never used to choose): **accuracy = {best['dev']['accuracy']:.4f}**" in report
+    assert "| # | state | held-out accuracy |" in report and "optimistic" not in report

@@ -28,7 +28,7 @@ from .userdata import load_user_task
 
 # TASKS, DataError, Example, TaskData and TaskSpec live in tasks.py (the user's files: userdata.py); they
 # are this module's public names too, where callers have always imported them from.
-__all__ = ["TASKS", "DataError", "Example", "TaskData", "TaskSpec", "load_task"]
+__all__ = ["TASKS", "DataError", "Example", "TaskData", "TaskSpec", "carve_selection", "load_task"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,18 @@ def _subset(examples: Sequence[Example], limit: int | None, seed: int, split: st
     # is hashed with SHA-512 by random, hence identical across processes and PYTHONHASHSEED.
     picked = sorted(random.Random(f"verakit:{split}:{seed}").sample(range(len(examples)), limit))
     return tuple(examples[i] for i in picked)
+
+
+def carve_selection(train: Sequence[Example], rows: int, seed: int) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(the training rows left, `rows` of them carved off): a seeded choice (`seed`), its own random stream,
+    both in file order. The carved rows choose the checkpoint (`verakit train --selection-rows`), so the dev
+    split is scored once, by the chosen adapter, and stays an honest estimate."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < len(train):
+        raise ValueError(f"--selection-rows must be between 1 and {len(train) - 1} (the training rows less one), "
+                         f"got {rows!r}")
+    picked = set(random.Random(f"verakit:selection:{seed}").sample(range(len(train)), rows))
+    return (tuple(e for i, e in enumerate(train) if i not in picked),
+            tuple(e for i, e in enumerate(train) if i in picked))
 
 
 def _existing_dir(data_dir: str | Path) -> Path:

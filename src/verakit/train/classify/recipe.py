@@ -32,7 +32,7 @@ from ..methods import (
 )
 from ..rundir import artifact_metrics, environment, field_defaults, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, length_batches, load_trained, open_run, param_groups
-from .data import Example, TaskSpec, load_task
+from .data import Example, TaskSpec, carve_selection, load_task
 
 __all__ = [
     "ADAPTER_COMPUTE_DTYPES",
@@ -89,6 +89,10 @@ class TrainArgs:
     seed: int = 0  # data subset, order, head init, dropout and VeRA projection
     max_train_samples: int | None = None  # None: the budget's subset (cpu) or the whole training set (paper)
     max_eval_samples: int | None = None
+    # Rows carved from the training rows (seeded, after max_train_samples) that the evaluations and the saved
+    # checkpoint are chosen on; dev is then scored once, by the chosen adapter (metrics.json "dev"). 0: choose
+    # on dev, as GLUE papers do (optimistic by the selection).
+    selection_rows: int = 0
     # Training-step speed (docs/performance.md): batches of similar-length examples (less padding; None: the
     # recipe's default, hparams.Defaults: on for classification, off for causal LMs), and the forward under
     # bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, slow without bf16 units, so opt-in).
@@ -113,6 +117,8 @@ class TrainArgs:
             raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         out = fill(replace(self, task=task), defaults("classify", task, self.method, self.budget))
         spec = out.method_spec()  # refuses VeRA options with another method
+        if isinstance(self.selection_rows, bool) or not isinstance(self.selection_rows, int) or self.selection_rows < 0:
+            raise ValueError(f"--selection-rows must be a non-negative int (0: choose on dev), got {self.selection_rows!r}")
         if self.adapter_compute_dtype not in ADAPTER_COMPUTE_DTYPES:
             raise ValueError(f"adapter_compute_dtype must be one of {', '.join(ADAPTER_COMPUTE_DTYPES)}, "
                              f"got {self.adapter_compute_dtype!r}")
@@ -286,6 +292,9 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     run = open_run(args)
     data = load_task(args.task, args.data_dir, max_train_samples=args.max_train_samples,
                      max_eval_samples=args.max_eval_samples, seed=args.seed)
+    train, select = data.train, data.dev
+    if args.selection_rows:
+        train, select = carve_selection(data.train, args.selection_rows, args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
     model, tokenizer, missing = build_classifier_checked(args.model, data.spec)
     args = resolve_head(args, model, missing)
@@ -300,7 +309,7 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         "max_eval_samples": args.max_eval_samples, "head": args.head,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
     }
-    recipe = ClassificationRecipe(prepared, tokenizer, data.spec, data.train, data.dev, args, info)
+    recipe = ClassificationRecipe(prepared, tokenizer, data.spec, train, select, args, info)
     run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(TrainArgs))
     result = run.train(recipe, on_eval=on_eval)
     if not result.best:  # a non-main process under DDP: the main one writes the results
@@ -317,8 +326,10 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         "best_epoch": result.best["epoch"],
         **artifact_metrics(prepared, artifact),
         **loop_metrics(result),
-        "n_train": len(data.train),
-        "n_eval": len(data.dev),
+        "eval_split": f"held-out ({len(select):,} training rows)" if args.selection_rows else "dev",
+        "n_train": len(train),
+        "n_eval": len(select),
+        **({"dev": evaluate_classifier(artifact)["metric"], "n_dev": len(data.dev)} if args.selection_rows else {}),
         "epochs": result.history,
         "step_losses": [round(x, 5) for x in result.losses],
         "environment": environment(),

@@ -81,6 +81,8 @@ class GroupedArgs:
             raise ValueError(COMPUTE_DTYPE_REFUSED)
         if self.train.magnitude:  # a DVoRA slot's row norms depend on its own delta at every step
             raise ValueError("--magnitude (DVoRA) is not wired for --group-column: train DVoRA adapters one at a time")
+        if self.train.selection_rows:  # each group would need its own carved rows
+            raise ValueError("--selection-rows is not wired for --group-column: groups choose on their dev rows")
         for name in ("max_groups", "min_group_examples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -50,12 +50,15 @@ def _importance(study: Any, seed: int) -> tuple[dict[str, float] | None, str | N
         return None, str(e)
 
 
-def _step_zero(trial_dir: str | None) -> dict[str, float] | None:
-    """The dev metrics before training (step 0) of a completed trial's run, from its metrics.json."""
+def _trial_metrics(trial_dir: str | None) -> dict[str, Any]:
+    """A completed trial's metrics.json ({} when there is none)."""
     path = Path(trial_dir or "") / "metrics.json"
-    if trial_dir is None or not path.is_file():
-        return None
-    history = json.loads(path.read_text()).get("epochs") or [{}]
+    return json.loads(path.read_text()) if trial_dir is not None and path.is_file() else {}
+
+
+def _step_zero(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """The evaluation metrics before training (step 0) of a trial's run."""
+    history = metrics.get("epochs") or [{}]
     return history[0].get("metrics") if history[0].get("step") == 0 else None
 
 
@@ -72,7 +75,7 @@ def _plot(importance: dict[str, float], path: Path, metric: str) -> None:
     names = list(importance)[::-1]  # most important on top
     fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(names)), constrained_layout=True)
     ax.barh(names, [importance[n] for n in names], color="tab:blue")
-    ax.set_xlabel(f"fANOVA importance for dev {metric} (sums to 1)")
+    ax.set_xlabel(f"fANOVA importance for {metric} (sums to 1)")
     ax.set_xlim(0, 1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -107,7 +110,10 @@ def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: P
         best_args = replace(base, out=str(run_dir / "best"), **b.params)
         best = {"number": b.number, "value": b.value, "params": b.params, "run_dir": b.user_attrs.get("run_dir"),
                 "command": train_command(best_args)}
-        best["before_training"] = _step_zero(b.user_attrs.get("run_dir"))
+        m = _trial_metrics(b.user_attrs.get("run_dir"))
+        best["before_training"] = _step_zero(m)
+        if "dev" in m:  # chosen on held-out rows: dev was scored once, by this trial's adapter
+            best["dev"] = m["dev"]
     importance, why_not = _importance(study, args.seed)
     if importance:
         _plot(importance, run_dir / "importance.png", metric)
@@ -115,6 +121,7 @@ def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: P
     summary = {
         "study": args.study_name, "storage": f"sqlite:///{(run_dir / 'study.db').resolve()}", "task": base.task,
         "method": base.method, "main_metric": metric, "baseline": baseline, "n_trials": len(trials),
+        "split": f"held-out ({base.selection_rows:,} training rows)" if base.selection_rows else "dev",
         "states": states, "best": best, "importance": importance, "importance_note": why_not,
         "space": args.settings()["space"], "searched": searched,
         "fixed": train_command(base, omit=("out", *searched)).removeprefix("verakit train "),
@@ -126,17 +133,17 @@ def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: P
 
 
 def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
-    st = s["states"]
+    st, sp = s["states"], "held-out" if base.selection_rows else "dev"  # the split trials are scored on
     names = [d.name for d in args.space]
     lines = [
         f"# verakit tune: {s['study']}", "",
         f"- task `{base.task}` ({base.data_dir}), model `{base.model or 'all-MiniLM-L6-v2'}`, method `{base.method}`",
-        f"- objective: best dev `{s['main_metric']}` of each trial's run (maximized); pruner: {s['pruner']}"
-        + (" (a trial stops when its dev score after N training examples is below the median of earlier "
+        f"- objective: best {s['split']} `{s['main_metric']}` of each trial's run (maximized); pruner: {s['pruner']}"
+        + (f" (a trial stops when its {sp} score after N training examples is below the median of earlier "
            "trials at N)" if s["pruner"] == "median" else ""),
         f"- storage `{s['storage']}`: rerun the same `verakit tune` command to resume; a larger `--trials` "
         "extends the study",
-        *([f"- trivial baseline (a constant prediction) scores dev `{s['main_metric']}` "
+        *([f"- trivial baseline (a constant prediction) scores {sp} `{s['main_metric']}` "
            f"{s['baseline'][s['main_metric']]:.4f}: a trial must beat it to have learned anything"]
           if s.get("baseline") else []),
         f"- trials: {s['n_trials']} ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed "
@@ -153,10 +160,10 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
         lines.append("No trial has completed yet.")
     else:
         lines += [
-            f"Trial {b['number']}: dev {main} **{b['value']:.4f}** with "
+            f"Trial {b['number']}: {sp} {main} **{b['value']:.4f}** with "
             + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b["params"].items()) + ".", "",
-            "| | dev " + main + " |", "|---|---|",
-            *([f"| trivial baseline (constant prediction: the most frequent dev class, or the mean score) | "
+            f"| | {sp} " + main + " |", "|---|---|",
+            *([f"| trivial baseline (constant prediction: the most frequent {sp} class, or the mean score) | "
                f"{baseline[main]:.4f} |"] if main in baseline else []),
             *([f"| before training (step 0 of trial {b['number']}) | {b['before_training'][main]:.4f} |"]
               if b.get("before_training") else []),
@@ -166,8 +173,11 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
               if main in baseline and b["value"] <= baseline[main] else []),
             f"Its artifact: `{b['run_dir']}` (the same files as `verakit train` writes). To train it again:", "",
             "```", b["command"], "```", "",
-            "The value was selected on the same dev split it is measured on, so it is optimistic: confirm the "
-            "setting with other seeds or held-out data before quoting it.",
+            *([f"Dev, scored once by its adapter (never used to choose): **{main} = {b['dev'][main]:.4f}**: the "
+               "figure to quote at this budget."] if "dev" in b else
+              ["The value was selected on the same dev split it is measured on, so it is optimistic: confirm the "
+               "setting with other seeds or with `--selection-rows` (choose on carved training rows, score dev "
+               "once) before quoting it."]),
         ]
     lines += ["", "## Parameter importance", ""]
     if s["importance"]:
@@ -179,7 +189,7 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
     else:
         lines.append(f"Not computed: {s['importance_note']}.")
     lines += ["", "## Trials", "",
-              "| # | state | dev " + s["main_metric"] + " | " + " | ".join(names) + " | examples at last eval | seconds |",
+              f"| # | state | {sp} " + s["main_metric"] + " | " + " | ".join(names) + " | examples at last eval | seconds |",
               "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for r in s["trials"]:
         value = "" if r["value"] is None else f"{r['value']:.4f}"

@@ -283,7 +283,13 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     data = load_task(base.task, base.data_dir, max_train_samples=base.max_train_samples,
                      max_eval_samples=base.max_eval_samples, seed=base.seed)
     main_metric, n_train = data.spec.main_metric, len(data.train)
-    baseline = trivial_baseline(data.spec, [e.label for e in data.dev])
+    scored = data.dev  # what each trial's evaluations score: dev, or the rows --selection-rows carves off
+    if base.selection_rows:
+        from ..classify.data import carve_selection
+
+        scored = carve_selection(data.train, base.selection_rows, base.seed)[1]
+    split = "held-out" if base.selection_rows else "dev"
+    baseline = trivial_baseline(data.spec, [e.label for e in scored])
     for d in args.space:  # every trial's settings would be valid (e.g. VeRA options for this r)
         for v in (d.choices or (d.low, d.high)):
             replace(base, **{d.name: TUNABLE[d.name](v)}).resolved()
@@ -319,7 +325,7 @@ def tune(args: TuneArgs) -> dict[str, Any]:
             trial.report(record["metrics"][main_metric], step)
             # The final evaluation is never pruned: training is over, nothing would be saved.
             if step < last and trial.should_prune():
-                raise optuna.TrialPruned(f"dev {main_metric} {record['metrics'][main_metric]:.4f} after {step} "
+                raise optuna.TrialPruned(f"{split} {main_metric} {record['metrics'][main_metric]:.4f} after {step} "
                                          "examples is below the median of earlier trials")
 
         progress.start(trial.number, params)
@@ -336,7 +342,8 @@ def tune(args: TuneArgs) -> dict[str, Any]:
             raise TuneInterrupted(trial.number, run_dir) from None
         value = float(metrics["metric"][main_metric])
         trial.set_user_attr("train_seconds", metrics["train_seconds"])
-        progress.end(trial.number, f"dev {main_metric} {value:.4f}", value)
+        dev = f", dev {main_metric} {metrics['dev'][main_metric]:.4f} (not used to choose)" if "dev" in metrics else ""
+        progress.end(trial.number, f"{split} {main_metric} {value:.4f}{dev}", value)
         return value
 
     if remaining is None or remaining > 0:
