@@ -23,13 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="verakit", description="VeRA adapters: train, inspect, merge, serve.")
     p.add_argument("--version", action="version", version=f"verakit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    # The order of `verakit --help`'s command list.
-    adapters.add_parsers(sub)
-    serve.add_parsers(sub)
+    # The order of `verakit --help`'s command list: the README's order, the main job (train, eval) first.
     train.add_parsers(sub)
     tune.add_parsers(sub)
     generate.add_parsers(sub)
     plan.add_parsers(sub)
+    adapters.add_parsers(sub)
+    serve.add_parsers(sub)
     return p
 
 
