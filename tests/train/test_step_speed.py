@@ -175,8 +175,12 @@ def test_amx_tip(tmp_path, monkeypatch, make_recipe, caplog):
     assert precision.cpu_has_amx.__wrapped__(str(info)) is False
     assert precision.cpu_has_amx.__wrapped__(str(tmp_path / "absent")) is False
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    from verakit.train import loop
+
+    monkeypatch.setattr(loop, "_SHOWN_TIPS", set())  # as in a fresh process
     assert "--mixed-precision bf16" in precision.speed_tip("no", "cpu")
     assert precision.speed_tip("bf16", "cpu") is None and precision.speed_tip("no", "cuda") is None
     with caplog.at_level("INFO", logger="verakit.train"):
         run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16, quiet=True), tmp_path / "run")
-    assert "this CPU has AMX bf16 units" in caplog.text
+        run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16, quiet=True), tmp_path / "run2")
+    assert caplog.text.count("this CPU has AMX bf16 units") == 1  # once per process (tune: one loop per trial)
