@@ -33,7 +33,7 @@ from glue_grid import (
     sweep_cells,
 )
 
-__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "goal_check", "markdown",
+__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "dvora_check", "goal_check", "markdown",
            "plot", "progress_line", "report", "sweep_table"]
 
 HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
@@ -170,6 +170,28 @@ def goal_check(records: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines) or "- not yet measured"
 
 
+def dvora_check(records: list[dict], tasks: list[str]) -> str:
+    """Issue 21's question, read off the seeds stage: on the tasks where verakit VeRA r=1024 trails LoRA r=8
+    (paired mean below 0), does DVoRA r=1024 close the gap? dvora - vera and dvora - lora per such task, with
+    their bootstrap intervals; the other tasks are listed apart."""
+    by = _seeds_by_cell(records)
+    behind = [t for t in tasks if (d := _paired(by, t, "vera-1024", "lora-8")) and statistics.mean(d) < 0]
+    ahead = [t for t in tasks if (d := _paired(by, t, "vera-1024", "lora-8")) and statistics.mean(d) >= 0]
+    if not behind and not ahead:
+        return "- not yet measured"
+    lines = [f"- vera-1024 trails lora-8 on: {', '.join(behind) or 'no task'}; level or ahead on: {', '.join(ahead) or 'no task'}."]
+    for t in behind:
+        parts = []
+        for ref in ("vera-1024", "lora-8"):
+            d = _paired(by, t, "dvora-1024", ref)
+            if d:
+                lo, hi = bootstrap_ci(d)
+                parts.append(f"dvora-1024 - {ref} {statistics.mean(d):+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(d)})")
+        gap = statistics.mean(_paired(by, t, "vera-1024", "lora-8"))
+        lines.append(f"- {t} (vera-1024 - lora-8 {gap:+.2f}): " + ("; ".join(parts) or "DVoRA not yet measured") + ".")
+    return "\n".join(lines)
+
+
 # Issue 16's bar for a budget to count: LoRA r=8 >= the trivial baseline + 5 points (accuracy, F1, MCC), or a
 # Pearson >= 0.5 (STS-B, whose constant predictor has no correlation).
 LEARNED_MARGIN, LEARNED_PEARSON = 5.0, 0.5
@@ -273,6 +295,7 @@ def report(args: argparse.Namespace) -> None:
                          sweep_table(records, args.methods, args.head),
                          "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods),
                          "Against issue 16's goals:", goal_check(records, args.tasks),
+                         "DVoRA where VeRA trails LoRA (issue 21):", dvora_check(records, args.tasks),
                          "Is each task learned at its budget? (issue 16: LoRA r=8 at least 5 points above the "
                          "trivial baseline, or Pearson >= 0.5)", budget_check(records, args.tasks)])
     print(text)

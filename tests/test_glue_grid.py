@@ -343,3 +343,19 @@ def test_goal_check_reads_issue_16s_goals(rep):
     text = rep.goal_check(records, ["sst2", "mrpc", "rte"])
     assert "(on 2 of 3 tasks so far)" in text and "met so far." in text
     assert rep.goal_check([], ["sst2"]) == "- not yet measured"
+
+
+def test_dvora_check_looks_where_vera_trails_lora(rep):
+    def rec(task, method, seed, value):
+        return {"stage": "seeds", "task": task, "method": method, "seed": seed, "value": value}
+
+    records = []
+    for s in range(3):
+        records += [rec("mrpc", "vera-1024", s, 0.85), rec("mrpc", "lora-8", s, 0.87), rec("mrpc", "dvora-1024", s, 0.86 + 0.01 * s),
+                    rec("sst2", "vera-1024", s, 0.90), rec("sst2", "lora-8", s, 0.89)]
+    text = rep.dvora_check(records, ["sst2", "mrpc", "rte"])
+    assert "- vera-1024 trails lora-8 on: mrpc; level or ahead on: sst2." in text
+    # dvora - vera: +1, +2, +3 (mean +2); dvora - lora: -1, 0, +1 (mean 0)
+    assert "- mrpc (vera-1024 - lora-8 -2.00): dvora-1024 - vera-1024 +2.00 [" in text
+    assert "dvora-1024 - lora-8 +0.00 [" in text and "sst2 (" not in text
+    assert rep.dvora_check([], ["sst2"]) == "- not yet measured"
