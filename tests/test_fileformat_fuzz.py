@@ -51,6 +51,15 @@ def _read(tmp_path, data: bytes):
         assert time.monotonic() - start < 2.0
 
 
+def _assert_whole(adapter) -> None:
+    """What read_adapter promises of an Adapter it returns: one d and one b per recorded module, shaped by
+    the config's rank and the module's d_out, all finite."""
+    assert set(adapter.d) == set(adapter.b) == set(adapter.modules) and adapter.modules
+    for name, (d_out, _, _) in adapter.modules.items():
+        assert adapter.d[name].shape == (adapter.config.r,) and adapter.b[name].shape == (d_out,)
+        assert bool(adapter.d[name].isfinite().all()) and bool(adapter.b[name].isfinite().all())
+
+
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_arbitrary_bytes_are_refused_with_adapter_error(tmp_path, data):
@@ -72,7 +81,7 @@ def test_damaged_adapter_files_load_or_raise_adapter_error(tmp_path, good_bytes,
             data[i:i] = payload
     adapter = _read(tmp_path, bytes(data))
     if adapter is not None:  # a flip inside a float, say: still a complete adapter of the same shape
-        assert set(adapter.d) == set(adapter.modules)
+        _assert_whole(adapter)
 
 
 JSON = st.recursive(
@@ -114,7 +123,9 @@ def _container(good_bytes: bytes, metadata: str) -> bytes:
 def test_arbitrary_metadata_loads_or_raises_adapter_error(tmp_path, good_bytes, data):
     n = struct.unpack("<Q", good_bytes[:8])[0]
     good = json.loads(json.loads(good_bytes[8 : 8 + n])["__metadata__"]["verakit"])
-    _read(tmp_path, _container(good_bytes, data.draw(verakit_metadata(good))))
+    adapter = _read(tmp_path, _container(good_bytes, data.draw(verakit_metadata(good))))
+    if adapter is not None:  # e.g. only "extra" replaced: the tensors still match what the metadata says
+        _assert_whole(adapter)
 
 
 def test_header_length_over_the_cap_is_refused_before_reading_it(tmp_path):

@@ -107,8 +107,13 @@ def test_casts_of_the_same_checkpoint_load(minilm_clf, minilm_path, tmp_path, dt
 
 def test_bf16_model_adapter_loads_into_fp32_and_fp16(minilm_path, tmp_path):
     path = _saved(_fresh_minilm(minilm_path, torch.bfloat16), tmp_path / "bf16.safetensors")
+    ad = read_adapter(path)
     for dtype in (torch.float32, torch.float16):
-        load_adapter(_fresh_minilm(minilm_path, dtype), path)
+        model = load_adapter(_fresh_minilm(minilm_path, dtype), path)
+        result = compare(ad.samples, vera_layers(model))
+        # the file's samples are bf16 casts, the model's fp32 / fp16: within the cast bound (as above)
+        assert not result.failed and max(result.relative.values()) < 0.003 and result.samples == SAMPLE_BUDGET
+        assert all(torch.equal(ly.vera_b.float(), ad.b[n].float()) for n, ly in vera_layers(model).items())
 
 
 def test_perturbed_checkpoint_fails_naming_file_base_and_size(minilm_clf, minilm_path, tmp_path):

@@ -95,8 +95,10 @@ def test_export_merged_loads_without_verakit(minilm_clf, minilm_path, tmp_path):
     # user, e.g. a serving container's, could not load the folder)
     modes = {f.name: f.stat().st_mode & 0o777 for f in Path(out).iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
-    with pytest.raises(FileExistsError):
+    before = {f.name: f.read_bytes() for f in Path(out).iterdir()}
+    with pytest.raises(FileExistsError, match=str(out)):
         export_merged(model, out)
+    assert {f.name: f.read_bytes() for f in Path(out).iterdir()} == before  # the folder there is left whole
 
 
 def test_cli_merge_and_inspect(minilm_clf, minilm_path, tmp_path, capsys):

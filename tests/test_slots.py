@@ -45,11 +45,19 @@ def test_mixed_rows_match_per_row_reference(dist):
     assert torch.equal(got[1], layer.base(x[1]))
 
 
-def test_all_base_rows_skip_the_adapter_path_exactly():
+def test_all_base_rows_skip_the_adapter_path_exactly(monkeypatch):
+    """A batch of slot-0 rows never touches the projections (a serving bank's base-model requests cost the
+    base forward alone), and gives the base output bit for bit."""
     layer, rows = _layer()
     x = torch.randn(3, 12)
     with rows.use(torch.zeros(3, dtype=torch.int64)):
+        assert not rows.active
+        monkeypatch.setattr(layer, "slices", lambda *a: pytest.fail("the adapter path ran for slot-0 rows"))
         assert torch.equal(layer(x), layer.base(x))
+    with rows.use(torch.tensor([0, 2, 0])):  # one adapter row: the adapter path runs (and so would fail)
+        assert rows.active
+        with pytest.raises(pytest.fail.Exception, match="the adapter path ran"):
+            layer(x)
 
 
 def test_table_gradients_are_per_slot_sums_of_row_gradients():

@@ -79,7 +79,14 @@ def test_mixed_batch_llama_dtypes(tiny_llama, dtype, atol):
         ref32 = expected
     else:
         ref32 = _reference_rows(base, adapters, names, inputs).float()
-    assert (got - ref32).abs().max() < 20 * atol  # low precision stays near the fp32 answer
+    with torch.no_grad():
+        plain = base(**inputs).logits.float()
+    # Low precision stays near the fp32 answer, measured against what each row's adapter changes: bf16 errs
+    # by 0.0055 at most where the adapters move the logits by 0.30-0.67, fp16 by 0.0008. A row whose adapter
+    # were lost would err by its whole effect.
+    err, effect = ((got - ref32).flatten(1).abs().amax(1), (ref32 - plain).flatten(1).abs().amax(1))
+    for i, name in enumerate(names):
+        assert err[i] < (0.05 * effect[i] if name is not None else 20 * atol), (i, float(err[i]), float(effect[i]))
 
 
 def test_mixed_batch_real_minilm(minilm_clf, minilm_path, tmp_path):

@@ -28,18 +28,26 @@ def _bank(model, **kw):
     return AdapterBank(attach(copy.deepcopy(model), VeraConfig(r=8)), capacity=4, **kw)
 
 
-def test_adapter_of_another_checkpoint_is_refused_and_the_bank_unchanged(base, tmp_path):
+def test_adapter_of_another_checkpoint_is_refused_and_the_bank_unchanged(base, tmp_path, monkeypatch):
+    from verakit.serve import bank as bank_module
+
+    reads = []
+    real = bank_module.read_samples
+    monkeypatch.setattr(bank_module, "read_samples", lambda *a: reads.append(a[0]) or real(*a))
     bank = _bank(base)
     own = tmp_path / "own.safetensors"
     write_adapter(trained_adapter(base, VeraConfig(r=8), 0), own)
     bank.add("own", own)
+    first = len(reads)
+    assert first > 0 and len(set(reads)) == first  # each adapted module's base samples read once
     other = tmp_path / "other.safetensors"
     write_adapter(trained_adapter(perturb_weights(copy.deepcopy(base), 0.02), VeraConfig(r=8), 1), other)
     with pytest.raises(BaseMismatchError, match=r"other.safetensors: base model mismatch: .*relative RMS difference "
                                                 r".*--no-base-check"):
         bank.add("other", other)
     assert bank.names() == ["own"]
-    assert len(bank._base_reads) > 0  # the base's samples were read once and kept
+    bank.add("again", own)  # another adapter of the right base: the samples read before are reused
+    assert len(reads) == first and bank.names() == ["own", "again"]
     off = _bank(base, check_base=False)
     off.add("other", other)
     assert off.names() == ["other"]
