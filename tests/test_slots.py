@@ -170,3 +170,36 @@ def test_dvora_scales_per_row_and_plain_rows_stay_bit_for_bit():
     plain_rows = ids != 2
     assert torch.equal(got[plain_rows], plain[plain_rows])
     assert (got[0] - plain[0]).abs().max() > 1e-2  # the scale did change the DVoRA rows
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_every_slot_layer_kind_skips_the_adapter_for_slot_0_batches(kind, monkeypatch):
+    """SlotLinear, SlotConv and SlotEmbedding: an all-slot-0 batch is the base forward alone (the projections are
+    never sliced) and equal to it bit for bit; one adapter row in the batch changes that row only."""
+    from verakit.layer import linear_shape
+    from verakit.slots import slot_layer
+
+    torch.manual_seed(0)
+    base, x = {
+        "linear": (nn.Linear(12, 9), torch.randn(3, 5, 12)),
+        "conv": (nn.Conv2d(4, 6, 3, padding=1), torch.randn(3, 4, 7, 7)),
+        "embedding": (nn.Embedding(20, 8), torch.randint(0, 20, (3, 5))),
+    }[kind]
+    base.requires_grad_(False)
+    d_out, d_in = linear_shape(base)
+    rows = RowSlots()
+    layer = slot_layer(base, Projection(3, "kaiming_uniform", 6, d_in, d_out), 6, 3, rows, name=kind)
+    with torch.no_grad():  # adapters in slots 1 and 2; slot 0 stays zero
+        layer.vera_d[1:].normal_()
+        layer.vera_b[1:].normal_()
+    calls = []
+    real = layer.slices
+    monkeypatch.setattr(layer, "slices", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        with rows.use(torch.zeros(3, dtype=torch.int64)):
+            assert torch.equal(layer(x), base(x))
+        assert calls == []
+        with rows.use(torch.tensor([0, 2, 0])):
+            got = layer(x)
+    assert len(calls) == 1
+    assert torch.equal(got[[0, 2]], base(x)[[0, 2]]) and not torch.allclose(got[1], base(x)[1])
