@@ -51,9 +51,21 @@ def test_head_parts_adapted_and_saved_per_architecture(kind):
 
 
 def test_full_head_is_unchanged_by_default():
+    """Without a head option the pooler and classifier train in full: plain torch layers, not VeRA ones."""
     model = _tiny("bert")
     verakit.attach(model, VeraConfig(r=16))
-    assert vera_state(model).config.modules_to_save == ("classifier", "pooler")
+    state = vera_state(model)
+    assert state.config.modules_to_save == ("classifier", "pooler")
+    assert state.saved_modules == ("bert.pooler", "classifier")
+    vera_kinds = (verakit.VeraLinear, verakit.VeraConv, verakit.VeraEmbedding)
+    for head in (model.classifier, model.bert.pooler.dense):
+        assert type(head) is torch.nn.Linear and not isinstance(head, vera_kinds)  # not wrapped
+        assert head.weight.requires_grad and head.bias.requires_grad
+    assert not any(isinstance(m, vera_kinds) for m in model.bert.pooler.modules())
+    assert sorted(verakit.vera_layers(model)) == ["bert.encoder.layer.0.attention.self.query",
+                                                  "bert.encoder.layer.0.attention.self.value"]
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "vera_" not in n)
+    assert trainable == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
 
 
 def test_vera_head_identity_at_init_and_file_round_trip(tmp_path):

@@ -280,9 +280,15 @@ def test_cache_waits_until_it_pays_and_follows_merge():
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.1), (torch.float16, 2e-2)])
 def test_low_precision_layer_paths(dtype, atol):
-    """Half-precision base and inputs, fp32 vectors: each path within atol of the fp32 model."""
+    """Half-precision base and inputs, fp32 vectors: each path within atol of the fp32 model.
+
+    `atol` alone is loose beside the adapter's own effect (about 0.17 at 2 tokens), so the output error is
+    also bounded by a tenth of that effect (measured: bf16 3% / 1%, fp16 0.4% / 0.1% at 2 / 96 tokens),
+    and both vector gradients by 5% of the reference's largest (measured at most 1.4% bf16, 0.1% fp16).
+    """
     torch.manual_seed(0)
     model = Block()
+    base = copy.deepcopy(model)
     attach(model, VeraConfig(r=32, target_modules=("q", "k", "v", "o")))
     with torch.no_grad():
         for layer in vera_layers(model).values():
@@ -299,11 +305,15 @@ def test_low_precision_layer_paths(dtype, atol):
         got = half(x.to(dtype))
         got.float().sum().backward()
         _close(got, want, atol)
+        with torch.no_grad():
+            effect = float((want - base(x)).abs().max())  # what the adapter adds to the fp32 output
+        assert effect > 0.1
+        _close(got, want, 0.1 * effect)
         for n, ly in vera_layers(half).items():
             ref = vera_layers(model)[n]
-            assert ly.vera_d.grad.dtype == torch.float32
-            scale = float(ref.vera_b.grad.abs().max())
-            _close(ly.vera_b.grad, ref.vera_b.grad, 0.05 * scale)
+            assert ly.vera_d.grad.dtype == ly.vera_b.grad.dtype == torch.float32
+            _close(ly.vera_d.grad, ref.vera_d.grad, 0.05 * float(ref.vera_d.grad.abs().max()))
+            _close(ly.vera_b.grad, ref.vera_b.grad, 0.05 * float(ref.vera_b.grad.abs().max()))
 
 
 def test_compile_training_step_matches_eager():

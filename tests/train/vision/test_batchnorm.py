@@ -41,8 +41,15 @@ def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics():
 
 def test_trainable_batchnorm_trains():
     model = _resnet()  # full fine-tuning: the norms' weight and bias train, so do their statistics
+    norms = _norms(model)
+    assert len(norms) >= 5 and all(p.requires_grad for m in norms for p in m.parameters())
+    before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
     train_mode(model)
-    assert all(m.training for m in _norms(model))
+    assert all(m.training for m in norms)
+    model(pixel_values=torch.randn(4, 3, 16, 16) * 3 + 1)  # the frozen test's batch: mean ~1, variance ~9
+    for m, (mean, var, seen) in zip(norms, before, strict=True):
+        assert int(m.num_batches_tracked) == seen + 1
+        assert (m.running_mean - mean).abs().max() > 1e-3 and (m.running_var - var).abs().max() > 1e-3
 
 
 @pytest.mark.usefixtures("one_thread")
