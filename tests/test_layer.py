@@ -218,3 +218,71 @@ def test_core_math_imports_point_down():
                 targets = [node.module] if node.module else [a.name for a in node.names]
                 wrong += [f"{name} imports {t}" for t in targets if t.split(".")[0] not in below]
     assert wrong == []
+
+
+def _compiled_no_grad(module, xs):
+    """Uncompiled and torch.compile(aot_eager, fullgraph) outputs for each x, both gradient-free. The compiled
+    one is a fresh copy: an eager gradient-free call leaves a cache whose key (data pointers) dynamo cannot
+    compare, a graph break that fullgraph=True refuses (without fullgraph the values are the same)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(module), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        return [(module(x), compiled(x)) for x in xs]  # the copy is made before any eager call here
+
+
+@pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])
+def test_compiled_gradient_free_forward_matches_reference(magnitude):
+    """Under torch.compile a gradient-free call skips the cache and, at many tokens, multiplies by W0 + delta
+    built in the graph (the materialized path; DVoRA: scale * (W0 x + delta x), the scale computed in the
+    graph too). Both token counts against the uncompiled forward and a float64 reference from the spec:
+    W = W0 + diag(b) B diag(d) A (reference_weight); DVoRA: W' = m * W / ||W|| per output row."""
+    from dataclasses import replace
+
+    from verakit.layer_plan import Path, plan_forward
+
+    torch.manual_seed(0)
+    model = MLP()
+    base = copy.deepcopy(model)
+    ref = copy.deepcopy(model).double()
+    attach(model, VeraConfig(r=9, target_modules=("up", "down"), seed=3, magnitude=magnitude))
+    randomize_vectors(model, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, layer in vera_layers(model).items():
+            w = reference_weight(layer.base.weight, layer.vera_d, layer.vera_b, 9, 3)
+            if magnitude:
+                layer.vera_m.mul_(1 + 0.2 * torch.randn(layer.vera_m.shape, generator=g))
+                w = (layer.vera_m.double() / w.norm(dim=1)).unsqueeze(1) * w
+            getattr(ref, name).weight.copy_(w)
+    few, many = torch.randn(2, 12), torch.randn(4, 16, 12)
+    for x, (eager, compiled) in zip((few, many), _compiled_no_grad(model, (few, many)), strict=True):
+        with torch.no_grad():
+            want = ref(x.double())
+            assert (want - base(x).double()).abs().max() > 0.05  # the adapter's effect is far above atol
+        torch.testing.assert_close(compiled.double(), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the paths those compiled calls took (call_facts reads is_compiling() as False here)
+        for x, path in ((few, Path.FACTORED), (many, Path.MATERIALIZED)):
+            for layer, xin in ((model.up, x), (model.down, model.act(model.up(x)))):
+                assert plan_forward(replace(layer.call_facts(xin), compiling=True)).path is path
+
+
+def test_compiled_gradient_free_conv_matches_reference():
+    """VeraConv under torch.compile builds W0 + delta as a kernel in the graph for every gradient-free call
+    (no cache): a small and a large batch against the uncompiled forward and the im2col reference."""
+    from test_conv import Wrap, _randomize, reference_conv2d
+
+    torch.manual_seed(0)
+    model = Wrap(nn.Conv2d(3, 8, 3, padding=1))
+    base = copy.deepcopy(model.conv)
+    attach(model, VeraConfig(r=5, target_modules=("conv",), seed=0))
+    layer = vera_layers(model)["conv"]
+    _randomize(layer)
+    d, b = layer.vera_d.detach(), layer.vera_b.detach()
+    xs = (torch.randn(1, 3, 4, 4), torch.randn(4, 3, 12, 12))
+    for x, (eager, compiled) in zip(xs, _compiled_no_grad(model, xs), strict=True):
+        with torch.no_grad():
+            want = reference_conv2d(base, x, d, b, 5)
+            assert (want - base(x).double()).abs().max() > 0.05
+        torch.testing.assert_close(compiled.double(), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
