@@ -221,13 +221,14 @@ def test_core_math_imports_point_down():
 
 
 def _compiled_no_grad(module, xs):
-    """Uncompiled and torch.compile(aot_eager, fullgraph) outputs for each x, both gradient-free. The compiled
-    one is a fresh copy: an eager gradient-free call leaves a cache whose key (data pointers) dynamo cannot
-    compare, a graph break that fullgraph=True refuses (without fullgraph the values are the same)."""
+    """Uncompiled and torch.compile(aot_eager, fullgraph) outputs for each x, both gradient-free, on the same
+    module: the eager calls come first and leave the layers' caches behind, whose keys (data pointers) the
+    compiled calls must not compare (dynamo cannot: a graph break, which fullgraph=True refuses)."""
     torch._dynamo.reset()
-    compiled = torch.compile(copy.deepcopy(module), backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        return [(module(x), compiled(x)) for x in xs]  # the copy is made before any eager call here
+        eager = [module(x) for x in xs]
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        return list(zip(eager, [compiled(x) for x in xs], strict=True))
 
 
 @pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])

@@ -196,11 +196,12 @@ class VeraLinear(nn.Module):
             and not (self.training and isinstance(self.dropout, nn.Dropout))
             and not torch.is_autocast_enabled(x.device.type)
         )
-        c = self._cache
-        current = c is not None and c.key == self._weight_key(x.device, x.dtype)
+        c, compiling = self._cache, torch.compiler.is_compiling()
+        # Under compile the plan never reads the cache, and its key (data pointers) would break the graph.
+        current = not compiling and c is not None and c.key == self._weight_key(x.device, x.dtype)
         return CallFacts(
             merged=self.merged, grad=grad, input_grad=x.requires_grad, one_matmul=one_matmul,
-            compiling=torch.compiler.is_compiling(), tokens=x.numel() // self.in_features, n=self.in_features,
+            compiling=compiling, tokens=x.numel() // self.in_features, n=self.in_features,
             m=self.out_features, r=self.r, cached=current and c.weight is not None,
             tokens_seen=c.tokens_seen if current else 0,
         )
