@@ -303,7 +303,7 @@ def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
     g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded subset of this many "
                    f"rows (default: {default('max_eval_samples')})")
     g.add_argument("--selection-rows", type=int, default=field_default("selection_rows"), help="classification: "
-                   f"carve this many training rows (seeded) to choose {'each trial' if per_trial else 'the checkpoint'} "
+                   f"carve this many training rows (seeded) to score {'the trials and their checkpoints' if per_trial else 'the checkpoints'} "
                    "on, and score dev once with the chosen adapter, an honest figure (default 0: choose on dev)")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=field_default("group_by_length"),
                    help="batches of similar-length examples: far less padding (GLUE: 1.3-2.7x fewer tokens, 1.5-2.9x "
