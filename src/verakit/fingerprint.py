@@ -13,8 +13,8 @@ the base matches when rel <= the tolerance for every module. Casts of one checkp
 FLOAT_TOLERANCE by construction: the stored samples lose under 2^-15 (relative) to truncation, a bf16
 cast moves a weight by at most 2^-8 and an fp16 cast by 2^-11, so two casts of one checkpoint differ by
 at most 2^-8 + 2^-11 + 2^-15 = 0.00443 (under 0.0045) in every entry (fp16 subnormals aside), whatever
-dtypes saved and loaded (measured: at most 0.003, docs/format.md). A quantized base is compared through its dequantized
-weight against the looser QUANT_TOLERANCE of its kind: that tells a re-initialised or unrelated
+dtypes saved and loaded (measured: at most 0.003, docs/format.md). A quantized base is compared through its
+dequantized weight against the looser QUANT_TOLERANCE of its kind: that tells a re-initialised or unrelated
 checkpoint (rel near 1.4) from the one quantized, but not a fine-tune of it.
 """
 
