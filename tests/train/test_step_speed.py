@@ -175,9 +175,7 @@ def test_amx_tip(tmp_path, monkeypatch, make_recipe, caplog):
     assert precision.cpu_has_amx.__wrapped__(str(info)) is False
     assert precision.cpu_has_amx.__wrapped__(str(tmp_path / "absent")) is False
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
-    from verakit.train import loop
-
-    monkeypatch.setattr(loop, "_SHOWN_TIPS", set())  # as in a fresh process
+    monkeypatch.setattr(precision, "_SHOWN_TIPS", set())  # as in a fresh process
     assert "--mixed-precision bf16" in precision.speed_tip("no", "cpu")
     assert precision.speed_tip("bf16", "cpu") is None and precision.speed_tip("no", "cuda") is None
     with caplog.at_level("INFO", logger="verakit.train"):

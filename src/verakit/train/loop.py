@@ -60,9 +60,6 @@ __all__ = [
     "train_mode",
 ]
 
-# Tips said once per process: `verakit tune` runs one loop per trial, and the same line each time is noise.
-_SHOWN_TIPS: set[str] = set()
-
 _clock = time.perf_counter  # every duration the loop measures; tests replace it with a fake clock
 
 
@@ -364,8 +361,7 @@ def run_loop(
                 for line, warning in estimate(step_seconds / timed_steps, eval_seconds, total_steps - step,
                                               evals_left, _clock() - t0, acc.device.type == "cpu"):
                     progress.say(line, warning)
-                if (tip := precision.speed_tip(config.mixed_precision, acc.device.type)) and tip not in _SHOWN_TIPS:
-                    _SHOWN_TIPS.add(tip)
+                if tip := precision.speed_tip_once(config.mixed_precision, acc.device.type):
                     progress.say(tip)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or (config.eval_every and step % config.eval_every == 0):

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MIXED_PRECISIONS", "check_mode", "cpu_has_amx", "speed_tip", "step_context", "training_attention"]
+__all__ = ["MIXED_PRECISIONS", "check_mode", "cpu_has_amx", "speed_tip", "speed_tip_once", "step_context",
+           "training_attention"]
 
 MIXED_PRECISIONS = ("no", "bf16")
 
@@ -85,6 +86,19 @@ def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+
+
+# Tips already said by this process: `verakit tune` runs one loop per trial, and the same line each time is noise.
+_SHOWN_TIPS: set[str] = set()
+
+
+def speed_tip_once(mode: str, device_type: str) -> str | None:
+    """`speed_tip`, or None when this process has said it already."""
+    tip = speed_tip(mode, device_type)
+    if tip is None or tip in _SHOWN_TIPS:
+        return None
+    _SHOWN_TIPS.add(tip)
+    return tip
 
 
 def speed_tip(mode: str, device_type: str) -> str | None:
