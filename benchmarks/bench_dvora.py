@@ -17,23 +17,9 @@ import statistics
 import time
 
 import torch
-from bench_train_options import FOLDERS, GLUE
+from bench_train_options import FOLDERS, GLUE, recipe_for
 
 MODES = ("no", "bf16")  # --mixed-precision
-
-
-def recipe_for(task: str, rows: int, r: int, magnitude: bool):
-    from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
-    from verakit.train.classify.data import load_task
-    from verakit.train.methods import prepare_model
-
-    args = TrainArgs(task=task, data_dir=str(GLUE / FOLDERS[task]), out="unused", method="vera", r=r,
-                     magnitude=magnitude, budget="paper", max_train_samples=rows, quiet=True).resolved()
-    data = load_task(task, args.data_dir, max_train_samples=rows, seed=0)
-    torch.manual_seed(0)
-    model, tok = build_classifier(None, data.spec)
-    prepared = prepare_model(model, args.method_spec())
-    return ClassificationRecipe(prepared, tok, data.spec, data.train, data.dev[:8], args, {})
 
 
 def main() -> None:

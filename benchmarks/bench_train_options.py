@@ -24,13 +24,14 @@ FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "rt
 VARIANTS = {"fp32, random": (False, "no"), "fp32, grouped": (True, "no"), "bf16, grouped": (True, "bf16")}
 
 
-def recipe_for(task: str, rows: int):
+def recipe_for(task: str, rows: int, r: int = 256, magnitude: bool = False):
+    """The classification recipe `verakit train` would build: VeRA r on q/v + the VeRA head, `rows` rows."""
     from verakit.train.classify import ClassificationRecipe, TrainArgs, build_classifier
     from verakit.train.classify.data import load_task
     from verakit.train.methods import prepare_model
 
-    args = TrainArgs(task=task, data_dir=str(GLUE / FOLDERS[task]), out="unused", method="vera", r=256,
-                     budget="paper", max_train_samples=rows, quiet=True).resolved()
+    args = TrainArgs(task=task, data_dir=str(GLUE / FOLDERS[task]), out="unused", method="vera", r=r,
+                     magnitude=magnitude, budget="paper", max_train_samples=rows, quiet=True).resolved()
     data = load_task(task, args.data_dir, max_train_samples=rows, seed=0)
     torch.manual_seed(0)
     model, tok = build_classifier(None, data.spec)

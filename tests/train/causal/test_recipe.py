@@ -173,26 +173,6 @@ def test_save_load_merge_give_identical_greedy_generations(request, tmp_path, fi
 # -------------------------------------------------------------------------------------- CLI, data
 
 
-def test_generate_refuses_a_classification_adapter_before_loading_a_model(tmp_path, monkeypatch, capsys):
-    """A GLUE adapter given to `verakit generate`: one line naming the file and the task, exit 2, and no base
-    model loaded (it used to load SmolLM2 and fail attaching `classifier`)."""
-    from verakit.train import methods
-    from verakit.train.causal import model as causal_model
-
-    adapter = tmp_path / "adapter.safetensors"
-    adapter.write_bytes(b"")  # never read: the run info is
-    monkeypatch.setattr(methods, "read_artifact_info", lambda path: {"task": "sst2", "model": None})
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("a base model was loaded")
-
-    monkeypatch.setattr(causal_model, "build_causal_lm", no_model)
-    assert main(["generate", "--adapter", str(adapter), "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"verakit generate: error: {adapter}: a 'sst2' adapter, not a causal-LM one: generate takes "
-                   "adapters trained with --task e2e / instruct / jsonl (score this one with verakit eval)\n")
-
-
 def test_cli_train_generate_and_eval(tmp_path, llama_dir, jsonl_dir, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--task", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--model", llama_dir,
