@@ -13,7 +13,6 @@ import torch
 from helpers import randomize_vectors
 from verakit import AdapterError, VeraConfig, attach, load_adapter
 from verakit.fileformat import adapter_from_model
-from verakit.inject import AttachError
 from verakit.serve import AdapterBank
 from verakit.slot_tables import SlotTables, to_slot_tables
 from verakit.slots import SlotHeadLinear, SlotLinear
@@ -127,8 +126,34 @@ def test_restore_gives_back_the_plain_model_and_the_bank_uses_the_same_converter
     assert isinstance(bank.tables, SlotTables) and bank.layers is bank.tables.layers and bank.heads is bank.tables.heads
 
 
-def test_training_tables_refuse_dvora_and_serving_tables_take_it(tiny_bert_clf):
-    with pytest.raises(AttachError, match="grouped training of DVoRA"):
-        to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4, magnitude=True)), 3)
-    tables = to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), VeraConfig(r=4, magnitude=True)), 3, trainable=False)
-    assert all(ly.vera_s is None for ly in tables.layers.values())  # no DVoRA slot written yet: plain forward
+def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_clf):
+    """Training tables of a DVoRA model keep a trained m per slot (no scale table), start every slot from the
+    model's m, give each slot's rows the output of its adapter loaded normally, export m exactly and refuse a
+    plain VeRA adapter; serving tables keep no m and start without scales (plain forward)."""
+    from serve.cases import dvora_adapter
+
+    cfg = VeraConfig(r=4, magnitude=True)
+    model = attach(copy.deepcopy(tiny_bert_clf), cfg)
+    start = adapter_from_model(model)
+    tables = to_slot_tables(model, 3)
+    for ly in tables.layers.values():
+        assert ly.vera_s is None and ly.vera_m.requires_grad and ly.vera_m.shape == (3, ly.out_features)
+        assert any(t is ly.vera_m for t in tables.adapter_params())
+    n = next(iter(start.m))
+    torch.testing.assert_close(tables.layers[n].vera_m[2], start.m[n], atol=0, rtol=0)
+    dv = dvora_adapter(tiny_bert_clf, cfg, 1)
+    tables.write(1, dv)
+    inputs = _inputs(4)
+    with torch.no_grad(), tables.rows.use(torch.tensor([1, 0, 1, 2])):
+        mixed = model(**inputs).logits
+    for i, ad in enumerate([dv, None, dv, start]):
+        torch.testing.assert_close(mixed[i : i + 1], _alone(tiny_bert_clf, ad, {k: v[i : i + 1] for k, v in inputs.items()}),
+                                   atol=1e-5, rtol=0)
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-2  # the adapter changes the answer
+    got = tables.export(model, 1, {})
+    assert got.config.magnitude and set(got.m) == set(dv.m)
+    assert all(torch.equal(got.m[k], dv.m[k]) for k in dv.m)
+    with pytest.raises(AdapterError, match="train DVoRA magnitudes on 4 layers; the adapter has magnitudes for 0"):
+        tables.write(2, dvora_adapter(tiny_bert_clf, VeraConfig(r=4), 2))
+    serving = to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), cfg), 3, trainable=False)
+    assert all(ly.vera_s is None and ly.vera_m is None for ly in serving.layers.values())

@@ -12,7 +12,8 @@ leaf of the modules to save (unless the head is shared). The two uses differ in 
   the base model's own, from before `attach` (the bank serves slot 0 as "no adapter").
 * training (`trainable=True`): slots 1..S-1 all start from the model's VeRA vectors and head at conversion,
   slot 0 gets the head as it is at conversion, and the d and b tables train as VeraConfig.train_d / train_b
-  say, the heads (per-slot tables or the shared modules) in full. Everything else is frozen.
+  say (a DVoRA model's m tables always), the heads (per-slot tables or the shared modules) in full.
+  Everything else is frozen.
 
 Ranks: the unit tables have the prefix property (a rank-r adapter uses A[:r], B[:, :r] of the rank-R
 tables), but the fan-in scale s(d_in, r) depends on r; `write` stores a rank-r adapter's d as
@@ -23,8 +24,10 @@ DVoRA adapters (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| pe
 m / ||W0 + delta|| depends only on the adapter (and W0), so `write` computes it once, from the adapter's own
 rank-r delta (`ops.vera_delta`, `ops.magnitude_scale`, as VeraLinear does; the dequantized weight for a
 quantized base) and keeps it in the layer's per-slot vera_s table; plain VeRA slots there hold 1. A batch
-mixing DVoRA, VeRA and base rows still costs the two shared matmuls plus a per-row scaling. The tables keep
-the scale, not m, so a DVoRA slot cannot be exported, and training tables refuse DVoRA templates.
+mixing DVoRA, VeRA and base rows still costs the two shared matmuls plus a per-row scaling. Serving tables
+keep the scale, not m, so a DVoRA slot of a bank cannot be exported. Training tables of a DVoRA template
+keep m instead (SlotLinear.vera_m, trained with d and b), recompute each slot's norm at every step, and
+export m; every adapter written to them must be DVoRA on the same layers.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from torch import nn
 from . import ops
 from .fileformat import Adapter, AdapterError, adapter_from_model
 from .inject import AttachError, detach, vera_state
-from .quant import dequantized_weight, quant_kind
 from .slots import RowSlots, SlotConv, SlotEmbedding, SlotHeadLinear, SlotLinear, slot_layer
 
 __all__ = ["SlotLayer", "SlotTables", "to_slot_tables"]
@@ -83,8 +85,9 @@ class SlotTables:
         return bool(self.saved_modules) and not self.heads
 
     def adapter_params(self) -> tuple[nn.Parameter, ...]:
-        """The trainable vector tables: vera_d (S, r) and vera_b (S, d_out) of every layer."""
-        return tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b) if t.requires_grad)
+        """The trainable vector tables: vera_d (S, r), vera_b (S, d_out) (and DVoRA's vera_m (S, d_out)) of every layer."""
+        return tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b, _trained_m(ly))
+                     if t is not None and t.requires_grad)
 
     def head_params(self, model: nn.Module) -> tuple[nn.Parameter, ...]:
         """Per-slot head tables (S, ...), or the shared head's own parameters."""
@@ -99,7 +102,8 @@ class SlotTables:
     def tables(self) -> tuple[nn.Parameter, ...]:
         """Every per-slot table, trainable or not (what a bank allocates: up front, DVoRA scales at first use)."""
         vectors = tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b))
-        scales = tuple(ly.vera_s for ly in self.layers.values() if isinstance(ly, SlotLinear) and ly.vera_s is not None)
+        scales = tuple(t for ly in self.layers.values() if isinstance(ly, SlotLinear)
+                       for t in (ly.vera_s, ly.vera_m) if t is not None)
         return vectors + scales + tuple(getattr(h, a) for h, a in self.head_tensors.values())
 
     def check(self, adapter: Adapter) -> None:
@@ -148,11 +152,17 @@ class SlotTables:
             raise ValueError(f"slot {slot} is outside 1..{self.slots - 1} (slot 0 is the base model)")
         self.check(adapter)
         r = adapter.config.r
+        trained_m = {n for n, ly in self.layers.items() if _trained_m(ly) is not None}
+        if trained_m and set(adapter.m) != trained_m:
+            raise AdapterError(f"{adapter.path or '<adapter>'}: these training tables train DVoRA magnitudes on "
+                               f"{len(trained_m)} layers; the adapter has magnitudes for {len(adapter.m)}")
         with torch.no_grad():
             # DVoRA scales first: an adapter refused here leaves the slot as it was
-            scales = {n: _magnitude_scale(self.layers[n], adapter, n, self.modules[n][2]) for n in adapter.m}
+            scales = {n: _magnitude_scale(self.layers[n], adapter, n) for n in adapter.m if n not in trained_m}
             for n, layer in self.layers.items():
-                if isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
+                if n in trained_m:
+                    layer.vera_m[slot].copy_(adapter.m[n])
+                elif isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
                     row = layer.magnitude_table()[slot]
                     if n in scales:
                         row.copy_(scales[n])
@@ -181,6 +191,7 @@ class SlotTables:
         t = self.template
         d = {n: ly.vera_d[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
         b = {n: ly.vera_b[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
+        m = {n: mt[slot].detach().float().cpu().clone() for n, ly in self.layers.items() if (mt := _trained_m(ly)) is not None}
         state = model.state_dict() if self.shared_head else {}
         saved = {}
         for k in t.saved:
@@ -189,7 +200,7 @@ class SlotTables:
             saved[k] = src.detach().cpu().clone()
         # the base weights never change in the tables, so the template's samples of them hold for every slot
         return Adapter(t.config, t.model_type, t.architecture, dict(t.modules), d, b, saved, dict(extra),
-                       projection=t.projection, samples=t.samples)
+                       projection=t.projection, samples=t.samples, m=m)
 
     def restore(self, model: nn.Module) -> nn.Module:
         """Put the plain base layers and the replaced head leaves back into `model` and return it."""
@@ -211,9 +222,6 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
     if merged:
         raise AttachError(f"to_slot_tables: VeRA is merged into {merged[:3]}; unmerge(model) first")
     template = adapter_from_model(model)
-    if trainable and template.m:
-        raise AttachError("to_slot_tables: grouped training of DVoRA (magnitude) adapters is not supported: each "
-                          "slot's row norms depend on its own delta at every step; train them one at a time")
     cfg, saved = state.config, state.saved_modules
     taken = {n: (ly.base, ly.projection, ly.dropout) for n, ly in state.layers.items()}
     detach(model)  # base layers back in place; heads back to their values at attach time (the bank's slot 0)...
@@ -235,6 +243,8 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
                 heads[full] = _replace(model, full, SlotHeadLinear(leaf, slots, rows, full))
     tables = SlotTables(rows, layers, heads, saved, template, originals)
     if trainable:
+        for n in template.m:  # DVoRA: m trains with d and b (DVoRA adapts linear layers only: config-checked)
+            layers[n].train_magnitude()
         for slot in range(1, slots):
             tables.write(slot, template)
         for layer in layers.values():
@@ -245,16 +255,16 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
     return tables
 
 
-def _magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str, kind: str) -> torch.Tensor:
+def _trained_m(layer: SlotLayer) -> nn.Parameter | None:
+    return layer.vera_m if isinstance(layer, SlotLinear) else None
+
+
+def _magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str) -> torch.Tensor:
     """Semantics: m / ||W0 + delta|| per output row (d_out,), float32, for `adapter`'s layer `name` at its own
     rank r (A_sl[:r], B_sl[:, :r], scale s(d_in, r)), the same delta the VeRA layer of rank r forms."""
     r, dev = adapter.config.r, layer.vera_b.device
     A, B = layer.slices(dev, torch.float32)
-    if quant_kind(layer.base) is not None:
-        w0 = dequantized_weight(layer.base)  # what the quantized layer multiplies by, as VeraLinear's norm uses
-    else:
-        w0 = layer.base.weight.detach()
-        w0 = w0.t() if kind == "conv1d" else w0  # (d_out, d_in): transformers' Conv1D stores W0 transposed
+    w0 = layer.plain_weight()  # dequantized for a quantized base, as VeraLinear's norm uses
     delta = ops.vera_delta(A[:r], B[:, :r], adapter.d[name].to(dev), adapter.b[name].to(dev),
                            layer.projection.scale(layer.fan_in, r))
     return ops.magnitude_scale(w0, delta, adapter.m[name].to(dev))

@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .layer import VeraLinear, check_fits, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
 from .layer_conv import conv_adapter
 from .layer_embedding import VeraEmbedding, looked_up
+from .leaves import is_conv1d_leaf
 from .projection import Projection
+from .quant import dequantized_weight, quant_kind
 
 __all__ = ["RowSlots", "SlotLinear", "SlotConv", "SlotEmbedding", "SlotHeadLinear", "slot_layer"]
 
@@ -111,6 +114,11 @@ class SlotLinear(nn.Module):
     table exists only once a DVoRA adapter was written (`magnitude_table`): until then the forward is the
     plain one. With it, a batch still costs the two shared matmuls plus per-row scaling, and s = 1 rows get
     bit for bit the plain answer ((s - 1) * W0x is exactly zero).
+
+    Grouped DVoRA training keeps m instead (vera_m (S, d_out), trained; `train_magnitude`): each step
+    computes s = m / ||W0 + delta|| for every slot in the batch from that slot's current d and b (the norm
+    detached, as VeraLinear), so a group's gradients equal those of its DVoRA layer alone. The price is one
+    (d_out, d_in) weight per distinct slot in the batch and layer, where a single DVoRA layer forms one.
     """
 
     def __init__(
@@ -123,6 +131,8 @@ class SlotLinear(nn.Module):
         _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
         self.vera_s: nn.Parameter | None  # (S, d_out) DVoRA scale per slot, or None: no DVoRA slot yet
         self.register_parameter("vera_s", None)
+        self.vera_m: nn.Parameter | None  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
+        self.register_parameter("vera_m", None)
 
     @property
     def slots(self) -> int:
@@ -134,6 +144,23 @@ class SlotLinear(nn.Module):
             self.vera_s = nn.Parameter(torch.ones_like(self.vera_b), requires_grad=False)
         return self.vera_s
 
+    def train_magnitude(self) -> nn.Parameter:
+        """vera_m (S, d_out), trained, allocated on first use at W0's row norms (identity); the caller writes
+        each slot's m. Not with a vera_s table: a layer either keeps scales (serving) or trains m."""
+        if self.vera_s is not None:
+            raise RuntimeError(f"SlotLinear {self.name!r}: holds serving scales (vera_s); cannot also train m")
+        if self.vera_m is None:
+            norms = ops.row_norms(self.plain_weight().float())  # (d_out,)
+            self.vera_m = nn.Parameter(norms.expand_as(self.vera_b).clone())
+        return self.vera_m
+
+    def plain_weight(self) -> torch.Tensor:
+        """W0 (d_out, d_in) as the layer multiplies by it: dequantized for a quantized base, Conv1D transposed."""
+        if quant_kind(self.base) is not None:
+            return dequantized_weight(self.base)
+        w = self.base.weight.detach()
+        return w.t() if is_conv1d_leaf(self.base) else w
+
     # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it.
     slices = VeraLinear.slices
 
@@ -144,11 +171,29 @@ class SlotLinear(nn.Module):
             return y  # every row is in slot 0, whose vectors are zero (and get zero gradient: d = b = 0)
         A, B = self.slices(x.device, x.dtype)
         h = _row_tail(self, F.linear(self.dropout(x), A), B, ids)  # (B, ..., d_out)
-        if self.vera_s is None:
+        if self.vera_m is not None:
+            s = self._trained_scale(ids).view(ids.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype)
+        elif self.vera_s is not None:
+            s = _per_row(self.vera_s, ids, x.dim()).to(x.dtype)  # (B, 1, ..., d_out)
+        else:
             return y + h
-        s = _per_row(self.vera_s, ids, x.dim()).to(x.dtype)  # (B, 1, ..., d_out)
         w0x = y if self.base.bias is None else y - self.base.bias  # the bias is outside the decomposed weight
         return y + (s - 1) * w0x + s * h  # = s * (W0 x + delta x) + bias
+
+    def _trained_scale(self, ids: torch.Tensor) -> torch.Tensor:
+        """Semantics: m[ids] / ||W0 + delta[ids]|| per row (B, d_out) float32, with m's gradient; 1 for slot 0.
+        One norm per distinct slot, formed as VeraLinear forms its own (`ops.vera_delta` with base, float32)."""
+        assert self.vera_m is not None
+        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B,)
+        A, B = self.slices(self.vera_b.device, torch.float32)
+        w0 = self.plain_weight().float()
+        d, b = self.vera_d.detach(), self.vera_b.detach()
+        with torch.no_grad():  # one (d_out, d_in) temporary at a time; the norm is a constant in backward (DoRA)
+            norms = torch.stack([ops.row_norms(ops.vera_delta(A, B, d[u], b[u], self.scale, base=w0))
+                                 for u in uniq.tolist()]).clamp_min(torch.finfo(torch.float32).tiny)  # (U, d_out)
+        s = self.vera_m.index_select(0, uniq) / norms  # ops.magnitude_scale's quotient, per slot
+        s = torch.where((uniq == 0).unsqueeze(1), torch.ones_like(s), s)  # slot 0 is the base model: never rescaled
+        return s.index_select(0, inverse)  # (B, d_out)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"

@@ -198,8 +198,8 @@ def test_only_d_learns_the_tiny_task(tmp_path, tiny_bert_dir):
 def test_magnitude_trains_a_dvora_file_and_is_refused_elsewhere(tmp_path, capsys, tiny_bert_dir, tiny_task):
     """--magnitude: a tiny run writes an adapter file with vera_m (d_out, fp32) for every adapted layer, the
     magnitudes moved from their start (W0's row norms), and `verakit eval` of the file reproduces the
-    training-time dev metric; with another method, the image task or --group-column it is refused by name
-    (causal LMs take it: tests/train/causal/test_recipe.py)."""
+    training-time dev metric; with another method or the image task it is refused by name (causal LMs take
+    it: tests/train/causal/test_recipe.py; --group-column: tests/train/grouped/test_recipe.py)."""
     base = ["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--r", "16",
             "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "dvora"), "--magnitude"]) == 0
@@ -221,7 +221,6 @@ def test_magnitude_trains_a_dvora_file_and_is_refused_elsewhere(tmp_path, capsys
     refused = {
         "lora": (["--method", "lora"], "magnitude: VeRA options, but the method is 'lora'"),
         "images": (["--task", "images"], "--magnitude: VeRA ablation options are wired for classification tasks only"),
-        "grouped": (["--group-column", "g"], "--magnitude (DVoRA) is not wired for --group-column"),
     }
     for case, (flags, message) in refused.items():
         assert main([*base, "--out", str(tmp_path / case), "--magnitude", *flags]) == 2, case

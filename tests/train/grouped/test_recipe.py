@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from helpers import randomize_vectors
 from train.conftest import NEGATIVE, NEUTRAL, POSITIVE
-from verakit import VeraConfig, attach, load_adapter, read_adapter
+from verakit import VeraConfig, attach, load_adapter, read_adapter, vera_layers
 from verakit.cli import main
 from verakit.fileformat import adapter_from_model
 from verakit.slot_tables import to_slot_tables
@@ -46,12 +46,18 @@ def write_grouped_task(folder: Path, groups: list[str], n_train: int, n_dev: int
 # ---------------------------------------------------------------- gradients vs each group alone
 
 
-def _group_adapters(base, n: int, shared_head: bool):
-    """n adapters on the tiny BERT with random vectors and (unless shared) different heads."""
-    model = attach(copy.deepcopy(base), VeraConfig(r=8, target_modules=("query", "value")))
+def _group_adapters(base, n: int, shared_head: bool, magnitude: bool = False):
+    """n adapters on the tiny BERT with random vectors, (DVoRA) magnitudes off W0's row norms and (unless
+    shared) different heads."""
+    model = attach(copy.deepcopy(base), VeraConfig(r=8, target_modules=("query", "value"), magnitude=magnitude))
+    m0 = {n: ly.vera_m.detach().clone() for n, ly in vera_layers(model).items() if ly.vera_m is not None}
     out = []
     for i in range(n):
         randomize_vectors(model, seed=10 + i)
+        with torch.no_grad():
+            for name, m in m0.items():  # each group's rows scaled by 1 + 0.3 N(0, 1)
+                g = torch.Generator().manual_seed(30 + i)
+                vera_layers(model)[name].vera_m.copy_(m * (1 + 0.3 * torch.randn(m.shape, generator=g)))
         if i == 0 or not shared_head:  # heads far from the 0.02-std init, so gradients are not tiny
             g = torch.Generator().manual_seed(20 + i)
             with torch.no_grad():
@@ -71,13 +77,14 @@ def _batch(n_rows: int, seed: int = 0):
     return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(0, 3, (n_rows,), generator=g)
 
 
-@pytest.mark.parametrize("shared_head", [False, True])
-def test_one_sgd_step_equals_each_group_trained_alone(tiny_bert_clf, shared_head):
+@pytest.mark.parametrize("shared_head, magnitude", [(False, False), (True, False), (False, True)],
+                         ids=["per-group-heads", "shared-head", "dvora"])
+def test_one_sgd_step_equals_each_group_trained_alone(tiny_bert_clf, shared_head, magnitude):
     """Sum-reduced loss over a mixed batch of 3 groups (slot 4 allocated but absent): each group's d, b
-    and head gradients and SGD step equal those of that group alone on its rows; a shared head's
-    gradient is the sum of the groups' head gradients; the absent slot gets exactly zero."""
+    (DVoRA: and m) and head gradients and SGD step equal those of that group alone on its rows; a shared
+    head's gradient is the sum of the groups' head gradients; the absent slot gets exactly zero."""
     base = tiny_bert_clf  # eval mode: no dropout, so both sides see the same function
-    attached, adapters = _group_adapters(base, 3, shared_head)
+    attached, adapters = _group_adapters(base, 3, shared_head, magnitude)
     model = copy.deepcopy(attached)
     tables = to_slot_tables(model, 5, per_slot_heads=not shared_head)
     for i, ad in enumerate(adapters):
@@ -100,12 +107,20 @@ def test_one_sgd_step_equals_each_group_trained_alone(tiny_bert_clf, shared_head
         layers = dict(alone.named_modules())
         for name, layer in tables.layers.items():
             ref = layers[name]
-            assert ref.vera_d.grad.abs().max() > 1e-3  # a real gradient, not two zeros compared
+            # a real gradient, not two zeros compared (DVoRA's is smaller: m / ||W0 + delta|| < 1 at these vectors)
+            assert ref.vera_d.grad.abs().max() > (2e-4 if magnitude else 1e-3)
             torch.testing.assert_close(layer.vera_d.grad[i + 1], ref.vera_d.grad, atol=1e-6, rtol=0)
             torch.testing.assert_close(layer.vera_b.grad[i + 1], ref.vera_b.grad, atol=1e-6, rtol=0)
             torch.testing.assert_close(layer.vera_d[i + 1], ref.vera_d - 0.5 * ref.vera_d.grad, atol=1e-6, rtol=0)
             torch.testing.assert_close(layer.vera_b[i + 1], ref.vera_b - 0.5 * ref.vera_b.grad, atol=1e-6, rtol=0)
             assert layer.vera_d.grad[4].abs().max() == 0 and layer.vera_b.grad[4].abs().max() == 0
+            if magnitude:  # m's gradient is (W0 x + delta x) / ||W0 + delta||: O(1) sums over tokens
+                assert ref.vera_m.grad.abs().max() > 2e-4  # m ~ 0.1 on this model (W0 std 0.02): small, not zero
+                torch.testing.assert_close(layer.vera_m.grad[i + 1], ref.vera_m.grad, atol=2e-7, rtol=1e-4)
+                torch.testing.assert_close(layer.vera_m[i + 1], ref.vera_m - 0.5 * ref.vera_m.grad, atol=2e-7, rtol=0)
+                assert layer.vera_m.grad[4].abs().max() == 0 and layer.vera_m.grad[0].abs().max() == 0
+            else:
+                assert layer.vera_m is None
         for head in ("bert.pooler.dense", "classifier"):
             for attr in ("weight", "bias"):
                 ref_grad = getattr(layers[head], attr).grad
@@ -123,8 +138,9 @@ def test_one_sgd_step_equals_each_group_trained_alone(tiny_bert_clf, shared_head
         torch.testing.assert_close(p.detach(), b - 0.5 * p.grad, atol=0, rtol=0)
 
 
-def _grouped_recipe(model_dir, data_dir: Path):
-    """(GroupedRecipe over the tiny task's groups with r=8 and per-group heads, the initial adapter, data)."""
+def _grouped_recipe(model_dir, data_dir: Path, magnitude: bool = False):
+    """(GroupedRecipe over the tiny task's groups with r=8 (DVoRA with `magnitude`) and per-group heads, the
+    initial adapter, data)."""
     from verakit.train.classify import TrainArgs, build_classifier
     from verakit.train.classify.data import load_task
     from verakit.train.grouped import GroupedArgs, GroupedRecipe, plan_groups
@@ -133,10 +149,11 @@ def _grouped_recipe(model_dir, data_dir: Path):
     data = load_task("csv", data_dir, group_column="customer")
     groups = plan_groups(data.train, "customer", 10, 1, "test")
     args = GroupedArgs(TrainArgs(task="csv", data_dir=str(data_dir), out="unused", model=model_dir, r=8,
-                                 epochs=3, batch_size=8, lr=2e-2, head_lr=1e-2, quiet=True).resolved(), "customer")
+                                 epochs=3, batch_size=8, lr=2e-2, head_lr=1e-2, quiet=True, magnitude=magnitude).resolved(),
+                       "customer")
     torch.manual_seed(0)
     model, tok = build_classifier(model_dir, data.spec)
-    prepare_model(model, MethodSpec("vera", 8, 0.1, None, 0))
+    prepare_model(model, MethodSpec("vera", 8, 0.1, None, 0, magnitude=magnitude))
     init = adapter_from_model(model)
     tables = to_slot_tables(model, len(groups) + 1)
     return GroupedRecipe(model, tables, groups, tok, data.spec, data.train, data.dev, args, {}), init, data
@@ -170,10 +187,12 @@ def test_ctrl_c_then_resume_equals_uninterrupted_grouped_run(tmp_path, tiny_bert
     assert json.loads((tmp_path / "resumed" / "group_metrics.json").read_text()) == full.group_metrics
 
 
-def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
+@pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])
+def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir, magnitude):
     """A whole run_loop of GroupedRecipe (3 epochs, warmup, weight decay) against the slow reference: per
     group, a model of its own with torch's AdamW, stepped only at the global steps where its rows were in
-    the batch, on those rows' share of the batch loss, at the schedule's lr of that step."""
+    the batch, on those rows' share of the batch loss, at the schedule's lr of that step. DVoRA: each
+    group's m too, its row norms recomputed from its own vectors at every step."""
     from transformers import get_linear_schedule_with_warmup
 
     from verakit.train.batching import epoch_order as _epoch_order
@@ -181,7 +200,7 @@ def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
     from verakit.train.loop import LoopConfig, run_loop
 
     data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 9)
-    recipe, init, data = _grouped_recipe(tiny_bert_dir, data_dir)
+    recipe, init, data = _grouped_recipe(tiny_bert_dir, data_dir, magnitude)
     model, tables, groups = recipe.model, recipe.tables, recipe.groups
     cfg = LoopConfig(epochs=3, batch_size=8, warmup_ratio=0.2, weight_decay=0.05, seed=1, quiet=True)
     run_loop(recipe, cfg, tmp_path / "run", optimizer_factory=recipe.make_optimizer)
@@ -218,9 +237,13 @@ def test_grouped_run_equals_per_group_adamw_reference(tmp_path, tiny_bert_dir):
         got = tables.export(model, i + 1, {})
         expected = adapter_from_model(ref)
         assert (got.b[next(iter(got.b))] - init.b[next(iter(init.b))]).abs().max() > 1e-3  # it trained
+        assert set(got.m) == set(expected.m) == (set(expected.d) if magnitude else set())
         for n in expected.d:
             torch.testing.assert_close(got.d[n], expected.d[n], atol=2e-5, rtol=0)
             torch.testing.assert_close(got.b[n], expected.b[n], atol=2e-5, rtol=0)
+        for n in expected.m:
+            assert (got.m[n] - init.m[n]).abs().max() > 1e-3  # m trained...
+            torch.testing.assert_close(got.m[n], expected.m[n], atol=2e-5, rtol=0)  # ...as the group alone
         for k in expected.saved:
             torch.testing.assert_close(got.saved[k], expected.saved[k], atol=2e-5, rtol=0)
 
@@ -249,9 +272,11 @@ def _alone(model_dir, data_dir: Path):
 
     return evaluate
 
-def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_dir):
+@pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])
+def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_dir, magnitude):
     """Names are sanitized, metrics.json and report.md list every group, each file loaded alone gives its
-    recorded dev metric, and `verakit serve`'s engine on RUN_DIR/adapters answers as the file alone does."""
+    recorded dev metric, and `verakit serve`'s engine on RUN_DIR/adapters answers as the file alone does;
+    with --magnitude every file is a DVoRA adapter (m per layer)."""
     from verakit.serve.engine import Engine
     from verakit.serve.options import ServeOptions
     from verakit.train.classify.data import load_task
@@ -260,7 +285,7 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     run_dir = tmp_path / "run"
     rc = main(["train", "--task", "csv", "--data-dir", str(data_dir), "--out", str(run_dir), "--model", tiny_bert_dir,
                "--group-column", "customer", "--r", "16", "--epochs", "2", "--batch-size", "16", "--lr", "2e-2",
-               "--head-lr", "2e-2", "--quiet"])
+               "--head-lr", "2e-2", "--quiet", *(["--magnitude"] if magnitude else [])])
     assert rc == 0, capsys.readouterr().err
     assert "csv vera x 3 groups: best dev mean_group_accuracy" in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -268,8 +293,8 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     assert {n: g["group"] for n, g in metrics["groups"].items()} == names
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == [f"{n}.safetensors" for n in sorted(names)]
     assert metrics["n_groups"] == 3 and metrics["n_train"] == 60 and metrics["n_eval"] == 24
-    # 2 layers x {query, value} and the pooler's dense layer (default --head vera) x (d + b)
-    assert metrics["trainable_params"] == (2 * 2 + 1) * (16 + 32)
+    # 2 layers x {query, value} and the pooler's dense layer (default --head vera) x (d + b (+ m))
+    assert metrics["trainable_params"] == (2 * 2 + 1) * (16 + 32 + (32 if magnitude else 0))
     report = (run_dir / "report.md").read_text()
     assert "| `initech_eu` | initech/eu | 20 | 8 |" in report
     scores = [g["metric"]["accuracy"] for g in metrics["groups"].values()]
@@ -282,7 +307,9 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     try:
         for name, group in names.items():
             path = run_dir / "adapters" / f"{name}.safetensors"
-            assert read_adapter(path).extra["group"] == group
+            adapter = read_adapter(path)
+            assert adapter.extra["group"] == group and adapter.config.magnitude is magnitude
+            assert len(adapter.m) == (5 if magnitude else 0)
             alone, logits = evaluate_alone(path, group)
             assert alone == metrics["groups"][name]["metric"]
             served = engine.classify(name, engine.encode_inputs(texts[group])).result(timeout=60)

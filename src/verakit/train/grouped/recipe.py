@@ -79,8 +79,6 @@ class GroupedArgs:
             raise ValueError("GroupedArgs.group_column must name a column")
         if self.train.adapter_compute_dtype != "fp32":  # the slot tables compute in fp32 only
             raise ValueError(COMPUTE_DTYPE_REFUSED)
-        if self.train.magnitude:  # a DVoRA slot's row norms depend on its own delta at every step
-            raise ValueError("--magnitude (DVoRA) is not wired for --group-column: train DVoRA adapters one at a time")
         if self.train.selection_rows:  # each group would need its own carved rows
             raise ValueError("--selection-rows is not wired for --group-column: groups choose on their dev rows")
         for name in ("max_groups", "min_group_examples"):
