@@ -110,14 +110,20 @@ async def _burst(port: int, n: int, inputs: list[str], timeout: float) -> list[t
     async def one(i: int) -> tuple[int | str, str, float]:
         body = json.dumps({"adapter": f"a{i % 4}", "inputs": inputs}).encode()
         start = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                raw = await reader.read()
-                writer.close()
-        except (OSError, TimeoutError) as e:
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            raw = await reader.read()
+            writer.close()
+            return raw
+
+        try:  # wait_for, not asyncio.timeout: Python 3.10 is supported
+            raw = await asyncio.wait_for(exchange(), timeout)
+        except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
+            return "TimeoutError", "", time.perf_counter() - start
+        except OSError as e:
             return type(e).__name__, "", time.perf_counter() - start
         head, _, payload = raw.partition(b"\r\n\r\n")
         if not head:

@@ -90,10 +90,9 @@ class Limits:
             nonlocal body_done
             if body_done:
                 return await receive()
-            try:
-                async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
-                    message = await receive()
-            except TimeoutError:
+            try:  # wait_for, not asyncio.timeout (3.11+): Python 3.10 is supported
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11
                 # Connection: close, or uvicorn would keep reading the trickle after the answer.
                 raise HTTPException(408, f"request body not received within {self.body_timeout_s:g} s "
                                     "(--body-timeout-s)", headers={"Connection": "close"}) from None
