@@ -126,12 +126,14 @@ def test_restore_gives_back_the_plain_model_and_the_bank_uses_the_same_converter
     assert isinstance(bank.tables, SlotTables) and bank.layers is bank.tables.layers and bank.heads is bank.tables.heads
 
 
-def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_clf):
+def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_clf, monkeypatch):
     """Training tables of a DVoRA model keep a trained m per slot (no scale table), start every slot from the
     model's m, give each slot's rows the output of its adapter loaded normally, export m exactly and refuse a
     plain VeRA adapter; serving tables keep no m and start without scales (plain forward)."""
     from serve.cases import dvora_adapter
+    from verakit import ops
 
+    vera_delta = ops.vera_delta
     cfg = VeraConfig(r=4, magnitude=True)
     model = attach(copy.deepcopy(tiny_bert_clf), cfg)
     start = adapter_from_model(model)
@@ -150,6 +152,19 @@ def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_
         torch.testing.assert_close(mixed[i : i + 1], _alone(tiny_bert_clf, ad, {k: v[i : i + 1] for k, v in inputs.items()}),
                                    atol=1e-5, rtol=0)
     assert (mixed[0] - mixed[1]).abs().max() > 1e-2  # the adapter changes the answer
+    # each slot's norm is formed once while d and b stay (an evaluation pass), again once they change
+    calls = []
+    monkeypatch.setattr(ops, "vera_delta", lambda *a, **k: calls.append(1) or vera_delta(*a, **k))
+    with torch.no_grad(), tables.rows.use(torch.tensor([1, 2])):
+        model(**{k: v[:2] for k, v in inputs.items()})
+    assert calls == []
+    dv2 = dvora_adapter(tiny_bert_clf, cfg, 3)
+    tables.write(2, dv2)
+    with torch.no_grad(), tables.rows.use(torch.tensor([1, 2])):
+        again = model(**{k: v[:2] for k, v in inputs.items()}).logits
+    assert len(calls) == 2 * len(tables.layers)  # slots 1 and 2 (both layers' tables changed): no stale norm
+    torch.testing.assert_close(again[1:], _alone(tiny_bert_clf, dv2, {k: v[1:2] for k, v in inputs.items()}), atol=1e-5, rtol=0)
+    tables.write(2, start)
     got = tables.export(model, 1, {})
     assert got.config.magnitude and set(got.m) == set(dv.m)
     assert all(torch.equal(got.m[k], dv.m[k]) for k in dv.m)

@@ -133,6 +133,8 @@ class SlotLinear(nn.Module):
         self.register_parameter("vera_s", None)
         self.vera_m: nn.Parameter | None  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
         self.register_parameter("vera_m", None)
+        self._norms_key: tuple[int, ...] | None = None  # (versions, pointers) of d and b the norms were formed at
+        self._norms: dict[int, torch.Tensor] = {}  # slot -> ||W0 + delta|| (d_out,), see _row_norms
 
     @property
     def slots(self) -> int:
@@ -181,19 +183,31 @@ class SlotLinear(nn.Module):
         return y + (s - 1) * w0x + s * h  # = s * (W0 x + delta x) + bias
 
     def _trained_scale(self, ids: torch.Tensor) -> torch.Tensor:
-        """Semantics: m[ids] / ||W0 + delta[ids]|| per row (B, d_out) float32, with m's gradient; 1 for slot 0.
-        One norm per distinct slot, formed as VeraLinear forms its own (`ops.vera_delta` with base, float32)."""
+        """Semantics: m[ids] / ||W0 + delta[ids]|| per row (B, d_out) float32, with m's gradient; 1 for slot 0."""
         assert self.vera_m is not None
         uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B,)
-        A, B = self.slices(self.vera_b.device, torch.float32)
-        w0 = self.plain_weight().float()
-        d, b = self.vera_d.detach(), self.vera_b.detach()
-        with torch.no_grad():  # one (d_out, d_in) temporary at a time; the norm is a constant in backward (DoRA)
-            norms = torch.stack([ops.row_norms(ops.vera_delta(A, B, d[u], b[u], self.scale, base=w0))
-                                 for u in uniq.tolist()]).clamp_min(torch.finfo(torch.float32).tiny)  # (U, d_out)
-        s = self.vera_m.index_select(0, uniq) / norms  # ops.magnitude_scale's quotient, per slot
+        s = self.vera_m.index_select(0, uniq) / self._row_norms(uniq.tolist())  # ops.magnitude_scale's quotient
         s = torch.where((uniq == 0).unsqueeze(1), torch.ones_like(s), s)  # slot 0 is the base model: never rescaled
         return s.index_select(0, inverse)  # (B, d_out)
+
+    def _row_norms(self, slots: list[int]) -> torch.Tensor:
+        """||W0 + delta|| (U, d_out) float32 of `slots`, no gradient (a constant in backward, as in DoRA), each
+        formed as VeraLinear forms its own (`ops.vera_delta` with base, float32), one (d_out, d_in) temporary
+        at a time. Kept per slot until d or b change (an optimizer step, a write): an evaluation pass, whose
+        batches revisit the same groups, forms each group's norm once, not once per batch."""
+        d, b = self.vera_d, self.vera_b
+        key = (d._version, b._version, d.data_ptr(), b.data_ptr())
+        if self._norms_key != key:
+            self._norms_key, self._norms = key, {}
+        missing = [u for u in slots if u not in self._norms]
+        if missing:
+            A, B = self.slices(b.device, torch.float32)
+            w0 = self.plain_weight().float()
+            with torch.no_grad():
+                for u in missing:
+                    full = ops.vera_delta(A, B, d[u], b[u], self.scale, base=w0)
+                    self._norms[u] = ops.row_norms(full).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.stack([self._norms[u] for u in slots])
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
