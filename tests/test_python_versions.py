@@ -1,5 +1,6 @@
-"""pyproject's requires-python is honest: nothing in the package, its tests, benchmarks or experiments needs a
-newer Python than the oldest one declared. Only 3.11 runs here, so the check is static: vermin reads the
+"""pyproject's floors are honest. requires-python: nothing in the package, its tests, benchmarks or experiments
+needs a newer Python than the oldest one declared. torch: the floor in pyproject and README is the one
+verakit checks at import (`_torch_check.MIN_TORCH`), and an older torch is refused by name. Only 3.11 runs here, so the check is static: vermin reads the
 syntax and standard-library members each file uses (it caught `asyncio.timeout`, 3.11+, in the server's
 body-timeout path, which would have failed at request time on 3.10)."""
 
@@ -41,3 +42,24 @@ def test_no_file_needs_a_newer_python_than_requires_python():
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, f"needs a Python newer than {oldest}:\n{run.stdout}{run.stderr}"
+
+
+def test_torch_floor_is_the_same_in_pyproject_readme_and_the_import_check():
+    from verakit._torch_check import MIN_TORCH
+
+    need = ".".join(map(str, MIN_TORCH))
+    assert re.search(r'^dependencies = \["torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1) == need
+    assert f"Any torch >= {need} works" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("version, ok", [("2.3.1+cpu", False), ("1.13.1", False), ("2.4.0", True),
+                                         ("2.13.0+cpu", True), ("2.10.0a0+git1234", True), ("3.0", True),
+                                         ("weird", True)])
+def test_an_older_torch_is_refused_at_import_naming_both_versions(version, ok):
+    from verakit._torch_check import check_torch
+
+    if ok:
+        check_torch(version)
+        return
+    with pytest.raises(ImportError, match=rf"verakit needs torch >= 2\.4, found torch {re.escape(version)}"):
+        check_torch(version)

@@ -4,6 +4,7 @@ Core API (torch + safetensors only): attach VeRA to a model, train its vectors, 
 files, merge into the base weights.
 """
 
+from . import _torch_check  # noqa: F401  (first: refuses a torch older than the layers need)
 from ._version import __version__
 from .config import ConfigError, VeraConfig
 from .fileformat import Adapter, AdapterError, BaseMismatchError, load_adapter, read_adapter, save_adapter

@@ -53,7 +53,11 @@ def shard(acc: Accelerator, model: nn.Module) -> nn.Module:
     """`model` sharded with FSDP2 over all ranks, following accelerate's FSDP flags; in place on CPU."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ValueError(f"FSDP2 training needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                         f"{torch.__version__}: upgrade torch, or train with DDP") from None
 
     on_accelerator = acc.distributed_type == DistributedType.FSDP
     plugin = acc.state.fsdp_plugin if on_accelerator else FullyShardedDataParallelPlugin()
