@@ -52,10 +52,8 @@ FORMAT_NAME = "verakit.adapter"
 # (VeraConfig.magnitude), which a version-2 reader would drop; only DVoRA files are written as version 3.
 FORMAT_VERSION = 3
 _V1_KINDS = ("linear", "conv1d")
-# MAX_PROJECTION_ELEMENTS (defined in `projection`, still importable from here): a "peft-torch" projection is
-# generated from (seed, rank, max_in, max_out) in the file's metadata, which no tensor backs, and an
-# embedding's vocabulary sets the table width, so a crafted file could ask for any table size; both are
-# refused above it.
+# MAX_PROJECTION_ELEMENTS (from `projection`): a module's d_in, a "peft-torch" pair's widths and an embedding's
+# vocabulary are metadata no tensor backs, so a crafted file could ask for any table size: refused above it.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # Largest safetensors header (the JSON after the 8-byte length prefix) a reader accepts. An adapter's header
@@ -328,6 +326,11 @@ def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str
     if emb and need > MAX_PROJECTION_ELEMENTS:
         raise _fail(path, f"embedding {emb[0]!r} needs projection tables of {need:,} elements, above the limit of "
                           f"{MAX_PROJECTION_ELEMENTS:,} (verakit.projection.MAX_PROJECTION_ELEMENTS)")
+    # d_in of any kind is metadata no tensor backs (b backs d_out, d backs r); merge / convert build A from it
+    for n, (_, d_in, _) in modules.items():
+        if config.r * d_in > MAX_PROJECTION_ELEMENTS:
+            raise _fail(path, f"module {n!r} has d_in {d_in:,}: rank {config.r} needs an A table of {config.r * d_in:,} "
+                              f"elements, above the limit of {MAX_PROJECTION_ELEMENTS:,} (projection.MAX_PROJECTION_ELEMENTS)")
 
 
 def _check_base(model: nn.Module, adapter: Adapter, where: str | None) -> None:

@@ -207,7 +207,7 @@ def _huge(m):
     [
         (lambda m: m["projection"].update(max_in=4096), r"is not PEFT's pair for r=8 and the largest module \(64, 64\)"),
         (lambda m: m["projection"].update(rank=512), "is not PEFT's pair"),
-        (_huge, r"would hold 8,589,935,104 elements, above the limit of 268,435,456"),
+        (_huge, r"has d_in 1,073,741,824: rank 8 needs an A table of 8,589,934,592 elements, above the limit of 268,435,456"),
     ],
 )
 def test_peft_torch_files_cannot_ask_for_any_table_size(tiny_llama, tmp_path, meta_fn, pattern):
@@ -219,3 +219,27 @@ def test_peft_torch_files_cannot_ask_for_any_table_size(tiny_llama, tmp_path, me
     with pytest.raises(AdapterError, match=pattern) as err:
         read_adapter(bad)
     assert "bad.safetensors" in str(err.value)
+
+
+def test_philox_files_cannot_ask_for_any_table_size(tiny_llama, tmp_path):
+    """The default kind too: a crafted d_in (metadata, with a matching fingerprint) is refused when the file is
+    read, not when `verakit merge` or `convert` would generate an A table of that width from it."""
+    from verakit.merge import adapter_deltas
+
+    attach(tiny_llama, VeraConfig(r=8, target_modules=("q_proj",)))
+    good = tmp_path / "good.safetensors"
+    save_adapter(tiny_llama, good)
+    assert len(adapter_deltas(read_adapter(good))) == len(read_adapter(good).modules)
+
+    def wide(m):  # _huge's module widths, without its peft-torch max_in: a philox spec records no widths
+        from verakit.fileformat import base_fingerprint
+
+        base = m["base"]
+        for name in base["modules"]:
+            base["modules"][name][1] = 1 << 30
+        base["fingerprint"] = base_fingerprint(base["model_type"], {n: tuple(v) for n, v in base["modules"].items()})
+
+    bad = _rewrite(good, tmp_path / "bad.safetensors", wide)
+    with pytest.raises(AdapterError, match=r"bad.safetensors.*has d_in 1,073,741,824: rank 8 needs an A table of "
+                                           r"8,589,934,592 elements, above the limit"):
+        read_adapter(bad)
