@@ -50,3 +50,29 @@ def test_trainer_with_vera_callback(tiny_bert_clf, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_only_the_main_process_writes(tiny_bert_clf, tmp_path):
+    """Under DDP every rank runs the callback: only world process zero writes (every rank holds the same
+    vectors, and two writers would race on one file); the main process writes the model a wrapper holds."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from verakit.integrations.trainer import VeraCallback
+
+    model = attach(tiny_bert_clf, VeraConfig(r=4))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    cb = VeraCallback()
+    other = TrainerState(global_step=3, is_world_process_zero=False)
+    cb.on_save(args, other, TrainerControl(), model=model)
+    cb.on_train_end(args, other, TrainerControl(), model=model)
+    assert cb.written == [] and not any(tmp_path.rglob("*.safetensors"))
+    main = TrainerState(global_step=3, is_world_process_zero=True)
+
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel holds the model in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    cb.on_save(args, main, TrainerControl(), model=Wrapper(model))
+    assert cb.written == [tmp_path / "checkpoint-3" / "adapter.safetensors"]
+    assert read_adapter(cb.written[0]).extra["global_step"] == 3
