@@ -339,3 +339,25 @@ def test_truncated_dvora_file_and_older_readers(tiny_llama, tmp_path, monkeypatc
     monkeypatch.setattr("verakit.fileformat.FORMAT_VERSION", 2)  # a reader from before DVoRA
     with pytest.raises(AdapterError, match=r"unknown format version 3 \(this verakit reads 1..2\)"):
         read_adapter(path)
+
+
+def test_load_into_evaluated_model_drops_the_cached_weight(tiny_llama, tmp_path):
+    """docs/performance.md: load_adapter invalidates the cached W0 + delta of an already-attached model, so
+    its next gradient-free call is the new adapter's, not the old one's."""
+    fresh = _another(tiny_llama)
+    attach(tiny_llama, VeraConfig(r=16))
+    paths = []
+    for seed in (0, 1):
+        randomize_vectors(tiny_llama, seed=seed)
+        paths.append(tmp_path / f"{seed}.safetensors")
+        save_adapter(tiny_llama, paths[-1])
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        load_adapter(tiny_llama, paths[0])
+        with_a = tiny_llama(input_ids=ids).logits  # 256 tokens: every layer builds W0 + delta
+        assert all(ly._cache is not None and ly._cache.weight is not None for ly in vera_layers(tiny_llama).values())
+        load_adapter(tiny_llama, paths[1])
+        with_b = tiny_llama(input_ids=ids).logits
+        want = load_adapter(fresh, paths[1])(input_ids=ids).logits
+    torch.testing.assert_close(with_b, want, rtol=0, atol=1e-6)
+    assert (with_b - with_a).abs().max() > 1e-2

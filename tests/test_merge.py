@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import os
 import subprocess
@@ -298,3 +299,54 @@ def test_cli_merge_refuses_another_checkpoint_unless_told(minilm_clf, minilm_pat
     assert not (tmp_path / "m").exists()
     assert cli_main([*args, "--no-base-check"]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+
+
+def test_merge_refuses_a_base_lacking_weights_the_adapter_does_not_supply(tiny_llama, tmp_path):
+    """The base folder is a bare LlamaModel (no lm_head; the tiny Llama does not tie it) and the adapter saves
+    no modules: merging would leave lm_head at random values, so it is refused and nothing is written. (A
+    classifier cannot show this: `attach` always saves a sequence-classification head.)"""
+    from verakit.merge import merge_pretrained
+
+    base = tmp_path / "base"
+    tiny_llama.model.save_pretrained(base)
+    _tiny_tokenizer(base)
+    with_head = copy.deepcopy(tiny_llama)
+    attach(tiny_llama, VeraConfig(r=4))
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(tiny_llama, adapter)
+    out = tmp_path / "m"
+    with pytest.raises(AdapterError, match=r"a\.safetensors: the base model .* lacks lm_head\.weight, "
+                                           r"which the adapter does not supply either"):
+        merge_pretrained(str(base), adapter, out)
+    assert not out.exists()
+    # The same base with an adapter that saves lm_head merges: the refusal is about the missing weight only.
+    attach(with_head, VeraConfig(r=4, modules_to_save=("lm_head",)))
+    save_adapter(with_head, tmp_path / "b.safetensors")
+    assert (merge_pretrained(str(base), tmp_path / "b.safetensors", out) / "config.json").is_file()
+
+
+def test_merge_refuses_a_base_folder_without_tokenizer_files(tiny_bert_clf, tmp_path, capsys):
+    from verakit.merge import merge_pretrained
+
+    base = tmp_path / "base"
+    tiny_bert_clf.save_pretrained(base)  # weights and config only
+    attach(tiny_bert_clf, VeraConfig(r=4))
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(tiny_bert_clf, adapter)
+    out = tmp_path / "m"
+    with pytest.raises(FileNotFoundError, match=r"the base model folder has no tokenizer or processor files"):
+        merge_pretrained(str(base), adapter, out)
+    assert not out.exists()
+    args = ["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]
+    assert cli_main(args) == 2
+    assert "has no tokenizer or processor files" in capsys.readouterr().err
+    assert not out.exists()
+    _tiny_tokenizer(base)  # the same folder with a tokenizer merges
+    assert cli_main(args) == 0 and (out / "tokenizer_config.json").is_file()

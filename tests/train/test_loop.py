@@ -110,6 +110,33 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(make_recipe, tmp_pat
     assert all(torch.equal(x.saved[k], y.saved[k]) for k in y.saved)
 
 
+def test_resume_refuses_a_checkpoint_written_with_fsdp(make_recipe, tmp_path):
+    """docs/training.md: a checkpoint written with FSDP (optimizer state keyed by parameter name) resumes only
+    with FSDP; a plain run refuses it before touching the model, and leaves the checkpoint in place."""
+    cfg = LoopConfig(epochs=1, batch_size=16, seed=2, quiet=True)
+
+    def ctrl_c_at_step_1(info):
+        if info.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run_loop(make_recipe(seed=2), cfg, run_dir, on_step=ctrl_c_at_step_1)
+    state_path = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    names = list(state["tensors"])
+    assert sorted(state["optimizer"]["state"]) == list(range(len(names)))  # a plain run keys it by position
+    state["optimizer"]["state"] = {names[i]: v for i, v in state["optimizer"]["state"].items()}  # as FSDP writes it
+    torch.save(state, state_path)
+    recipe = make_recipe(seed=2)
+    before = _trained(recipe)
+    with pytest.raises(ValueError, match=r"checkpoint was written with FSDP; resume it the same way "
+                                         r"\(with accelerate's --use_fsdp\)"):
+        run_loop(recipe, cfg, run_dir, resume=True)
+    assert all(torch.equal(p, before[n]) for n, p in _trained(recipe).items())
+    assert state_path.is_file()
+
+
 def test_local_slices_cover_the_batch_exactly_once():
     for n, world in ((32, 2), (17, 2), (5, 4), (3, 4)):
         idx = list(range(100, 100 + n))
