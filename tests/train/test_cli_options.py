@@ -74,3 +74,19 @@ def test_one_option_needs_one_default():
         field_default("seed", (A, B))
     with pytest.raises(ValueError, match="option 'nothing': defaults none"):
         field_default("nothing", (A,))
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_adapter_rank_is_r_under_a_name_torchrun_passes_on(command):
+    """docs/training.md: `--adapter-rank` is an alias of `--r`, because torchrun's own parser rejects `--r` as
+    an ambiguous prefix of its options before the script sees it."""
+    from torch.distributed.run import get_args_parser
+
+    base = [command, "--task", "csv", "--data-dir", "d", "--out", "o"]
+    assert build_parser().parse_args([*base, "--adapter-rank", "64"]).r == 64
+    assert build_parser().parse_args([*base, "--r", "64"]).r == 64
+    torchrun = get_args_parser()
+    passed = torchrun.parse_args(["--nproc_per_node", "2", "-m", "verakit.cli", *base, "--adapter-rank", "64"])
+    assert passed.training_script_args == [*base, "--adapter-rank", "64"]
+    with pytest.raises(SystemExit):  # "ambiguous option: --r could match --rdzv-backend, ..."
+        torchrun.parse_args(["--nproc_per_node", "2", "-m", "verakit.cli", *base, "--r", "64"])

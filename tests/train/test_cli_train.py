@@ -253,6 +253,19 @@ def test_one_epoch_run_prints_its_plan_and_reports_step_zero(tmp_path, caplog, c
     assert f"| before training | 0 | {start:.4f} |" in (run_dir / "report.md").read_text()
 
 
+def test_adapter_rank_sets_the_trained_rank(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """`--adapter-rank 8` (the torchrun-safe spelling of `--r`) gives an adapter of rank 8 and records r = 8."""
+    from verakit import read_adapter
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(run_dir), "--model",
+                 tiny_bert_dir, "--adapter-rank", "8", "--epochs", "1", "--batch-size", "32", "--quiet"]) == 0
+    adapter = read_adapter(run_dir / "adapter.safetensors")
+    assert adapter.config.r == 8 and all(d.shape == (8,) for d in adapter.d.values())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["args"]["r"] == 8 and config["method"]["r"] == 8
+
+
 def test_eval_of_an_interrupted_run_says_to_resume_with_the_exact_command(tmp_path, capsys, monkeypatch,
                                                                          tiny_bert_dir, tiny_task):
     """Ctrl-C before the first trained evaluation leaves RUN_DIR with a checkpoint and no artifact: `verakit
