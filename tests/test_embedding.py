@@ -221,3 +221,24 @@ def test_bf16_table_runs_and_merges_close_to_fp32():
     assert got.dtype == merged.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
     torch.testing.assert_close(merged.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_reading_refuses_an_embedding_whose_tables_exceed_the_limit(tmp_path, monkeypatch):
+    """docs/format.md: a reader refuses an embedding whose tables, r * (max d_in + max d_out), would exceed
+    MAX_PROJECTION_ELEMENTS. Here 4 * (40 + 6) = 184, above every module's own A table (4 * 40 = 160)."""
+    torch.manual_seed(0)
+    model = attach(LM(), VeraConfig(r=4, target_modules=("tok", "mix")))
+    path = tmp_path / "emb.safetensors"
+    save_adapter(model, path)
+    monkeypatch.setattr("verakit.fileformat.MAX_PROJECTION_ELEMENTS", 183)
+    with pytest.raises(AdapterError, match=r"emb\.safetensors: embedding 'tok' needs projection tables of 184 "
+                                           r"elements, above the limit of 183"):
+        read_adapter(path)
+    monkeypatch.setattr("verakit.fileformat.MAX_PROJECTION_ELEMENTS", 184)
+    assert read_adapter(path).modules["tok"] == (6, 40, "embedding")
+    # The same shapes without the embedding: only each module's A table is capped (160 for `tok`'s 40 columns).
+    linear = tmp_path / "lin.safetensors"
+    save_adapter(attach(nn.Sequential(nn.Linear(40, 6), nn.Linear(6, 6)), VeraConfig(r=4, target_modules=("0", "1"))),
+                 linear)
+    monkeypatch.setattr("verakit.fileformat.MAX_PROJECTION_ELEMENTS", 160)
+    assert set(read_adapter(linear).modules) == {"0", "1"}
