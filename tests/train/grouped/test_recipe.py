@@ -346,6 +346,26 @@ def test_baseline_pools_one_constant_and_averages_each_groups_own(tmp_path, caps
            "0.3684 | 0.7500 |" in report
 
 
+def test_a_group_without_dev_rows_gets_a_null_metric_and_stays_out_of_the_mean(tmp_path, capsys, tiny_bert_dir):
+    """docs/grouped.md: groups without dev rows get `metric: null` and mean_group_<metric> is the unweighted
+    mean over the groups that have dev rows; the group still trains and gets its file."""
+    data_dir = write_grouped_task(tmp_path / "data", ["a", "b", "c"], 30, 12)
+    dev = data_dir / "dev.csv"
+    lines = dev.read_text().splitlines()
+    dev.write_text("\n".join([lines[0], *(line for line in lines[1:] if not line.endswith(",c"))]) + "\n")
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--task", "csv", "--data-dir", str(data_dir), "--out", str(run_dir), "--model", tiny_bert_dir,
+               "--group-column", "customer", "--r", "8", "--epochs", "1", "--batch-size", "30", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    groups = metrics["groups"]
+    assert groups["c"]["metric"] is None and (groups["c"]["n_train"], groups["c"]["n_dev"]) == (10, 0)
+    scores = [groups[g]["metric"]["accuracy"] for g in ("a", "b")]
+    assert sum(scores) > 0  # so counting c as a group scoring 0 would change the mean
+    assert metrics["metric"]["mean_group_accuracy"] == pytest.approx(sum(scores) / 2)
+    assert (run_dir / "adapters" / "c.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- the real MiniLM on SST-2 groups
 
 

@@ -78,3 +78,18 @@ def test_grouped_training_refuses_bf16_adapter_products_in_the_library(capsys):
                  "--group-column", "customer", "--adapter-compute-dtype", "bf16"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"verakit train: error: {message}")
     GroupedArgs(TrainArgs(task="csv", data_dir=None, out="unused"), "customer")  # fp32 is fine
+
+
+def test_no_dev_row_in_a_trained_group_is_refused_before_run_dir(tmp_path, capsys, tiny_bert_dir):
+    """docs/grouped.md "Bad input": dev rows that all belong to untrained groups leave no adapter to evaluate."""
+    data_dir = write_grouped_task(tmp_path / "data", ["a", "b"], 30, 6)
+    dev = data_dir / "dev.csv"
+    lines = dev.read_text().splitlines()
+    dev.write_text("\n".join([lines[0], *(line.rsplit(",", 1)[0] + ",zzz" for line in lines[1:])]) + "\n")
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--task", "csv", "--data-dir", str(data_dir), "--out", str(run_dir), "--model", tiny_bert_dir,
+               "--group-column", "customer", "--quiet"])
+    assert rc == 2
+    assert (f"{data_dir} (dev split): no dev row belongs to a trained group of column 'customer', so no adapter "
+            "could be evaluated") in capsys.readouterr().err
+    assert not run_dir.exists()
