@@ -58,3 +58,27 @@ def test_second_ctrl_c_in_training_stops_without_a_checkpoint(make_recipe, tmp_p
                  on_step=ctrl_c_twice_at_step_1)
     assert not (run_dir / "checkpoint" / "state.pt").exists()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_handler_not_installed_from_python_gives_way_to_pythons_default(monkeypatch):
+    """signal.signal returns None when the previous SIGINT handler was not set from Python (an embedding
+    host): on exit Python's default handler goes back, not ours, which would turn the next Ctrl-C into a flag
+    that no loop reads any more."""
+    real, old = signal.signal, signal.getsignal(signal.SIGINT)
+    calls = []
+
+    def fake(signum, handler):
+        calls.append(handler)
+        previous = real(signum, handler)
+        return None if len(calls) == 1 else previous  # the first install sees a non-Python previous handler
+
+    monkeypatch.setattr(signal, "signal", fake)
+    try:
+        with SigintFlag() as flag:
+            assert signal.getsignal(signal.SIGINT) == flag._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after training interrupts as usual
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("SIGINT must raise KeyboardInterrupt at once")
+    finally:
+        real(signal.SIGINT, old)

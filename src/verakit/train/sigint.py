@@ -14,13 +14,15 @@ class SigintFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self._installed = False
         self._previous: Any = None
 
     def __enter__(self) -> SigintFlag:
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+            return self
+        self._installed = True
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -29,5 +31,9 @@ class SigintFlag:
         self.raised = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            # None: the previous handler was not installed from Python (an embedding host); Python's own
+            # default then, rather than leaving ours to swallow the next Ctrl-C into a flag no one reads
+            previous = signal.default_int_handler if self._previous is None else self._previous
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
