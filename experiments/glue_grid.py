@@ -7,7 +7,9 @@ src first on PYTHONPATH, one thread), so the grid runs the code of the commit it
 
 * ``sweep``: LRS per method, seed 0, on SST-2 (a 20,000-row seeded subset x 1 epoch) and MRPC (all x 10
   epochs), scored on 1,000 / 400 rows carved from the *training* set (default_sweep.carve), never dev.
-  A method's learning rate = the best mean of the two tasks' held-out main metrics.
+  A method's learning rate = the best mean of the two tasks' held-out main metrics. Edge rule, the same for
+  every method: while the best is the lowest (highest) swept rate, the next rate below (above) it on the
+  1-2-5 LADDER is swept too, at most EXTEND_MAX more per method, so no choice rests on an edge of the grid.
 * ``seeds``: every task x method x seed at the chosen rate, on the real dev set; the score is the best
   epoch-end dev evaluation, as `verakit train` selects its checkpoint.
 
@@ -69,6 +71,8 @@ METHODS = {
     "dvora-1024": ("dvora", 1024, VERA_LRS),
 }
 HEAD_FULL_LRS = ("1e-3", "2e-3", "4e-3", "1e-2")  # head only with --head full: the swept rate is --head-lr
+LADDER = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3", "1e-2", "2e-2", "5e-2", "1e-1", "2e-1", "5e-1")  # the edge rule's
+EXTEND_MAX = 2  # rates the edge rule may add to one method's sweep
 PENDING = "?"  # the lr of a seeds cell whose method's sweep is unfinished
 VERA_VS = {"vera-256": "peft-vera-256", "vera-1024": "peft-vera-1024"}  # verakit VeRA's PEFT counterpart
 
@@ -86,8 +90,25 @@ class Cell:
         return f"{self.task}-{self.method}-lr{self.lr}-s{self.seed}"
 
 
-def lrs(method: str, head: str) -> tuple[str, ...]:
-    return HEAD_FULL_LRS if method == "head" and head == "full" else METHODS[method][2]
+def lrs(method: str, head: str, root: Path | None = None) -> tuple[str, ...]:
+    """The method's swept rates, ascending: its base rates, and with `root` those the edge rule added from the
+    sweep results under root (a rate is added only once the rates before it are all measured)."""
+    rates = HEAD_FULL_LRS if method == "head" and head == "full" else METHODS[method][2]
+    for _ in range(EXTEND_MAX if root is not None else 0):
+        best = _best_rate(method, head, root, rates)
+        beyond = None if best is None else _beyond(rates, best)
+        if beyond is None:
+            break
+        rates = tuple(sorted((*rates, beyond), key=float))
+    return rates
+
+
+def _beyond(rates: tuple[str, ...], best: str) -> str | None:
+    """The LADDER rate past the edge that `best` sits on, or None (inside, off the ladder, or its end)."""
+    if best not in LADDER or best not in (rates[0], rates[-1]):
+        return None
+    i = LADDER.index(best) + (-1 if best == rates[0] else 1)
+    return LADDER[i] if 0 <= i < len(LADDER) and LADDER[i] not in rates else None
 
 
 def method_flags(method: str, head: str, lr: str) -> list[str]:
@@ -123,11 +144,13 @@ def run_dir(cell: Cell, head: str, root: Path) -> Path:
     return root / f"head-{head}" / cell.stage / cell.name
 
 
-def sweep_cells(methods: list[str], head: str) -> list[Cell]:
-    """Every learning rate of every method on both sweep tasks, seed 0, one rate of each method at a time."""
-    width = max(len(lrs(m, head)) for m in methods)
-    return [Cell("sweep", t, m, 0, lrs(m, head)[i]) for i in range(width) for t in SWEEP for m in methods
-            if i < len(lrs(m, head))]
+def sweep_cells(methods: list[str], head: str, root: Path | None = None) -> list[Cell]:
+    """Every learning rate of every method (`lrs`: with `root`, the edge rule's too) on both sweep tasks,
+    seed 0, one rate of each method at a time."""
+    rates = {m: lrs(m, head, root) for m in methods}
+    width = max(len(r) for r in rates.values())
+    return [Cell("sweep", t, m, 0, rates[m][i]) for i in range(width) for t in SWEEP for m in methods
+            if i < len(rates[m])]
 
 
 def read_metrics(cell: Cell, head: str, root: Path) -> dict | None:
@@ -140,10 +163,14 @@ def main_score(m: dict) -> float:
 
 
 def choose_lr(method: str, head: str, root: Path) -> str | None:
-    """The swept rate with the best mean held-out main metric over the sweep tasks (the first on a tie);
-    None until every sweep cell of the method has finished."""
+    """The swept rate (edge rule included) with the best mean held-out main metric over the sweep tasks (the
+    lowest rate on a tie); None until every sweep cell of the method, the edge rule's too, has finished."""
+    return _best_rate(method, head, root, lrs(method, head, root))
+
+
+def _best_rate(method: str, head: str, root: Path, rates: tuple[str, ...]) -> str | None:
     best: tuple[float, str] | None = None
-    for lr in lrs(method, head):
+    for lr in rates:
         ms = [read_metrics(Cell("sweep", t, method, 0, lr), head, root) for t in SWEEP]
         if any(m is None for m in ms):
             return None
@@ -215,7 +242,14 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
 def run(args: argparse.Namespace) -> None:
     root = Path(args.root)
     if args.stage in ("all", "sweep"):
-        run_cells(sweep_cells(args.methods, args.head), args.head, root, args.jobs, Path(args.code))
+        left: set[Cell] | None = None
+        while True:  # the edge rule adds cells as results land: run until no cell is left or none progressed
+            cells = sweep_cells(args.methods, args.head, root)
+            now = {c for c in cells if read_metrics(c, args.head, root) is None}
+            if not now or now == left:
+                break
+            left = now
+            run_cells(cells, args.head, root, args.jobs, Path(args.code))
     if args.stage in ("all", "seeds"):
         cells = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
         missing = sorted({c.method for c in cells if c.lr == PENDING})
@@ -297,7 +331,7 @@ def estimate(done: list[tuple[Cell, dict]], left: list[Cell], jobs: int, pick=st
 
 def status(args: argparse.Namespace) -> None:
     root = Path(args.root)
-    sweep = sweep_cells(args.methods, args.head)
+    sweep = sweep_cells(args.methods, args.head, root)
     seeds = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
     stops = pauses(root)
     done = [(c, {**m, "train_seconds": running_seconds(c, args.head, root, m, stops)})

@@ -116,6 +116,36 @@ def test_lr_choice_is_the_best_mean_of_the_held_out_scores(grid, tmp_path):
                                                         (1, "rte", "5e-3")]  # seed-major
 
 
+def test_edge_rule_sweeps_past_an_edge_best_then_chooses(grid, tmp_path):
+    """A best at the lowest rate adds the ladder's next lower rate (both sweep tasks), the choice waits for it,
+    and the rule stops after EXTEND_MAX rates even if the best is still at the edge; an inside best adds none."""
+    def sweep(method, scores):
+        for lr, v in scores.items():
+            for t in ("sst2", "mrpc"):
+                _write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", tmp_path, v,
+                               main="f1" if t == "mrpc" else "accuracy")
+
+    sweep("vera-256", {"1e-2": 0.86, "2e-2": 0.85, "5e-2": 0.84, "1e-1": 0.80})  # best at the lowest rate
+    assert grid.lrs("vera-256", "vera") == grid.VERA_LRS  # without results: the base rates
+    assert grid.lrs("vera-256", "vera", tmp_path) == ("5e-3", *grid.VERA_LRS)
+    assert grid.choose_lr("vera-256", "vera", tmp_path) is None  # waits for 5e-3
+    todo = [c for c in grid.sweep_cells(["vera-256"], "vera", tmp_path) if grid.read_metrics(c, "vera", tmp_path) is None]
+    assert sorted((c.task, c.lr) for c in todo) == [("mrpc", "5e-3"), ("sst2", "5e-3")]
+    sweep("vera-256", {"5e-3": 0.87})  # better again: one more below, then the cap
+    assert grid.lrs("vera-256", "vera", tmp_path) == ("2e-3", "5e-3", *grid.VERA_LRS)
+    sweep("vera-256", {"2e-3": 0.88})
+    assert grid.lrs("vera-256", "vera", tmp_path) == ("2e-3", "5e-3", *grid.VERA_LRS)  # EXTEND_MAX = 2 reached
+    assert grid.choose_lr("vera-256", "vera", tmp_path) == "2e-3"
+    sweep("lora-8", {"1e-3": 0.80, "2e-3": 0.80, "5e-3": 0.85, "1e-2": 0.90})  # best at the highest rate
+    assert grid.lrs("lora-8", "vera", tmp_path) == (*grid.METHODS["lora-8"][2], "2e-2")
+    sweep("lora-8", {"2e-2": 0.70})  # worse: 1e-2 is now inside
+    assert grid.choose_lr("lora-8", "vera", tmp_path) == "1e-2"
+    sweep("vera-1024", {"1e-2": 0.85, "2e-2": 0.86, "5e-2": 0.84, "1e-1": 0.80})  # inside from the start
+    assert grid.lrs("vera-1024", "vera", tmp_path) == grid.VERA_LRS
+    assert grid.choose_lr("vera-1024", "vera", tmp_path) == "2e-2"
+    assert grid.lrs("head", "full", tmp_path) == grid.HEAD_FULL_LRS  # nothing measured: nothing added
+
+
 def test_bootstrap_interval(grid, rep):
     assert rep.bootstrap_ci([1.5, 1.5, 1.5]) == (1.5, 1.5)
     lo, hi = rep.bootstrap_ci([0.0, 1.0, 2.0])
@@ -177,7 +207,8 @@ def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(grid, "_row_chars", lambda task: {"sst2": 50.0, "mrpc": 250.0, "rte": 340.0}[task])
     for t in ("sst2", "mrpc"):
         for lr in grid.lrs("lora-8", "vera"):
-            _write_metrics(grid, grid.Cell("sweep", t, "lora-8", 0, lr), "vera", tmp_path, 0.7, seconds=600.0)
+            score = 0.8 if lr == "2e-3" else 0.7  # an inside best: the edge rule adds no rate
+            _write_metrics(grid, grid.Cell("sweep", t, "lora-8", 0, lr), "vera", tmp_path, score, seconds=600.0)
     grid.main(["status", "--root", str(tmp_path), "--methods", "lora-8", "--tasks", "rte", "--seeds", "0", "1"])
     out = capsys.readouterr().out
     assert "sweep: 8/8 done; seeds: 0/2 done (0 wait" in out
