@@ -1,9 +1,12 @@
-"""`verakit inspect` (what it counts) and the command line's behaviour when its reader goes away."""
+"""`verakit inspect` (what it counts), the command line's behaviour when its reader goes away, and bad input to
+`inspect`, `convert` and `merge`: one line on stderr, exit 2, nothing already stored overwritten."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from verakit import VeraConfig, attach, save_adapter
 from verakit.cli import main
@@ -64,3 +67,54 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tiny_llama, tmp_path
     shell = f"{sys.executable} -m verakit.cli inspect {path} --max-layers 1000 --json | head -1"
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout == "{\n" and "Traceback" not in done.stderr and "Broken" not in done.stderr, done.stderr
+
+
+def _peft_dir(model, tmp_path):
+    """A tiny verakit adapter file and the PEFT VeRA directory `convert to-peft` makes of it."""
+    attach(model, VeraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    src = tmp_path / "a.safetensors"
+    save_adapter(model, src)
+    assert main(["convert", "to-peft", str(src), str(tmp_path / "peft")]) == 0
+    return src, tmp_path / "peft"
+
+
+def test_convert_from_peft_never_overwrites_what_dst_names(tiny_llama, tmp_path, capsys):
+    """DST an existing file (a trained adapter) stays byte for byte; DST a folder is refused the same way,
+    not with IsADirectoryError's traceback; a --model that is nowhere is one line, not the hub's OSError."""
+    src, peft = _peft_dir(tiny_llama, tmp_path)
+    kept = src.read_bytes()
+    capsys.readouterr()
+    assert main(["convert", "from-peft", str(peft), str(src), "--model", str(tmp_path)]) == 2
+    assert f"{src} exists; convert writes a new adapter file, it does not overwrite one" in capsys.readouterr().err
+    assert src.read_bytes() == kept
+    (tmp_path / "folder").mkdir()
+    assert main(["convert", "from-peft", str(peft), str(tmp_path / "folder")]) == 2
+    assert "folder exists; convert writes a new adapter file" in capsys.readouterr().err
+    assert main(["convert", "from-peft", str(peft), str(tmp_path / "new.safetensors"), "--model",
+                 str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_merge_out_that_is_a_file_is_refused_and_kept(tiny_llama, tmp_path, capsys):
+    attach(tiny_llama, VeraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    save_adapter(tiny_llama, tmp_path / "a.safetensors")
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main(["merge", "--adapter", str(tmp_path / "a.safetensors"), "--out", str(out), "--model",
+                 str(tmp_path)]) == 2
+    assert f"--out {out} is a file; merge writes a new model directory" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+
+
+def test_inspect_max_layers_must_not_be_negative(tiny_llama, tmp_path, capsys):
+    """-1 listed all modules but the last and then "... N+1 more": argparse refuses it under the flag."""
+    attach(tiny_llama, VeraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    save_adapter(tiny_llama, tmp_path / "a.safetensors")
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["inspect", str(tmp_path / "a.safetensors"), "--max-layers", bad])
+        assert e.value.code == 2
+        assert f"argument --max-layers: must be an integer >= 0, got '{bad}'" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "a.safetensors"), "--max-layers", "0"]) == 0
+    assert "... 4 more (--max-layers)" in capsys.readouterr().out

@@ -122,8 +122,16 @@ def run_inspect_peft(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     """Convert between verakit, PEFT VeRA and LoRA; print the summary as JSON."""
     from ..interop import convert
+    from ..models import locate_model
 
-    summary = convert(args.direction, args.src, args.dst, model=args.model, max_rank=args.max_rank)
+    model = args.model
+    if args.direction == "from-peft":
+        if Path(args.dst).exists():  # write_adapter would replace it: a file, e.g. a trained adapter, lost
+            raise FileExistsError(f"{args.dst} exists; convert writes a new adapter file, it does not overwrite "
+                                  "one: choose another DST or delete it first")
+        if model is not None:  # a missing folder or an uncached hub id: one line, not the hub's traceback
+            model = locate_model(model)
+    summary = convert(args.direction, args.src, args.dst, model=model, max_rank=args.max_rank)
     print(json.dumps(summary))
     return 0
 
@@ -132,9 +140,22 @@ def run_merge(args: argparse.Namespace) -> int:
     """Write a transformers model directory with the adapter merged into its weights."""
     from ..merge import merge_pretrained
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; merge writes a new model directory")
     out = merge_pretrained(args.model, args.adapter, args.out, check_base=not args.no_base_check)
     print(f"merged model written to {out}")
     return 0
+
+
+def _count(value: str) -> int:
+    """An integer >= 0; argparse reports anything else under the option's name (exit 2)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}")
+    return n
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -145,7 +166,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "(verakit file, PEFT VeRA or LoRA directory)")
     s.add_argument("file", help="verakit .safetensors file or PEFT adapter directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--max-layers", type=int, default=8, help="adapted modules to list (default 8)")
+    s.add_argument("--max-layers", type=_count, default=8, help="adapted modules to list (default 8)")
     s.set_defaults(func=run_inspect)
 
     s = sub.add_parser("convert", help="PEFT VeRA -> verakit, verakit -> PEFT VeRA, verakit -> LoRA (exact)")

@@ -13,23 +13,40 @@ __all__ = ["add_parsers", "run_generate"]
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Generate for every --prompt and every non-blank line of --prompts-file; 2 when there is none."""
+    """Generate for every --prompt and every non-blank line of --prompts-file; 2 when there is none, or
+    for an unusable option, file, adapter or model (one line on stderr naming it)."""
     from ..train.causal import DecodeConfig, generate_with_artifact
 
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        print("verakit generate: error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+    try:
+        prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
+        if not prompts:
+            raise ValueError(f"--prompts-file {args.prompts_file} has no non-blank line" if args.prompts_file
+                             else "give --prompt TEXT or --prompts-file FILE")
+        config = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
+                                       config=config, check_base=args.check_base)
+    # ValueError: a bad --num-beams / --max-new-tokens, an adapter of a classifier, a model that cannot
+    # generate (no end token) or that transformers cannot read; OSError: a model folder without its files.
+    # Each message names the option, file or folder.
+    except (ValueError, OSError) as e:
+        print(f"verakit generate: error: {e}", file=sys.stderr)
         return 2
-    texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
-                                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams),
-                                   check_base=args.check_base)
     if args.json:
         print(json.dumps([{"prompt": p, "generation": t} for p, t in zip(prompts, texts, strict=True)], indent=2))
     else:
         print("\n\n".join(texts))
     return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of --prompts-file `path`; ValueError naming it when it cannot be read as text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # missing, a directory, unreadable
+        raise ValueError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

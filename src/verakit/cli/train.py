@@ -161,7 +161,16 @@ def run_eval(args: argparse.Namespace) -> int:
             return 2
         print(f"verakit eval: note: {run_dir} was interrupted before it finished: this scores its best evaluation "
               f"so far; finish it with\n  {resume}", file=sys.stderr)
-    task = recorded(read_artifact_info(args.adapter), args.adapter, "task", args.task, "--task and --data-dir")
+    info = read_artifact_info(args.adapter)
+    task = recorded(info, args.adapter, "task", args.task, "--task and --data-dir")
+
+    def kind(t: str) -> str:
+        return "causal-LM" if t in CAUSAL_TASKS else "image" if t == IMAGE_TASK else "classification"
+
+    if info.get("task") is not None and kind(info["task"]) != kind(task):  # before loading a base it cannot fit
+        print(f"verakit eval: error: {args.adapter}: a {info['task']!r} adapter ({kind(info['task'])}), but --task "
+              f"{task} is a {kind(task)} task; evaluate it on its own kind of task", file=sys.stderr)
+        return 2
     if task in CAUSAL_TASKS:
         return run_eval_causal(args)
     if task == IMAGE_TASK:
@@ -188,12 +197,17 @@ def run_eval_causal(args: argparse.Namespace) -> int:
     """Held-out loss (and generation metrics) of a causal-LM artifact."""
     from ..train.causal import DecodeConfig, evaluate_causal
 
-    decode = None
-    if args.num_beams is not None or args.max_new_tokens is not None:
-        decode = DecodeConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams or 1)
-    return print_evaluation(lambda: evaluate_causal(
-        args.adapter, task=args.task, data_dir=args.data_dir, model=args.model, max_eval_samples=args.max_eval_samples,
-        gen_eval_samples=args.gen_eval_samples, eval_split=args.split, decode=decode, check_base=args.check_base))
+    def evaluate() -> dict:
+        decode = None  # as in training; one flag given: the other takes DecodeConfig's default
+        if args.num_beams is not None or args.max_new_tokens is not None:  # 0 is refused, not replaced
+            given = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens") if getattr(args, k) is not None}
+            decode = DecodeConfig(**given)  # inside print_evaluation: a bad value is exit 2 and its message
+        return evaluate_causal(
+            args.adapter, task=args.task, data_dir=args.data_dir, model=args.model,
+            max_eval_samples=args.max_eval_samples, gen_eval_samples=args.gen_eval_samples, eval_split=args.split,
+            decode=decode, check_base=args.check_base)
+
+    return print_evaluation(evaluate)
 
 
 def run_eval_images(args: argparse.Namespace) -> int:

@@ -133,6 +133,13 @@ def _targets(model: nn.Module, spec: MethodSpec) -> tuple[str, ...] | str:
         body = DEFAULT_TARGETS[model_type]
     if spec.head != "vera":
         return body
+    if spec.target_modules is not None:
+        # The head's hidden layers join the targets below, so attach() would find something to adapt even
+        # when the given names match nothing, and the run would train the head alone: refuse that here.
+        from ..config import VeraConfig
+        from ..inject import find_targets
+
+        find_targets(model, VeraConfig(target_modules=body))  # AttachError names the targets and the leaves
     return (*body, *(h for h in head_hidden_layers(model) if h not in body))
 
 
@@ -301,6 +308,9 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
         if peft_type == "VERA":  # PEFT's own VeRA format: verakit reads it after one conversion
             raise ArtifactError(f"{path}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
                                 f"`verakit convert from-peft {path} ADAPTER.safetensors`")
+        files = [f for f in ("adapter.safetensors", "trained.safetensors") if (path / f).is_file()]
+        if files:  # RUN_DIR itself, given where its artifact was meant
+            raise ArtifactError(f"{path}: a run folder; pass its artifact, {path / files[0]}")
         raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_PEFT_INFO})")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such adapter file or folder")

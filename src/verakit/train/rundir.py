@@ -41,6 +41,8 @@ class ProcessState(Protocol):
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a run that would mix two runs' files: without `resume`, RUN_DIR must be absent or empty;
     with it, RUN_DIR/checkpoint/state.pt (written on Ctrl-C) must exist."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir}: --out is a file, not a run folder; choose another --out")
     if resume:
         if not (run_dir / "checkpoint" / "state.pt").is_file():
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume (checkpoint/state.pt is missing)")

@@ -17,6 +17,7 @@ classification loss, and the length-sorted evaluation batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +35,10 @@ __all__ = [
     "EVAL_BATCH",
     "Run",
     "RunArgs",
+    "check_settings",
     "classification_loss",
     "length_batches",
+    "loop_config",
     "load_trained",
     "open_run",
     "param_groups",
@@ -59,6 +62,16 @@ class RunArgs(Protocol):
     # random batches in fp32 (images: one length, and no bf16 path measured).
 
 
+def loop_config(a: RunArgs) -> LoopConfig:
+    """The LoopConfig of (resolved) run arguments `a`; LoopConfig refuses bad epochs, batch size and the like."""
+    if a.epochs is None or a.batch_size is None:
+        raise ValueError(f"{type(a).__name__}: epochs and batch_size are None; run on the resolved arguments")
+    return LoopConfig(epochs=a.epochs, batch_size=a.batch_size, warmup_ratio=a.warmup_ratio, seed=a.seed,
+                      eval_every=a.eval_every, quiet=a.quiet,
+                      group_by_length=bool(getattr(a, "group_by_length", False)),
+                      mixed_precision=getattr(a, "mixed_precision", "no"))
+
+
 @dataclass
 class Run:
     """One training run in RUN_DIR, from the checks before data is read to metrics.json."""
@@ -70,13 +83,7 @@ class Run:
 
     @property
     def loop(self) -> LoopConfig:
-        a = self.args
-        if a.epochs is None or a.batch_size is None:
-            raise ValueError(f"{type(a).__name__}: epochs and batch_size are None; run on the resolved arguments")
-        return LoopConfig(epochs=a.epochs, batch_size=a.batch_size, warmup_ratio=a.warmup_ratio, seed=a.seed,
-                          eval_every=a.eval_every, quiet=a.quiet,
-                          group_by_length=bool(getattr(a, "group_by_length", False)),
-                          mixed_precision=getattr(a, "mixed_precision", "no"))
+        return loop_config(self.args)
 
     def start(self, args: dict[str, Any], method: dict[str, Any], *, defaults: dict[str, Any] | None = None
               ) -> dict[str, Any]:
@@ -106,7 +113,31 @@ def open_run(args: RunArgs) -> Run:
     run_dir = Path(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())
     check_run_dir(run_dir, args.resume)
+    check_settings(args)
     return Run(run_dir, state, args)
+
+
+# Options whose nonsense values torch or the tokenizer would take without complaint: a negative or NaN
+# learning rate trains (ascent, or NaN weights refused only when the artifact is saved, with RUN_DIR already
+# written), max_length 0 tokenizes to nothing, a negative count slices off the last rows (dev[:-1]).
+_RATES = ("lr", "head_lr")
+_COUNTS = {"max_length": 1, "gen_eval_samples": 0, "report_samples": 0}  # field: least value
+
+
+def check_settings(args: RunArgs) -> None:
+    """Refuse, naming the flag, learning rates that are not finite and > 0 and counts below their least
+    value, among the fields `args` has (None: the recipe's default); the loop's own settings (epochs,
+    batch size, warm-up, --eval-every) are LoopConfig's checks, run here too. Called before RUN_DIR is
+    written, so a bad value leaves nothing behind; `verakit tune` calls it before creating its study."""
+    for name in _RATES:
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+    for name, least in _COUNTS.items():
+        v = getattr(args, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {v!r}")
+    loop_config(args)
 
 
 def load_trained(adapter: str | Path, build: Callable[[], tuple[nn.Module, Any]],

@@ -317,6 +317,9 @@ def evaluate_causal(
     default this reproduces the evaluation that picked the checkpoint (same data subset, length, decoding);
     what an artifact saved outside `verakit train` does not record takes training's defaults, except
     `task` and `data_dir`, which it must then be given."""
+    if gen_eval_samples is not None and (isinstance(gen_eval_samples, bool) or gen_eval_samples < 0):
+        # dev[:n_gen] below would drop the last rows for a negative count instead of generating none
+        raise ValueError(f"--gen-eval-samples must be an integer >= 0, got {gen_eval_samples!r}")
     info = read_artifact_info(adapter)
     task = recorded(info, adapter, "task", task, "--task and --data-dir")
     if task not in CAUSAL_TASKS:

@@ -49,6 +49,8 @@ def to_examples(
 
 def _require(path: Path, line: int, row: Mapping[str, object], column: str) -> object:
     value = row.get(column)
+    if value is None and column in row:  # JSON null: the column is there, its value is not
+        raise DataError(f"{path}:{line}: no value (null) in column {column!r}")
     if value is None:
         raise DataError(f"{path}:{line}: missing column {column!r} (found: {', '.join(map(str, row))})")
     return value

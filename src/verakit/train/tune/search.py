@@ -270,12 +270,16 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     from ..classify.metrics import trivial_baseline
     from ..classify.recipe import train_classifier
     from ..loop import TrainingInterrupted
+    from ..runner import check_settings
     from .progress import MuteOptuna, TrialProgress
     from .report import FINISHED, write_report
 
     base = args.base.resolved()  # bad base options fail here, before anything is written
+    check_settings(base)
     run_dir = Path(base.out)
     db = run_dir / "study.db"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir}: --out is a file, not a study folder; choose another --out")
     if not db.is_file() and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: folder exists, is not empty and holds no study.db; choose another --out")
     # The data is read (and validated) once here so that bad data fails before the study is created;
@@ -292,7 +296,7 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     baseline = trivial_baseline(data.spec, [e.label for e in scored])
     for d in args.space:  # every trial's settings would be valid (e.g. VeRA options for this r)
         for v in (d.choices or (d.low, d.high)):
-            replace(base, **{d.name: TUNABLE[d.name](v)}).resolved()
+            check_settings(replace(base, **{d.name: TUNABLE[d.name](v)}).resolved())
 
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{db.resolve()}"

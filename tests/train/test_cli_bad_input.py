@@ -1,0 +1,154 @@
+"""A careless user at `verakit train`, `tune`, `eval` and `generate`: every mistake is exit 2 with one line on
+stderr naming the flag, file or folder at fault, no traceback, and nothing already stored is lost.
+
+Each case here once trained on a nonsense value (exit 0), failed only after RUN_DIR was written, lost a
+file, or ended in a Python traceback (an exception out of `main`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lm_helpers import e2e_like, write_jsonl
+from verakit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _err(capsys) -> str:
+    """What the command printed on stderr, less the INFO log lines."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line and "verakit.train:" not in line]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def lm_adapter(tmp_path_factory, llama_dir) -> str:
+    """A causal-LM adapter trained in one step on 16 rows, for eval and generate."""
+    folder = tmp_path_factory.mktemp("lm-run")
+    data = write_jsonl(folder / "data" / "train.jsonl", e2e_like(16)).parent
+    write_jsonl(data / "dev.jsonl", e2e_like(4, seed=1))
+    out = folder / "run"
+    assert main(["train", "--task", "jsonl", "--data-dir", str(data), "--out", str(out), "--model", llama_dir,
+                 "--r", "8", "--epochs", "1", "--batch-size", "16", "--max-length", "48", "--gen-eval-samples", "0",
+                 "--report-samples", "0", "--quiet"]) == 0
+    return str(out / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("command", [["train"], ["tune", "--trials", "1"]])
+def test_out_that_is_a_file_is_refused_and_kept(command, tmp_path, tiny_bert_dir, tiny_task, capsys):
+    """--out naming a file was NotADirectoryError's traceback; with --resume too."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    for resume in ([], ["--resume"]) if command == ["train"] else ([],):
+        assert main([*command, "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model",
+                     tiny_bert_dir, *resume]) == 2
+        assert f"{out}: --out is a file, not a {'run' if command == ['train'] else 'study'} folder" in _err(capsys)
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # once: trained, then refused to save
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),  # once: gradient ascent, exit 0
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),  # once: nothing trained, exit 0
+    (["--head-lr", "inf"], "--head-lr must be a finite number > 0, got inf"),
+    (["--max-length", "0"], "--max-length must be an integer >= 1, got 0"),  # once: exit 0
+    (["--max-length", "-5"], "--max-length must be an integer >= 1, got -5"),  # once: OverflowError traceback
+])
+def test_nonsense_numbers_are_refused_before_run_dir(flags, message, tmp_path, tiny_bert_dir, tiny_task, capsys):
+    for command in (["train"], ["tune", "--trials", "1"]):
+        out = tmp_path / command[0]
+        assert main([*command, "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model",
+                     tiny_bert_dir, *flags]) == 2
+        assert message in _err(capsys)
+        assert not out.exists()  # nothing written: the same --out works once the value is fixed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--gen-eval-samples", "-1"], "--gen-eval-samples must be an integer >= 0, got -1"),  # once: dev[:-1]
+    (["--report-samples", "-1"], "--report-samples must be an integer >= 0, got -1"),
+])
+def test_causal_nonsense_numbers_are_refused_before_run_dir(flags, message, tmp_path, llama_dir, capsys):
+    """Refused before the data is read: --data-dir need not hold any."""
+    out = tmp_path / "run"
+    assert main(["train", "--task", "jsonl", "--data-dir", str(tmp_path), "--out", str(out), "--model", llama_dir,
+                 *flags]) == 2
+    assert message in _err(capsys) and not out.exists()
+
+
+def test_tune_refuses_a_bad_fixed_setting_before_its_study(tmp_path, tiny_bert_dir, tiny_task, capsys):
+    """--epochs 0 was refused only when the first trial started, with study.db already written."""
+    out = tmp_path / "study"
+    assert main(["tune", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model", tiny_bert_dir,
+                 "--trials", "1", "--epochs", "0"]) == 2
+    assert "epochs must be an integer >= 1, got 0" in _err(capsys) and not out.exists()
+
+
+def test_target_modules_that_match_nothing_are_refused_with_a_vera_head(tmp_path, tiny_bert_dir, tiny_task, capsys):
+    """The head's hidden layer (the pooler) joined the targets, so --target-modules nosuch trained the head alone."""
+    for method in ("vera", "peft-vera"):
+        out = tmp_path / method
+        assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model",
+                     tiny_bert_dir, "--method", method, "--target-modules", "nosuch", "--quiet"]) == 2
+        err = _err(capsys)
+        assert "target_modules ('nosuch',) matched no linear layer" in err and "attention.self.query" in err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-beams", "0"], "num_beams must be an integer >= 1, got 0"),  # once: replaced by 1, exit 0
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),  # once: replaced by 64
+    (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 1, got -1"),  # once: a traceback
+    (["--gen-eval-samples", "-1"], "--gen-eval-samples must be an integer >= 0, got -1"),  # once: dev[:-1]
+])
+def test_eval_refuses_bad_decoding_numbers(flags, message, lm_adapter, capsys):
+    assert main(["eval", "--adapter", lm_adapter, *flags]) == 2
+    assert message in _err(capsys)
+
+
+def test_generate_bad_input_is_one_line(tmp_path, lm_adapter, tiny_bert_dir, capsys):
+    """Each case was a traceback (ValueError, IsADirectoryError, UnicodeDecodeError) out of `main`."""
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xd8\x15\x00\x00")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    cases = [
+        (["--adapter", lm_adapter, "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--adapter", lm_adapter, "--prompt", "hi", "--num-beams", "0"], "num_beams must be an integer >= 1"),
+        (["--adapter", lm_adapter, "--prompts-file", str(tmp_path)], f"--prompts-file {tmp_path}: cannot read it"),
+        (["--adapter", lm_adapter, "--prompts-file", str(tmp_path / "no.txt")], "no.txt: cannot read it (No such file"),
+        (["--adapter", lm_adapter, "--prompts-file", str(binary)], f"--prompts-file {binary}: not UTF-8 text"),
+        (["--adapter", lm_adapter, "--prompts-file", str(tmp_path / "blank.txt")], "blank.txt has no non-blank line"),
+        (["--model", tiny_bert_dir, "--prompt", "hi", "--max-new-tokens", "2"], "has no eos_token_id"),
+        (["--model", str(tmp_path), "--prompt", "hi"], f"Unrecognized model in {tmp_path}"),
+    ]
+    for flags, message in cases:
+        assert main(["generate", *flags]) == 2, flags
+        err = _err(capsys)
+        assert err.startswith("verakit generate: error: ") and message in err, (flags, err)
+
+
+def test_a_run_folder_given_as_adapter_names_its_artifact(lm_adapter, capsys):
+    """eval/generate --adapter RUN_DIR said "not a verakit LoRA run folder"; now it names RUN_DIR/adapter.safetensors."""
+    run_dir = str(Path(lm_adapter).parent)
+    for command in (["eval"], ["generate", "--prompt", "hi"]):
+        assert main([*command, "--adapter", run_dir]) == 2
+        assert f"{run_dir}: a run folder; pass its artifact, {lm_adapter}" in _err(capsys)
+
+
+def test_eval_refuses_a_task_of_another_kind_than_the_adapter(lm_adapter, tmp_path, tiny_task, capsys):
+    """A causal-LM adapter scored on a classification task said "saved modules differ: adapter has [],
+    model ['score.weight']" after loading the base; now it says what is wrong, before loading anything."""
+    assert main(["eval", "--adapter", lm_adapter, "--task", "csv", "--data-dir", str(tiny_task)]) == 2
+    assert (f"{lm_adapter}: a 'jsonl' adapter (causal-LM), but --task csv is a classification task"
+            in _err(capsys))
+
+
+def test_a_null_label_is_named_as_such(tmp_path, tiny_bert_dir, capsys):
+    """{"label": null} was reported as "missing column 'label' (found: text, label)"."""
+    data = tmp_path / "data"
+    for split in ("train", "dev"):
+        write_jsonl(data / f"{split}.jsonl", [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": None}])
+    out = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(data), "--out", str(out), "--model", tiny_bert_dir]) == 2
+    assert f"{data / 'train.jsonl'}:2: no value (null) in column 'label'" in _err(capsys) and not out.exists()
