@@ -152,3 +152,12 @@ def test_a_null_label_is_named_as_such(tmp_path, tiny_bert_dir, capsys):
     out = tmp_path / "run"
     assert main(["train", "--task", "csv", "--data-dir", str(data), "--out", str(out), "--model", tiny_bert_dir]) == 2
     assert f"{data / 'train.jsonl'}:2: no value (null) in column 'label'" in _err(capsys) and not out.exists()
+
+
+def test_held_out_nan_names_the_file_and_value(tmp_path, llama_dir, capsys):
+    """--held-out nan on a one-file jsonl said only "cannot convert float NaN to integer"."""
+    data = write_jsonl(tmp_path / "all.jsonl", e2e_like(8))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "jsonl", "--data-dir", str(data), "--out", str(out), "--model", llama_dir,
+                 "--held-out", "nan"]) == 2
+    assert f"{data}: held_out=nan leaves no train or no dev examples out of 8" in _err(capsys) and not out.exists()

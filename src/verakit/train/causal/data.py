@@ -54,8 +54,8 @@ def load_causal_data(
     else:
         path = _data_file(data_dir, ".jsonl", task)
         examples = load_jsonl(path)
-        n_dev = max(1, round(len(examples) * held_out))
-        if not 0 < held_out < 1 or n_dev >= len(examples):
+        # the range first: round() of a NaN fraction raises "cannot convert float NaN to integer"
+        if not 0 < held_out < 1 or (n_dev := max(1, round(len(examples) * held_out))) >= len(examples):
             raise ValueError(f"{path}: held_out={held_out} leaves no train or no dev examples out of {len(examples)}")
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
