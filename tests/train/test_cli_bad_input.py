@@ -161,3 +161,17 @@ def test_held_out_nan_names_the_file_and_value(tmp_path, llama_dir, capsys):
     assert main(["train", "--task", "jsonl", "--data-dir", str(data), "--out", str(out), "--model", llama_dir,
                  "--held-out", "nan"]) == 2
     assert f"{data}: held_out=nan leaves no train or no dev examples out of 8" in _err(capsys) and not out.exists()
+
+
+def test_a_text_model_for_images_is_one_line(tmp_path, tiny_bert_dir, capsys):
+    """transformers' own refusal lists every image model type over many lines; now one line names --model."""
+    from image_helpers import write_images
+
+    write_images(tmp_path / "images", n_train=2, n_test=1)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "images", "--data-dir", str(tmp_path / "images"), "--out", str(out), "--model",
+                 tiny_bert_dir, "--quiet"]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"verakit train: error: --model {tiny_bert_dir}: a 'bert' model, which transformers cannot "
+                          "load as an image classifier (Unrecognized configuration class")
+    assert len(err.splitlines()) == 1 and not out.exists()

@@ -127,13 +127,17 @@ def build_image_classifier(model_name: str, classes: Sequence[str]) -> tuple[nn.
     path = locate_model(model_name)
     source = AutoConfig.from_pretrained(path)
     source_labels = tuple(source.id2label[i] for i in sorted(source.id2label))
-    model = AutoModelForImageClassification.from_pretrained(
-        path,
-        num_labels=len(classes),
-        id2label=dict(enumerate(classes)),
-        label2id={c: i for i, c in enumerate(classes)},
-        ignore_mismatched_sizes=True,
-    )
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            path,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={c: i for i, c in enumerate(classes)},
+            ignore_mismatched_sizes=True,
+        )
+    except ValueError as e:  # e.g. a text model: transformers lists every image model type, 40 lines
+        raise ValueError(f"--model {model_name}: a {source.model_type!r} model, which transformers cannot load as an "
+                         f"image classifier ({str(e).splitlines()[0]})") from None
     if source_labels != tuple(classes):
         # A checkpoint head of the right size but trained on other classes would be loaded as is; its
         # weights mean nothing for these classes, so it starts afresh like a mismatched one.
