@@ -175,3 +175,21 @@ def test_a_text_model_for_images_is_one_line(tmp_path, tiny_bert_dir, capsys):
     assert err.startswith(f"verakit train: error: --model {tiny_bert_dir}: a 'bert' model, which transformers cannot "
                           "load as an image classifier (Unrecognized configuration class")
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_scores_beside_a_word_are_refused_not_made_classes(tmp_path, tiny_bert_dir, capsys):
+    """A regression column with one stray value ("n/a") trained a classifier whose classes were the distinct
+    scores; integers beside words stay classes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.csv").write_text("text,label\ngood film,4.5\nbad film,n/a\nfine film,3.25\n")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(data), "--out", str(out), "--model", tiny_bert_dir]) == 2
+    assert (f"{data / 'train.csv'}:3: label 'n/a' is not a number, but line 2 has the score '4.5': regression needs "
+            "every label a finite number" in _err(capsys)) and not out.exists()
+    from verakit.train.classify.data import load_task
+
+    for split in ("train", "dev"):
+        (data / f"{split}.csv").write_text("text,label\ngood film,1\nbad film,other\nfine film,0\n")
+    assert load_task("csv", data).spec.label_names == ("0", "1", "other")

@@ -12,7 +12,8 @@ from typing import TextIO
 
 from .tasks import DataError, Example
 
-__all__ = ["Labels", "Row", "find_split", "open_text", "raw_label", "read_delimited", "to_examples"]
+__all__ = ["Labels", "Row", "find_split", "open_text", "raw_label", "read_delimited", "refuse_scores_with_words",
+           "to_examples"]
 
 Row = tuple[int, Mapping[str, object]]  # (1-based line number, column -> raw value)
 
@@ -82,6 +83,17 @@ def _as_float(raw: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def refuse_scores_with_words(path: Path, raws: list[tuple[int, str]]) -> None:
+    """Scores (numbers, one not an integer) beside a label that is no number are almost surely a column of
+    regression targets with a stray value ("n/a", a typo); fitted as classes, every distinct score would
+    become a class of its own. Refused, naming both lines; integers with words stay classes ("0", "1", "other")."""
+    score = next(((line, raw) for line, raw in raws if (x := _as_float(raw)) is not None and not x.is_integer()), None)
+    word = next(((line, raw) for line, raw in raws if _as_float(raw) is None), None)
+    if score is not None and word is not None:
+        raise DataError(f"{path}:{word[0]}: label {word[1]!r} is not a number, but line {score[0]} has the score "
+                        f"{score[1]!r}: regression needs every label a finite number (classes: no fractional labels)")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,24 @@
 """The user's own classification or regression data (``--task csv``): ``train`` and ``dev`` (or
 ``validation``) files in one folder, each .csv, .jsonl or .tsv, with columns ``text``, optional
 ``text_pair``, ``label``. Labels that are all numbers with a non-integer among them make a regression
-task; any others are classes, sorted. Every bad-data case raises DataError naming ``path:line``."""
+task; non-integer numbers beside labels that are no number are refused (a stray value in a column of
+scores); any others are classes, sorted. Every bad-data case raises DataError naming ``path:line``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .rows import Labels, Row, find_split, open_text, raw_label, read_delimited, to_examples
+from .rows import (
+    Labels,
+    Row,
+    find_split,
+    open_text,
+    raw_label,
+    read_delimited,
+    refuse_scores_with_words,
+    to_examples,
+)
 from .tasks import REGRESSION_METRICS, TASKS, DataError, Example, TaskSpec
 
 __all__ = ["USER_EXTS", "load_user_task"]
@@ -25,7 +35,9 @@ def load_user_task(folder: Path, group_column: str | None) -> tuple[TaskSpec, li
             raise DataError(f"{folder / (split + '.csv')}: file not found (also tried .jsonl and .tsv)")
         paths[split] = path
     rows = {split: _user_rows(path) for split, path in paths.items()}
-    labels = Labels.fit([raw_label(paths["train"], line, row, "label") for line, row in rows["train"]])
+    raws = [(line, raw_label(paths["train"], line, row, "label")) for line, row in rows["train"]]
+    labels = Labels.fit([raw for _, raw in raws])
+    refuse_scores_with_words(paths["train"], raws)
     if not labels.is_regression and len(labels.names) < 2:
         raise DataError(
             f"{paths['train']}:{rows['train'][0][0]}: every label is {labels.names[0]!r}; "
