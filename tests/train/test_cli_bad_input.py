@@ -193,3 +193,29 @@ def test_scores_beside_a_word_are_refused_not_made_classes(tmp_path, tiny_bert_d
     for split in ("train", "dev"):
         (data / f"{split}.csv").write_text("text,label\ngood film,1\nbad film,other\nfine film,0\n")
     assert load_task("csv", data).spec.label_names == ("0", "1", "other")
+
+
+def test_a_damaged_lora_run_folder_is_one_line(tmp_path, tiny_bert_dir, tiny_task, capsys):
+    """Each damage was a traceback (SafetensorError, JSONDecodeError, or PEFT's hub lookup of the missing
+    weights ending in a network error) or a JSON error naming no file."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model", tiny_bert_dir,
+                 "--method", "lora", "--epochs", "1", "--max-train-samples", "16", "--quiet"]) == 0
+    damages = {
+        "truncated": ("adapter_model.safetensors", b"\x10\x00", "cannot load the LoRA folder (SafetensorError"),
+        "config": ("adapter_config.json", b"{", "cannot load the LoRA folder (JSONDecodeError"),
+        "info": ("verakit.json", b"[1", "verakit.json: not valid JSON"),
+        "missing": ("adapter_model.safetensors", None, "no adapter_model.safetensors in the LoRA folder"),
+    }
+    for name, (file, content, message) in damages.items():
+        folder = shutil.copytree(out / "adapter", tmp_path / name)
+        if content is None:
+            (folder / file).unlink()
+        else:
+            (folder / file).write_bytes(content)
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(folder)]) == 2, name
+        err = _err(capsys)
+        assert f"verakit eval: error: {folder}" in err and message in err, (name, err)

@@ -301,7 +301,13 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         info_path = path / _PEFT_INFO
         if info_path.is_file() and (path / "adapter_config.json").is_file():
-            return json.loads(info_path.read_text())
+            try:
+                info = json.loads(info_path.read_text())
+            except ValueError as e:
+                raise ArtifactError(f"{info_path}: not valid JSON ({e})") from None
+            if not isinstance(info, dict):
+                raise ArtifactError(f"{info_path}: not a JSON object of run info")
+            return info
         peft_type = _peft_type(path)
         if peft_type == "LORA":  # saved by PEFT itself: no run info, so eval needs --task, --data-dir, --model
             return {"method": "lora"}
@@ -368,10 +374,17 @@ def load_artifact(path: str | Path, base: nn.Module, check_base: bool = True) ->
         import warnings
 
         from peft import PeftModel
+        from safetensors import SafetensorError
 
+        if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            # PEFT would look for it on the hub next, and end in a network error's traceback
+            raise ArtifactError(f"{path}: no adapter_model.safetensors in the LoRA folder (its trained weights)")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_UNSAVED_PROJECTION)
-            return PeftModel.from_pretrained(base, str(path))
+            try:
+                return PeftModel.from_pretrained(base, str(path))
+            except (SafetensorError, ValueError) as e:  # a truncated weights file, a malformed adapter_config.json
+                raise ArtifactError(f"{path}: cannot load the LoRA folder ({type(e).__name__}: {e})") from None
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
