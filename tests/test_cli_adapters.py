@@ -118,3 +118,21 @@ def test_inspect_max_layers_must_not_be_negative(tiny_llama, tmp_path, capsys):
         assert f"argument --max-layers: must be an integer >= 0, got '{bad}'" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "a.safetensors"), "--max-layers", "0"]) == 0
     assert "... 4 more (--max-layers)" in capsys.readouterr().out
+
+
+def test_a_folder_where_an_adapter_file_is_meant_is_named(tiny_llama, tmp_path, capsys):
+    """inspect/merge/convert of RUN_DIR said "no such adapter file" (or "not a PEFT adapter directory"), though
+    the folder exists: now the message names the run's adapter file, or says a folder is not a file."""
+    attach(tiny_llama, VeraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    run_dir = tmp_path / "run"
+    save_adapter(tiny_llama, run_dir / "adapter.safetensors")
+    want = f"{run_dir}: a run folder; {{}} takes its adapter file, {run_dir / 'adapter.safetensors'}"
+    for argv, command in ((["inspect", str(run_dir)], "inspect"),
+                          (["merge", "--adapter", str(run_dir), "--out", str(tmp_path / "m")], "merge"),
+                          (["convert", "to-lora", str(run_dir), str(tmp_path / "l")], "convert to-lora")):
+        assert main(argv) == 2
+        assert want.format(command) in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "to-peft", str(tmp_path / "empty"), str(tmp_path / "p")]) == 2
+    assert "empty: a folder; convert to-peft takes a verakit adapter .safetensors file" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("m", "l", "p"))

@@ -37,6 +37,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..fileformat import read_adapter
 
     if Path(args.file).is_dir():
+        _refuse_run_dir(Path(args.file), "inspect")
         return run_inspect_peft(args)
     ad = read_adapter(args.file)
     size = Path(args.file).stat().st_size
@@ -84,6 +85,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_run_dir(folder: Path, command: str) -> None:
+    """A `verakit train` RUN_DIR given where its adapter file was meant: FileNotFoundError naming that file."""
+    if (folder / "adapter.safetensors").is_file() and not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: a run folder; {command} takes its adapter file, "
+                                f"{folder / 'adapter.safetensors'}")
+
+
 def _describe_samples(samples: dict | None) -> str:
     """What `load_adapter` will check of the base model's weights."""
     if samples is None:
@@ -125,6 +133,10 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..models import locate_model
 
     model = args.model
+    if args.direction != "from-peft" and Path(args.src).is_dir():
+        _refuse_run_dir(Path(args.src), f"convert {args.direction}")
+        raise FileNotFoundError(f"{args.src}: a folder; convert {args.direction} takes a verakit adapter "
+                                ".safetensors file (from-peft reads a PEFT VeRA folder)")
     if args.direction == "from-peft":
         if Path(args.dst).exists():  # write_adapter would replace it: a file, e.g. a trained adapter, lost
             raise FileExistsError(f"{args.dst} exists; convert writes a new adapter file, it does not overwrite "
@@ -142,6 +154,10 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out {args.out} is a file; merge writes a new model directory")
+    if Path(args.adapter).is_dir():
+        _refuse_run_dir(Path(args.adapter), "merge")
+        raise FileNotFoundError(f"--adapter {args.adapter}: a folder; merge takes a verakit adapter .safetensors "
+                                "file (a LoRA run's adapter/ folder merges with PEFT's merge_and_unload)")
     out = merge_pretrained(args.model, args.adapter, args.out, check_base=not args.no_base_check)
     print(f"merged model written to {out}")
     return 0
