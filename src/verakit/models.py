@@ -197,10 +197,12 @@ def locate_model(name_or_dir: str) -> str:
     """``name_or_dir`` when it is a local folder or a hub id the hub can serve; the cached snapshot
     folder of a hub id when the hub is unreachable but the id is in the Hugging Face cache.
 
-    Raises FileNotFoundError for a path-like name (``/``, ``./``, ``../``, ``~``) that does not exist,
-    and :class:`ModelUnavailableError` for a name that is neither a folder nor cached while the hub is
-    unreachable (``HF_HUB_OFFLINE=1``, or no connection within :data:`HUB_CHECK_TIMEOUT_S`).
+    Raises FileNotFoundError for an empty name and for a path-like name (``/``, ``./``, ``../``, ``~``)
+    that does not exist, and :class:`ModelUnavailableError` for a name that is neither a folder nor cached
+    while the hub is unreachable (``HF_HUB_OFFLINE=1``, or no connection within :data:`HUB_CHECK_TIMEOUT_S`).
     """
+    if not name_or_dir.strip():  # Path("") is the current folder, and from_pretrained("") a hub-id traceback
+        raise FileNotFoundError("the model name is empty; pass a model folder or hub id")
     if Path(name_or_dir).expanduser().is_dir():
         return name_or_dir
     if name_or_dir.startswith(("/", "./", "../", "~")):

@@ -219,3 +219,11 @@ def test_a_damaged_lora_run_folder_is_one_line(tmp_path, tiny_bert_dir, tiny_tas
         assert main(["eval", "--adapter", str(folder)]) == 2, name
         err = _err(capsys)
         assert f"verakit eval: error: {folder}" in err and message in err, (name, err)
+
+
+def test_an_empty_model_name_is_one_line(tmp_path, tiny_task, capsys):
+    """--model "" passed the current folder's check (Path("") is ".") and ended in the hub's OSError traceback."""
+    out = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model", ""]) == 2
+    assert "verakit train: error: the model name is empty; pass a model folder or hub id" in _err(capsys)
+    assert not out.exists()
