@@ -227,3 +227,13 @@ def test_an_empty_model_name_is_one_line(tmp_path, tiny_task, capsys):
     assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--out", str(out), "--model", ""]) == 2
     assert "verakit train: error: the model name is empty; pass a model folder or hub id" in _err(capsys)
     assert not out.exists()
+
+
+def test_a_data_file_given_as_data_dir_is_named(tmp_path, tiny_bert_dir, tiny_task, capsys):
+    """--data-dir DIR/train.csv said "data directory not found", though the path exists."""
+    for command in (["train", "--out", str(tmp_path / "run"), "--model", tiny_bert_dir], ["tune", "--trials", "1",
+                    "--out", str(tmp_path / "study"), "--model", tiny_bert_dir]):
+        assert main([*command, "--task", "csv", "--data-dir", str(tiny_task / "train.csv")]) == 2
+        assert f"{tiny_task / 'train.csv'}: --data-dir is a file; pass the folder that holds the train and dev files" \
+            in _err(capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()

@@ -119,6 +119,8 @@ def carve_selection(train: Sequence[Example], rows: int, seed: int) -> tuple[tup
 
 def _existing_dir(data_dir: str | Path) -> Path:
     path = Path(data_dir)
+    if path.is_file():  # e.g. --data-dir DIR/train.csv
+        raise DataError(f"{path}: --data-dir is a file; pass the folder that holds the train and dev files")
     if not path.is_dir():
         raise DataError(f"{path}: data directory not found")
     return path
