@@ -237,3 +237,25 @@ def test_a_data_file_given_as_data_dir_is_named(tmp_path, tiny_bert_dir, tiny_ta
         assert f"{tiny_task / 'train.csv'}: --data-dir is a file; pass the folder that holds the train and dev files" \
             in _err(capsys)
     assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
+
+
+def test_a_grouped_run_folder_given_as_adapter_names_one_of_its_adapters(tmp_path, tiny_bert_dir, capsys):
+    """eval/inspect of a grouped RUN_DIR (or its adapters/) said "not a verakit LoRA run folder"."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        rows = [f"{w} film,{'pos' if i % 2 else 'neg'},{'ab'[i % 3 == 0]}" for i, w in enumerate(["good", "bad"] * 6)]
+        (data / f"{split}.csv").write_text("text,label,user\n" + "\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(data), "--out", str(run_dir), "--model", tiny_bert_dir,
+                 "--group-column", "user", "--min-group-examples", "1", "--epochs", "1", "--quiet"]) == 0
+    first = run_dir / "adapters" / "a.safetensors"
+    for folder in (run_dir, run_dir / "adapters"):
+        for command in (["eval", "--adapter"], ["inspect"]):
+            assert main([*command, str(folder)]) == 2
+            assert f"{folder}: a run folder; " in (err := _err(capsys)) and f"{first}" in err, err
+    shutil.rmtree(run_dir / "adapters")  # any other folder keeps its message
+    assert main(["eval", "--adapter", str(run_dir)]) == 2
+    assert "not a verakit LoRA run folder" in _err(capsys)

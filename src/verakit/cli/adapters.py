@@ -86,10 +86,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def _refuse_run_dir(folder: Path, command: str) -> None:
-    """A `verakit train` RUN_DIR given where its adapter file was meant: FileNotFoundError naming that file."""
-    if (folder / "adapter.safetensors").is_file() and not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{folder}: a run folder; {command} takes its adapter file, "
-                                f"{folder / 'adapter.safetensors'}")
+    """A `verakit train` RUN_DIR (or a grouped run's adapters/) given where its adapter file was meant:
+    FileNotFoundError naming that file. A PEFT folder (adapter_config.json) is none."""
+    from ..train.methods import artifact_in
+
+    held = artifact_in(folder)
+    if held is not None:
+        raise FileNotFoundError(f"{folder}: a run folder; {command} takes its adapter file, {held}")
 
 
 def _describe_samples(samples: dict | None) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "artifact_bytes",
     "save_artifact",
     "read_artifact_info",
+    "artifact_in",
     "recorded",
     "load_artifact",
     "method_config",
@@ -314,9 +315,9 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
         if peft_type == "VERA":  # PEFT's own VeRA format: verakit reads it after one conversion
             raise ArtifactError(f"{path}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
                                 f"`verakit convert from-peft {path} ADAPTER.safetensors`")
-        files = [f for f in ("adapter.safetensors", "trained.safetensors") if (path / f).is_file()]
-        if files:  # RUN_DIR itself, given where its artifact was meant
-            raise ArtifactError(f"{path}: a run folder; pass its artifact, {path / files[0]}")
+        held = artifact_in(path)
+        if held is not None:  # RUN_DIR (or a grouped run's adapters/) given where its artifact was meant
+            raise ArtifactError(f"{path}: a run folder; pass its artifact, {held}")
         raise ArtifactError(f"{path}: not a verakit LoRA run folder (needs adapter_config.json and {_PEFT_INFO})")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such adapter file or folder")
@@ -329,6 +330,17 @@ def read_artifact_info(path: str | Path) -> dict[str, Any]:
     if fmt == _TRAINED_FORMAT:
         return json.loads(_metadata(path)["verakit"])
     raise ArtifactError(f"{path}: not a verakit artifact (safetensors metadata format is {fmt!r})")
+
+
+def artifact_in(folder: Path) -> Path | None:
+    """The artifact of a run folder given in its place (RUN_DIR/adapter.safetensors or trained.safetensors, else
+    a grouped run's first adapter); None for a PEFT folder (adapter_config.json) or any other."""
+    if (folder / "adapter_config.json").is_file():
+        return None
+    for name in ("adapter.safetensors", "trained.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return next(iter(sorted([*(folder / "adapters").glob("*.safetensors"), *folder.glob("*.safetensors")])), None)
 
 
 def recorded(info: dict[str, Any], path: str | Path, key: str, given: Any, flags: str) -> Any:
