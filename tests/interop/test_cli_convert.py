@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from helpers import randomize_vectors
@@ -41,6 +42,12 @@ def test_convert_round_trip_through_the_cli(tiny_llama, tmp_path, capsys):
     # PEFT VeRA dir -> verakit file; base_model_name_or_path was recorded, so --model is optional
     code, out, _ = _run(capsys, "convert", "from-peft", tmp_path / "vera", tmp_path / "back.safetensors")
     assert code == 0 and json.loads(out)["projection_kind"] == "explicit"
+    from verakit.interop.convert import convert  # the library call never replaces a stored adapter either
+
+    stored = (tmp_path / "back.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="back.safetensors exists; convert from-peft writes a new file"):
+        convert("from-peft", tmp_path / "vera", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == stored
     fresh = type(tiny_llama)(tiny_llama.config).eval()
     fresh.load_state_dict(tiny_llama.state_dict())
     with torch.no_grad():

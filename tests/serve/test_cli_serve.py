@@ -54,7 +54,9 @@ def test_help_shows_every_default(capsys):
     ([], {"VERAKIT_API_KEY": "short"}, "--api-key (or $VERAKIT_API_KEY) must be at least 8 characters"),
     (["--protect-metrics"], {}, "--protect-metrics needs an admin token (--admin-token) to protect them with"),
     (["--max-batch", "0"], {}, "--max-batch must be an integer >= 1, got 0"),
-    (["--max-wait-ms", "-1"], {}, "--max-wait-ms must be >= 0, got -1.0"),
+    (["--max-wait-ms", "-1"], {}, "--max-wait-ms must be a finite number >= 0, got -1.0"),
+    (["--max-wait-ms", "nan"], {}, "--max-wait-ms must be a finite number >= 0, got nan"),
+    (["--max-wait-ms", "inf"], {}, "--max-wait-ms must be a finite number >= 0, got inf"),
     (["--port", "70000"], {}, "--port must be in 0..65535, got 70000"),
 ])
 def test_option_errors_name_the_flag(args, env, message, tmp_path, capsys, monkeypatch):

@@ -28,6 +28,8 @@ def convert(
         max_rank is below a layer's min(r, d_in, d_out)) and reports the error and whether it is exact.
     """
     if direction == "from-peft":
+        if Path(dst).exists():  # as to-peft / to-lora refuse a non-empty DST: a stored adapter is never replaced
+            raise FileExistsError(f"{dst} exists; convert from-peft writes a new file and does not overwrite it")
         adapter = from_peft(src, model)
         nbytes = write_adapter(adapter, dst)
         return {"direction": direction, "dst": str(dst), "bytes": nbytes, "layers": len(adapter.modules),

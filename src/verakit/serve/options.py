@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["ServeOptions", "OptionError", "TASKS", "DTYPES"]
@@ -101,8 +102,8 @@ class ServeOptions:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
                 raise OptionError(f, f"must be a number of seconds > 0, got {v!r}")
-        if self.max_wait_ms < 0:
-            raise OptionError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
+        if not (math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):  # nan / inf would start a server
+            raise OptionError("max_wait_ms", f"must be a finite number >= 0, got {self.max_wait_ms}")
         if self.task is not None and self.task not in TASKS:
             raise OptionError("task", f"must be one of {TASKS} or None, got {self.task!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
