@@ -100,6 +100,11 @@ def test_export_merged_loads_without_verakit(minilm_clf, minilm_path, tmp_path):
     with pytest.raises(FileExistsError, match=str(out)):
         export_merged(model, out)
     assert {f.name: f.read_bytes() for f in Path(out).iterdir()} == before  # the folder there is left whole
+    stored = tmp_path / "a-file"
+    stored.write_bytes(b"kept")
+    with pytest.raises(FileExistsError, match="a-file is a file, not a folder"):  # was NotADirectoryError
+        export_merged(model, stored)
+    assert stored.read_bytes() == b"kept"
 
 
 def test_cli_merge_and_inspect(minilm_clf, minilm_path, tmp_path, capsys):

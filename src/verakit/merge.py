@@ -130,6 +130,8 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: 
     unmerged as it was.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder: export_merged writes a folder and keeps the file")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
     state = vera_state(model)
