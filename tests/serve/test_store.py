@@ -75,3 +75,5 @@ def test_listing_ignores_foreign_files_and_delete(store_and_bytes):
         store.info("junk")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AdapterStore(store.root / "missing")
+    with pytest.raises(NotADirectoryError, match="junk.safetensors is a file; pass the folder"):
+        AdapterStore(store.root / "junk.safetensors")  # was "does not exist", though it does

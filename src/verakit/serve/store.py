@@ -51,6 +51,9 @@ class AdapterStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"adapter directory {self.root} is a file; pass the folder that holds the "
+                                     "adapter files")
         if not self.root.is_dir():
             raise FileNotFoundError(f"adapter directory {self.root} does not exist")
 
