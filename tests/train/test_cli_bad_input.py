@@ -97,9 +97,9 @@ def test_target_modules_that_match_nothing_are_refused_with_a_vera_head(tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num-beams", "0"], "num_beams must be an integer >= 1, got 0"),  # once: replaced by 1, exit 0
-    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),  # once: replaced by 64
-    (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 1, got -1"),  # once: a traceback
+    (["--num-beams", "0"], "--num-beams must be an integer >= 1, got 0"),  # once: replaced by 1, exit 0
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),  # once: replaced by 64
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 1, got -1"),  # once: a traceback
     (["--gen-eval-samples", "-1"], "--gen-eval-samples must be an integer >= 0, got -1"),  # once: dev[:-1]
 ])
 def test_eval_refuses_bad_decoding_numbers(flags, message, lm_adapter, capsys):
@@ -113,8 +113,8 @@ def test_generate_bad_input_is_one_line(tmp_path, lm_adapter, tiny_bert_dir, cap
     binary.write_bytes(b"\xd8\x15\x00\x00")
     (tmp_path / "blank.txt").write_text("\n  \n")
     cases = [
-        (["--adapter", lm_adapter, "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-        (["--adapter", lm_adapter, "--prompt", "hi", "--num-beams", "0"], "num_beams must be an integer >= 1"),
+        (["--adapter", lm_adapter, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+        (["--adapter", lm_adapter, "--prompt", "hi", "--num-beams", "0"], "--num-beams must be an integer >= 1"),
         (["--adapter", lm_adapter, "--prompts-file", str(tmp_path)], f"--prompts-file {tmp_path}: cannot read it"),
         (["--adapter", lm_adapter, "--prompts-file", str(tmp_path / "no.txt")], "no.txt: cannot read it (No such file"),
         (["--adapter", lm_adapter, "--prompts-file", str(binary)], f"--prompts-file {binary}: not UTF-8 text"),

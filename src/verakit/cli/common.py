@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
+           "decode_config",
            "defaults_help", "field_default", "fields_of", "interrupted_run", "log_to_stderr", "print_evaluation",
            "run_training"]
 
@@ -235,6 +236,19 @@ def run_training(train: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, An
     except ValueError as e:  # bad data, groups or settings, a mismatched --resume: the message names the culprit
         print(f"verakit train: error: {e}", file=sys.stderr)
         return 2, {}
+
+
+def decode_config(**given: Any) -> Any:
+    """`DecodeConfig(**given)` from command-line values: a refused value is named by its flag
+    (--num-beams), not by the dataclass field (DecodeConfig.num_beams) a Python caller sees."""
+    import re
+
+    from ..train.causal import DecodeConfig
+
+    try:
+        return DecodeConfig(**given)
+    except ValueError as e:
+        raise ValueError(re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 def print_evaluation(evaluate: Callable[[], dict[str, Any]]) -> int:

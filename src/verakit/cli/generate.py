@@ -15,14 +15,15 @@ __all__ = ["add_parsers", "run_generate"]
 def run_generate(args: argparse.Namespace) -> int:
     """Generate for every --prompt and every non-blank line of --prompts-file; 2 when there is none, or
     for an unusable option, file, adapter or model (one line on stderr naming it)."""
-    from ..train.causal import DecodeConfig, generate_with_artifact
+    from ..train.causal import generate_with_artifact
+    from .common import decode_config
 
     try:
         prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:
             raise ValueError(f"--prompts-file {args.prompts_file} has no non-blank line" if args.prompts_file
                              else "give --prompt TEXT or --prompts-file FILE")
-        config = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        config = decode_config(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
         texts = generate_with_artifact(args.adapter, prompts, model=args.model, chat_template=args.chat_template,
                                        config=config, check_base=args.check_base)
     # ValueError: a bad --num-beams / --max-new-tokens, an adapter of a classifier, a model that cannot

@@ -195,13 +195,14 @@ def _resume_command(run_dir: Path) -> str:
 
 def run_eval_causal(args: argparse.Namespace) -> int:
     """Held-out loss (and generation metrics) of a causal-LM artifact."""
-    from ..train.causal import DecodeConfig, evaluate_causal
+    from ..train.causal import evaluate_causal
+    from .common import decode_config
 
     def evaluate() -> dict:
         decode = None  # as in training; one flag given: the other takes DecodeConfig's default
         if args.num_beams is not None or args.max_new_tokens is not None:  # 0 is refused, not replaced
             given = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens") if getattr(args, k) is not None}
-            decode = DecodeConfig(**given)  # inside print_evaluation: a bad value is exit 2 and its message
+            decode = decode_config(**given)  # inside print_evaluation: a bad value is exit 2, named by its flag
         return evaluate_causal(
             args.adapter, task=args.task, data_dir=args.data_dir, model=args.model,
             max_eval_samples=args.max_eval_samples, gen_eval_samples=args.gen_eval_samples, eval_split=args.split,
