@@ -251,9 +251,9 @@ def progress_line(records: list[dict], methods: list[str], tasks: list[str], see
             "`python experiments/glue_grid.py status` for the rest).")
 
 
-def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) -> bool:
     """Score against file bytes (log x) per task: each seed faint, the median as a diamond, the trivial
-    baseline dashed."""
+    baseline dashed. False (nothing written) before any seeds cell has finished."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +262,7 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
     seeds = [r for r in records if r["stage"] == "seeds" and r["value"] is not None]
     tasks = [t for t in tasks if any(r["task"] == t for r in seeds)]
     if not tasks:
-        return
+        return False
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.4), constrained_layout=True, squeeze=False)
     colors = dict(zip(METHODS, ("tab:blue", "navy", "tab:orange", "tab:green", "darkgreen", "tab:gray", "tab:purple"), strict=True))
     for ax, t in zip(axes[0], tasks, strict=True):
@@ -283,13 +283,14 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
     axes[0][0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def report(args: argparse.Namespace) -> None:
     root = Path(args.root)
     records = collect(args.methods, args.tasks, args.seeds, args.head, root)
     Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
-    plot(records, args.tasks, args.methods, Path(args.plot))
+    plotted = plot(records, args.tasks, args.methods, Path(args.plot))
     chosen = {m: choose_lr(m, args.head, root) for m in args.methods}
     print(f"Head: {args.head}. Chosen learning rates (sweep): " + ", ".join(f"{m} {lr or '(sweep unfinished)'}"
                                                                           for m, lr in chosen.items()) + "\n")
@@ -309,6 +310,7 @@ def report(args: argparse.Namespace) -> None:
         md = Path(args.results_md)
         body = f"{HEADING}\n\n{SECTION_INTRO}\n\n{text}\n"
         write_atomic(md, replace_section(md.read_text() if md.is_file() else "", HEADING, body))
-    print(f"\nwrote {args.json} ({len(records)} cells) and {args.plot}", file=sys.stderr)
+    print(f"\nwrote {args.json} ({len(records)} cells)" + (f" and {args.plot}" if plotted else
+          " (no plot: no seeds cell has finished)"), file=sys.stderr)
 
 
