@@ -31,7 +31,7 @@ from .layer_conv import conv_adapter
 from .layer_embedding import VeraEmbedding, looked_up
 from .leaves import is_conv1d_leaf
 from .projection import Projection
-from .quant import dequantized_weight, quant_kind
+from .quant import quant_kind
 
 __all__ = ["RowSlots", "SlotLinear", "SlotConv", "SlotEmbedding", "SlotHeadLinear", "slot_layer"]
 
@@ -131,6 +131,7 @@ class SlotLinear(nn.Module):
         _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
         self.vera_s: nn.Parameter | None  # (S, d_out) DVoRA scale per slot, or None: no DVoRA slot yet
         self.register_parameter("vera_s", None)
+        self.transposed, self.quantized = is_conv1d_leaf(base), quant_kind(base)  # as VeraLinear's, for plain_weight
         self.vera_m: nn.Parameter | None  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
         self.register_parameter("vera_m", None)
         self._norms_key: tuple[int, ...] | None = None  # (versions, pointers) of d and b the norms were formed at
@@ -156,15 +157,11 @@ class SlotLinear(nn.Module):
             self.vera_m = nn.Parameter(norms.expand_as(self.vera_b).clone())
         return self.vera_m
 
-    def plain_weight(self) -> torch.Tensor:
-        """W0 (d_out, d_in) as the layer multiplies by it: dequantized for a quantized base, Conv1D transposed."""
-        if quant_kind(self.base) is not None:
-            return dequantized_weight(self.base)
-        w = self.base.weight.detach()
-        return w.t() if is_conv1d_leaf(self.base) else w
-
-    # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it.
+    # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it;
+    # W0 (d_out, d_in) as the layer multiplies by it (dequantized, Conv1D transposed): the VeRA layer's own too.
     slices = VeraLinear.slices
+    _base_weight = VeraLinear._base_weight
+    plain_weight = VeraLinear._plain_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
