@@ -90,8 +90,8 @@ def fp16_score(run_dir: Path) -> dict[str, float]:
     """Dev metrics of a full-head run with its head tensors rounded to fp16 (storage precision)."""
     import torch
 
+    from verakit.train.artifacts import load_artifact, read_artifact_info
     from verakit.train.classify import Encoded, build_classifier, evaluate_encoded, load_task
-    from verakit.train.methods import load_artifact, read_artifact_info
 
     path = run_dir / "adapter.safetensors"
     info = read_artifact_info(path)

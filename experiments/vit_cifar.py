@@ -119,7 +119,7 @@ def pretrain(args: argparse.Namespace) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         _run(["verakit", "train", "--task", "images", "--data-dir", str(pretrain_zip), "--model", str(init),
               "--out", str(run), *PRETRAIN, "--quiet"], args.threads)
-    from verakit.train.methods import load_artifact
+    from verakit.train.artifacts import load_artifact
     from verakit.train.vision import build_image_classifier
 
     metrics = json.loads((run / "metrics.json").read_text())

@@ -140,9 +140,9 @@ def test_minilm_sst2_end_to_end(tmp_path, capsys, shared_data, minilm_path):
     # The adapter matters: on 64 dev sentences, setting every b to 0 (which turns the adapted layers back
     # into the base layers) moves the logits; measured mean |change| 0.158, the bound leaves 3x margin.
     from verakit import vera_layers
+    from verakit.train.artifacts import load_artifact
     from verakit.train.classify import Encoded, build_classifier
     from verakit.train.classify.data import load_task
-    from verakit.train.methods import load_artifact
 
     data = load_task("sst2", shared_data / "glue" / "SST-2", max_train_samples=1)
     model, tok = build_classifier(None, data.spec)

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from verakit.train.artifacts import ArtifactError, load_artifact, read_artifact_info
 from verakit.train.classify import TrainArgs, evaluate_classifier, train_classifier
-from verakit.train.methods import ArtifactError, load_artifact, read_artifact_info
 
 HIDDEN, LAYERS, LABELS = 32, 2, 2
 HEAD = (HIDDEN * HIDDEN + HIDDEN) + (LABELS * HIDDEN + LABELS)  # pooler.dense + classifier

@@ -10,15 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from verakit.train.artifacts import ArtifactError, load_artifact, read_artifact_info, save_artifact
 from verakit.train.classify import TrainArgs, evaluate_classifier, train_classifier
-from verakit.train.methods import (
-    ArtifactError,
-    MethodSpec,
-    load_artifact,
-    prepare_model,
-    read_artifact_info,
-    save_artifact,
-)
+from verakit.train.methods import MethodSpec, prepare_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

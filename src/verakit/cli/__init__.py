@@ -41,9 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..config import ConfigError
     from ..fileformat import AdapterError
     from ..models import ModelNotInstalledError  # stdlib only
+    from ..train.artifacts import ArtifactError
     from ..train.causal.lm_data import LMDataError
     from ..train.errors import DataError  # stdlib only
-    from ..train.methods import ArtifactError
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -88,7 +88,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def _refuse_run_dir(folder: Path, command: str) -> None:
     """A `verakit train` RUN_DIR (or a grouped run's adapters/) given where its adapter file was meant:
     FileNotFoundError naming that file. A PEFT folder (adapter_config.json) is none."""
-    from ..train.methods import artifact_in
+    from ..train.artifacts import artifact_in
 
     held = artifact_in(folder)
     if held is not None:

@@ -147,9 +147,9 @@ def run_train_images(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved artifact with the recipe of its task (--task, else the one it was trained on); one
     that records no task (saved outside `verakit train`) and gets no --task is refused (2)."""
+    from ..train.artifacts import read_artifact_info, recorded
     from ..train.causal import CAUSAL_TASKS
     from ..train.classify import evaluate_classifier
-    from ..train.methods import read_artifact_info, recorded
     from ..train.vision import IMAGE_TASK
 
     run_dir = interrupted_run(args.adapter)

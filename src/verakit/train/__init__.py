@@ -2,7 +2,8 @@
 
 The tree shows the recipes. The shared layer, which every recipe imports and which imports no recipe:
     loop.py (the training loop), checkpoint.py, fsdp.py, progress.py, rundir.py (RUN_DIR, config.json,
-    metrics.json), report.py, methods.py (vera/lora/full/head/peft-vera: model preparation, artifacts),
+    metrics.json), report.py, methods.py (vera/lora/full/head/peft-vera: model preparation), artifacts.py (saving and
+    loading what each method trained),
     hparams.py (every recipe's default hyperparameters), runner.py (the train and evaluate skeletons
     every recipe runs), errors.py.
 One sub-package per recipe, importing only the shared layer (grouped and tune also use classify):

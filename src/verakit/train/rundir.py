@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from .artifacts import artifact_bytes
 from .loop import LoopResult
-from .methods import Prepared, artifact_bytes
+from .methods import Prepared
 
 __all__ = [
     "ProcessState",

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artifacts import load_artifact
 from .loop import LoopConfig, LoopResult, ParamGroup, Recipe, run_loop
-from .methods import Prepared, load_artifact
+from .methods import Prepared
 from .rundir import ProcessState, check_run_dir, start_run, write_json
 
 __all__ = [

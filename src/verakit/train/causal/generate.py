@@ -127,7 +127,7 @@ def generate_with_artifact(
     the chat template setting to the one it was trained with (for a bare model: whether its tokenizer
     has a template). E2E and instruct prompts get the newline their loaders end every prompt with.
     """
-    from ..methods import ArtifactError, load_artifact, read_artifact_info
+    from ..artifacts import ArtifactError, load_artifact, read_artifact_info
     from .model import build_causal_lm
 
     info = read_artifact_info(adapter) if adapter is not None else {}

@@ -7,7 +7,7 @@ Evaluation: held-out loss, perplexity and mean token log-probability (the defaul
 with `gen_eval_samples`, also greedy/beam generations scored by BLEU, ROUGE-L and chrF against every
 reference (E2E's selection metric is BLEU).
 
-`train_causal(CausalArgs)` writes into RUN_DIR: the best evaluation's artifact (methods.py),
+`train_causal(CausalArgs)` writes into RUN_DIR: the best evaluation's artifact (artifacts.py),
 `config.json`, `metrics.json` (with peak RSS), `report.md` (with sample generations) and `curve.png`.
 Data is loaded and validated before RUN_DIR is created, so bad data leaves nothing behind.
 """
@@ -26,20 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import artifact_bytes, artifact_path, read_artifact_info, recorded, save_artifact
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup, train_mode
-from ..methods import (
-    NO_HEAD,
-    MethodSpec,
-    Prepared,
-    artifact_bytes,
-    artifact_path,
-    method_config,
-    prepare_model,
-    read_artifact_info,
-    recorded,
-    save_artifact,
-)
+from ..methods import NO_HEAD, MethodSpec, Prepared, method_config, prepare_model
 from ..rundir import environment, jsonable, loop_metrics
 from ..runner import length_batches, load_trained, open_run, param_groups
 from .data import CAUSAL_TASKS, load_causal_data

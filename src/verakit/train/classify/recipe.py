@@ -1,7 +1,7 @@
 """The sequence-classification recipe: finetune a transformers classifier on a GLUE-style task with
 VeRA, LoRA, full fine-tuning or the head only, and evaluate what it saved.
 
-`train_classifier(TrainArgs)` writes into RUN_DIR: the best checkpoint's artifact (see methods.py),
+`train_classifier(TrainArgs)` writes into RUN_DIR: the best checkpoint's artifact (see artifacts.py),
 `config.json` (resolved arguments), `metrics.json`, `report.md` and `curve.png`. Data is loaded and
 validated before RUN_DIR is created, so bad data leaves nothing behind.
 """
@@ -17,19 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup
-from ..methods import (
-    METHODS,
-    MethodSpec,
-    Prepared,
-    artifact_path,
-    method_config,
-    prepare_model,
-    read_artifact_info,
-    recorded,
-    save_artifact,
-)
+from ..methods import METHODS, MethodSpec, Prepared, method_config, prepare_model
 from ..rundir import artifact_metrics, environment, field_defaults, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, length_batches, load_trained, open_run, param_groups
 from .data import Example, TaskSpec, carve_selection, load_task

@@ -25,19 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact
 from ..hparams import IMAGE_DEFAULTS, defaults, fill
 from ..loop import ParamGroup
-from ..methods import (
-    MethodSpec,
-    Prepared,
-    artifact_path,
-    head_modules,
-    method_config,
-    prepare_model,
-    read_artifact_info,
-    recorded,
-    save_artifact,
-)
+from ..methods import MethodSpec, Prepared, head_modules, method_config, prepare_model
 from ..rundir import artifact_metrics, environment, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, load_trained, open_run, param_groups
 from .images import ImageData, ImageSplit, class_counts, load_images
