@@ -172,6 +172,13 @@ def test_missing_or_bad_model(tmp_path, capsys):
     with pytest.raises(PlanError, match="is not a JSON config"):
         (tmp_path / "config.json").write_text("{")
         plan(str(tmp_path))
+    # Without its width the plan was of the config class's default model (LlamaConfig's: 6.7e9 parameters)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    with pytest.raises(PlanError, match="gives no hidden_size, so the plan would be of LlamaConfig's default sizes"):
+        plan(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')  # its own name for the width
+    with pytest.raises(PlanError, match="gives no hidden_size or n_embd"):
+        plan(str(tmp_path))
 
 
 def test_presets_plan_a_7b_model_without_weights():

@@ -19,6 +19,7 @@ from torch import nn
 from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import layer_class, vera_state
+from .models import TOKENIZER_FILES
 from .ops import magnitude_scale, vera_delta
 from .projection import Projection, matrix_ids
 
@@ -29,8 +30,7 @@ __all__ = [
 
 # Files from which AutoTokenizer / AutoProcessor build a real tokenizer or image processor. A folder with
 # none of them still "loads": a BERT config alone gives a 5-token tokenizer, so we check for them.
-_PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                       "spiece.model", "preprocessor_config.json", "processor_config.json")
+_PREPROCESSOR_FILES = (*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json")
 
 
 def merge(model: nn.Module) -> nn.Module:

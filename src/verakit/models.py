@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .atomic import new_dir
 
@@ -36,7 +36,9 @@ __all__ = [
     "SMOLLM2_SUBDIR",
     "default_cache_dir",
     "default_classifier_path",
+    "TOKENIZER_FILES",
     "hub_unreachable_reason",
+    "load_tokenizer",
     "locate_model",
     "resolve_model",
     "smollm2_dir",
@@ -53,6 +55,9 @@ _MARKER = ".verakit-converted.json"
 _ALIASES: dict[str, Literal["classifier", "causal-lm"]] = {"minilm": "classifier", "smollm2": "causal-lm"}
 # How long the hub may take to accept a TCP connection before we call it unreachable.
 HUB_CHECK_TIMEOUT_S = 3.0
+# A model folder with none of these has no tokenizer of its own (see load_tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
 
 
 class ModelNotInstalledError(ImportError):
@@ -227,6 +232,23 @@ def locate_model(name_or_dir: str) -> str:
         f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({why}); "
         "pass a local model folder, or download the model while online"
     )
+
+
+def load_tokenizer(path: str) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` for a resolved model path (`resolve_model`).
+
+    A local folder without tokenizer files (a model saved with ``model.save_pretrained`` alone) raises
+    FileNotFoundError naming the folder: transformers would otherwise build an empty tokenizer from the config
+    alone (BERT's: 5 tokens) that reads every word as unknown, and training would run on it to chance scores.
+    """
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: the model folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                                "...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder)) "
+                                "or pass the folder the model was downloaded to")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def hub_unreachable_reason(timeout: float = HUB_CHECK_TIMEOUT_S) -> str | None:

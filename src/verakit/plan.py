@@ -151,9 +151,15 @@ def load_config(model: str) -> Any:
             raise PlanError(f"--model {model}: {path} has no model_type field")
         fields_.pop("quantization_config", None)  # the planner picks the precision itself
     try:
-        return AutoConfig.for_model(fields_.pop("model_type"), **fields_)
+        cfg = AutoConfig.for_model(fields_.pop("model_type"), **fields_)
     except (ValueError, KeyError) as e:
         raise PlanError(f"--model {model}: transformers cannot build its config ({e})") from e
+    # A file without the width would silently plan the config class's default model (LlamaConfig's is 7B).
+    width = {"hidden_size", type(cfg).attribute_map.get("hidden_size", "hidden_size")}
+    if not width & set(fields_):
+        raise PlanError(f"--model {model}: the config gives no {' or '.join(sorted(width))}, so the plan would be of "
+                        f"{type(cfg).__name__}'s default sizes, not your model's; pass its full config.json")
+    return cfg
 
 
 def plan(

@@ -144,3 +144,22 @@ def test_model_flag_may_be_left_out(tmp_path):
     options = ServeOptions(**fields_of(ServeOptions, args))
     assert options.model is None and options.check_base
     assert build_parser().parse_args(["serve", "--adapters", str(tmp_path), "--no-base-check"]).check_base is False
+
+
+def test_a_model_folder_without_tokenizer_is_exit_2(bert_dirs, tmp_path, capsys):
+    """transformers builds an empty tokenizer (every word [UNK]) for such a folder; the server answered with it."""
+    import shutil
+
+    model_dir, adapter_dir = bert_dirs
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, bare / name)
+    from verakit.serve.options import ServeOptions
+    from verakit.serve.startup import load_base
+
+    with pytest.raises(FileNotFoundError, match="the model folder has no tokenizer files"):  # before any server
+        load_base(ServeOptions(model=str(bare), adapters=str(adapter_dir), task="classify"), [])
+    rc = main(["serve", "--model", str(bare), "--adapters", str(adapter_dir), "--port", "0", "--threads", "1"])
+    assert rc == 2
+    assert f"verakit serve: error: {bare}: the model folder has no tokenizer files" in capsys.readouterr().err

@@ -259,3 +259,44 @@ def test_a_grouped_run_folder_given_as_adapter_names_one_of_its_adapters(tmp_pat
     shutil.rmtree(run_dir / "adapters")  # any other folder keeps its message
     assert main(["eval", "--adapter", str(run_dir)]) == 2
     assert "not a verakit LoRA run folder" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--task", "csv", "--data-dir", "", "--out", "RUN"],  # read the current folder's files
+    ["train", "--task", "csv", "--data-dir", " ", "--out", "RUN"],
+    ["tune", "--task", "csv", "--data-dir", "", "--out", "RUN"],
+    ["train", "--task", "csv", "--data-dir", "DATA", "--out", ""],  # "." exists: "pass --resume" made no sense
+    ["eval", "--adapter", "x.safetensors", "--data-dir", ""],
+    ["merge", "--adapter", "x.safetensors", "--out", ""],
+])
+def test_an_empty_folder_option_is_refused(argv, tmp_path, tiny_task, capsys):
+    """An empty --data-dir (or --out) is Path(""), the current folder: refused by name instead."""
+    flag = argv[argv.index("") - 1] if "" in argv else "--data-dir"
+    argv = [str(tmp_path / "run") if a == "RUN" else str(tiny_task) if a == "DATA" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: empty; pass a folder (use . for the current one)" in _err(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["classify", "causal"])
+def test_a_model_folder_without_tokenizer_is_refused(kind, tmp_path, tiny_bert_dir, tiny_task, llama_dir, capsys):
+    """transformers builds a 5-token tokenizer from a BERT config alone; training ran on all-[UNK] inputs to a
+    chance score (SST-2 dev 0.509 with MiniLM's weights), exit 0."""
+    import shutil
+
+    source = Path(tiny_bert_dir if kind == "classify" else llama_dir)
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, bare / name)
+    out = tmp_path / "run"
+    task = ["--task", "csv", "--data-dir", str(tiny_task)]
+    if kind == "causal":
+        data = write_jsonl(tmp_path / "data" / "train.jsonl", e2e_like(8)).parent
+        write_jsonl(data / "dev.jsonl", e2e_like(2, seed=1))
+        task = ["--task", "jsonl", "--data-dir", str(data)]
+    assert main(["train", *task, "--out", str(out), "--model", str(bare)]) == 2
+    assert f"verakit train: error: {bare}: the model folder has no tokenizer files" in _err(capsys)
+    assert not out.exists()

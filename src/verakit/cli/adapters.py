@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from .common import folder_arg
+
 __all__ = ["add_parsers", "describe_modules", "run_convert", "run_inspect", "run_inspect_peft", "run_merge"]
 
 
@@ -204,7 +206,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "alias minilm / smollm2 (default: the base model the adapter records; none recorded: MiniLM for "
                    "a classifier, SmolLM2-135M-Instruct for a causal LM)")
     s.add_argument("--adapter", required=True, help="adapter .safetensors file")
-    s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    s.add_argument("--out", required=True, type=folder_arg, help="output directory (must not exist or be empty)")
     s.add_argument("--no-base-check", action="store_true", help="merge even when the base weights differ from the "
                    "samples the adapter recorded (another checkpoint of the same architecture); names and shapes "
                    "are still checked (default: refused)")

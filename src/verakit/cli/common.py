@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
            "decode_config",
-           "defaults_help", "field_default", "fields_of", "interrupted_run", "log_to_stderr", "print_evaluation",
+           "defaults_help", "field_default", "fields_of", "folder_arg", "interrupted_run", "log_to_stderr", "print_evaluation",
            "run_training"]
 
 RECIPES = ("classification", "causal LMs", "images")  # the recipes `defaults_help` describes, in this order
@@ -26,6 +26,13 @@ _UNUSED = {"r": ("full", "head"), "lr": ("head",)}  # methods for which an optio
 def csv_list(value: str) -> tuple[str, ...]:
     """A comma-separated option value as a tuple of its non-empty, stripped items."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def folder_arg(value: str) -> str:
+    """A folder option (--data-dir, --out): an empty value would silently mean the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; pass a folder (use . for the current one)")
+    return value
 
 
 def fields_of(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -339,8 +346,8 @@ def add_target_options(s: argparse.ArgumentParser, *, tasks: Iterable[str], meth
     own). `task`, `data`, `out`, `model`: the command's words for the tasks, the data folder, what RUN_DIR
     receives and the default model; `method`: a note after the method's default."""
     s.add_argument("--task", required=True, choices=list(tasks), help=f"{task} (required)")
-    s.add_argument("--data-dir", required=True, help=f"{data} (required)")
-    s.add_argument("--out", required=True, help=f"{out} (required)")
+    s.add_argument("--data-dir", required=True, type=folder_arg, help=f"{data} (required)")
+    s.add_argument("--out", required=True, type=folder_arg, help=f"{out} (required)")
     s.add_argument("--model", default=None, help=f"model folder or hub id (default: {model})")
     s.add_argument("--method", default=field_default("method"), choices=list(methods),
                    help=f"what trains (default {field_default('method')}{method})")

@@ -16,6 +16,7 @@ from .common import (
     defaults_help,
     field_default,
     fields_of,
+    folder_arg,
     interrupted_run,
     print_evaluation,
     run_training,
@@ -307,7 +308,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("eval", help=what, description=what[0].upper() + what[1:] + "; prints the metrics as JSON.")
     s.add_argument("--task", default=None, choices=[*TASKS, *CAUSAL_TASKS, IMAGE_TASK],
                    help="task to score (default: the task it was trained on)")
-    s.add_argument("--data-dir", default=None, help="data folder (default: the folder it was trained on)")
+    s.add_argument("--data-dir", default=None, type=folder_arg, help="data folder (default: the folder it was trained on)")
     s.add_argument("--adapter", required=True, help="RUN_DIR/adapter.safetensors, RUN_DIR/adapter (LoRA) "
                    "or RUN_DIR/trained.safetensors (full, head) (required)")
     s.add_argument("--model", default=None, help="base model (default: the one it was trained on)")

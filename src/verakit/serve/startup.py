@@ -94,10 +94,12 @@ def load_base(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> BaseModel
     """The tokenizer and base model for `options` (a classifier sized to the chosen adapters' labels)."""
     import transformers
 
+    from ..models import load_tokenizer
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar before the start-up line
     task, path = resolve_task(options, chosen)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     dtype = getattr(torch, options.dtype)
     untrained: tuple[str, ...] = ()
     if task == "classify":

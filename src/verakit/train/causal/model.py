@@ -15,13 +15,13 @@ __all__ = ["build_causal_lm", "enable_gradient_checkpointing"]
 
 def build_causal_lm(model_name: str | None) -> tuple[nn.Module, Any]:
     """(fp32 AutoModelForCausalLM, its tokenizer with a pad id); None: SmolLM2-135M-Instruct, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from ...models import resolve_model
+    from ...models import load_tokenizer, resolve_model
 
     path = resolve_model(model_name, "causal-lm")
+    tokenizer = load_tokenizer(path)  # first: a folder without one is refused before the weights load
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the attention mask and -100 labels hide it
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

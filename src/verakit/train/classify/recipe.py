@@ -141,11 +141,14 @@ def build_classifier(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module,
 def build_classifier_checked(model_name: str | None, spec: TaskSpec) -> tuple[nn.Module, Any, tuple[str, ...]]:
     """build_classifier's model and tokenizer, and the weights the base lacked (initialised at random)."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from ...models import load_tokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise in a training log
     path = _model_path(model_name)
+    tokenizer = load_tokenizer(path)  # first: a folder without one is refused before the weights load
     labels = spec.label_names or ("score",)
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         path,
@@ -155,7 +158,6 @@ def build_classifier_checked(model_name: str | None, spec: TaskSpec) -> tuple[nn
         problem_type="regression" if spec.is_regression else "single_label_classification",
         output_loading_info=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # GPT-style tokenizers: pad with EOS, which the head skips
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
