@@ -19,9 +19,8 @@ Semantics: total = base weights + shared projections + trainable state + activat
   transient      the largest short-lived buffers at the peak: the fp32 logits and their gradient for a
                  causal LM's loss, one dequantized weight for a quantized base, DVoRA's (`magnitude`) row
                  norms of W0 + delta (the delta and the sum, fp32, of the largest adapted layer, formed
-                 without gradients one layer at a time), and AdamW's foreach
-                 scratch (one parameter-sized buffer, which matters for full fine-tuning only; torch's
-                 default on GPUs: on CPU AdamW runs per tensor and needs less, so the plan is high there).
+                 without gradients one layer at a time), and AdamW's foreach scratch (one parameter-sized
+                 buffer, for full fine-tuning only; torch's GPU default: on CPU it needs less).
 The peak is taken at the worse of two moments, both with AdamW's moments allocated (step two onward):
 the start of backward (activations + transient) and the optimizer step (gradients + scratch).
 """
@@ -46,6 +45,7 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2}
 _ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert")
 _HEADS = ("classifier", "score")  # trained in full by every method of a classification run
 _NF4_BLOCK, _NESTED_BLOCK = 64, 256  # bitsandbytes Params4bit defaults (compress_statistics=True)
+
 
 class PlanError(ValueError):
     """The model, precision or option given to the planner is unusable; the message names it."""
