@@ -156,7 +156,13 @@ def read_delimited(path: Path, delimiter: str, columns: tuple[str, ...] | None) 
                     continue
                 if header is None:
                     header = tuple(name.strip() for name in record)
+                    _refuse_repeated_names(path, reader.line_num, header)
                     continue
+                if columns is None and tuple(field.strip() for field in record) == header:
+                    # two files joined with `cat`: read as data, the header would be one more example whose
+                    # label is the word "label", an extra class trained on silently
+                    raise DataError(f"{path}:{reader.line_num}: repeats the header line ({', '.join(header)}); "
+                                    "remove it (were two files joined?)")
                 if len(record) != len(header):
                     raise DataError(
                         f"{path}:{reader.line_num}: expected {len(header)} fields "
@@ -170,6 +176,15 @@ def read_delimited(path: Path, delimiter: str, columns: tuple[str, ...] | None) 
     if not rows:
         raise DataError(f"{path}:1: empty split: no examples in the file")
     return rows
+
+
+def _refuse_repeated_names(path: Path, line: int, header: tuple[str, ...]) -> None:
+    """A column named twice would be read as its last copy alone, the other dropped without a word."""
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}:{line}: the header names column {name!r} twice; rename one of them")
+        seen.add(name)
 
 
 def open_text(path: Path) -> TextIO:

@@ -7,6 +7,7 @@ scores); any others are classes, sorted. Every bad-data case raises DataError na
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .rows import (
@@ -24,6 +25,7 @@ from .tasks import REGRESSION_METRICS, TASKS, DataError, Example, TaskSpec
 __all__ = ["USER_EXTS", "load_user_task"]
 
 USER_EXTS = ("csv", "jsonl", "tsv")
+log = logging.getLogger("verakit.train")
 
 
 def load_user_task(folder: Path, group_column: str | None) -> tuple[TaskSpec, list[Example], list[Example]]:
@@ -45,6 +47,16 @@ def load_user_task(folder: Path, group_column: str | None) -> tuple[TaskSpec, li
         )
     # text_pair is optional; once train has it, every row of both splits must.
     pair = "text_pair" if any("text_pair" in row for _, row in rows["train"]) else None
+    if pair is None and (line := next((n for n, row in rows["dev"] if "text_pair" in row), None)) is not None:
+        # read as single texts, dev would be scored on half of each example
+        raise DataError(f"{paths['dev']}:{line}: column 'text_pair' is in dev but not in {paths['train'].name}; "
+                        "give both splits the same columns")
+    used = {"text", "label", "text_pair", *([group_column] if group_column else [])}
+    for split, path in paths.items():
+        unused = sorted({str(c) for _, row in rows[split] for c in row} - used)
+        if unused:  # a misspelt or renamed text_pair (text_b, sentence2) would be dropped without a word
+            log.warning("%s: column(s) %s not used (the csv task reads text, text_pair, label)", path,
+                        ", ".join(repr(c) for c in unused))
     train, dev = (to_examples(paths[s], rows[s], "text", pair, "label", labels, group_column) for s in paths)
     if labels.is_regression:
         return TaskSpec("csv", (), True, REGRESSION_METRICS, "pearson"), train, dev
