@@ -20,8 +20,6 @@ from verakit import (
     vera_layers,
 )
 from verakit.layer import VeraLinear
-from verakit.layer_conv import VeraConv
-from verakit.layer_embedding import VeraEmbedding
 from verakit.layer_plan import Path, plan_forward
 from verakit.merge import merged_state_dict
 from verakit.projection import Projection
@@ -204,14 +202,6 @@ def test_magnitude_scale_semantics():
     s.sum().backward()
     assert m.grad[0].item() == pytest.approx(0.2)  # the norm is a constant: d s / d m = 1 / ||w + delta||
     torch.testing.assert_close(ops.row_norms(w.double()), torch.tensor([5.0, 0.0]))
-
-
-def test_conv_and_embedding_refuse_magnitude():
-    proj = Projection(0, "kaiming_uniform", 4, 64, 64)
-    with pytest.raises(ValueError, match="linear layers only.*Conv2d"):
-        VeraConv(nn.Conv2d(3, 4, 3), proj, 4, 0.1, magnitude=True)
-    with pytest.raises(ValueError, match="linear layers only.*Embedding"):
-        VeraEmbedding(nn.Embedding(10, 4), proj, 4, 0.1, magnitude=True)
 
 
 def test_parity_with_peft_dora_over_the_same_low_rank_factors():

@@ -361,20 +361,3 @@ def test_load_into_evaluated_model_drops_the_cached_weight(tiny_llama, tmp_path)
         want = load_adapter(fresh, paths[1])(input_ids=ids).logits
     torch.testing.assert_close(with_b, want, rtol=0, atol=1e-6)
     assert (with_b - with_a).abs().max() > 1e-2
-
-
-def test_reading_refuses_dvora_on_a_module_that_is_not_linear(tiny_llama, tmp_path):
-    """docs/format.md: `config.magnitude` with a module that is not linear/conv1d is refused on read, even
-    when the fingerprint matches the edited module list."""
-    from test_conv import rewrite_meta
-
-    _, _, path = _dvora_file(tiny_llama, tmp_path)
-    name = "model.layers.0.mlp.down_proj"
-    assert read_adapter(path).modules[name][2] == "linear"
-
-    def to_conv(meta):
-        meta["base"]["modules"][name][2] = "conv:1"
-
-    with pytest.raises(AdapterError, match=rf"module '{name}' has kind 'conv:1', but DVoRA \(config.magnitude\) "
-                                           "adapts linear layers only"):
-        read_adapter(rewrite_meta(path, tmp_path / "conv.safetensors", to_conv))

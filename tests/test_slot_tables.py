@@ -172,3 +172,29 @@ def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_
         tables.write(2, dvora_adapter(tiny_bert_clf, VeraConfig(r=4), 2))
     serving = to_slot_tables(attach(copy.deepcopy(tiny_bert_clf), cfg), 3, trainable=False)
     assert all(ly.vera_s is None and ly.vera_m is None for ly in serving.layers.values())
+
+
+def test_training_tables_refuse_dvora_convolutions_and_embeddings():
+    """Grouped DVoRA training trains m of linear layers only (SlotLinear.vera_m): a model whose DVoRA layers
+    include an embedding or a convolution is refused by name before anything changes; serving takes it."""
+    from torch import nn
+
+    from verakit import vera_layers
+    from verakit.inject import AttachError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv, self.head = nn.Embedding(20, 6), nn.Conv1d(6, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
+
+    torch.manual_seed(0)
+    model = attach(Net(), VeraConfig(r=4, target_modules=("emb", "conv", "head"), magnitude=True))
+    with pytest.raises(AttachError, match="module 'emb' is a DVoRA embedding layer; grouped DVoRA training trains "
+                                          "magnitudes of linear layers only"):
+        to_slot_tables(model, 3)
+    assert set(vera_layers(model)) == {"emb", "conv", "head"}  # untouched: still the VeRA model
+    serving = to_slot_tables(model, 3, trainable=False)
+    assert set(serving.layers) == {"emb", "conv", "head"}

@@ -87,11 +87,12 @@ class VeraConfig:
         "explicit": the tables are stored in the adapter file. The last two hold already-scaled values
         (per-layer scale 1) and need projection_sharing="shared". Used to import PEFT VeRA adapters.
     magnitude: DVoRA, the weight-decomposed VeRA (DoRA's magnitude vector on top of VeRA's delta): each
-        adapted linear layer computes W' = m * (W0 + delta) / ||W0 + delta|| per output row, with a
-        trained magnitude m (d_out) initialised to W0's row norms (the model equals the base at init).
-        The norm is treated as a constant in backward, as the DoRA paper recommends. Linear layers only
-        (nn.Linear, Conv1D, quantized linear); convolutions and embeddings are refused. Files carry m;
-        PEFT VeRA and LoRA export refuse it (docs/dvora.md).
+        adapted layer computes W' = m * (W0 + delta) / ||W0 + delta|| per output row, with a trained
+        magnitude m (d_out) initialised to W0's row norms (the model equals the base at init). The norm
+        is treated as a constant in backward, as the DoRA paper recommends. Every layer kind: linear
+        (nn.Linear, Conv1D, quantized linear), convolutions (per output channel) and embeddings (per
+        embedding dimension, over the vocabulary), as PEFT's DoRA defines them. Files carry m; PEFT VeRA
+        and LoRA export refuse it (docs/dvora.md).
     """
 
     r: int = 256
@@ -162,9 +163,6 @@ class VeraConfig:
         if not isinstance(self.magnitude, bool):
             raise ConfigError(f"VeraConfig.magnitude must be a boolean, got {self.magnitude!r}")
         tm = self.target_modules
-        if self.magnitude and tm == "all-conv":
-            raise ConfigError("VeraConfig.magnitude=True (DVoRA) adapts linear layers only, but target_modules="
-                              "'all-conv' picks convolutions; use magnitude=False for convolutions")
         if isinstance(tm, str):
             if tm not in TARGET_KEYWORDS:
                 try:

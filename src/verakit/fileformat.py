@@ -50,6 +50,8 @@ FORMAT_NAME = "verakit.adapter"
 # reader would take for linear layers. Files whose modules are all linear are still written as version 1,
 # byte for byte as before, so older readers keep reading them. Version 3 added DVoRA's magnitude tensors
 # (VeraConfig.magnitude), which a version-2 reader would drop; only DVoRA files are written as version 3.
+# DVoRA on convolutions and embeddings needs no new version: m is d_out long for every kind, and a reader
+# from before it refuses such a file by name ("DVoRA adapts linear layers only"), never misreads it.
 FORMAT_VERSION = 3
 _V1_KINDS = ("linear", "conv1d")
 # MAX_PROJECTION_ELEMENTS (from `projection`): a module's d_in, a "peft-torch" pair's widths and an embedding's
@@ -306,8 +308,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
 
 
 def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str, tuple[int, int, str]]) -> None:
-    """Every module's kind is known, consistent with its shape, its file's version and DVoRA (linear only);
-    tables stay bounded."""
+    """Every module's kind is known and consistent with its shape and its file's version; tables stay bounded.
+    (A DVoRA magnitude's length is each module's d_out, whatever its kind: checked with the tensors.)"""
     for n, (d_out, d_in, kind) in modules.items():
         if d_out < 1 or d_in < 1:
             raise _fail(path, f"corrupt metadata: module {n!r} has shape ({d_out}, {d_in})")
@@ -317,8 +319,6 @@ def _check_kinds(path: Path, version: int, config: VeraConfig, modules: dict[str
             raise _fail(path, f"module {n!r}: {e}") from None
         if version < 2 and kind not in _V1_KINDS:
             raise _fail(path, f"module {n!r} has kind {kind!r}, which format version {version} does not have")
-        if config.magnitude and kind not in _V1_KINDS:
-            raise _fail(path, f"module {n!r} has kind {kind!r}, but DVoRA (config.magnitude) adapts linear layers only")
     if config.magnitude and version < 3:
         raise _fail(path, f"config.magnitude (DVoRA) needs format version 3, the file says {version}")
     emb = [n for n, v in modules.items() if v[2].startswith("embedding")]

@@ -257,7 +257,7 @@ def attach(model: nn.Module, config: VeraConfig, *, projection: Projection | Non
             proj = Projection(config.seed, config.distribution, config.r, d_in, d_out, matrix_ids("unique", name))
         cls = VeraConv if is_conv_leaf(base) else VeraEmbedding if is_embedding_leaf(base) else VeraLinear
         layer = cls(base, proj, config.r, config.d_initial, config.dropout, config.train_d, config.train_b,
-                    magnitude=config.magnitude)  # convolutions and embeddings refuse True, naming the layer
+                    magnitude=config.magnitude)
         if isinstance(layer, VeraEmbedding):
             layer.tied = tuple(n for n in tied.get(id(base.weight), ()) if n != f"{name}.weight")
         parent_name, _, leaf = name.rpartition(".")

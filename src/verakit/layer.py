@@ -36,7 +36,7 @@ from .quant import dequantized_weight, quant_kind
 
 __all__ = [
     "VeraLinear", "SharedInput", "share_inputs", "is_linear_leaf", "is_conv_leaf", "is_embedding_leaf", "linear_shape",
-    "check_fits", "new_vectors", "merge_layer", "unmerge_layer",
+    "check_fits", "new_vectors", "merge_layer", "unmerge_layer", "check_merge_scale",
 ]
 
 def check_fits(projection: Projection, r: int, d_out: int, d_in: int) -> None:
@@ -81,6 +81,18 @@ def unmerge_layer(layer: nn.Module) -> None:
     layer._fold(-1.0)
     layer.merged = False
     layer._merged_versions = None
+
+
+def check_merge_scale(scale: torch.Tensor, what: str, units: str) -> None:
+    """DVoRA: refuse to merge when m / ||W0 + delta|| is zero somewhere (RuntimeError naming the layer `what`
+    and the `units`, e.g. "output rows"): merging would erase those parts of W0 and unmerge could not
+    restore them."""
+    zero = (scale == 0).nonzero().flatten().tolist()
+    if zero:
+        raise RuntimeError(
+            f"cannot merge DVoRA into {what}: its scale m / ||W0 + delta|| is zero at {units} {zero[:5]}, so "
+            "merging would erase them from W0 and unmerge could not restore them"
+        )
 
 
 def _vector_versions(layer: nn.Module) -> tuple[int, ...]:
@@ -359,13 +371,7 @@ class VeraLinear(nn.Module):
         d, b = self.vera_d.detach(), self.vera_b.detach()
         if sign > 0:
             scale = self._magnitude_now(w0.device).detach()
-            zero = (scale == 0).nonzero().flatten().tolist()
-            if zero:
-                raise RuntimeError(
-                    f"cannot merge DVoRA into a {self.out_features}x{self.in_features} layer: its scale "
-                    f"m / ||W0 + delta|| is zero at output rows {zero[:5]}, so merging would erase those rows "
-                    "of W0 and unmerge could not restore them"
-                )
+            check_merge_scale(scale, f"a {self.out_features}x{self.in_features} layer", "output rows")
             w0.copy_(self._scaled_weight(scale))
             self._merged_scale = scale
             return

@@ -10,6 +10,8 @@ Semantics: y = conv(x, W0) + b * conv1x1(B_sl, s * d * conv(dropout(x), A_k))
   same A_k into its own r channels, and the output channels of group j read group j's r channels through
   their rows of B_sl. Either way the delta kernel is diag(b) B_sl diag(s d) A_sl reshaped to W0's shape,
   which is what `merge` adds, exactly.
+  DVoRA (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| per output channel, the norm over
+  (C_in/groups, *kernel) as PEFT's DoRA takes it (`_magnitude_forward`, docs/dvora.md).
 
 The forward adds the delta to the kernel and runs one convolution: building it costs C_out * d_in * r
 multiply-adds, a fraction of the convolution's own at any useful spatial size, and autograd then keeps x
@@ -27,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layer import check_fits, is_conv_leaf, linear_shape, merge_layer, new_vectors, unmerge_layer
+from .layer import (
+    check_fits,
+    check_merge_scale,
+    is_conv_leaf,
+    linear_shape,
+    merge_layer,
+    new_vectors,
+    unmerge_layer,
+)
 from .layer_plan import WeightCache, WeightKey
 from .projection import Projection
 
@@ -92,11 +102,6 @@ class VeraConv(nn.Module):
         magnitude: bool = False,
     ) -> None:
         super().__init__()
-        if magnitude:
-            raise ValueError(
-                f"VeraConfig.magnitude (DVoRA) adapts linear layers only, got a {type(base).__name__} (convolution); "
-                "leave it out of target_modules or use magnitude=False"
-            )
         if not is_conv_leaf(base):
             raise TypeError(f"VeraConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base).__name__}")
         self.base = base
@@ -108,10 +113,14 @@ class VeraConv(nn.Module):
         self.projection = projection  # plain attribute: shared, never in state_dict
         self.scale = projection.scale(self.in_features, r)
         self.vera_d, self.vera_b = new_vectors(r, self.out_features, d_initial, train_d, train_b, base.weight.device)
-        self.vera_m: nn.Parameter | None = None  # DVoRA's magnitude: linear layers only (refused above)
+        # DVoRA: m (C_out,) float32, trained, starting at W0's norm per output channel (identity at init);
+        # None (and not in state_dict) for plain VeRA. See `_magnitude_forward`.
+        m = ops.row_norms(self._plain_weight()).to(self.vera_b.device) if magnitude else None
+        self.vera_m = None if m is None else nn.Parameter(m)
+        self._merged_scale: torch.Tensor | None = None  # DVoRA while merged: the scale folded into W0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self._merged_versions: tuple[int, int] | None = None
+        self._merged_versions: tuple[int, ...] | None = None
         # verakit.set_compute_dtype sets this on every layer; convolutions always compute in the base's dtype.
         self.compute_dtype: torch.dtype | None = None
         self._cache: WeightCache | None = None  # W0 + delta for gradient-free calls, built at once
@@ -149,6 +158,8 @@ class VeraConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.vera_m is not None:
+            return self._magnitude_forward(x)
         w0, d, b = self.base.weight, self.vera_d, self.vera_b
         A, B = self.slices(x.device, w0.dtype)  # (r, d_in), (C_out, r)
         if self.training and isinstance(self.dropout, nn.Dropout):  # the base sees x, the adapter dropout(x)
@@ -202,9 +213,16 @@ class VeraConv(nn.Module):
         """Subtract the delta merged earlier. Idempotent; refuses if d or b changed while merged."""
         unmerge_layer(self)
 
+    def _plain_weight(self) -> torch.Tensor:
+        """W0 as the (C_out, d_in) linear map (a view for a contiguous kernel, else a copy)."""
+        return self.base.weight.reshape(self.out_features, self.in_features)
+
     def _fold(self, sign: float) -> None:
         w = self.base.weight
         self._cache = None
+        if self.vera_m is not None:
+            self._fold_magnitude(sign)
+            return
         with torch.no_grad():
             delta = self.weight_delta(self.delta_weight(), self.kind).to(w.device)
             if w.dtype == torch.float32:
@@ -212,5 +230,76 @@ class VeraConv(nn.Module):
             else:
                 w.copy_((w.float() + sign * delta).to(w.dtype))
 
+    # DVoRA (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| per output channel, the norm over
+    # (C_in/groups, *kernel) as PEFT's DoRA for convolutions takes it, detached in backward as VeraLinear's.
+    # With scale = m / ||W0 + delta|| (C_out,), conv(x, W') + bias = scale * (conv(x, W0) + conv(x, delta))
+    # + bias, so each path of `forward` runs as for VeRA, without the bias, and is rescaled per channel. The
+    # norm needs W0 + delta (C_out, d_in) in float32 once per call with gradients (the kernel-building path
+    # builds it anyway), once per change of d, b, m or W0 without (then W' itself is cached).
+    def _magnitude_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0, d, b, m = self.base.weight, self.vera_d, self.vera_b, self.vera_m
+        assert m is not None
+        A, B = self.slices(x.device, w0.dtype)  # (r, d_in), (C_out, r)
+        dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        grad = torch.is_grad_enabled() and (d.requires_grad or b.requires_grad or m.requires_grad or w0.requires_grad)
+        if dropout or (grad and self.factored_for(x)):  # the base sees x, the adapter dropout(x)
+            self._cache = None
+            h = conv_adapter(self.base, self.dropout(x) if dropout else x, A, B, d * self.scale, b)
+            return self._rescaled(self.base._conv_forward(x, w0, None) + h, self._magnitude_now(x.device))
+        if grad or torch.compiler.is_compiling():
+            self._cache = None
+            W = self._weight(A, B)  # W0 + delta as a kernel, differentiable in d and b
+            if W.dtype == torch.float32:  # this very kernel is `_adapted_weight`'s (same addmm): no second one
+                scale = ops.magnitude_scale(W.detach().reshape(self.out_features, self.in_features), None, m)
+            else:
+                scale = self._magnitude_now(x.device)
+            return self._rescaled(self.base._conv_forward(x, W, None), scale)
+        key = WeightKey((d._version, d.data_ptr()), (b._version, b.data_ptr()), (m._version, m.data_ptr()),
+                        (w0._version, w0.data_ptr()), A.device, A.dtype)
+        if self._cache is None or self._cache.key != key:
+            scale = self._magnitude_now(x.device)
+            self._cache = WeightCache(key, self._scaled_weight(scale).to(w0.dtype).view(w0.shape), 0, scale)
+        return self.base._conv_forward(x, self._cache.weight, self.base.bias)
+
+    def _adapted_weight(self, device: torch.device) -> torch.Tensor:
+        """W0 + delta (C_out, d_in) float32, a new tensor without gradients."""
+        A, B = self.slices(device, torch.float32)
+        d, b = self.vera_d.detach(), self.vera_b.detach()
+        return ops.vera_delta(A, B, d, b, self.scale, base=self._plain_weight().float())
+
+    def _magnitude_now(self, device: torch.device) -> torch.Tensor:
+        """scale = m / ||W0 + delta|| (C_out,) float32, with m's gradient (the norm a constant)."""
+        with torch.no_grad():
+            full = self._adapted_weight(device)
+        return ops.magnitude_scale(full, None, self.vera_m)
+
+    def _scaled_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """W' = scale * (W0 + delta) (C_out, d_in) float32, no gradients."""
+        return self._adapted_weight(scale.device).mul_(scale.detach().unsqueeze(1))
+
+    def _rescaled(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """scale * y + bias per output channel: y (N, C_out, *spatial) or unbatched, without the bias."""
+        shape = (-1,) + (1,) * len(self.kernel)  # the channel dim, then the spatial dims
+        y = y * scale.to(y.dtype).view(shape)
+        return y if self.base.bias is None else y + self.base.bias.to(y.dtype).view(shape)
+
+    def _fold_magnitude(self, sign: float) -> None:
+        """DVoRA: merge W0 <- scale * (W0 + delta) and keep scale (C_out,), so unmerge can restore
+        W0 = W' / scale - delta (float32 arithmetic, cast once), as VeraLinear does."""
+        w = self.base.weight
+        with torch.no_grad():
+            if sign > 0:
+                scale = self._magnitude_now(w.device).detach()
+                check_merge_scale(scale, f"a convolution {tuple(w.shape)}", "output channels")
+                w.copy_(self._scaled_weight(scale).view(w.shape))
+                self._merged_scale = scale
+                return
+            A, B = self.slices(w.device, torch.float32)
+            d, b = self.vera_d.detach(), self.vera_b.detach()
+            base = self._plain_weight().float() / self._merged_scale.unsqueeze(1)
+            w.copy_(ops.vera_delta(A, B, d, b, self.scale, base=base, alpha=-1.0).view(w.shape))
+            self._merged_scale = None
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, in={self.in_features}, out={self.out_features}, kernel={self.kernel}, merged={self.merged}"
+        mag = "" if self.vera_m is None else ", magnitude=True"
+        return f"r={self.r}, in={self.in_features}, out={self.out_features}, kernel={self.kernel}, merged={self.merged}{mag}"

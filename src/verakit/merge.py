@@ -19,6 +19,7 @@ from torch import nn
 from .atomic import new_dir
 from .fileformat import Adapter, AdapterError, load_adapter, read_adapter
 from .inject import layer_class, vera_state
+from .layer_embedding import parse_embedding_kind, table_norms
 from .models import TOKENIZER_FILES
 from .ops import magnitude_scale, vera_delta
 from .projection import Projection, matrix_ids
@@ -112,13 +113,25 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], adapter: Adapter, pre
                                "those too, so a tied weight is not merged")
         merged = w.float() + delta
         if adapter.config.magnitude:  # DVoRA: W' = m * (W + delta) / ||W + delta|| per output row
-            transposed = adapter.modules[name][2] == "conv1d"  # Conv1D stores (d_in, d_out)
-            rows = merged.t() if transposed else merged  # (d_out, d_in) view
-            rows.mul_(magnitude_scale(rows, None, adapter.m[name].float()).unsqueeze(1))
+            _rescale(merged, w, adapter.modules[name][2], adapter.m[name].float())
         out[key] = merged.to(w.dtype)
     for key, t in adapter.saved.items():
         out[f"{prefix}{key}"] = t.clone()
     return out
+
+
+def _rescale(merged: torch.Tensor, w: torch.Tensor, kind: str, m: torch.Tensor) -> None:
+    """DVoRA, in place: `merged` (W + delta in the weight's layout, float32) times m / ||W + delta|| per output
+    row of the module's linear view, as its live layer merges it (docs/dvora.md has the norm of each kind)."""
+    is_embedding, pad = parse_embedding_kind(kind)
+    if is_embedding:  # (V, D): the norm of each column over the vocabulary; the padding row stays W's
+        merged.mul_(m / table_norms(merged, None, None).clamp_min(torch.finfo(torch.float32).tiny))
+        if pad is not None:
+            merged[pad] = w[pad].float()
+        return
+    # Conv1D stores (d_in, d_out); a convolution's kernel is (C_out, C_in/groups, *kernel)
+    rows = merged.t() if kind == "conv1d" else merged.view(merged.shape[0], -1)  # (d_out, d_in) view
+    rows.mul_(magnitude_scale(rows, None, m).unsqueeze(1))
 
 
 def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:

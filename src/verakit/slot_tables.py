@@ -23,11 +23,13 @@ d * s(d_in, r) / s(d_in, R), zero-padded to R, so the layer's rank-R scale gives
 DVoRA adapters (VeraConfig.magnitude): W' = m * (W0 + delta) / ||W0 + delta|| per output row. The scale
 m / ||W0 + delta|| depends only on the adapter (and W0), so `write` computes it once, from the adapter's own
 rank-r delta (`ops.vera_delta`, `ops.magnitude_scale`, as VeraLinear does; the dequantized weight for a
-quantized base) and keeps it in the layer's per-slot vera_s table; plain VeRA slots there hold 1. A batch
+quantized base; each kind's own norm for convolutions and embeddings, docs/dvora.md) and keeps it in the
+layer's per-slot vera_s table; plain VeRA slots there hold 1. A batch
 mixing DVoRA, VeRA and base rows still costs the two shared matmuls plus a per-row scaling. Serving tables
 keep the scale, not m, so a DVoRA slot of a bank cannot be exported. Training tables of a DVoRA template
 keep m instead (SlotLinear.vera_m, trained with d and b), recompute each slot's norm at every step, and
-export m; every adapter written to them must be DVoRA on the same layers.
+export m; every adapter written to them must be DVoRA on the same layers, and (for now) linear ones only:
+converting a model with DVoRA convolutions or embeddings for training is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch import nn
 from . import ops
 from .fileformat import Adapter, AdapterError, adapter_from_model
 from .inject import AttachError, detach, vera_state
+from .layer_embedding import table_norms
 from .slots import RowSlots, SlotConv, SlotEmbedding, SlotHeadLinear, SlotLinear, slot_layer
 
 __all__ = ["SlotLayer", "SlotTables", "to_slot_tables"]
@@ -102,8 +105,7 @@ class SlotTables:
     def tables(self) -> tuple[nn.Parameter, ...]:
         """Every per-slot table, trainable or not (what a bank allocates: up front, DVoRA scales at first use)."""
         vectors = tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b))
-        scales = tuple(t for ly in self.layers.values() if isinstance(ly, SlotLinear)
-                       for t in (ly.vera_s, ly.vera_m) if t is not None)
+        scales = tuple(t for ly in self.layers.values() for t in (ly.vera_s, _trained_m(ly)) if t is not None)
         return vectors + scales + tuple(getattr(h, a) for h, a in self.head_tensors.values())
 
     def check(self, adapter: Adapter) -> None:
@@ -122,9 +124,6 @@ class SlotTables:
         for n, m in adapter.m.items():
             if n not in adapter.modules or n not in self.layers:
                 raise AdapterError(f"{where}: DVoRA magnitude for {n!r}, which the adapter or the bank does not adapt")
-            if not isinstance(self.layers[n], SlotLinear):
-                raise AdapterError(f"{where}: module {n!r} carries a DVoRA magnitude, but it is a {self.modules[n][2]} "
-                                   "layer; DVoRA adapts linear layers only")
             if tuple(m.shape) != (self.modules[n][0],):
                 raise AdapterError(f"{where}: DVoRA magnitude of {n!r} has shape {tuple(m.shape)}, the layer has "
                                    f"{self.modules[n][0]} output rows")
@@ -162,7 +161,7 @@ class SlotTables:
             for n, layer in self.layers.items():
                 if n in trained_m:
                     layer.vera_m[slot].copy_(adapter.m[n])
-                elif isinstance(layer, SlotLinear) and (n in scales or layer.vera_s is not None):
+                elif n in scales or layer.vera_s is not None:
                     row = layer.magnitude_table()[slot]
                     if n in scales:
                         row.copy_(scales[n])
@@ -223,6 +222,11 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
         raise AttachError(f"to_slot_tables: VeRA is merged into {merged[:3]}; unmerge(model) first")
     template = adapter_from_model(model)
     cfg, saved = state.config, state.saved_modules
+    not_linear = [n for n in template.m if template.modules[n][2] not in ("linear", "conv1d")]
+    if trainable and not_linear:  # checked before anything changes: the model keeps its VeRA layers
+        n = not_linear[0]
+        raise AttachError(f"to_slot_tables: module {n!r} is a DVoRA {template.modules[n][2]} layer; grouped DVoRA "
+                          "training trains magnitudes of linear layers only (serving banks take any kind)")
     taken = {n: (ly.base, ly.projection, ly.dropout) for n, ly in state.layers.items()}
     detach(model)  # base layers back in place; heads back to their values at attach time (the bank's slot 0)...
     if trainable:
@@ -243,7 +247,7 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
                 heads[full] = _replace(model, full, SlotHeadLinear(leaf, slots, rows, full))
     tables = SlotTables(rows, layers, heads, saved, template, originals)
     if trainable:
-        for n in template.m:  # DVoRA: m trains with d and b (DVoRA adapts linear layers only: config-checked)
+        for n in template.m:  # DVoRA: m trains with d and b (linear layers only: refused above)
             layers[n].train_magnitude()
         for slot in range(1, slots):
             tables.write(slot, template)
@@ -259,15 +263,27 @@ def _trained_m(layer: SlotLayer) -> nn.Parameter | None:
     return layer.vera_m if isinstance(layer, SlotLinear) else None
 
 
-def _magnitude_scale(layer: SlotLinear, adapter: Adapter, name: str) -> torch.Tensor:
+def _magnitude_scale(layer: SlotLayer, adapter: Adapter, name: str) -> torch.Tensor:
     """Semantics: m / ||W0 + delta|| per output row (d_out,), float32, for `adapter`'s layer `name` at its own
-    rank r (A_sl[:r], B_sl[:, :r], scale s(d_in, r)), the same delta the VeRA layer of rank r forms."""
+    rank r (A_sl[:r], B_sl[:, :r], scale s(d_in, r)), the same delta the VeRA layer of rank r forms. The norm
+    of each kind is its layer's: per row (linear), per output channel (convolution, as VeraConv's), per
+    embedding dimension over the vocabulary, padding row excepted (`layer_embedding.table_norms`)."""
     r, dev = adapter.config.r, layer.vera_b.device
     A, B = layer.slices(dev, torch.float32)
-    w0 = layer.plain_weight()  # dequantized for a quantized base, as VeraLinear's norm uses
-    delta = ops.vera_delta(A[:r], B[:, :r], adapter.d[name].to(dev), adapter.b[name].to(dev),
-                           layer.projection.scale(layer.fan_in, r))
-    return ops.magnitude_scale(w0, delta, adapter.m[name].to(dev))
+    A, B, d, b, m = A[:r], B[:, :r], adapter.d[name].to(dev), adapter.b[name].to(dev), adapter.m[name].to(dev)
+    scale = layer.projection.scale(layer.fan_in, r)
+    if isinstance(layer, SlotLinear):
+        w0 = layer.plain_weight()  # dequantized for a quantized base, as VeraLinear's norm uses
+        return ops.magnitude_scale(w0, ops.vera_delta(A, B, d, b, scale), m)
+    if isinstance(layer, SlotConv):  # W0 + delta (C_out, d_in) as VeraConv._adapted_weight forms it
+        w0 = layer.base.weight.reshape(layer.out_features, layer.in_features).float()
+        return ops.magnitude_scale(ops.vera_delta(A, B, d, b, scale, base=w0), None, m)
+    F_A, F_B = ops.delta_factors(A, B, d, b, scale)  # (r, V), (D, r), as VeraEmbedding._factors
+    left = F_A.t()
+    if layer.base.padding_idx is not None:
+        left[layer.base.padding_idx] = 0
+    norms = table_norms(layer.base.weight, left, F_B.t())
+    return m / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> Any:

@@ -3,7 +3,7 @@
 Semantics: y[i] = W0 x[i] + b[s_i] * (B_sl (scale * d[s_i] * (A_sl x[i])))   for batch row i in slot s_i.
   `SlotConv` and `SlotEmbedding` apply the same per-row d and b to the factored forms of `layer_conv`
   (A_sl as a convolution into r channels, B_sl as a 1x1 one) and `layer_embedding` (the looked-up columns
-  of A_sl).
+  of A_sl). DVoRA slots of every kind rescale each row's output by their slot's scale (vera_s).
 
 A and B are shared by every adapter, so a batch whose rows use different adapters costs the same two
 shared matmuls as a batch that uses one adapter, plus a gather of one d row and one b row per batch row.
@@ -98,6 +98,14 @@ def _init_slot_tables(layer: nn.Module, kind: str, base: nn.Module, projection: 
     layer.vera_d = nn.Parameter(torch.zeros(slots, r, device=dev), requires_grad=False)  # (S, r)
     layer.vera_b = nn.Parameter(torch.zeros(slots, layer.out_features, device=dev), requires_grad=False)  # (S, d_out)
     layer.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    layer.register_parameter("vera_s", None)  # (S, d_out) DVoRA scale per slot (`magnitude_table`); None: none yet
+
+
+def _magnitude_table(layer: nn.Module) -> nn.Parameter:
+    """layer.vera_s (S, d_out), allocated on first use with every slot at s = 1 (plain VeRA), frozen."""
+    if layer.vera_s is None:
+        layer.vera_s = nn.Parameter(torch.ones_like(layer.vera_b), requires_grad=False)
+    return layer.vera_s
 
 
 class SlotLinear(nn.Module):
@@ -129,8 +137,6 @@ class SlotLinear(nn.Module):
         if not is_linear_leaf(base):
             raise TypeError(f"SlotLinear {name!r}: base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
         _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
-        self.vera_s: nn.Parameter | None  # (S, d_out) DVoRA scale per slot, or None: no DVoRA slot yet
-        self.register_parameter("vera_s", None)
         self.transposed, self.quantized = is_conv1d_leaf(base), quant_kind(base)  # as VeraLinear's, for plain_weight
         self.vera_m: nn.Parameter | None  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
         self.register_parameter("vera_m", None)
@@ -141,11 +147,7 @@ class SlotLinear(nn.Module):
     def slots(self) -> int:
         return self.vera_d.shape[0]
 
-    def magnitude_table(self) -> nn.Parameter:
-        """vera_s (S, d_out), allocated on first use with every slot at s = 1 (plain VeRA), frozen."""
-        if self.vera_s is None:
-            self.vera_s = nn.Parameter(torch.ones_like(self.vera_b), requires_grad=False)
-        return self.vera_s
+    magnitude_table = _magnitude_table
 
     def train_magnitude(self) -> nn.Parameter:
         """vera_m (S, d_out), trained, allocated on first use at W0's row norms (identity); the caller writes
@@ -212,7 +214,8 @@ class SlotLinear(nn.Module):
 
 class SlotConv(nn.Module):
     """A frozen nn.Conv1d/2d/3d with VeRA vectors for `slots` adapters; each batch row (the input's first
-    dimension: batched inputs only) picks its slot. Tables as SlotLinear's, d_in = C_in/groups * prod(kernel)."""
+    dimension: batched inputs only) picks its slot. Tables as SlotLinear's, d_in = C_in/groups * prod(kernel);
+    DVoRA slots keep their scale per output channel in vera_s (S, C_out), as SlotLinear's per output row."""
 
     def __init__(self, base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
                  dropout: float = 0.0, name: str = "") -> None:
@@ -235,7 +238,15 @@ class SlotConv(nn.Module):
         if not self.rows.active:
             return y
         A, B = self.slices(x.device, x.dtype)
-        return y + conv_adapter(self.base, self.dropout(x), A, B, self.vera_d[ids] * self.scale, self.vera_b[ids])
+        h = conv_adapter(self.base, self.dropout(x), A, B, self.vera_d[ids] * self.scale, self.vera_b[ids])
+        if self.vera_s is None:
+            return y + h
+        s = self.vera_s[ids].to(y.dtype).view(*ids.shape, -1, *([1] * (x.dim() - 2)))  # (N, C_out, 1, ...)
+        bias = self.base.bias
+        w0x = y if bias is None else y - bias.to(y.dtype).view(-1, *([1] * (x.dim() - 2)))
+        return y + (s - 1) * w0x + s * h  # = s * (conv(x, W0) + conv(x, delta)) + bias, as SlotLinear
+
+    magnitude_table = _magnitude_table
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
@@ -243,7 +254,8 @@ class SlotConv(nn.Module):
 
 class SlotEmbedding(nn.Module):
     """A frozen nn.Embedding with VeRA vectors for `slots` adapters; each batch row of ids picks its slot.
-    Only the looked-up columns of A_sl are gathered; the padding row stays the base's (as VeraEmbedding)."""
+    Only the looked-up columns of A_sl are gathered; the padding row stays the base's (as VeraEmbedding).
+    DVoRA slots keep their scale per embedding dimension in vera_s (S, D), as SlotLinear's per output row."""
 
     def __init__(self, base: nn.Module, projection: Projection, r: int, slots: int, rows: RowSlots,
                  dropout: float = 0.0, name: str = "") -> None:
@@ -266,7 +278,14 @@ class SlotEmbedding(nn.Module):
             return y
         A, B = self.slices(y.device, y.dtype)
         u = looked_up(ids, A, self.base.padding_idx, self.dropout)  # (B, ..., r)
-        return y + _row_tail(self, u, B, rows)
+        h = _row_tail(self, u, B, rows)
+        if self.vera_s is None:
+            return y + h
+        out = (y + h) * _per_row(self.vera_s, rows, y.dim()).to(y.dtype)  # as VeraEmbedding: exact for s = 1
+        pad = self.base.padding_idx
+        return out if pad is None else torch.where((ids == pad).unsqueeze(-1), y, out)
+
+    magnitude_table = _magnitude_table
 
     def extra_repr(self) -> str:
         return f"r={self.r}, vocab={self.in_features}, dim={self.out_features}, slots={self.slots}"
