@@ -47,3 +47,36 @@ def test_generate_refuses_another_checkpoint_unless_told(tmp_path, llama_dir, ca
     assert main(args) == 2
     assert "a.safetensors: base model mismatch" in capsys.readouterr().err
     assert main([*args, "--no-base-check"]) == 0
+
+
+def test_artifacts_without_base_samples_warn_on_another_base(tmp_path, tiny_bert_dir, tiny_task, caplog):
+    """A LoRA folder or head tensors have nothing to check their base by: `eval --model OTHER` scored them on
+    another checkpoint (exit 0, a chance score) without a word. Now a warning names both bases; the training
+    base under another spelling (./relative, absolute) and `full` (the whole model saved) stay quiet."""
+    other = _moved_copy(tiny_bert_dir, tmp_path / "other", "classify")
+    for method, artifact in (("head", "trained.safetensors"), ("lora", "adapter"), ("full", "trained.safetensors")):
+        run = tmp_path / method
+        assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", tiny_bert_dir, "--out",
+                     str(run), "--method", method, "--r", "4", "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
+        caplog.clear()
+        assert main(["eval", "--adapter", str(run / artifact), "--model", other]) == 0
+        warned = f"{run / artifact}: --model {other} is not the base model this {method} artifact was trained on " \
+                 f"({tiny_bert_dir})"
+        assert (warned in caplog.text) == (method != "full")
+        roundabout = Path(tiny_bert_dir) / ".." / Path(tiny_bert_dir).name
+        for same in (tiny_bert_dir, str(Path(tiny_bert_dir).resolve()), str(roundabout)):
+            caplog.clear()
+            assert main(["eval", "--adapter", str(run / artifact), "--model", same]) == 0
+            assert "is not the base model" not in caplog.text
+
+
+def test_default_model_aliases_are_the_same_base(caplog):
+    """None (recorded: training's default) and the alias name the same model; a hub id is compared by name."""
+    from verakit.train.artifacts import warn_other_base
+
+    for recorded, given, alias, warns in ((None, "minilm", "minilm", False), (None, "MiniLM", "minilm", False),
+                                          ("smollm2", None, "smollm2", False), (None, "org/other", "minilm", True),
+                                          ("org/a", "org/a", None, False), ("org/a", "org/b", None, True)):
+        caplog.clear()
+        warn_other_base("a", {"method": "lora", "model": recorded}, given, alias)
+        assert bool(caplog.records) == warns, (recorded, given)

@@ -11,6 +11,8 @@ every reading error is an `ArtifactError` naming the path and what is wrong with
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,15 @@ __all__ = [
     "artifact_in",
     "recorded",
     "load_artifact",
+    "warn_other_base",
 ]
 
 _TRAINED_FORMAT = "verakit.trained"  # safetensors metadata "format" of full/head artifacts
 _PEFT_INFO = "verakit.json"  # run info beside PEFT's files in a LoRA / PEFT VeRA artifact folder
+# Artifacts that hold part of a model and nothing to recognise its base by (a verakit adapter file records
+# base-weight samples that load_adapter checks; `full` saves every trained tensor, the whole model).
+_UNCHECKED_BASE = ("lora", "peft-vera", "head")
+log = logging.getLogger("verakit.train")
 
 
 class ArtifactError(ValueError):
@@ -196,3 +203,31 @@ def load_artifact(path: str | Path, base: nn.Module, check_base: bool = True) ->
             raise ArtifactError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model's is {tuple(own[k].shape)}")
     base.load_state_dict(tensors, strict=False)
     return base
+
+
+def warn_other_base(path: str | Path, info: dict[str, Any], model: str | None, alias: str | None) -> None:
+    """Log a warning when `model` (--model) names another base than the one recorded in `info` for an
+    artifact that cannot check its base: a LoRA folder or head tensors loaded on another checkpoint of the
+    same architecture load without an error, and score as the wrong model. `alias` is the name of the
+    recipe's default model (recorded as None), or None where there is no default."""
+    method = info.get("method")
+    if model is None or method not in _UNCHECKED_BASE or "model" not in info:
+        return
+    recorded_model = info["model"]
+
+    def norm(name: str | None) -> str | None:
+        return alias if name is None or (alias is not None and name.lower() == alias) else name
+
+    given, trained = norm(model), norm(recorded_model)
+    if given == trained or (given is not None and trained is not None and _same_folder(given, trained)):
+        return
+    log.warning("%s: --model %s is not the base model this %s artifact was trained on (%s), and it records no "
+                "base-weight samples to tell them apart: its results on another base are not its own",
+                path, model, method, trained)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # either is no local folder (a hub id)
+        return False

@@ -119,15 +119,15 @@ def test_artifact_prompts_get_the_recorded_format(monkeypatch, record, has_templ
     """What `verakit generate` hands to generation for prompts "hi" and "ok\\n" under each recorded format."""
     from types import SimpleNamespace
 
-    from verakit.train import methods
+    from verakit.train import artifacts
     from verakit.train.causal import generate, model
 
     base = SimpleNamespace(eval=lambda: "model")
     tokenizer = SimpleNamespace(chat_template="{{ x }}" if has_template else None)
     seen = {}
     monkeypatch.setattr(model, "build_causal_lm", lambda name: (base, tokenizer))
-    monkeypatch.setattr(methods, "read_artifact_info", lambda path: dict(record))
-    monkeypatch.setattr(methods, "load_artifact", lambda path, model, check_base=True: model)
+    monkeypatch.setattr(artifacts, "read_artifact_info", lambda path: dict(record))
+    monkeypatch.setattr(artifacts, "load_artifact", lambda path, model, check_base=True: model)
 
     def fake_generate_texts(model, tok, prompts, *, use_chat_template, config):
         seen.update(model=model, prompts=list(prompts), chat=use_chat_template)
@@ -142,12 +142,12 @@ def test_artifact_prompts_get_the_recorded_format(monkeypatch, record, has_templ
 def test_generate_refuses_a_classification_adapter_before_loading_a_model(tmp_path, monkeypatch, capsys):
     """A GLUE adapter given to `verakit generate`: one line naming the file and the task, exit 2, and no base
     model loaded (it used to load SmolLM2 and fail attaching `classifier`)."""
-    from verakit.train import methods
+    from verakit.train import artifacts
     from verakit.train.causal import model as causal_model
 
     adapter = tmp_path / "adapter.safetensors"
     adapter.write_bytes(b"")  # never read: the run info is
-    monkeypatch.setattr(methods, "read_artifact_info", lambda path: {"task": "sst2", "model": None})
+    monkeypatch.setattr(artifacts, "read_artifact_info", lambda path: {"task": "sst2", "model": None})
 
     def no_model(*args, **kwargs):
         raise AssertionError("a base model was loaded")

@@ -127,7 +127,7 @@ def generate_with_artifact(
     the chat template setting to the one it was trained with (for a bare model: whether its tokenizer
     has a template). E2E and instruct prompts get the newline their loaders end every prompt with.
     """
-    from ..artifacts import ArtifactError, load_artifact, read_artifact_info
+    from ..artifacts import ArtifactError, load_artifact, read_artifact_info, warn_other_base
     from .model import build_causal_lm
 
     info = read_artifact_info(adapter) if adapter is not None else {}
@@ -135,6 +135,8 @@ def generate_with_artifact(
     if task is not None and task not in CAUSAL_TASKS:  # say so before loading a base model it cannot attach to
         raise ArtifactError(f"{adapter}: a {task!r} adapter, not a causal-LM one: generate takes adapters trained "
                          f"with --task {' / '.join(CAUSAL_TASKS)} (score this one with verakit eval)")
+    if adapter is not None:
+        warn_other_base(adapter, info, model, "smollm2")
     base, tokenizer = build_causal_lm(model or info.get("model"))
     trained = (load_artifact(adapter, base, check_base) if adapter is not None else base).eval()
     fmt = prompt_format(info, bool(tokenizer.chat_template), chat_template)  # the rule `verakit serve` follows too

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import artifact_bytes, artifact_path, read_artifact_info, recorded, save_artifact
+from ..artifacts import (
+    artifact_bytes,
+    artifact_path,
+    read_artifact_info,
+    recorded,
+    save_artifact,
+    warn_other_base,
+)
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup, train_mode
 from ..methods import NO_HEAD, MethodSpec, Prepared, method_config, prepare_model
@@ -319,6 +326,7 @@ def evaluate_causal(
     max_eval = max_eval_samples if max_eval_samples is not None else run.max_eval_samples
     _, dev = load_causal_data(task, data_dir, max_train_samples=1, max_eval_samples=max_eval, seed=int(run.seed),
                               held_out=float(run.held_out), eval_split=eval_split)
+    warn_other_base(adapter, info, model, "smollm2")
     trained, tokenizer = load_trained(adapter, lambda: build_causal_lm(model or info.get("model")), check_base)
     run = run.resolved(bool(getattr(tokenizer, "chat_template", None)))  # fills what the info lacks, as training did
     chat = bool(run.chat_template)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact
+from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact, warn_other_base
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup
 from ..methods import METHODS, MethodSpec, Prepared, method_config, prepare_model
@@ -353,6 +353,7 @@ def evaluate_classifier(
     spec = data.spec
     if not spec.is_regression and info.get("labels") and list(spec.label_names) != list(info["labels"]):
         raise ValueError(f"{adapter}: trained with labels {info['labels']}, but {task} data has {list(spec.label_names)}")
+    warn_other_base(adapter, info, model, "minilm")
     trained, tokenizer = load_trained(adapter, lambda: build_classifier(model or info.get("model"), spec), check_base)
     dev = Encoded(tokenizer, data.dev, int(info.get("max_length", 128)), spec.is_regression)
     return {"task": spec.name, "method": info.get("method"), "metric": evaluate_encoded(trained, dev, spec),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact
+from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifact, warn_other_base
 from ..hparams import IMAGE_DEFAULTS, defaults, fill
 from ..loop import ParamGroup
 from ..methods import MethodSpec, Prepared, head_modules, method_config, prepare_model
@@ -296,6 +296,7 @@ def evaluate_images(
     """
     info = read_artifact_info(adapter)
     data_dir = recorded(info, adapter, "data_dir", data_dir, "--data-dir")
+    warn_other_base(adapter, info, model, None)
     model = recorded(info, adapter, "model", model, "--model")  # images have no default model
     max_eval = max_eval_samples if max_eval_samples is not None else info.get("max_eval_samples")
     data = load_images(data_dir, max_eval_samples=max_eval, seed=int(info.get("seed", 0)), decode_train=False)
