@@ -79,14 +79,15 @@ def _ref_vectors(layer):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_identity_at_init_and_m_starts_at_channel_norms(config):
+def test_identity_at_init_and_m_starts_at_channel_norms(config, monkeypatch):
     torch.manual_seed(0)
     base = CONFIGS[config]().requires_grad_(False)
     layer = VeraConv(base, Projection(3, "kaiming_uniform", R, 64, 64), R, 0.1, magnitude=True)
     torch.testing.assert_close(layer.vera_m, base.weight.flatten(1).norm(dim=1), rtol=1e-6, atol=0)
     assert layer.vera_m.dtype == torch.float32 and layer.vera_m.shape == (base.out_channels,)
-    for size in (3, 24):  # factored (small maps) and kernel path with gradients; cached without
-        x = _input(layer, size)
+    for factored in (True, False):  # both paths with gradients (forced); cached without
+        monkeypatch.setattr(layer, "factored_for", lambda x, f=factored: f)
+        x = _input(layer, 7)
         assert torch.equal(layer(x), base(x))
         with torch.no_grad():
             assert torch.equal(layer(x), base(x))
