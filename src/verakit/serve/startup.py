@@ -58,6 +58,21 @@ def label_names(chosen: Sequence[AdapterInfo]) -> list[str] | None:
     return list(found.most_common(1)[0][0]) if found else None
 
 
+def _keep_own_label_names(model: nn.Module, path: str, labels: list[str]) -> None:
+    """A base with a trained head (a merged folder) answers `"adapter": null` with its own head, so with its
+    own label names: from_pretrained was given the adapters' names, which would relabel its answers (a merged
+    SST-2 folder served beside CoLA adapters answered "acceptable" for "positive")."""
+    import transformers
+
+    own = transformers.AutoConfig.from_pretrained(path).id2label
+    names = [own.get(i) for i in range(len(labels))]
+    if len(own) != len(labels) or names == labels:
+        return
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+    log.info("the base model %s answers with its own head's labels %s (the adapters': %s)", path, names, labels)
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """The loaded base: its task, the folder it came from, tokenizer and model (eval mode, no VeRA yet)."""
@@ -114,6 +129,8 @@ def load_base(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> BaseModel
         if untrained:
             log.warning("the base model %s has no trained classification head (%s newly initialised): requests "
                         "without an adapter will be refused", path, ", ".join(untrained))
+        elif labels:
+            _keep_own_label_names(model, path, labels)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
