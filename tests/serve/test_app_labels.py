@@ -9,22 +9,11 @@ import pytest
 import torch
 
 from serve.cases import BERT_LABELS, make_tokenizer, tiny_bert, trained_adapter
+from serve.test_base_head import _client
 from verakit import VeraConfig
 from verakit.fileformat import write_adapter
 
 OTHER_TASK = ["contradiction", "entailment", "neutral"]  # an adapter of another 3-class task
-
-
-def _client(options):
-    from fastapi.testclient import TestClient
-
-    from verakit.serve.app import create_app
-    from verakit.serve.engine import Engine
-    from verakit.serve.metrics import ServeMetrics
-
-    metrics = ServeMetrics(lambda: (0, 0, 0, 0, 0))
-    engine = Engine(options, on_batch=metrics.observe_batch)
-    return engine, TestClient(create_app(engine, metrics, options))
 
 
 @pytest.fixture(scope="module")
