@@ -27,13 +27,14 @@ from verakit.merge import merged_state_dict
 from verakit.projection import Projection
 
 R = 6
-_CONV = {1: F.conv1d, 2: F.conv2d}
-# The four configurations: groups, dilation, stride + padding + no bias, Conv1d with groups and stride.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Groups, dilation, stride + padding + no bias, Conv1d with groups and stride, a Conv3d.
 CONFIGS = {
     "groups": lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2),
     "dilation": lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2),
     "stride-padding": lambda: nn.Conv2d(4, 6, (3, 2), stride=2, padding=(1, 0), bias=False),
     "conv1d": lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2, groups=2),
+    "conv3d": lambda: nn.Conv3d(2, 4, (2, 3, 1), padding=(1, 1, 0)),  # and a Conv3d, VeraConv's third kind
 }
 
 

@@ -50,19 +50,26 @@ def _ids(seed=0, pad=None):
     return ids
 
 
-def reference(layer, ids, d, b, m):
-    """float64 by hand: E' = (E + delta^T) * m / ||E + delta^T||.detach() per column (over all V rows),
-    delta = diag(b) B_sl diag(s d) A_sl with a zero padding column; the padding row left as E's."""
+def _delta_t(layer, d, b):
+    """delta^T (V, D) in float64 by hand, delta = diag(b) B_sl diag(s d) A_sl, its padding row zero."""
     A, B = (t.double() for t in layer.slices(torch.device("cpu"), torch.float32))
     delta_t = ((b.unsqueeze(1) * B) @ ((d * layer.scale).unsqueeze(1) * A)).t()  # (V, D)
-    pad = layer.padding_idx
-    if pad is not None:
-        delta_t = torch.cat([delta_t[:pad], torch.zeros_like(delta_t[:1]), delta_t[pad + 1 :]])
-    W = layer.base.weight.double() + delta_t
-    E2 = W * (m / W.detach().norm(dim=0))
-    if pad is not None:
-        E2 = torch.cat([E2[:pad], layer.base.weight.double()[pad : pad + 1], E2[pad + 1 :]])
-    return E2[ids]
+    keep = torch.ones(V, 1, dtype=torch.float64)
+    if layer.padding_idx is not None:
+        keep[layer.padding_idx] = 0
+    return delta_t * keep
+
+
+def reference(layer, ids, d, b, m, keep=None):
+    """float64 by hand: y[t] = (E[i_t] + keep_t delta^T[i_t]) * m / ||E + delta^T||.detach() per column (the
+    norm over all V rows; keep: dropout's draw on the one-hot input, 1 without), the padding row E's."""
+    delta_t = _delta_t(layer, d, b)
+    E = layer.base.weight.double()
+    scale = m / (E + delta_t).detach().norm(dim=0)
+    y = (E[ids] + (1 if keep is None else keep.unsqueeze(-1)) * delta_t[ids]) * scale
+    if layer.padding_idx is not None:
+        y = torch.where((ids == layer.padding_idx).unsqueeze(-1), E[ids], y)
+    return y
 
 
 def _ref_vectors(layer):
@@ -99,6 +106,20 @@ def test_forward_and_gradients_match_the_reference(pad):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer(ids).double(), want.detach(), rtol=0, atol=1e-5)
+
+
+def test_dropout_drops_looked_up_columns_of_the_delta_only():
+    """Dropout acts on the one-hot input (VeraEmbedding's VeRA): a dropped position gets scale * E[i], a kept
+    one scale * (E[i] + delta^T[i] / (1 - p)); the norm is the table's, whatever the draw."""
+    layer = _layer(3, dropout=0.4).train()
+    ids = _ids(8, 3)
+    torch.manual_seed(9)
+    got = layer(ids)
+    torch.manual_seed(9)
+    keep = nn.Dropout(0.4)(torch.ones(ids.shape, dtype=torch.float64))  # the draw the layer made
+    assert 0 < int((keep == 0).sum()) < keep.numel()
+    d, b, m = _ref_vectors(layer)
+    torch.testing.assert_close(got.double(), reference(layer, ids, d, b, m, keep), rtol=0, atol=1e-5)
 
 
 def test_gradient_free_calls_cache_the_scale(monkeypatch):

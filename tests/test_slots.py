@@ -203,3 +203,46 @@ def test_every_slot_layer_kind_skips_the_adapter_for_slot_0_batches(kind, monkey
             got = layer(x)
     assert len(calls) == 1
     assert torch.equal(got[[0, 2]], base(x)[[0, 2]]) and not torch.allclose(got[1], base(x)[1])
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_dvora_scales_per_row_for_convolutions_and_embeddings(kind):
+    """SlotConv (per output channel) and SlotEmbedding (per embedding dimension): a DVoRA row is
+    s[slot] * (W0 x + delta x) + bias, from the same rows' plain answers; an embedding's padding positions
+    keep the base's row; plain slots (s = 1) and slot 0 are bit for bit what they were before the table."""
+    from verakit.layer import linear_shape
+    from verakit.slots import slot_layer
+
+    torch.manual_seed(0)
+    base, x = {
+        "conv": (nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.randn(4, 4, 5, 5)),
+        "embedding": (nn.Embedding(20, 8, padding_idx=1), torch.randint(0, 20, (4, 5))),
+    }[kind]
+    if kind == "embedding":
+        x[:, 0] = 1
+    base.requires_grad_(False)
+    d_out, d_in = linear_shape(base)
+    rows = RowSlots()
+    layer = slot_layer(base, Projection(3, "kaiming_uniform", 6, d_in, d_out), 6, 3, rows, name=kind)
+    with torch.no_grad():
+        layer.vera_d[1:].normal_()
+        layer.vera_b[1:].normal_()
+    ids = torch.tensor([2, 0, 1, 2])
+    with torch.no_grad(), rows.use(ids):
+        plain = layer(x)
+    table = layer.magnitude_table()
+    assert table.shape == (3, d_out) and bool((table == 1).all()) and not table.requires_grad
+    with torch.no_grad():
+        table[2].copy_(torch.rand(d_out, generator=torch.Generator().manual_seed(7)) + 0.5)  # slot 2: DVoRA
+        with rows.use(ids):
+            got = layer(x)
+    s = table[2].double()
+    for i in (0, 3):
+        if kind == "conv":
+            bias = base.bias.double().view(-1, 1, 1)
+            want = s.view(-1, 1, 1) * (plain[i].double() - bias) + bias
+        else:
+            want = torch.where((x[i] == 1).unsqueeze(-1), base(x[i]).double(), s * plain[i].double())
+        torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-5)
+        assert (got[i] - plain[i]).abs().max() > 1e-2
+    assert torch.equal(got[1:3], plain[1:3])  # slot 0 and plain slot 1
