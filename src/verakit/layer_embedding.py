@@ -5,6 +5,9 @@ Semantics: y[t] = E[i_t] + b * (B_sl (s * d * A_sl[:, i_t]))      (zero adapter 
   layer of shape (d_out, d_in) = (D, V): it takes A_sl = A[:r, :V] (one column per token) and
   B_sl = B[:D, :r] from the shared tables, and the merged table is E + delta^T with
   delta = diag(b) B_sl diag(s d) A_sl, the padding row excepted.
+  DVoRA (VeraConfig.magnitude): y[t] = scale * (E[i_t] + delta^T[i_t]) with scale = m / ||E + delta^T|| per
+  embedding dimension, the norm over the whole vocabulary as PEFT's DoRA takes it (`_magnitude`,
+  docs/dvora.md); padded positions keep the base's row.
 
 The forward gathers only the looked-up columns A_sl[:, ids] (T x r) and runs the linear layer's factored
 tail on them, so its cost is T * r * (1 + D) whatever the vocabulary; the tables must still hold V columns
