@@ -54,3 +54,37 @@ def test_the_base_head_keeps_its_own_label_names(merged_base_dirs):
             **tok(["meh", "a fine film"], padding=True, return_tensors="pt")).logits
     assert base["labels"] == [BERT_LABELS[k] for k in logits.argmax(-1).tolist()]
     torch.testing.assert_close(torch.tensor(base["probs"]), logits.softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_a_regression_adapter_answers_its_scores(tmp_path):
+    """An STS-B / csv-scores adapter records no label names (`is_regression`): the bank's head was built with
+    two outputs, and every regression adapter answered 409 ("the bank's head has (2,)")."""
+    from transformers import BertForSequenceClassification
+
+    from verakit.fileformat import load_adapter
+    from verakit.serve.options import ServeOptions
+
+    torch.set_num_threads(1)
+    tok = make_tokenizer("bert")
+    clf = tiny_bert(len(tok))
+    clf.bert.save_pretrained(tmp_path / "encoder")  # a head-less base, as MiniLM
+    tok.save_pretrained(tmp_path / "encoder")
+    torch.manual_seed(1)
+    scorer = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=1).eval()
+    adapter = trained_adapter(scorer, VeraConfig(r=4), seed=0)
+    (tmp_path / "adapters").mkdir()
+    write_adapter(replace(adapter, extra={"labels": [], "is_regression": True}), tmp_path / "adapters" / "sts.safetensors")
+    engine, client = _client(ServeOptions(model=str(tmp_path / "encoder"), adapters=str(tmp_path / "adapters"),
+                                          threads=1, max_wait_ms=0))
+    try:
+        with client:
+            r = client.post("/v1/classify", json={"adapter": "sts", "inputs": ["meh", "a fine film"]})
+    finally:
+        engine.close()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label_names"] == ["score"] and body["labels"] == [] and body["probs"] == []
+    load_adapter(scorer, tmp_path / "adapters" / "sts.safetensors")
+    with torch.no_grad():
+        expected = scorer(**tok(["meh", "a fine film"], padding=True, return_tensors="pt")).logits[:, 0]
+    torch.testing.assert_close(torch.tensor(body["scores"]), expected, atol=1e-5, rtol=0)

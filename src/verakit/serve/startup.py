@@ -54,8 +54,15 @@ def plan_config(infos: Sequence[AdapterInfo], rank: int | None) -> tuple[VeraCon
 
 
 def label_names(chosen: Sequence[AdapterInfo]) -> list[str] | None:
-    found = Counter(tuple(i.extra["labels"]) for i in chosen if isinstance(i.extra.get("labels"), list))
+    """The label names most of the chosen adapters record; ["score"] for regression adapters (they record
+    no names: without one output the bank's head had two, and every regression adapter answered 409)."""
+    found = Counter(_recorded_labels(i) for i in chosen if isinstance(i.extra.get("labels"), list))
     return list(found.most_common(1)[0][0]) if found else None
+
+
+def _recorded_labels(info: AdapterInfo) -> tuple[str, ...]:
+    labels = tuple(info.extra["labels"])
+    return ("score",) if not labels and info.extra.get("is_regression") is True else labels
 
 
 def _keep_own_label_names(model: nn.Module, path: str, labels: list[str]) -> None:
@@ -123,6 +130,8 @@ def load_base(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> BaseModel
         if labels:
             kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                   "label2id": {n: i for i, n in enumerate(labels)}}
+            if labels == ["score"]:  # the training recipes' name for the one regression output
+                kw["problem_type"] = "regression"
         model, loading = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **kw)
         untrained = tuple(sorted(loading.get("missing_keys") or ()))
