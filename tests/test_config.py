@@ -34,7 +34,6 @@ def test_frozen():
         ({"target_modules": ()}, "target_modules"),
         ({"modules_to_save": ("",)}, "modules_to_save"),
         ({"magnitude": 1}, "magnitude"),
-        ({"magnitude": True, "target_modules": "all-conv"}, "magnitude"),
     ],
 )
 def test_invalid_fields_name_the_field(kwargs, field):
