@@ -56,9 +56,12 @@ def test_the_base_head_keeps_its_own_label_names(merged_base_dirs):
     torch.testing.assert_close(torch.tensor(base["probs"]), logits.softmax(-1), atol=1e-5, rtol=0)
 
 
-def test_a_regression_adapter_answers_its_scores(tmp_path):
+@pytest.mark.parametrize("base", ["encoder", "classifier"])
+def test_a_regression_adapter_answers_its_scores(tmp_path, base):
     """An STS-B / csv-scores adapter records no label names (`is_regression`): the bank's head was built with
-    two outputs, and every regression adapter answered 409 ("the bank's head has (2,)")."""
+    two outputs, and every regression adapter answered 409 ("the bank's head has (2,)"). Over a base whose
+    trained head has three outputs, the start-up was a RuntimeError traceback (mismatched sizes); that head is
+    now replaced, and the base alone refused as untrained."""
     from transformers import BertForSequenceClassification
 
     from verakit.fileformat import load_adapter
@@ -69,18 +72,23 @@ def test_a_regression_adapter_answers_its_scores(tmp_path):
     clf = tiny_bert(len(tok))
     clf.bert.save_pretrained(tmp_path / "encoder")  # a head-less base, as MiniLM
     tok.save_pretrained(tmp_path / "encoder")
+    if base == "classifier":  # the same encoder with a trained 3-label head
+        clf.save_pretrained(tmp_path / "classifier")
+        tok.save_pretrained(tmp_path / "classifier")
     torch.manual_seed(1)
     scorer = BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=1).eval()
     adapter = trained_adapter(scorer, VeraConfig(r=4), seed=0)
     (tmp_path / "adapters").mkdir()
     write_adapter(replace(adapter, extra={"labels": [], "is_regression": True}), tmp_path / "adapters" / "sts.safetensors")
-    engine, client = _client(ServeOptions(model=str(tmp_path / "encoder"), adapters=str(tmp_path / "adapters"),
+    engine, client = _client(ServeOptions(model=str(tmp_path / base), adapters=str(tmp_path / "adapters"),
                                           threads=1, max_wait_ms=0))
     try:
         with client:
             r = client.post("/v1/classify", json={"adapter": "sts", "inputs": ["meh", "a fine film"]})
+            alone = client.post("/v1/classify", json={"adapter": None, "inputs": ["meh"]})
     finally:
         engine.close()
+    assert engine.untrained == ("classifier.bias", "classifier.weight") and alone.status_code == 409
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["label_names"] == ["score"] and body["labels"] == [] and body["probs"] == []

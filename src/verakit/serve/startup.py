@@ -132,9 +132,12 @@ def load_base(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> BaseModel
                   "label2id": {n: i for i, n in enumerate(labels)}}
             if labels == ["score"]:  # the training recipes' name for the one regression output
                 kw["problem_type"] = "regression"
+        # ignore_mismatched_sizes: a base whose head has another label count than the adapters' (a merged folder
+        # of another task) gets a fresh head, untrained as below (it was a RuntimeError traceback at start-up)
         model, loading = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **kw)
-        untrained = tuple(sorted(loading.get("missing_keys") or ()))
+            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+        mismatched = (k for k, *_ in loading.get("mismatched_keys") or ())
+        untrained = tuple(sorted({*(loading.get("missing_keys") or ()), *mismatched}))
         if untrained:
             log.warning("the base model %s has no trained classification head (%s newly initialised): requests "
                         "without an adapter will be refused", path, ", ".join(untrained))

@@ -78,3 +78,24 @@ def test_recipes_without_a_text_head_refuse_head(task, tmp_path, capsys):
                  "--head", "vera"]) == 2
     assert "--head" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_base_head_of_another_label_count_is_replaced(tmp_path, tiny_bert_dir, tiny_task):
+    """tiny_bert_dir is a saved 2-label classifier: a 3-class or a regression task on it was transformers'
+    RuntimeError traceback (mismatched sizes). Its head is now a fresh one, as for a base without a head,
+    and the run evaluates to the same number afterwards."""
+    from verakit.train.classify import evaluate_classifier
+
+    for name, labels in (("three", ("neg", "pos", "neu")), ("scores", ("0.5", "1.5", "2.25"))):
+        data = tmp_path / name
+        data.mkdir()
+        for split in ("train", "dev"):
+            rows = (tiny_task / f"{split}.csv").read_text().splitlines()
+            out = [rows[0]] + [f"{r.rpartition(',')[0]},{labels[i % 3]}" for i, r in enumerate(rows[1:])]
+            (data / f"{split}.csv").write_text("\n".join(out) + "\n")
+        run = tmp_path / f"run-{name}"
+        assert main(["train", "--task", "csv", "--data-dir", str(data), "--model", tiny_bert_dir, "--out", str(run),
+                     "--r", "8", "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["head_params"] == 32 * (1 if name == "scores" else 3) + (1 if name == "scores" else 3)
+        assert evaluate_classifier(run / "adapter.safetensors")["metric"] == m["metric"]

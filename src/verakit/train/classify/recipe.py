@@ -157,11 +157,15 @@ def build_classifier_checked(model_name: str | None, spec: TaskSpec) -> tuple[nn
         label2id={n: i for i, n in enumerate(labels)},
         problem_type="regression" if spec.is_regression else "single_label_classification",
         output_loading_info=True,
+        # a folder whose head has another label count (a classifier of another task): a fresh head, as for a
+        # base without one (it was a RuntimeError traceback)
+        ignore_mismatched_sizes=True,
     )
     if tokenizer.pad_token_id is None:  # GPT-style tokenizers: pad with EOS, which the head skips
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, tuple(sorted(loading.get("missing_keys") or ()))
+    fresh = {*(loading.get("missing_keys") or ()), *(k for k, *_ in loading.get("mismatched_keys") or ())}
+    return model, tokenizer, tuple(sorted(fresh))
 
 
 def resolve_head(args: TrainArgs, model: nn.Module, missing: Sequence[str]) -> TrainArgs:
