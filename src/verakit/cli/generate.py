@@ -42,7 +42,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _read_prompts(path: str) -> list[str]:
     """The non-blank lines of --prompts-file `path`; ValueError naming it when it cannot be read as text."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM (Windows editors) was part of the first prompt
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:  # missing, a directory, unreadable

@@ -159,3 +159,12 @@ def test_generate_refuses_a_classification_adapter_before_loading_a_model(tmp_pa
     err = capsys.readouterr().err
     assert err == (f"verakit generate: error: {adapter}: a 'sst2' adapter, not a causal-LM one: generate takes "
                    "adapters trained with --task e2e / instruct / jsonl (score this one with verakit eval)\n")
+
+
+def test_a_prompts_file_with_a_byte_order_mark(tmp_path):
+    """A file saved by a Windows editor starts with a BOM, which was read into the first prompt ("\\ufeffhello"):
+    its generation was of another prompt than the one the user wrote."""
+    from verakit.cli.generate import _read_prompts
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfhello\r\nworld\r\n")
+    assert _read_prompts(str(tmp_path / "p.txt")) == ["hello", "world"]

@@ -288,3 +288,18 @@ def test_smollm2_masks_and_chat_template(smollm2_tokenizer, chat):
     n_prompt_0 = len(rows[0]["input_ids"]) - len(tok(examples[0].completion, add_special_tokens=False)["input_ids"]) - 1
     assert generation["input_ids"][0].tolist() == rows[0]["input_ids"][:n_prompt_0]  # longest: no padding
     assert generation["attention_mask"][1, 0] == 0 and generation["attention_mask"][1, -1] == 1
+
+
+def test_json_files_with_a_byte_order_mark_load(tmp_path):
+    """jsonl and instruct JSON saved with a BOM were refused ("not valid JSON (Unexpected UTF-8 BOM ...)"), where
+    the classification loaders and E2E's csv read them."""
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    body = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "dev.jsonl").write_text(body)
+    train, dev = load_jsonl(tmp_path / "train.jsonl"), load_jsonl(tmp_path / "dev.jsonl")
+    assert train == dev and [e.prompt for e in train] == ["a", "c"]
+    (tmp_path / "alpaca.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "input": "", "output": "b"},
+                                                                       {"instruction": "c", "input": "", "output": "d"}]).encode())
+    train, test = (load_instruct(tmp_path / "alpaca.json", split, 0.5, 0, None) for split in ("train", "test"))
+    assert sorted(e.prompt for e in train + test) == ["a\n", "c\n"]

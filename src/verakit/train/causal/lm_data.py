@@ -164,7 +164,7 @@ def load_instruct(
 def _read_json_list(path: Path) -> list[Any]:
     _check_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise LMDataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
     except UnicodeDecodeError as exc:
@@ -221,7 +221,7 @@ def load_jsonl(path: str | Path) -> list[LMExample]:
     _check_file(path)
     examples: list[LMExample] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise LMDataError(f"{path}: not UTF-8 text ({exc})") from exc
     for number, line in enumerate(lines, start=1):
