@@ -120,7 +120,7 @@ def test_generate_bad_input_is_one_line(tmp_path, lm_adapter, tiny_bert_dir, cap
         (["--adapter", lm_adapter, "--prompts-file", str(binary)], f"--prompts-file {binary}: not UTF-8 text"),
         (["--adapter", lm_adapter, "--prompts-file", str(tmp_path / "blank.txt")], "blank.txt has no non-blank line"),
         (["--model", tiny_bert_dir, "--prompt", "hi", "--max-new-tokens", "2"], "has no eos_token_id"),
-        (["--model", str(tmp_path), "--prompt", "hi"], f"Unrecognized model in {tmp_path}"),
+        (["--model", str(tmp_path), "--prompt", "hi"], f"{tmp_path}: the model folder has no tokenizer"),
     ]
     for flags, message in cases:
         assert main(["generate", *flags]) == 2, flags

@@ -15,10 +15,12 @@ __all__ = ["build_causal_lm", "enable_gradient_checkpointing"]
 
 def build_causal_lm(model_name: str | None) -> tuple[nn.Module, Any]:
     """(fp32 AutoModelForCausalLM, its tokenizer with a pad id); None: SmolLM2-135M-Instruct, offline."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from ...models import load_tokenizer, resolve_model
 
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise before a result or an error line
     path = resolve_model(model_name, "causal-lm")
     tokenizer = load_tokenizer(path)  # first: a folder without one is refused before the weights load
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
