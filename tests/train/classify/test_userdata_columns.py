@@ -59,3 +59,16 @@ def test_unused_columns_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING, logger="verakit.train"):
         load_task("csv", task(tmp_path, "text,text_pair,label\na,x,pos\nb,y,neg\n", "text,text_pair,label\na,x,pos\n"))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_the_inferred_kind_of_task_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Integer ratings (1-5) meant as scores trained a 5-class classifier with nothing but the metric's name
+    ("accuracy") to tell; the loader now says which kind it inferred, and from what."""
+    ratings = "text,label\na,1\nb,2\nc,5\n"
+    with caplog.at_level(logging.INFO, logger="verakit.train"):
+        load_task("csv", task(tmp_path, ratings, ratings))
+        load_task("csv", task(tmp_path, ratings + "d,2.5\n", ratings))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'train.csv'}: 3 classes (1, 2, 5); integer labels are classes (a fractional one would make "
+        "scores for regression)",
+        f"{tmp_path / 'train.csv'}: labels are scores with a fraction: a regression task"]
