@@ -143,6 +143,11 @@ def load_base(options: ServeOptions, chosen: Sequence[AdapterInfo]) -> BaseModel
                         "without an adapter will be refused", path, ", ".join(untrained))
         elif labels:
             _keep_own_label_names(model, path, labels)
+        # GPT-style tokenizers have no pad: pad with EOS and tell the head where each row ends, as training does
+        # (without it, every request of two or more inputs failed with a 500)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+            model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
