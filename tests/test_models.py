@@ -276,3 +276,15 @@ def test_converted_smollm2_matches_the_gguf_model(smollm2_path):
         out_reference = reference.generate(**ids, **kwargs)
     assert torch.equal(out_converted, out_reference)
     assert "Paris" in tok.decode(out_converted[0, ids["input_ids"].shape[1] :])
+
+
+def test_recorded_model_makes_relative_folders_absolute(tmp_path, monkeypatch):
+    from verakit.models import recorded_model
+
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    (tmp_path / "minilm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert recorded_model("models/x") == str(tmp_path / "models" / "x")
+    assert recorded_model(str(tmp_path / "models" / "x")) == str(tmp_path / "models" / "x")
+    for kept in (None, "minilm", "SmolLM2", "org/not-a-folder"):  # aliases win over a folder of that name
+        assert recorded_model(kept) == kept

@@ -40,6 +40,7 @@ __all__ = [
     "hub_unreachable_reason",
     "load_tokenizer",
     "locate_model",
+    "recorded_model",
     "resolve_model",
     "smollm2_dir",
     "smollm2_gguf_path",
@@ -196,6 +197,16 @@ def resolve_model(name_or_dir: str | None, kind: Literal["classifier", "causal-l
             raise ValueError(f"resolve_model: alias {name_or_dir!r} is a {alias_kind} model, not a {kind}")
         return default_classifier_path() if alias_kind == "classifier" else str(smollm2_dir())
     return locate_model(name_or_dir)
+
+
+def recorded_model(name_or_dir: str | None) -> str | None:
+    """The base model as a run records it for `verakit eval` / `generate` / `merge`: a local folder named by
+    a relative path becomes absolute (as the data folder is), since those commands may run from another
+    folder, where the relative name finds nothing or another model. None, the aliases and hub ids stay."""
+    if name_or_dir is None or name_or_dir.lower() in _ALIASES:
+        return name_or_dir
+    path = Path(name_or_dir).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.is_dir() else name_or_dir
 
 
 def locate_model(name_or_dir: str) -> str:

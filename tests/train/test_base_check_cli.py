@@ -80,3 +80,20 @@ def test_default_model_aliases_are_the_same_base(caplog):
         caplog.clear()
         warn_other_base("a", {"method": "lora", "model": recorded}, given, alias)
         assert bool(caplog.records) == warns, (recorded, given)
+
+
+def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_bert_dir, tiny_task, monkeypatch):
+    """`--model models/x` was recorded as given: `verakit eval` from another folder found no model there (or
+    another one by that name, which a LoRA or head artifact cannot tell). Recorded absolute, as --data-dir is."""
+    import json
+
+    from verakit.train.artifacts import read_artifact_info
+
+    monkeypatch.chdir(Path(tiny_bert_dir).parent)
+    run = tmp_path / "run"
+    assert main(["train", "--task", "csv", "--data-dir", str(tiny_task), "--model", Path(tiny_bert_dir).name,
+                 "--out", str(run), "--method", "head", "--epochs", "1", "--batch-size", "16", "--quiet"]) == 0
+    assert read_artifact_info(run / "trained.safetensors")["model"] == str(Path(tiny_bert_dir).resolve())
+    assert json.loads((run / "config.json").read_text())["args"]["model"] == Path(tiny_bert_dir).name  # as given
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--adapter", str(run / "trained.safetensors")]) == 0

@@ -264,7 +264,9 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     prepared = prepare_model(model, args.method_spec())
-    info = {"task": args.task, "model": args.model, "data_dir": str(Path(args.data_dir).resolve()),
+    from ...models import recorded_model
+
+    info = {"task": args.task, "model": recorded_model(args.model), "data_dir": str(Path(args.data_dir).resolve()),
             **{k: getattr(args, k) for k in _RUN_INFO}}
     recipe = CausalRecipe(prepared, tokenizer, train, dev, args, info)
     run.start(jsonable(asdict(args)), method_config(prepared, args.method))  # before the samples: a refused

@@ -300,8 +300,10 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         from ...inject import set_compute_dtype
 
         set_compute_dtype(prepared.model, ADAPTER_COMPUTE_DTYPES[args.adapter_compute_dtype])
+    from ...models import recorded_model
+
     info = {
-        "task": args.task, "model": args.model, "labels": list(data.spec.label_names),
+        "task": args.task, "model": recorded_model(args.model), "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
         "max_eval_samples": args.max_eval_samples, "head": args.head,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),

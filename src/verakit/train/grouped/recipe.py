@@ -270,7 +270,9 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
     targs = resolve_head(targs, model, missing)
     prepare_model(model, targs.method_spec())  # with the VeRA options (--no-train-b, --distribution...)
     tables = to_slot_tables(model, len(groups) + 1, per_slot_heads=not args.shared_head)
-    info = {"task": targs.task, "model": targs.model, "labels": list(data.spec.label_names),
+    from ...models import recorded_model
+
+    info = {"task": targs.task, "model": recorded_model(targs.model), "labels": list(data.spec.label_names),
             "is_regression": data.spec.is_regression, "max_length": targs.max_length, "seed": targs.seed,
             "data_dir": None if targs.data_dir is None else str(Path(targs.data_dir).resolve()),
             "group_column": args.group_column}

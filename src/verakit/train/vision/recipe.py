@@ -245,7 +245,9 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
     model, processor = build_image_classifier(str(args.model), data.classes)
     prepared = prepare_model(model, MethodSpec(args.method, int(args.r or 0), args.d_initial, args.target_modules,
                                                args.seed))
-    info = {"task": IMAGE_TASK, "model": args.model, "labels": list(data.classes), "seed": args.seed,
+    from ...models import recorded_model
+
+    info = {"task": IMAGE_TASK, "model": recorded_model(args.model), "labels": list(data.classes), "seed": args.seed,
             "max_eval_samples": args.max_eval_samples, "data_dir": args.data_dir, "shots": args.shots}
     recipe = ImageRecipe(prepared, processor, data, args, info)
     run.start(jsonable(asdict(args)), method_config(prepared, args.method))
