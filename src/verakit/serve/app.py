@@ -296,6 +296,9 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions, rep
               responses={k: v for k, v in admin_errors.items() if k != 404})
     async def upload(request: Request, name: Annotated[admin_name, Query(json_schema_extra=NAME_SCHEMA)],
                      overwrite: bool = False) -> dict[str, Any]:
+        if name == engine.base_name:  # stored, it would be shadowed: requests naming it get the base model
+            raise FileExistsError(f"{name!r} is the base model's name: requests naming it get the base model, "
+                                  "never this adapter; upload it under another name")
         data = await request.body()
         adapter = await run_in_threadpool(engine.upload, name, data, overwrite)
         return {"name": name, "bytes": len(data), "r": adapter.config.r, "layers": len(adapter.modules),

@@ -1,0 +1,30 @@
+"""Adapter names on a server: an upload under the base model's name is refused, since requests naming it are
+answered by the base model (the name the OpenAI `model` field gives it) and the adapter could never be used."""
+
+from __future__ import annotations
+
+from serve.cases import TOKEN
+from serve.test_base_head import _client
+
+
+def test_an_upload_named_like_the_base_model_is_refused(bert_dirs):
+    """It was stored (201) and listed by /v1/models, and every request for it answered as the base model."""
+    from verakit.serve.options import ServeOptions
+
+    model_dir, adapter_dir = bert_dirs
+    data = (adapter_dir / "a0.safetensors").read_bytes()
+    engine, client = _client(ServeOptions(model=str(model_dir), adapters=str(adapter_dir), threads=1, max_wait_ms=0,
+                                          admin_token=TOKEN))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with client:
+            r = client.post(f"/v1/adapters?name={model_dir.name}", content=data, headers=auth)
+            ok = client.post("/v1/adapters?name=a0-copy", content=data, headers=auth)
+            client.delete("/v1/adapters/a0-copy", headers=auth)
+    finally:
+        engine.close()
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["message"] == (f"'{model_dir.name}' is the base model's name: requests naming it get the "
+                                            "base model, never this adapter; upload it under another name")
+    assert not (adapter_dir / f"{model_dir.name}.safetensors").exists()
+    assert ok.status_code == 201
