@@ -303,3 +303,18 @@ def test_json_files_with_a_byte_order_mark_load(tmp_path):
                                                                        {"instruction": "c", "input": "", "output": "d"}]).encode())
     train, test = (load_instruct(tmp_path / "alpaca.json", split, 0.5, 0, None) for split in ("train", "test"))
     assert sorted(e.prompt for e in train + test) == ["a\n", "c\n"]
+
+
+def test_jsonl_keys_it_does_not_read_are_named(tmp_path, caplog):
+    """A misspelt "reference" (or a "system" prompt) was dropped without a word: generation was scored against
+    the completion alone, and trained without the system text."""
+    import logging
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b", "reference": ["c"]}) + "\n"
+                    + json.dumps({"prompt": "a", "completion": "b", "references": ["c"], "system": "s"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        examples = load_jsonl(path)
+    assert [e.references for e in examples] == [(), ("c",)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: key(s) 'reference', 'system' not used (the jsonl task reads prompt, completion, references)"]

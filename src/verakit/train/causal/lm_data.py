@@ -220,6 +220,7 @@ def load_jsonl(path: str | Path) -> list[LMExample]:
     path = Path(path)
     _check_file(path)
     examples: list[LMExample] = []
+    unused: set[str] = set()
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
@@ -246,9 +247,16 @@ def load_jsonl(path: str | Path) -> list[LMExample]:
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             raise LMDataError(f"{where}: 'references' must be a list of strings")
         examples.append(LMExample(prompt=prompt, completion=completion, references=tuple(refs)))
+        unused.update(str(k) for k in item if k not in _JSONL_KEYS)
     if not examples:
         raise LMDataError(f"{path}: empty file, no JSON lines")
+    if unused:  # a misspelt key ("reference", "system") would be dropped without a word
+        log.warning("%s: key(s) %s not used (the jsonl task reads %s)", path, ", ".join(map(repr, sorted(unused))),
+                    ", ".join(_JSONL_KEYS))
     return examples
+
+
+_JSONL_KEYS = ("prompt", "completion", "references")
 
 
 def _check_file(path: Path) -> None:
