@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import randomize_vectors
 from lm_helpers import save_tiny_lm
 from verakit.prompting import stop_token_ids
 from verakit.train.causal.generate import DecodeConfig, generate_ids, generate_texts
@@ -168,3 +169,34 @@ def test_a_prompts_file_with_a_byte_order_mark(tmp_path):
 
     (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfhello\r\nworld\r\n")
     assert _read_prompts(str(tmp_path / "p.txt")) == ["hello", "world"]
+
+
+def test_merge_of_a_plain_prompt_adapter_says_how_to_prompt_the_folder(tmp_path, llama_dir, capsys):
+    """The merged folder keeps the tokenizer's chat template and records no run info, so `verakit generate
+    --model MERGED` rendered the prompt with the template: another text than the adapter's, exit 0. `verakit
+    merge` now says so, and what it says gives the adapter's own generation."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from verakit import VeraConfig, attach, save_adapter
+    from verakit.cli import main
+
+    model = attach(AutoModelForCausalLM.from_pretrained(llama_dir), VeraConfig(r=8, target_modules=("q_proj",)))
+    randomize_vectors(model, seed=3, std=1.0)  # an adapter that changes the text
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(model, adapter, extra={"task": "jsonl", "chat_template": False})
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--model", llama_dir, "--out", str(merged)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {adapter} was trained on plain prompts, but the merged tokenizer keeps its chat template" in err
+    assert f"`verakit generate --model {merged} --no-chat-template`" in err
+
+    def generation(*flags: str) -> str:
+        assert main(["generate", *flags, "--prompt", "name[Aromi]\n", "--max-new-tokens", "6", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)[0]["generation"]
+
+    own = generation("--adapter", str(adapter), "--model", llama_dir)
+    assert own != generation("--model", llama_dir, "--no-chat-template")
+    assert generation("--model", str(merged), "--no-chat-template") == own
+    assert generation("--model", str(merged)) != own  # the template, by default
