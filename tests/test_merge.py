@@ -205,6 +205,15 @@ def test_merge_regression_head(minilm_path, tmp_path):
     assert [d["label"] for d in got] == ["score"] * 3
     assert max(abs(d["score"] - float(w)) for d, w in zip(got, want, strict=True)) <= 1e-4
 
+    # Over a base folder whose head has 2 labels (a merged classifier): transformers' size-mismatch
+    # RuntimeError traceback before; the adapter's own 1-output head replaces it.
+    two = tmp_path / "two-label"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).save_pretrained(two)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(two)
+    assert cli_main(["merge", "--model", str(two), "--adapter", str(adapter), "--out", str(tmp_path / "m2")]) == 0
+    got = pipeline("text-classification", model=str(tmp_path / "m2"))(SENTENCES[:3])
+    assert max(abs(d["score"] - float(w)) for d, w in zip(got, want, strict=True)) <= 1e-4
+
 
 def test_base_model_for_uses_the_record_and_aliases(tiny_bert_clf, tiny_llama, minilm_path, tmp_path, monkeypatch):
     from verakit import models

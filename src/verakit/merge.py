@@ -203,9 +203,13 @@ def merge_pretrained(
                                 "tokenize; pass the folder the base model was downloaded to")
     with _quiet_transformers():
         # The report would list the head as MISSING (newly initialized): the adapter supplies it, checked below.
-        model, loading = cls.from_pretrained(path, output_loading_info=True, **_head_config(adapter))
+        # A base head of another label count (a 2-label folder under a regression adapter) is left fresh, not a
+        # size-mismatch error: its tensors count as missing, so the check below wants the adapter's own head.
+        head = _head_config(adapter)
+        model, loading = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=bool(head), **head)
         tokenizer = transformers.AutoProcessor.from_pretrained(path)
-    unsupplied = sorted(k for k in loading["missing_keys"] if k not in adapter.saved)
+    fresh = {*loading["missing_keys"], *(m[0] for m in loading.get("mismatched_keys") or ())}
+    unsupplied = sorted(k for k in fresh if k not in adapter.saved)
     if unsupplied:
         raise AdapterError(f"{adapter.path}: the base model {path} lacks {', '.join(unsupplied[:5])}, which the "
                            "adapter does not supply either; the merged model would hold random weights there")
