@@ -192,7 +192,7 @@ def create_app(engine: Engine, metrics: ServeMetrics, options: ServeOptions, rep
     @app.post("/v1/classify", responses=inference, **task_only("classify"))
     async def classify(body: ClassifyRequest, grant: Caller) -> dict[str, Any]:
         ref = adapter_ref(grant, body.adapter)
-        encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs])
+        encodings = engine.encode_inputs([x if isinstance(x, str) else tuple(x) for x in body.inputs], ref)
         res = await asyncio.wrap_future(budget.submit(len(encodings), lambda: engine.classify(ref, encodings)))
         out = {"adapter": body.adapter, "label_names": res.label_names, "labels": res.labels, "probs": res.probs}
         if res.scores:

@@ -135,11 +135,17 @@ class Engine:
             raise UnknownAdapter(f"adapter {name!r} not found")
         return name
 
-    def encode_inputs(self, inputs: Sequence[str | Sequence[str]]) -> list[dict[str, list[int]]]:
+    def encode_inputs(self, inputs: Sequence[str | Sequence[str]], adapter: str | None = None,
+                      ) -> list[dict[str, list[int]]]:
+        """Token ids of each input (a text or a pair) for `adapter`. An input longer than the `max_length` the
+        adapter was trained and evaluated at (its run info) is cut there as training and `verakit eval` cut
+        it (longest first for pairs), so the server answers what the adapter was measured on; the base
+        model's inputs are not cut. `--max-input-tokens` applies to the uncut input."""
         if not inputs:
             raise InputError("inputs must not be empty")
         if len(inputs) > self.options.max_inputs:
             raise InputError(f"{len(inputs)} inputs exceed the limit of {self.options.max_inputs} per request")
+        trained = self._trained_max_length(adapter)
         out = []
         for i, x in enumerate(inputs):
             a, b = (x, None) if isinstance(x, str) else (x[0], x[1])
@@ -147,8 +153,20 @@ class Engine:
             n = len(enc["input_ids"])
             if n > self.max_input_tokens:
                 raise InputError(f"inputs[{i}] has {n} tokens; the limit is {self.max_input_tokens}")
+            if trained is not None and n > trained:
+                enc = self.tokenizer(a, b, truncation="longest_first", max_length=trained)
             out.append({k: list(v) for k, v in enc.items()})
         return out
+
+    def _trained_max_length(self, adapter: str | None) -> int | None:
+        """The max_length `adapter`'s run info records (None: the base model, or no usable record)."""
+        if adapter is None:
+            return None
+        try:
+            value = self.store.info(adapter).extra.get("max_length")
+        except AdapterError:  # deleted or unreadable: classify() answers that with its own error
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def prompt_format(self, adapter: str | None) -> PromptFormat:
         """How `adapter` (None: the base model) was trained to read prompts, from its file's run info."""

@@ -1,0 +1,64 @@
+"""/v1/classify cuts an input where the adapter was trained and evaluated (its recorded max_length), as
+training and `verakit eval` cut it, so the server answers what the adapter was measured on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from serve.cases import BERT_LABELS, make_tokenizer, tiny_bert, trained_adapter
+from serve.test_base_head import _client
+from verakit import VeraConfig, load_adapter
+from verakit.fileformat import write_adapter
+
+LONG = "a film that goes on and on, then ends well"  # 42 characters: one token each
+PAIR = ["thin plot, slow start", "fine acting"]
+
+
+def _expected(model_dir, adapter_path, inputs, max_length):
+    """Probabilities of the adapter loaded by hand, inputs tokenized as training does (cut at max_length)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_adapter(AutoModelForSequenceClassification.from_pretrained(model_dir), adapter_path).eval()
+    rows = []
+    for x in inputs:
+        a, b = (x, None) if isinstance(x, str) else x
+        cut = {"truncation": True, "max_length": max_length} if max_length else {}
+        enc = tok(a, b, return_tensors="pt", **cut)
+        with torch.no_grad():
+            rows.append(model(**enc).logits.softmax(-1)[0])
+    return torch.stack(rows)
+
+
+def test_inputs_are_cut_at_the_adapters_trained_length(tmp_path):
+    from verakit.serve.options import ServeOptions
+
+    torch.set_num_threads(1)
+    tok = make_tokenizer("bert")
+    base = tiny_bert(len(tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "adapters").mkdir()
+    adapter = trained_adapter(base, VeraConfig(r=4), seed=0)
+    write_adapter(replace(adapter, extra={"labels": BERT_LABELS, "max_length": 12}),
+                  tmp_path / "adapters" / "short.safetensors")
+    write_adapter(replace(adapter, extra={"labels": BERT_LABELS}), tmp_path / "adapters" / "uncut.safetensors")
+
+    inputs = [LONG, PAIR, "ok"]
+    engine, client = _client(ServeOptions(model=str(tmp_path / "base"), adapters=str(tmp_path / "adapters"),
+                                          threads=1, max_wait_ms=0))
+    try:
+        with client:
+            short = client.post("/v1/classify", json={"adapter": "short", "inputs": inputs}).json()
+            uncut = client.post("/v1/classify", json={"adapter": "uncut", "inputs": inputs}).json()
+    finally:
+        engine.close()
+    want_short = _expected(tmp_path / "base", tmp_path / "adapters" / "short.safetensors", inputs, 12)
+    want_uncut = _expected(tmp_path / "base", tmp_path / "adapters" / "uncut.safetensors", inputs, None)
+    torch.testing.assert_close(torch.tensor(short["probs"]), want_short, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(uncut["probs"]), want_uncut, atol=1e-5, rtol=0)
+    # the same vectors: only the cut differs, and it changes the long answers (so the check above can fail)
+    assert (want_short[:2] - want_uncut[:2]).abs().max() > 1e-3
+    torch.testing.assert_close(want_short[2], want_uncut[2])
