@@ -23,6 +23,7 @@ from .layer_embedding import parse_embedding_kind, table_norms
 from .models import TOKENIZER_FILES
 from .ops import magnitude_scale, vera_delta
 from .projection import Projection, matrix_ids
+from .prompting import PROMPT_CONFIG_KEY, prompt_record
 
 __all__ = [
     "merge", "unmerge", "is_merged", "adapter_deltas", "merged_state_dict", "export_merged", "merge_pretrained",
@@ -214,6 +215,11 @@ def merge_pretrained(
         raise AdapterError(f"{adapter.path}: the base model {path} lacks {', '.join(unsupplied[:5])}, which the "
                            "adapter does not supply either; the merged model would hold random weights there")
     load_adapter(model, adapter, check_base=check_base)
+    record = prompt_record(adapter.extra)
+    if arch.endswith("ForCausalLM") and record:
+        # How the adapter's prompts were written, so `verakit generate --model OUT` and `verakit serve` prompt
+        # the merged model alone as the adapter was trained (prompting.recorded_prompt_info).
+        setattr(model.config, PROMPT_CONFIG_KEY, record)
     return export_merged(model, out_dir, tokenizer)
 
 

@@ -12,7 +12,9 @@ Semantics, for a prompt `p` and a format `f = prompt_format(run_info, tokenizer 
 `run_info` is what `verakit train` stores with an artifact (the adapter file's `extra`): its "task" decides
 the newline (the E2E and instruct loaders end every training prompt with one, so a user's prompt gets it
 too), its "chat_template" whether the template is used; without a record (a bare base model, an adapter
-saved by hand) the template is used when the tokenizer has one.
+saved by hand) the template is used when the tokenizer has one. A folder written by `verakit merge` carries
+its adapter's record in its config (`PROMPT_CONFIG_KEY`, read by `recorded_prompt_info`), so the merged model
+alone is prompted as the adapter was.
 
 Depends on nothing but the tokenizer object it is given (no transformers import), so training and serving,
 which never import each other, can both use it.
@@ -26,15 +28,20 @@ from typing import Any
 
 __all__ = [
     "NEWLINE_TASKS",
+    "PROMPT_CONFIG_KEY",
     "PromptFormat",
     "end_token_ids",
     "prompt_format",
+    "prompt_record",
     "prompt_token_ids",
+    "recorded_prompt_info",
     "require_chat_template",
     "stop_token_ids",
 ]
 
 NEWLINE_TASKS = ("e2e", "instruct")  # training tasks whose loaders end every prompt with "\n"
+PROMPT_CONFIG_KEY = "verakit_prompt"  # config.json entry of a merged causal LM: {"task", "chat_template"}
+_PROMPT_KEYS = ("task", "chat_template")  # the run info prompt_format reads
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,18 @@ def prompt_format(run_info: Mapping[str, Any], has_chat_template: bool, chat_tem
     if chat_template is None:
         chat_template = bool(run_info["chat_template"]) if "chat_template" in run_info else has_chat_template
     return PromptFormat(chat_template=bool(chat_template), newline=run_info.get("task") in NEWLINE_TASKS)
+
+
+def recorded_prompt_info(config: Any) -> dict[str, Any]:
+    """The prompt record a merged model's config carries (`PROMPT_CONFIG_KEY`), as run info; {} without one
+    (any other base model, which is then prompted as a bare model)."""
+    record = getattr(config, PROMPT_CONFIG_KEY, None)
+    return {k: record[k] for k in _PROMPT_KEYS if k in record} if isinstance(record, dict) else {}
+
+
+def prompt_record(run_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a merged folder records of an adapter's run info (`PROMPT_CONFIG_KEY`)."""
+    return {k: run_info[k] for k in _PROMPT_KEYS if k in run_info}
 
 
 def require_chat_template(tokenizer: Any) -> None:

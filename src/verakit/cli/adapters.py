@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -166,30 +165,7 @@ def run_merge(args: argparse.Namespace) -> int:
                                 "file (a LoRA run's adapter/ folder merges with PEFT's merge_and_unload)")
     out = merge_pretrained(args.model, args.adapter, args.out, check_base=not args.no_base_check)
     print(f"merged model written to {out}")
-    note = _plain_prompt_note(Path(args.adapter), out)
-    if note:
-        print(note, file=sys.stderr)
     return 0
-
-
-def _plain_prompt_note(adapter: Path, out: Path) -> str | None:
-    """What to tell the user of a merged causal LM trained on plain prompts whose tokenizer keeps a chat
-    template: the folder records no run info, so `verakit generate --model OUT` (and `verakit serve`, for
-    the base model) render prompts with that template, which the merged weights never saw."""
-    from ..fileformat import read_adapter
-    from ..prompting import NEWLINE_TASKS
-
-    extra = read_adapter(adapter).extra
-    if extra.get("chat_template") is not False:
-        return None
-    from transformers import AutoTokenizer
-
-    if not getattr(AutoTokenizer.from_pretrained(str(out)), "chat_template", None):
-        return None
-    newline = ", each ending with a newline" if extra.get("task") in NEWLINE_TASKS else ""
-    return (f"note: {adapter} was trained on plain prompts{newline}, but the merged tokenizer keeps its chat "
-            f"template, which a bare model gets by default: use `verakit generate --model {out} --no-chat-template`, "
-            "`\"raw\": true` with `verakit serve`, and plain text with transformers")
 
 
 def _count(value: str) -> int:

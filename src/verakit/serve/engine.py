@@ -30,7 +30,7 @@ import torch
 
 from ..fileformat import Adapter, AdapterError
 from ..inject import attach
-from ..prompting import PromptFormat
+from ..prompting import PromptFormat, recorded_prompt_info
 from .bank import AdapterBank
 from .batcher import Batcher, Job
 from .generate import GenResult, GenRow, generate_rows
@@ -169,8 +169,9 @@ class Engine:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def prompt_format(self, adapter: str | None) -> PromptFormat:
-        """How `adapter` (None: the base model) was trained to read prompts, from its file's run info."""
-        extra: dict[str, Any] = {}
+        """How `adapter` (None: the base model) was trained to read prompts, from its file's run info (the base
+        model's: the record a folder written by `verakit merge` carries, else none)."""
+        extra: dict[str, Any] = recorded_prompt_info(self.model.config)
         if adapter is not None:
             try:
                 extra = self.store.info(adapter).extra

@@ -123,7 +123,7 @@ def test_artifact_prompts_get_the_recorded_format(monkeypatch, record, has_templ
     from verakit.train import artifacts
     from verakit.train.causal import generate, model
 
-    base = SimpleNamespace(eval=lambda: "model")
+    base = SimpleNamespace(eval=lambda: "model", config=SimpleNamespace())  # a config with no prompt record
     tokenizer = SimpleNamespace(chat_template="{{ x }}" if has_template else None)
     seen = {}
     monkeypatch.setattr(model, "build_causal_lm", lambda name: (base, tokenizer))
@@ -171,13 +171,13 @@ def test_a_prompts_file_with_a_byte_order_mark(tmp_path):
     assert _read_prompts(str(tmp_path / "p.txt")) == ["hello", "world"]
 
 
-def test_merge_of_a_plain_prompt_adapter_says_how_to_prompt_the_folder(tmp_path, llama_dir, capsys):
-    """The merged folder keeps the tokenizer's chat template and records no run info, so `verakit generate
-    --model MERGED` rendered the prompt with the template: another text than the adapter's, exit 0. `verakit
-    merge` now says so, and what it says gives the adapter's own generation."""
+def test_a_merged_folder_is_prompted_as_its_adapter_was(tmp_path, llama_dir, capsys):
+    """The merged folder keeps the tokenizer's chat template; without a record, `verakit generate --model
+    MERGED` rendered a plain-prompt adapter's prompt with it: another text than the adapter's, exit 0. The
+    folder's config now records the adapter's prompt format, and generate (and serve) follow it."""
     import json
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from verakit import VeraConfig, attach, save_adapter
     from verakit.cli import main
@@ -185,18 +185,17 @@ def test_merge_of_a_plain_prompt_adapter_says_how_to_prompt_the_folder(tmp_path,
     model = attach(AutoModelForCausalLM.from_pretrained(llama_dir), VeraConfig(r=8, target_modules=("q_proj",)))
     randomize_vectors(model, seed=3, std=1.0)  # an adapter that changes the text
     adapter = tmp_path / "a.safetensors"
-    save_adapter(model, adapter, extra={"task": "jsonl", "chat_template": False})
+    save_adapter(model, adapter, extra={"task": "e2e", "chat_template": False})
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(adapter), "--model", llama_dir, "--out", str(merged)]) == 0
-    err = capsys.readouterr().err
-    assert f"note: {adapter} was trained on plain prompts, but the merged tokenizer keeps its chat template" in err
-    assert f"`verakit generate --model {merged} --no-chat-template`" in err
+    capsys.readouterr()
+    assert AutoConfig.from_pretrained(merged).verakit_prompt == {"task": "e2e", "chat_template": False}
 
-    def generation(*flags: str) -> str:
-        assert main(["generate", *flags, "--prompt", "name[Aromi]\n", "--max-new-tokens", "6", "--json"]) == 0
+    def generation(*flags: str, prompt: str = "name[Aromi]") -> str:
+        assert main(["generate", *flags, "--prompt", prompt, "--max-new-tokens", "6", "--json"]) == 0
         return json.loads(capsys.readouterr().out)[0]["generation"]
 
-    own = generation("--adapter", str(adapter), "--model", llama_dir)
-    assert own != generation("--model", llama_dir, "--no-chat-template")
-    assert generation("--model", str(merged), "--no-chat-template") == own
-    assert generation("--model", str(merged)) != own  # the template, by default
+    own = generation("--adapter", str(adapter), "--model", llama_dir)  # plain prompt + the e2e newline
+    assert own != generation("--model", llama_dir)  # the base's tokenizer has a template: used by default
+    assert generation("--model", str(merged)) == own  # the record: no template, the newline added
+    assert generation("--model", str(merged), "--chat-template") != own  # the flag still overrides it

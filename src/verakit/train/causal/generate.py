@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...prompting import prompt_format, stop_token_ids
+from ...prompting import prompt_format, recorded_prompt_info, stop_token_ids
 from .data import CAUSAL_TASKS
 from .lm_data import LMExample, prompt_ids
 
@@ -139,6 +139,7 @@ def generate_with_artifact(
         warn_other_base(adapter, info, model, "smollm2")
     base, tokenizer = build_causal_lm(model or info.get("model"))
     trained = (load_artifact(adapter, base, check_base) if adapter is not None else base).eval()
-    fmt = prompt_format(info, bool(tokenizer.chat_template), chat_template)  # the rule `verakit serve` follows too
+    recorded = info if adapter is not None else recorded_prompt_info(base.config)  # a merged folder's record
+    fmt = prompt_format(recorded, bool(tokenizer.chat_template), chat_template)  # the rule `verakit serve` follows too
     texts = [fmt.text(p) for p in prompts]
     return generate_texts(trained, tokenizer, texts, use_chat_template=fmt.chat_template, config=config)
