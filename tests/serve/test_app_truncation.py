@@ -32,7 +32,8 @@ def _expected(model_dir, adapter_path, inputs, max_length):
     return torch.stack(rows)
 
 
-def test_inputs_are_cut_at_the_adapters_trained_length(tmp_path):
+def _served(tmp_path, extras):
+    """(engine, client) over a tiny BERT and one adapter (the same vectors) per {name: run info}."""
     from verakit.serve.options import ServeOptions
 
     torch.set_num_threads(1)
@@ -42,13 +43,15 @@ def test_inputs_are_cut_at_the_adapters_trained_length(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     (tmp_path / "adapters").mkdir()
     adapter = trained_adapter(base, VeraConfig(r=4), seed=0)
-    write_adapter(replace(adapter, extra={"labels": BERT_LABELS, "max_length": 12}),
-                  tmp_path / "adapters" / "short.safetensors")
-    write_adapter(replace(adapter, extra={"labels": BERT_LABELS}), tmp_path / "adapters" / "uncut.safetensors")
+    for name, extra in extras.items():
+        write_adapter(replace(adapter, extra={"labels": BERT_LABELS, **extra}), tmp_path / "adapters" / f"{name}.safetensors")
+    return _client(ServeOptions(model=str(tmp_path / "base"), adapters=str(tmp_path / "adapters"), threads=1,
+                                max_wait_ms=0))
 
+
+def test_inputs_are_cut_at_the_adapters_trained_length(tmp_path):
     inputs = [LONG, PAIR, "ok"]
-    engine, client = _client(ServeOptions(model=str(tmp_path / "base"), adapters=str(tmp_path / "adapters"),
-                                          threads=1, max_wait_ms=0))
+    engine, client = _served(tmp_path, {"short": {"max_length": 12}, "uncut": {}})
     try:
         with client:
             short = client.post("/v1/classify", json={"adapter": "short", "inputs": inputs}).json()
@@ -62,3 +65,25 @@ def test_inputs_are_cut_at_the_adapters_trained_length(tmp_path):
     # the same vectors: only the cut differs, and it changes the long answers (so the check above can fail)
     assert (want_short[:2] - want_uncut[:2]).abs().max() > 1e-3
     torch.testing.assert_close(want_short[2], want_uncut[2])
+
+
+def test_an_input_of_the_other_shape_than_trained_is_refused(tmp_path):
+    """A pair adapter (MRPC-like) scored a lone text, and a one-text adapter a joined pair, status 200."""
+    engine, client = _served(tmp_path, {"pairs": {"task": "pairs", "text_pair": True},
+                                        "single": {"task": "single", "text_pair": False}, "unrecorded": {}})
+    try:
+        with client:
+            def post(name, inputs):
+                return client.post("/v1/classify", json={"adapter": name, "inputs": inputs})
+
+            lone = post("pairs", [PAIR, "a lone text"])
+            joined = post("single", ["ok", PAIR])
+            assert post("pairs", [PAIR]).status_code == post("single", ["ok"]).status_code == 200
+            assert post("unrecorded", ["ok", PAIR]).status_code == 200  # files from before the record: as sent
+            assert post(None, ["ok", PAIR]).status_code == 200  # the base model: as sent
+    finally:
+        engine.close()
+    assert lone.status_code == joined.status_code == 422
+    assert "inputs[1]: adapter 'pairs' was trained on [text, text_pair] pairs (task 'pairs'); send a pair" \
+        in lone.text
+    assert "inputs[1]: adapter 'single' was trained on single texts (task 'single'); send one text" in joined.text

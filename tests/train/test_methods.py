@@ -78,6 +78,7 @@ def test_vera_head_is_trained_separately_and_saved(tmp_path, tiny_bert_dir, tiny
     assert sum(t.numel() for t in ad.saved.values()) == m["head_params"]
     assert sorted(ad.saved) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
     assert ad.extra["labels"] == ["neg", "pos"] and ad.extra["method"] == "vera"
+    assert ad.extra["text_pair"] is False  # the server refuses pairs for it (tests/serve/test_app_truncation.py)
     assert all(bool((b != 0).any()) for b in ad.b.values())  # b starts at 0: it trained
     cfg = json.loads((tmp_path / "vera" / "config.json").read_text())
     assert cfg["args"]["lr"] == 1e-2 and cfg["args"]["head_lr"] == 1e-2 and cfg["method"]["r"] == 64
@@ -130,3 +131,16 @@ def test_a_peft_vera_folder_is_pointed_to_convert(tmp_path):
         read_artifact_info(folder)
     assert str(err.value) == (f"{folder}: a PEFT VeRA folder, not a verakit artifact; convert it first with "
                               f"`verakit convert from-peft {folder} ADAPTER.safetensors`")
+
+
+def test_a_pair_task_records_its_inputs_are_pairs(tmp_path, tiny_bert_dir):
+    from verakit import read_adapter
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = "".join(f"good {i},fine {i},pos\nbad {i},poor {i},neg\n" for i in range(8))
+    for split in ("train", "dev"):
+        (data / f"{split}.csv").write_text("text,text_pair,label\n" + rows)
+    train_classifier(TrainArgs(task="csv", data_dir=str(data), out=str(tmp_path / "run"), model=tiny_bert_dir,
+                               epochs=1, batch_size=16, r=8, quiet=True))
+    assert read_adapter(tmp_path / "run" / "adapter.safetensors").extra["text_pair"] is True

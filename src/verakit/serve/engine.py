@@ -140,15 +140,25 @@ class Engine:
         """Token ids of each input (a text or a pair) for `adapter`. An input longer than the `max_length` the
         adapter was trained and evaluated at (its run info) is cut there as training and `verakit eval` cut
         it (longest first for pairs), so the server answers what the adapter was measured on; the base
-        model's inputs are not cut. `--max-input-tokens` applies to the uncut input."""
+        model's inputs are not cut. `--max-input-tokens` applies to the uncut input. An adapter that records
+        whether it was trained on text pairs (`text_pair`) refuses inputs of the other shape: one text scored
+        by a pair adapter (or a pair joined for a one-text adapter) is an answer to a question it never saw."""
         if not inputs:
             raise InputError("inputs must not be empty")
         if len(inputs) > self.options.max_inputs:
             raise InputError(f"{len(inputs)} inputs exceed the limit of {self.options.max_inputs} per request")
-        trained = self._trained_max_length(adapter)
+        extra = self._run_info(adapter)
+        trained = extra.get("max_length")
+        if not isinstance(trained, int) or isinstance(trained, bool) or trained <= 0:
+            trained = None
+        pairs = extra.get("text_pair")
         out = []
         for i, x in enumerate(inputs):
             a, b = (x, None) if isinstance(x, str) else (x[0], x[1])
+            if isinstance(pairs, bool) and pairs != (b is not None):
+                want = "[text, text_pair] pairs" if pairs else "single texts"
+                raise InputError(f"inputs[{i}]: adapter {adapter!r} was trained on {want} (task "
+                                 f"{extra.get('task')!r}); send {'a pair' if pairs else 'one text'}")
             enc = self.tokenizer(a, b, truncation=False)
             n = len(enc["input_ids"])
             if n > self.max_input_tokens:
@@ -158,15 +168,14 @@ class Engine:
             out.append({k: list(v) for k, v in enc.items()})
         return out
 
-    def _trained_max_length(self, adapter: str | None) -> int | None:
-        """The max_length `adapter`'s run info records (None: the base model, or no usable record)."""
+    def _run_info(self, adapter: str | None) -> dict[str, Any]:
+        """`adapter`'s run info ({} for the base model, or a file classify() will refuse with its own error)."""
         if adapter is None:
-            return None
+            return {}
         try:
-            value = self.store.info(adapter).extra.get("max_length")
+            return dict(self.store.info(adapter).extra)
         except AdapterError:  # deleted or unreadable: classify() answers that with its own error
-            return None
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+            return {}
 
     def prompt_format(self, adapter: str | None) -> PromptFormat:
         """How `adapter` (None: the base model) was trained to read prompts, from its file's run info (the base

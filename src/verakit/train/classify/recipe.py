@@ -305,6 +305,8 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
     info = {
         "task": args.task, "model": recorded_model(args.model), "labels": list(data.spec.label_names),
         "is_regression": data.spec.is_regression, "max_length": args.max_length, "seed": args.seed,
+        # whether inputs are (text, text_pair): the server refuses the other shape instead of scoring it
+        "text_pair": any(e.text_pair is not None for e in data.train),
         "max_eval_samples": args.max_eval_samples, "head": args.head,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
     }

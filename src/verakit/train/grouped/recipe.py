@@ -274,6 +274,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
 
     info = {"task": targs.task, "model": recorded_model(targs.model), "labels": list(data.spec.label_names),
             "is_regression": data.spec.is_regression, "max_length": targs.max_length, "seed": targs.seed,
+            "text_pair": any(e.text_pair is not None for e in data.train),  # as train_classifier records it
             "data_dir": None if targs.data_dir is None else str(Path(targs.data_dir).resolve()),
             "group_column": args.group_column}
     recipe = GroupedRecipe(model, tables, groups, tokenizer, data.spec, data.train, data.dev, args, info)
