@@ -28,3 +28,27 @@ def test_an_upload_named_like_the_base_model_is_refused(bert_dirs):
                                             "base model, never this adapter; upload it under another name")
     assert not (adapter_dir / f"{model_dir.name}.safetensors").exists()
     assert ok.status_code == 201
+
+
+def test_an_adapter_file_named_like_the_base_model_is_named_at_start_up(bert_dirs, tmp_path, caplog):
+    """A file already on disk under the base model's name can never be served: the start-up log says so."""
+    import logging
+    import shutil
+
+    from verakit.serve.engine import Engine
+    from verakit.serve.options import ServeOptions
+
+    model_dir, adapter_dir = bert_dirs
+    store = tmp_path / "adapters"
+    store.mkdir()
+    shutil.copy(adapter_dir / "a0.safetensors", store / f"{model_dir.name}.safetensors")
+    shutil.copy(adapter_dir / "a0.safetensors", store / "a0.safetensors")
+    with caplog.at_level(logging.WARNING, logger="verakit.serve.engine"):
+        Engine(ServeOptions(model=str(model_dir), adapters=str(store), threads=1)).close()
+        shadowed = [r.getMessage() for r in caplog.records if "has the base model's name" in r.getMessage()]
+        caplog.clear()
+        Engine(ServeOptions(model=str(model_dir), adapters=str(adapter_dir), threads=1)).close()
+        assert not [r for r in caplog.records if "has the base model's name" in r.getMessage()]
+    assert shadowed == [f"adapter file {model_dir.name}.safetensors has the base model's name '{model_dir.name}': "
+                        f"requests naming '{model_dir.name}' are answered by the base model, never by that adapter; "
+                        "rename the file to serve it"]

@@ -114,6 +114,10 @@ class Engine:
         self.load_failures = 0
         self.stale_dropped = 0  # resident adapters dropped because their file changed under them
         self._seen = self.store.generation()
+        if self.store.exists(self.base_name):  # requests naming it get the base model (uploads under it: 409)
+            log.warning("adapter file %s.safetensors has the base model's name %r: requests naming %r are answered "
+                        "by the base model, never by that adapter; rename the file to serve it",
+                        self.base_name, self.base_name, self.base_name)
         self._signatures: dict[str, tuple[int, int, int] | None] = {}  # resident name -> file at load time
         self.resident: frozenset[str] = frozenset()  # snapshot for readers on other threads
         self._on_batch = on_batch
