@@ -169,6 +169,33 @@ def test_resume_with_different_settings_is_refused(tmp_path, capsys, tiny_bert_d
     assert "config.json: --resume with different settings (epochs: 1 -> 2)" in err
 
 
+def test_resume_over_changed_data_is_refused(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """config.json compared settings only: a train file edited (or replaced) since the run started went on
+    with the new rows, exit 0."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_task, data)
+    run_dir = tmp_path / "run"
+    args = ["train", "--task", "csv", "--data-dir", str(data), "--out", str(run_dir), "--model", tiny_bert_dir,
+            "--r", "16", "--epochs", "1", "--quiet"]
+    assert main(args) == 0
+    saved = json.loads((run_dir / "config.json").read_text())["data"]
+    assert len(saved) == 64  # sha256 hex of the examples
+    (run_dir / "checkpoint").mkdir()  # as if interrupted; the data is checked before the checkpoint is read
+    (run_dir / "checkpoint" / "state.pt").write_bytes(b"")
+    train = next(data.glob("train.*"))
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join([lines[0], *lines[2:]]))  # one row fewer
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.json'}: --resume over other data than the interrupted run's (examples' sha256 " \
+        f"{saved[:12]} -> " in err and "the training or dev files changed since it started" in err
+    train.write_text("".join(lines))  # restored: past the data check, to the (empty) checkpoint
+    main([*args, "--resume"])
+    assert "other data" not in capsys.readouterr().err
+
+
 def test_adapter_compute_dtype_bf16_trains_records_and_is_refused_elsewhere(tmp_path, capsys, tiny_bert_dir,
                                                                              tiny_task):
     """--adapter-compute-dtype bf16: the same run as fp32 up to bf16 rounding (the losses differ, slightly),

@@ -184,8 +184,8 @@ def test_plan_then_estimate_and_no_warning_for_a_short_run(make_recipe, tmp_path
 
     clock = _FakeClock()
     monkeypatch.setattr(loop, "_clock", clock)
+    recipe = _slow_steps(make_recipe(), clock, 2.0)  # before the capture: loading logs the task's classes
     caplog.set_level(logging.INFO, logger="verakit.train")
-    recipe = _slow_steps(make_recipe(), clock, 2.0)
     run_loop(recipe, LoopConfig(epochs=2, batch_size=16, eval_every=4, quiet=True), tmp_path)
     lines = _lines(caplog)
     # 96 rows, batch 16: 6 steps per epoch, 12 in all.
@@ -266,8 +266,9 @@ def test_without_quiet_the_lines_go_above_a_progress_bar_not_to_the_log(make_rec
     stdout) and the bar's postfix shows epoch, loss, lr and examples per second; nothing goes to the log."""
     import logging
 
+    recipe = make_recipe()  # before the capture: loading logs the task's classes
     caplog.set_level(logging.INFO, logger="verakit.train")
-    run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=48, quiet=False), tmp_path)
+    run_loop(recipe, LoopConfig(epochs=1, batch_size=48, quiet=False), tmp_path)
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == ("plan: 96 training rows, 1 epoch x 2 steps of batch 48 = 2 optimizer steps; "
                                    "dev evaluation at step 0 and each epoch end")

@@ -8,8 +8,9 @@ Under torchrun every process checks RUN_DIR before any process writes to it; onl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ __all__ = [
     "artifact_metrics",
     "check_run_dir",
     "check_same_args",
+    "data_fingerprint",
     "environment",
     "field_defaults",
     "jsonable",
@@ -74,6 +76,26 @@ def check_same_args(run_dir: Path, args: dict[str, Any], defaults: Mapping[str, 
                          f"repeat the interrupted command with --resume{hint}")
 
 
+def data_fingerprint(*splits: Sequence[Any]) -> str:
+    """sha256 of the examples a run trains and selects on (each split's length, then every example's repr, in
+    order): config.json keeps it so that a --resume over other data (a file edited or replaced since) is
+    refused instead of continuing the run on it."""
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(f"{len(split)}\n".encode())
+        for example in split:
+            h.update(repr(example).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _check_same_data(run_dir: Path, data: str | None) -> None:
+    saved = json.loads((run_dir / "config.json").read_text()).get("data")
+    if data is not None and saved is not None and saved != data:  # None: a run from before the fingerprint
+        raise ValueError(f"{run_dir / 'config.json'}: --resume over other data than the interrupted run's (examples' "
+                         f"sha256 {saved[:12]} -> {data[:12]}): the training or dev files changed since it started; "
+                         "restore them, or start a new run with another --out")
+
+
 def field_defaults(cls: type) -> dict[str, Any]:
     """{field: default} of a dataclass's fields that have a plain default (for `start_run`'s `defaults`)."""
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
@@ -94,10 +116,11 @@ def write_json(path: Path, obj: Any) -> None:
 def start_run(run_dir: Path, config: dict[str, Any], *, resume: bool, state: ProcessState,
               defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse a --resume with other settings (`check_same_args`, with `defaults` for settings an older
-    config.json lacks), then, once every process got this far, create RUN_DIR and write `config` to
+    config.json lacks) or over other data (`config["data"]`, a `data_fingerprint`, when both runs have one), then, once every process got this far, create RUN_DIR and write `config` to
     RUN_DIR/config.json from the main process."""
     if resume:
         check_same_args(run_dir, config["args"], defaults)
+        _check_same_data(run_dir, config.get("data"))
     state.wait_for_everyone()
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

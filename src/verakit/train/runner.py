@@ -86,11 +86,14 @@ class Run:
     def loop(self) -> LoopConfig:
         return loop_config(self.args)
 
-    def start(self, args: dict[str, Any], method: dict[str, Any], *, defaults: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-        """Write config.json ({"args", "loop", "method"}) once every process got here; with --resume, first
-        refuse settings other than the interrupted run's (`defaults`: values of options an older config lacks)."""
+    def start(self, args: dict[str, Any], method: dict[str, Any], *, defaults: dict[str, Any] | None = None,
+              data: str | None = None) -> dict[str, Any]:
+        """Write config.json ({"args", "loop", "method"}, and "data") once every process got here; with --resume,
+        first refuse settings other than the interrupted run's (`defaults`: values of options an older config
+        lacks) and other data (`data`: `rundir.data_fingerprint` of the examples)."""
         self.config = {"args": args, "loop": asdict(self.loop), "method": method}
+        if data is not None:
+            self.config["data"] = data
         start_run(self.dir, self.config, resume=self.args.resume, state=self.state, defaults=defaults)
         return self.config
 

@@ -37,7 +37,7 @@ from ..artifacts import (
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup, train_mode
 from ..methods import NO_HEAD, MethodSpec, Prepared, method_config, prepare_model
-from ..rundir import environment, jsonable, loop_metrics
+from ..rundir import data_fingerprint, environment, jsonable, loop_metrics
 from ..runner import length_batches, load_trained, open_run, param_groups
 from .data import CAUSAL_TASKS, load_causal_data
 from .generate import DecodeConfig, generate_texts
@@ -269,8 +269,9 @@ def train_causal(args: CausalArgs) -> dict[str, Any]:
     info = {"task": args.task, "model": recorded_model(args.model), "data_dir": str(Path(args.data_dir).resolve()),
             **{k: getattr(args, k) for k in _RUN_INFO}}
     recipe = CausalRecipe(prepared, tokenizer, train, dev, args, info)
-    run.start(jsonable(asdict(args)), method_config(prepared, args.method))  # before the samples: a refused
-    shown = dev[: args.report_samples]  # --resume fails fast
+    # before the samples: a refused --resume fails fast
+    run.start(jsonable(asdict(args)), method_config(prepared, args.method), data=data_fingerprint(train, dev))
+    shown = dev[: args.report_samples]
     before = _samples(recipe.model, tokenizer, shown, args)
     result = run.train(recipe)
     # On every process: a sharded (FSDP) model generates collectively (the main one alone would hang).

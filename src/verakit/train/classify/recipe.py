@@ -21,7 +21,7 @@ from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifa
 from ..hparams import BUDGETS, defaults, fill
 from ..loop import ParamGroup
 from ..methods import METHODS, MethodSpec, Prepared, method_config, prepare_model
-from ..rundir import artifact_metrics, environment, field_defaults, jsonable, loop_metrics
+from ..rundir import artifact_metrics, data_fingerprint, environment, field_defaults, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, length_batches, load_trained, open_run, param_groups
 from .data import Example, TaskSpec, carve_selection, load_task
 
@@ -311,7 +311,8 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
     }
     recipe = ClassificationRecipe(prepared, tokenizer, data.spec, train, select, args, info)
-    run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(TrainArgs))
+    run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(TrainArgs),
+              data=data_fingerprint(train, select))
     result = run.train(recipe, on_eval=on_eval)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}

@@ -38,7 +38,7 @@ from ...slot_tables import SlotTables, to_slot_tables
 from ..classify.data import DataError, Example, TaskSpec, load_task
 from ..classify.recipe import Encoded, TrainArgs, build_classifier_checked, resolve_head
 from ..loop import ParamGroup
-from ..rundir import environment, field_defaults, jsonable, loop_metrics, write_json
+from ..rundir import data_fingerprint, environment, field_defaults, jsonable, loop_metrics, write_json
 from ..runner import EVAL_BATCH, classification_loss, length_batches, open_run
 from .slot_optim import SlotAdamW
 
@@ -281,7 +281,7 @@ def train_grouped(args: GroupedArgs) -> dict[str, Any]:
     _warn_about_dev(recipe, groups)
     grouped_args = {k: v for k, v in asdict(args).items() if k != "train"}
     run.start({**jsonable(asdict(targs)), **grouped_args}, tables.template.config.to_dict(),
-              defaults=field_defaults(TrainArgs))
+              defaults=field_defaults(TrainArgs), data=data_fingerprint(data.train, data.dev))
     result = run.train(recipe, optimizer_factory=recipe.make_optimizer)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
