@@ -220,7 +220,6 @@ def test_magnitude_trains_a_dvora_file_and_is_refused_elsewhere(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["metric"] == metrics["metric"]
     refused = {
         "lora": (["--method", "lora"], "magnitude: VeRA options, but the method is 'lora'"),
-        "images": (["--task", "images"], "--magnitude: VeRA ablation options are wired for classification tasks only"),
     }
     for case, (flags, message) in refused.items():
         assert main([*base, "--out", str(tmp_path / case), "--magnitude", *flags]) == 2, case

@@ -69,7 +69,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     ablation = [("--no-" if getattr(args, k) is False else "--") + k.replace("_", "-")
                 for k, v in VERA_OPTION_DEFAULTS.items() if getattr(args, k) != v
-                and not (k == "magnitude" and args.task in CAUSAL_TASKS)]  # DVoRA is wired for causal LMs too
+                and not (k == "magnitude" and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK))]  # DVoRA: every task
     if ablation and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
         print(f"verakit train: error: {', '.join(ablation)}: VeRA ablation options are wired for classification "
               "tasks only", file=sys.stderr)

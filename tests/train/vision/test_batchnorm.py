@@ -53,9 +53,8 @@ def test_trainable_batchnorm_trains():
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_cli_image_run_on_a_resnet_evaluates_as_recorded(tmp_path, capsys):
-    """`verakit train --task images` on a ResNet's convolutions, then `verakit eval` of its file: the same
-    metrics (with the statistics drifting in training they differed: 0.576 recorded, 0.568 from the file)."""
+def _resnet_run(tmp_path, capsys, *flags):
+    """(model folder, data, RUN_DIR) of `verakit train --task images` on a tiny ResNet's convolutions."""
     from transformers import ViTImageProcessor
 
     folder = tmp_path / "resnet"
@@ -64,10 +63,36 @@ def test_cli_image_run_on_a_resnet_evaluates_as_recorded(tmp_path, capsys):
     data = write_images(tmp_path / "img", n_train=12, n_test=6)
     run = tmp_path / "run"
     assert main(["train", "--task", "images", "--data-dir", str(data), "--model", str(folder), "--out", str(run),
-                 "--target-modules", "all-conv", "--r", "8", "--epochs", "3", "--batch-size", "8", "--lr", "0.05",
+                 "--target-modules", "all-conv", "--r", "8", "--batch-size", "8", "--lr", "0.05", *flags,
                  "--quiet"]) == 0, capsys.readouterr().err
+    return folder, data, run
+
+
+def test_cli_image_run_on_a_resnet_evaluates_as_recorded(tmp_path, capsys):
+    """`verakit train --task images` on a ResNet's convolutions, then `verakit eval` of its file: the same
+    metrics (with the statistics drifting in training they differed: 0.576 recorded, 0.568 from the file)."""
+    folder, data, run = _resnet_run(tmp_path, capsys, "--epochs", "3")
     recorded = json.loads((run / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--adapter", str(run / "adapter.safetensors")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == recorded["metric"] and result["confusion_matrix"] == recorded["confusion_matrix"]
+
+
+def test_cli_dvora_image_run_on_a_resnet_trains_magnitudes_and_evaluates_as_recorded(tmp_path, capsys):
+    """`--magnitude` with `--task images` was refused ("wired for classification tasks only"); DVoRA now adapts
+    convolutions too: the file carries one magnitude per output channel of every adapted convolution."""
+    from verakit import read_adapter
+
+    folder, data, run = _resnet_run(tmp_path, capsys, "--epochs", "2", "--magnitude")
+    adapter = read_adapter(run / "adapter.safetensors")
+    assert adapter.config.magnitude and adapter.m and set(adapter.m) == set(adapter.modules)
+    assert all(m.shape == (adapter.modules[n][0],) for n, m in adapter.m.items())  # (d_out,) per module
+    recorded = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run / "adapter.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == recorded["metric"]
+    assert main(["train", "--task", "images", "--data-dir", str(data), "--model", str(folder), "--out",
+                 str(tmp_path / "lora"), "--method", "lora", "--magnitude", "--quiet"]) == 2
+    assert "magnitude: VeRA options, but the method is 'lora'" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()

@@ -29,7 +29,7 @@ from ..artifacts import artifact_path, read_artifact_info, recorded, save_artifa
 from ..hparams import IMAGE_DEFAULTS, defaults, fill
 from ..loop import ParamGroup
 from ..methods import MethodSpec, Prepared, head_modules, method_config, prepare_model
-from ..rundir import artifact_metrics, environment, jsonable, loop_metrics
+from ..rundir import artifact_metrics, environment, field_defaults, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, load_trained, open_run, param_groups
 from .images import ImageData, ImageSplit, class_counts, load_images
 
@@ -71,6 +71,7 @@ class ImageArgs:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     augment: bool = False  # random horizontal flip and shift of up to 1/8 of the side, training only
+    magnitude: bool = False  # DVoRA (VeraConfig.magnitude), method vera: linear and convolution layers alike
     eval_every: int | None = None
     resume: bool = False
     quiet: bool = False
@@ -244,13 +245,14 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # the new head's initialisation (and LoRA's A)
     model, processor = build_image_classifier(str(args.model), data.classes)
     prepared = prepare_model(model, MethodSpec(args.method, int(args.r or 0), args.d_initial, args.target_modules,
-                                               args.seed))
+                                               args.seed, magnitude=args.magnitude))
     from ...models import recorded_model
 
     info = {"task": IMAGE_TASK, "model": recorded_model(args.model), "labels": list(data.classes), "seed": args.seed,
             "max_eval_samples": args.max_eval_samples, "data_dir": args.data_dir, "shots": args.shots}
     recipe = ImageRecipe(prepared, processor, data, args, info)
-    run.start(jsonable(asdict(args)), method_config(prepared, args.method))
+    # defaults: a run started before an option existed (e.g. --magnitude) resumes with the option at its default
+    run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(ImageArgs))
     result = run.train(recipe)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
