@@ -68,6 +68,7 @@ def test_the_inferred_kind_of_task_is_said(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="verakit.train"):
         load_task("csv", task(tmp_path, ratings, ratings))
         load_task("csv", task(tmp_path, ratings + "d,2.5\n", ratings))
+        load_task("csv", task(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\na,pos\n"))  # words: no doubt
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'train.csv'}: 3 classes (1, 2, 5); integer labels are classes (a fractional one would make "
         "scores for regression)",

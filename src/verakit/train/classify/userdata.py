@@ -58,13 +58,15 @@ def load_user_task(folder: Path, group_column: str | None) -> tuple[TaskSpec, li
             log.warning("%s: column(s) %s not used (the csv task reads text, text_pair, label)", path,
                         ", ".join(repr(c) for c in unused))
     train, dev = (to_examples(paths[s], rows[s], "text", pair, "label", labels, group_column) for s in paths)
-    # Said once, since the kind is inferred: integer ratings (1-5) are classes unless one score is fractional.
+    # Said once where the kind is inferred from numbers: integer ratings (1-5) are classes unless one score is
+    # fractional. Word labels are classes without doubt, and say nothing.
     if labels.is_regression:
         log.info("%s: labels are scores with a fraction: a regression task", paths["train"])
         return TaskSpec("csv", (), True, REGRESSION_METRICS, "pearson"), train, dev
-    shown = ", ".join(labels.names[:10]) + (", ..." if len(labels.names) > 10 else "")
-    log.info("%s: %d classes (%s)%s", paths["train"], len(labels.names), shown,
-             "; integer labels are classes (a fractional one would make scores for regression)" if labels.integer else "")
+    if labels.integer:
+        shown = ", ".join(labels.names[:10]) + (", ..." if len(labels.names) > 10 else "")
+        log.info("%s: %d classes (%s); integer labels are classes (a fractional one would make scores for "
+                 "regression)", paths["train"], len(labels.names), shown)
     template = TASKS["csv"]
     return TaskSpec("csv", labels.names, False, template.metric_names, template.main_metric), train, dev
 
