@@ -10,7 +10,7 @@ import torch
 from serve.cases import BERT_LABELS, make_tokenizer, tiny_bert, trained_adapter
 from serve.test_base_head import _client
 from verakit import VeraConfig, load_adapter
-from verakit.fileformat import write_adapter
+from verakit.fileformat import read_adapter, write_adapter
 
 LONG = "a film that goes on and on, then ends well"  # 42 characters: one token each
 PAIR = ["thin plot, slow start", "fine acting"]
@@ -87,3 +87,20 @@ def test_an_input_of_the_other_shape_than_trained_is_refused(tmp_path):
     assert "inputs[1]: adapter 'pairs' was trained on [text, text_pair] pairs (task 'pairs'); send a pair" \
         in lone.text
     assert "inputs[1]: adapter 'single' was trained on single texts (task 'single'); send one text" in joined.text
+
+
+def test_run_info_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """The cut and the pair rule read the adapter's header; per request that was a file open on the event loop."""
+    engine, client = _served(tmp_path, {"short": {"max_length": 12}})
+    reads = []
+    info = engine.store.info
+    monkeypatch.setattr(engine.store, "info", lambda name: reads.append(name) or info(name))
+    try:
+        first = engine.encode_inputs([LONG], "short")
+        assert engine.encode_inputs([LONG], "short") == first and reads == ["short"]
+        path = tmp_path / "adapters" / "short.safetensors"
+        write_adapter(replace(read_adapter(path), extra={"labels": BERT_LABELS, "max_length": 20}), path)
+        reads.clear()  # a new file version: read again
+        assert len(engine.encode_inputs([LONG], "short")[0]["input_ids"]) == 20 and reads == ["short"]
+    finally:
+        engine.close()

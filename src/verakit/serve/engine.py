@@ -43,6 +43,7 @@ __all__ = ["Engine", "UnknownAdapter", "IncompatibleAdapter", "InputError", "Unt
            "EncodedPrompt"]
 
 log = logging.getLogger(__name__)
+_RUN_INFO_CACHE = 4096  # adapters whose run info encode_inputs keeps (a few KB each)
 
 
 class UnknownAdapter(LookupError):
@@ -119,6 +120,7 @@ class Engine:
                         "by the base model, never by that adapter; rename the file to serve it",
                         self.base_name, self.base_name, self.base_name)
         self._signatures: dict[str, tuple[int, int, int] | None] = {}  # resident name -> file at load time
+        self._run_infos: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}  # name -> (signature, extra)
         self.resident: frozenset[str] = frozenset()  # snapshot for readers on other threads
         self._on_batch = on_batch
         self._lock = threading.Lock()
@@ -173,13 +175,23 @@ class Engine:
         return out
 
     def _run_info(self, adapter: str | None) -> dict[str, Any]:
-        """`adapter`'s run info ({} for the base model, or a file classify() will refuse with its own error)."""
+        """`adapter`'s run info ({} for the base model, or a file classify() will refuse with its own error).
+        Kept per file signature: a request costs a stat, not a header read, until the file changes."""
         if adapter is None:
             return {}
+        signature = self.store.signature(adapter)
+        cached = self._run_infos.get(adapter)
+        if signature is not None and cached is not None and cached[0] == signature:
+            return cached[1]
         try:
-            return dict(self.store.info(adapter).extra)
+            extra = dict(self.store.info(adapter).extra)
         except AdapterError:  # deleted or unreadable: classify() answers that with its own error
             return {}
+        if signature is not None:
+            if len(self._run_infos) >= _RUN_INFO_CACHE:  # bounded: names are client-chosen
+                self._run_infos.clear()
+            self._run_infos[adapter] = (signature, extra)
+        return extra
 
     def prompt_format(self, adapter: str | None) -> PromptFormat:
         """How `adapter` (None: the base model) was trained to read prompts, from its file's run info (the base
