@@ -75,7 +75,7 @@ def recorded_prompt_info(config: Any) -> dict[str, Any]:
     """The prompt record a merged model's config carries (`PROMPT_CONFIG_KEY`), as run info; {} without one
     (any other base model, which is then prompted as a bare model)."""
     record = getattr(config, PROMPT_CONFIG_KEY, None)
-    return {k: record[k] for k in _PROMPT_KEYS if k in record} if isinstance(record, dict) else {}
+    return prompt_record(record) if isinstance(record, dict) else {}
 
 
 def prompt_record(run_info: Mapping[str, Any]) -> dict[str, Any]:
