@@ -153,7 +153,10 @@ class Engine:
             raise InputError("inputs must not be empty")
         if len(inputs) > self.options.max_inputs:
             raise InputError(f"{len(inputs)} inputs exceed the limit of {self.options.max_inputs} per request")
-        extra = self._run_info(adapter)
+        try:
+            extra = self._run_info(adapter) if adapter is not None else {}
+        except AdapterError:  # deleted or unreadable: classify() answers that with its own error
+            extra = {}
         trained = extra.get("max_length")
         if not isinstance(trained, int) or isinstance(trained, bool) or trained <= 0:
             trained = None
@@ -174,19 +177,14 @@ class Engine:
             out.append({k: list(v) for k, v in enc.items()})
         return out
 
-    def _run_info(self, adapter: str | None) -> dict[str, Any]:
-        """`adapter`'s run info ({} for the base model, or a file classify() will refuse with its own error).
-        Kept per file signature: a request costs a stat, not a header read, until the file changes."""
-        if adapter is None:
-            return {}
+    def _run_info(self, adapter: str) -> dict[str, Any]:
+        """`adapter`'s run info (AdapterError for a missing or unreadable file). Kept per file signature: a
+        request costs a stat, not a header read, until the file changes."""
         signature = self.store.signature(adapter)
         cached = self._run_infos.get(adapter)
         if signature is not None and cached is not None and cached[0] == signature:
             return cached[1]
-        try:
-            extra = dict(self.store.info(adapter).extra)
-        except AdapterError:  # deleted or unreadable: classify() answers that with its own error
-            return {}
+        extra = dict(self.store.info(adapter).extra)
         if signature is not None:
             if len(self._run_infos) >= _RUN_INFO_CACHE:  # bounded: names are client-chosen
                 self._run_infos.clear()
@@ -199,7 +197,7 @@ class Engine:
         extra: dict[str, Any] = recorded_prompt_info(self.model.config)
         if adapter is not None:
             try:
-                extra = self.store.info(adapter).extra
+                extra = self._run_info(adapter)
             except AdapterError as e:  # deleted since adapter_ref, or a header the batch would fail to load too
                 if not self.store.exists(adapter):
                     raise UnknownAdapter(f"adapter {adapter!r} not found") from None
