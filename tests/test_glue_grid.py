@@ -58,8 +58,8 @@ def _write_metrics(grid, cell, head, root, score, *, main="accuracy", seconds=10
     out = grid.run_dir(cell, head, root)
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({
-        "task": cell.task, "main_metric": main, "metric": {main: score}, "baseline": {main: baseline},
-        "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds,
+        "task": cell.task, "main_metric": main, "metric": {main: score, "f1": score / 2},
+        "baseline": {main: baseline, "f1": 0.25}, "best_epoch": 1.0, "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds,
         "epochs": [{"metrics": {main: baseline}}, {"metrics": {main: round(score - 0.01, 6)}}]}))  # best, then last
 
 
@@ -175,31 +175,37 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     r = next(r for r in seeds if r["method"] == "vera-256" and r["seed"] == 1)
     assert r == {"stage": "seeds", "task": "sst2", "method": "vera-256", "verakit_method": "vera", "rank": 256,
                  "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "last_epoch_value": 0.9,
-                 "baseline": 0.509,
-                 "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0, "paused_seconds": 0.0,
+                 "baseline": 0.509, "other_metrics": {"f1": 0.455}, "other_baselines": {"f1": 0.25}, "best_epoch": 1.0,
+                 "epochs": grid.EPOCHS["sst2"], "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0, "paused_seconds": 0.0,
                  "command": r["command"]}
     assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
     assert png.stat().st_size > 0
     text = capsys.readouterr().out
     assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 89.00 | 6,912 | 5,000 | 11 |" in text
     assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
-    assert "| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes |" in text
+    assert f"| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes | 1 of {grid.EPOCHS['sst2']} |" in text
 
 
 def test_budget_check_applies_issue_16s_bar(grid, rep):
-    def rec(task, metric, value, baseline, method="lora-8", seed=0):
+    def rec(task, metric, value, baseline, method="lora-8", seed=0, **extra):
         return {"stage": "seeds", "task": task, "method": method, "metric": metric, "value": value,
-                "baseline": baseline, "seed": seed}
+                "baseline": baseline, "seed": seed, **extra}
 
-    records = [rec("mrpc", "f1", 0.85, 0.812), rec("mrpc", "f1", 0.87, 0.812, seed=1),  # median 86.0 < 86.2
+    acc = {"other_baselines": {"accuracy": 0.684}, "epochs": 10}
+    records = [rec("mrpc", "f1", 0.85, 0.812, other_metrics={"accuracy": 0.77}, best_epoch=3.0, **acc),
+               rec("mrpc", "f1", 0.87, 0.812, seed=1, other_metrics={"accuracy": 0.79}, best_epoch=4.0, **acc),
                rec("rte", "accuracy", 0.60, 0.527), rec("stsb", "pearson", 0.49, 0.0),
+               rec("sst2", "accuracy", 0.52, 0.509, other_metrics={"f1": 0.53}, other_baselines={"f1": 0.51}),
                rec("cola", "matthews_correlation", 0.30, 0.0), rec("cola", "matthews_correlation", 0.9, 0.0, "vera-256")]
-    text = rep.budget_check(records, ["mrpc", "rte", "stsb", "cola", "sst2"])
-    assert "| mrpc | f1 | 81.2 | 86.00 (n=2) | >= 86.2 | **no** |" in text
-    assert "| rte | accuracy | 52.7 | 60.00 (n=1) | >= 57.7 | yes |" in text
-    assert "| stsb | pearson | 0.0 | 49.00 (n=1) | >= 50 | **no** |" in text  # Pearson's own bar, not baseline + 5
-    assert "| cola | matthews_correlation | 0.0 | 30.00 (n=1) | >= 5.0 | yes |" in text  # other methods ignored
-    assert "| sst2 | | | not yet measured | | |" in text
+    text = rep.budget_check(records, ["mrpc", "rte", "stsb", "cola", "sst2", "qnli"])
+    # median F1 86.0 < 86.2: the main metric misses; accuracy (median 78.0) clears 68.4 + 5; best epochs 3 and 4
+    # of a 10-epoch budget: training had peaked before the budget ended
+    assert "| mrpc | f1 | 81.2 | 86.00 (n=2) | >= 86.2 | **no**; on accuracy: yes (78.0 vs trivial 68.4) | 3.5 of 10 |" in text
+    assert "| rte | accuracy | 52.7 | 60.00 (n=1) | >= 57.7 | yes | - |" in text
+    assert "| stsb | pearson | 0.0 | 49.00 (n=1) | >= 50 | **no** | - |" in text  # Pearson's own bar, not baseline + 5
+    assert "| cola | matthews_correlation | 0.0 | 30.00 (n=1) | >= 5.0 | yes | - |" in text  # other methods ignored
+    assert "| sst2 | accuracy | 50.9 | 52.00 (n=1) | >= 55.9 | **no**; on f1: no (53.0 vs trivial 51.0) | - |" in text
+    assert "| qnli | | | not yet measured | | | |" in text
 
 
 def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
