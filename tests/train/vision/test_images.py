@@ -12,7 +12,7 @@ import pytest
 
 from image_helpers import write_images, zip_tree
 from verakit.train.classify.data import DataError
-from verakit.train.vision.images import ImageDataError, class_counts, load_images
+from verakit.train.vision.images import ImageDataError, class_counts, image_fingerprint, load_images
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +161,25 @@ def test_macos_zip_junk_is_ignored(tree, tmp_path):
     with zipfile.ZipFile(archive, "a") as z:
         z.writestr("__MACOSX/train/red/._00.png", b"\0resource fork")
     _same(load_images(archive), load_images(tree))
+
+
+def test_image_fingerprint_follows_pixels_and_labels_not_paths(tmp_path):
+    from PIL import Image
+
+    tree = write_images(tmp_path / "a", n_train=2, n_test=1)
+    fp = image_fingerprint(load_images(tree))
+    moved = shutil.copytree(tree, tmp_path / "elsewhere")
+    assert image_fingerprint(load_images(zip_tree(tree, tmp_path / "a.zip"))) == fp  # a zip of the same files
+    assert image_fingerprint(load_images(moved)) == fp  # the same images in another folder
+    # one pixel of one training image changed: other data
+    path = moved / "train" / "red" / "00.png"  # PNG: lossless, the change survives the round trip
+    pixels = np.asarray(Image.open(path).convert("RGB")).copy()
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(path)
+    assert image_fingerprint(load_images(moved)) != fp
+    # the same pixels under another class (labels are part of the data)
+    relabelled = shutil.copytree(tree, tmp_path / "relabelled")
+    shutil.move(relabelled / "train" / "red" / "00.png", relabelled / "train" / "blue" / "99.png")
+    assert image_fingerprint(load_images(relabelled)) != fp
+    # a subset (--max-train-samples) is other data too
+    assert image_fingerprint(load_images(tree, max_train_samples=3)) != fp

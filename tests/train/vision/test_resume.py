@@ -63,6 +63,17 @@ def test_augment_is_restored_on_resume(tmp_path, capsys, monkeypatch):
     assert "--resume with different settings (augment: True -> False)" in capsys.readouterr().err
     assert _files(run_dir) == before
 
+    # Images edited since the run started: the resume is refused by name (the data's fingerprint), RUN_DIR
+    # untouched; restored, it goes on.
+    edited = data / "train" / "red" / "00.png"
+    original = edited.read_bytes()
+    from PIL import Image
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(edited)
+    assert train(run_dir, "--augment", "--resume") == 2
+    assert "--resume over other data than the interrupted run's" in capsys.readouterr().err
+    assert _files(run_dir) == before
+    edited.write_bytes(original)
+
     assert train(run_dir, "--augment", "--resume") == 0, capsys.readouterr().err
     got = json.loads((run_dir / "metrics.json").read_text())
     assert [e["train_loss"] for e in got["epochs"]] == [e["train_loss"] for e in want["epochs"]]

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import DataError
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "EVAL_SPLITS", "ImageDataError", "ImageSplit", "ImageData", "load_images", "class_counts",
+    "IMAGE_EXTENSIONS", "EVAL_SPLITS", "ImageDataError", "ImageSplit", "ImageData", "load_images", "class_counts", "image_fingerprint",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -242,3 +242,18 @@ def class_counts(data: ImageData) -> dict[str, dict[str, int]]:
         return {c: split.labels.count(i) for i, c in enumerate(data.classes)}
 
     return {data.train.name: counts(data.train), data.test.name: counts(data.test)}
+
+
+def image_fingerprint(data: ImageData) -> str:
+    """`rundir.data_fingerprint` of the images a run trains and evaluates on: the class names, then per split each
+    image's label, shape and sha256 of its decoded pixels (not its path: the same images moved elsewhere are the
+    same data), so that a --resume over another folder, or images edited since, is refused."""
+    import hashlib
+
+    from ..rundir import data_fingerprint
+
+    def examples(split: ImageSplit) -> list[tuple[int, tuple[int, ...], str]]:
+        return [(y, img.shape, hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest())
+                for img, y in zip(split.images, split.labels, strict=True)]
+
+    return data_fingerprint(data.classes, examples(data.train), examples(data.test))

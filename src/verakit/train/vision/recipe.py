@@ -31,7 +31,7 @@ from ..loop import ParamGroup
 from ..methods import MethodSpec, Prepared, head_modules, method_config, prepare_model
 from ..rundir import artifact_metrics, environment, field_defaults, jsonable, loop_metrics
 from ..runner import EVAL_BATCH, classification_loss, load_trained, open_run, param_groups
-from .images import ImageData, ImageSplit, class_counts, load_images
+from .images import ImageData, ImageSplit, class_counts, image_fingerprint, load_images
 
 __all__ = [
     "IMAGE_TASK",
@@ -252,7 +252,8 @@ def train_images(args: ImageArgs) -> dict[str, Any]:
             "max_eval_samples": args.max_eval_samples, "data_dir": args.data_dir, "shots": args.shots}
     recipe = ImageRecipe(prepared, processor, data, args, info)
     # defaults: a run started before an option existed (e.g. --magnitude) resumes with the option at its default
-    run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(ImageArgs))
+    run.start(jsonable(asdict(args)), method_config(prepared, args.method), defaults=field_defaults(ImageArgs),
+              data=image_fingerprint(data))
     result = run.train(recipe)
     if not result.best:  # a non-main process under DDP: the main one writes the results
         return {}
