@@ -102,6 +102,26 @@ def test_three_trial_search_reports_and_resumes(tmp_path, capsys, caplog, tiny_b
     assert json.loads((run_dir / "summary.json").read_text())["n_trials"] == 4
 
 
+def test_resume_over_other_data_is_refused(tmp_path, capsys, tiny_bert_dir, tiny_task):
+    """Trials scored on other rows would not compare: a study whose train or dev file changed since it
+    started refuses new trials by name and keeps what it holds; with the files restored it goes on."""
+    import shutil
+
+    task = shutil.copytree(tiny_task, tmp_path / "task")
+    run_dir = tmp_path / "study"
+    assert main(_cli(run_dir, tiny_bert_dir, task, "--trials", "1")) == 0, capsys.readouterr().err
+    before = (run_dir / "summary.json").read_text()
+    dev = task / "dev.csv"
+    original = dev.read_text()
+    dev.write_text(original.replace(",pos\n", ",neg\n", 1))  # one dev label flipped
+    assert main(_cli(run_dir, tiny_bert_dir, task, "--trials", "2")) == 2
+    assert "study.db: the study was started over other data (examples' sha256" in capsys.readouterr().err
+    assert (run_dir / "summary.json").read_text() == before and not (run_dir / "trials" / "0001").exists()
+    dev.write_text(original)
+    assert main(_cli(run_dir, tiny_bert_dir, task, "--trials", "2")) == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["n_trials"] == 2
+
+
 def test_pruned_trials_stop_after_their_first_evaluation(tmp_path, tiny_bert_dir, tiny_task):
     """A pruner that prunes any score (ThresholdPruner above 1.01 never holds for accuracy) stops each
     trial at its first evaluation: 1 report of 2, no metrics.json, the best-so-far artifact kept."""

@@ -249,7 +249,17 @@ def _suggest(trial: Any, d: SearchDim) -> Any:
     return trial.suggest_float(d.name, float(d.low), float(d.high), log=d.log)
 
 
-def _check_resume(study: Any, settings: dict[str, Any], db: Path) -> None:
+def _check_resume(study: Any, settings: dict[str, Any], data: str, db: Path) -> None:
+    """Refuse to add trials to a study started with other settings or over other data (`data`: the
+    `rundir.data_fingerprint` of the training and dev examples): the best trial would be chosen among
+    scores of different things."""
+    saved_data = study.user_attrs.get("verakit_data")
+    if saved_data is not None and saved_data != data:
+        raise ValueError(f"{db}: the study was started over other data (examples' sha256 {saved_data[:12]} -> "
+                         f"{data[:12]}): the training or dev files changed since; its trials would not compare. "
+                         "Restore them, or choose another --out")
+    if saved_data is None:  # a new study, or one from before the fingerprint
+        study.set_user_attr("verakit_data", data)
     saved = study.user_attrs.get("verakit_settings")
     if saved is None:
         study.set_user_attr("verakit_settings", settings)
@@ -270,6 +280,7 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     from ..classify.metrics import trivial_baseline
     from ..classify.recipe import train_classifier
     from ..loop import TrainingInterrupted
+    from ..rundir import data_fingerprint
     from ..runner import check_settings
     from .progress import MuteOptuna, TrialProgress
     from .report import FINISHED, write_report
@@ -303,7 +314,7 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     with MuteOptuna():  # "A new study created in RDB ..." would be Optuna's first INFO line
         study = optuna.create_study(storage=storage, study_name=args.study_name, direction="maximize",
                                     load_if_exists=True)
-    _check_resume(study, args.settings(), db)
+    _check_resume(study, args.settings(), data_fingerprint(data.train, data.dev), db)
     finished = sum(t.state.name in FINISHED for t in study.trials)
     if args.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=0)
