@@ -121,6 +121,18 @@ def test_train_and_eval_images_from_the_cli(vit_dir, colors, tmp_path, capsys):
     # the same data as a folder scores the same
     assert main(["eval", "--adapter", str(run / "adapter.safetensors"), "--data-dir", str(colors)]) == 0
     assert json.loads(capsys.readouterr().out)["metric"] == m["metric"]
+    # the merged folder works in transformers' image-classification pipeline as is: the class names as labels,
+    # and the same confusion matrix as the run's evaluation over every test image
+    from PIL import Image
+    from transformers import pipeline
+
+    assert main(["merge", "--adapter", str(run / "adapter.safetensors"), "--out", str(tmp_path / "merged")]) == 0
+    files = sorted(p for p in (colors / "test").rglob("*") if p.is_file())
+    got = pipeline("image-classification", model=str(tmp_path / "merged"))([Image.open(f).convert("RGB") for f in files])
+    piped = np.zeros((3, 3), dtype=int)
+    for f, preds in zip(files, got, strict=True):
+        piped[m["classes"].index(f.parent.name), m["classes"].index(preds[0]["label"])] += 1
+    assert piped.tolist() == m["confusion_matrix"]
 
 
 def test_baseline_is_the_most_frequent_test_class(vit_dir, tmp_path, capsys):
