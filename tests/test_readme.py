@@ -49,3 +49,32 @@ def test_main_job_snippet_trains_saves_loads_and_merges(minilm_path, tmp_path, m
     base = ns["AutoModelForSequenceClassification"].from_pretrained(ns["base"], num_labels=2).eval()
     with torch.no_grad():
         assert not torch.allclose(base.bert(input_ids=x).pooler_output, fresh.bert(input_ids=x).pooler_output)
+
+
+def command_line_block() -> str:
+    """The first ```bash block after the "## Command line" heading."""
+    text = README.read_text()
+    section = text[text.index("## Command line"):]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def test_command_line_block_parses_and_names_real_options():
+    """Every `verakit ...` line of the block parses with the real parser (placeholders such as DIR stand in
+    for paths), and every --flag the block's comments mention is an option of some subcommand: a renamed
+    or removed flag fails here, not in a new user's first hour."""
+    import argparse
+    import shlex
+
+    from verakit.cli import build_parser
+
+    parser = build_parser()
+    block = command_line_block()
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("verakit ")]
+    assert len(commands) >= 12, commands
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])  # argparse exits (SystemExit) on a bad line
+        assert callable(args.func), command
+    options = {flag for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+               for sub in action.choices.values() for a in sub._actions for flag in a.option_strings}
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", block))
+    assert mentioned and not mentioned - options, sorted(mentioned - options)
