@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options", "command_line", "csv_list",
+__all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options",
+           "baseline_note", "command_line", "csv_list",
            "decode_config",
            "defaults_help", "field_default", "fields_of", "folder_arg", "interrupted_run", "log_to_stderr", "print_evaluation",
            "run_training"]
@@ -243,6 +244,16 @@ def run_training(train: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, An
     except ValueError as e:  # bad data, groups or settings, a mismatched --resume: the message names the culprit
         print(f"verakit train: error: {e}", file=sys.stderr)
         return 2, {}
+
+
+def baseline_note(value: float, baseline: Mapping[str, float] | None, metric: str) -> str:
+    """"; no better than the trivial baseline (...)" when `value` does not beat the constant prediction's
+    `metric`, else "". report.md says so; the one summary line a user reads must say it too, since a run
+    that ends at the baseline (a majority-class F1 of 0.81) looks like a result. NaN never gets a note."""
+    base = (baseline or {}).get(metric)
+    if base is None or not value <= base:
+        return ""
+    return f"; no better than the trivial baseline ({metric} {base:.4f}, one constant answer): nothing was learned"
 
 
 def decode_config(**given: Any) -> Any:

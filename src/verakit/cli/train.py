@@ -12,6 +12,7 @@ from .common import (
     add_run_options,
     add_target_options,
     add_vera_options,
+    baseline_note,
     command_line,
     defaults_help,
     field_default,
@@ -84,8 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
         main = metrics["main_metric"]
         split = "held-out" if "dev" in metrics else "dev"
         dev = f", dev {main} {metrics['dev'][main]:.4f} (scored once)" if "dev" in metrics else ""
+        note = baseline_note(metrics["metric"][main], metrics.get("baseline"), main)
         print(f"{metrics['task']} {metrics['method']}: best {split} {main} {metrics['metric'][main]:.4f} "
-              f"(step {metrics['best_step']}){dev}; {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
+              f"(step {metrics['best_step']}){note}{dev}; {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "
               f"head params; artifact {metrics['adapter_bytes']:,} bytes; {metrics['train_seconds']:.1f} s; "
               f"results in {args.out}")
     return code
@@ -102,8 +104,9 @@ def run_train_grouped(args: argparse.Namespace) -> int:
         lambda: train_grouped(GroupedArgs(TrainArgs(**fields), args.group_column, args.shared_head, **limits)))
     if m:
         main = m["main_metric"]
+        note = baseline_note(m["metric"][main], m.get("baseline"), main)
         print(f"{m['task']} vera x {m['n_groups']} groups: best dev {main} {m['metric'][main]:.4f} "
-              f"(step {m['best_step']}); {m['trainable_params']:,} adapter + {m['head_params']:,} head params per "
+              f"(step {m['best_step']}){note}; {m['trainable_params']:,} adapter + {m['head_params']:,} head params per "
               f"group; {m['adapters_total_bytes']:,} bytes of adapters; {m['train_seconds']:.1f} s; "
               f"adapters in {Path(args.out) / 'adapters'}")
     return code
@@ -138,8 +141,9 @@ def run_train_images(args: argparse.Namespace) -> int:
     fields = fields_of(ImageArgs, args)
     code, m = run_training(lambda: train_images(ImageArgs(**fields)))
     if m:
+        note = baseline_note(m["metric"]["accuracy"], m.get("baseline"), "accuracy")
         print(f"images {m['method']}: best {m['eval_split']} accuracy {m['metric']['accuracy']:.4f} (step "
-              f"{m['best_step']}), last {m['final_metric']['accuracy']:.4f}; {m['trainable_params']:,} adapter + "
+              f"{m['best_step']}), last {m['final_metric']['accuracy']:.4f}{note}; {m['trainable_params']:,} adapter + "
               f"{m['head_params']:,} head params; artifact {m['adapter_bytes']:,} bytes; {m['train_seconds']:.1f} s; "
               f"results in {args.out}")
     return code

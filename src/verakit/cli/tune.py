@@ -10,6 +10,7 @@ from .common import (
     add_run_options,
     add_target_options,
     add_vera_options,
+    baseline_note,
     defaults_help,
     field_default,
     log_to_stderr,
@@ -46,7 +47,8 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"{s['n_trials']} trials ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed); "
           + (f"best {s['split'].split(' (')[0]} {s['main_metric']} {best['value']:.4f} (trial {best['number']}: "
              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-             + ")" + (f", dev {best['dev'][s['main_metric']]:.4f} (scored once)" if "dev" in best else "")
+             + ")" + baseline_note(best["value"], s.get("baseline"), s["main_metric"])
+             + (f", dev {best['dev'][s['main_metric']]:.4f} (scored once)" if "dev" in best else "")
              if best else "no trial completed") + f"; report in {s['report']}")
     return 0
 
