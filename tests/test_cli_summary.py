@@ -64,3 +64,21 @@ def test_tune_summary_line_names_a_baseline_result(monkeypatch, tmp_path, capsys
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("2 trials (2 complete, 0 pruned, 0 failed); best dev f1 0.8122 (trial 0: lr=0.008559, "
                            "r=256); no better than the trivial baseline (f1 0.8122"), line
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_train_into_a_finished_run_says_so(tmp_path, capsys, resume):
+    """Rerunning the README's `verakit train ... --out runs/sst2` said "pass --resume or choose another --out",
+    and --resume then said "no checkpoint to resume": a finished run is named as one, exit 2, nothing touched."""
+    run = tmp_path / "runs" / "sst2"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "adapter.safetensors").write_bytes(b"x")
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    argv = ["train", "--task", "sst2", "--data-dir", str(data), "--out", str(run)] + (["--resume"] if resume else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"verakit train: error: {run}: holds a finished run (metrics.json, adapter.safetensors)" in err, err
+    assert "--resume" not in err
+    assert (run / "adapter.safetensors").read_bytes() == b"x"

@@ -43,6 +43,10 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.methods import VERA_OPTION_DEFAULTS
     from ..train.vision import IMAGE_TASK
 
+    finished = _finished_run(Path(args.out))
+    if finished is not None:
+        print(f"verakit train: error: {finished}", file=sys.stderr)
+        return 2
     if args.adapter_compute_dtype != "fp32" and (args.task in CAUSAL_TASKS or args.task == IMAGE_TASK):
         # Their arguments have no such field; GroupedArgs refuses it itself, with the same message.
         print(f"verakit train: error: {COMPUTE_DTYPE_REFUSED}", file=sys.stderr)
@@ -91,6 +95,21 @@ def run_train(args: argparse.Namespace) -> int:
               f"head params; artifact {metrics['adapter_bytes']:,} bytes; {metrics['train_seconds']:.1f} s; "
               f"results in {args.out}")
     return code
+
+
+def _finished_run(run_dir: Path) -> str | None:
+    """Why --out cannot be used when it holds a finished run (metrics.json and an artifact, no Ctrl-C
+    checkpoint), else None. Rerunning the README's command said "pass --resume", and --resume then said
+    "no checkpoint to resume"."""
+    from ..train.artifacts import artifact_in
+
+    if not (run_dir / "metrics.json").is_file() or (run_dir / "checkpoint" / "state.pt").is_file():
+        return None
+    artifact = artifact_in(run_dir) or (run_dir / "adapter" if (run_dir / "adapter").is_dir() else None)  # LoRA
+    if artifact is None:
+        return None
+    return (f"{run_dir}: holds a finished run (metrics.json, {artifact.name}), so there is nothing to resume and it "
+            "is not overwritten; choose another --out, or delete the folder to train again")
 
 
 def run_train_grouped(args: argparse.Namespace) -> int:
