@@ -120,7 +120,7 @@ def test_bad_requests_get_json_4xx_naming_the_problem(classify_server):
     _error(_post(s, {"adapter": "a0", "inputs": ["ok", "y" * 80]}), 422, "inputs[1] has 82 tokens; the limit is 64")
     _error(_post(s, {"adapter": "a0", "inputs": ["x"], "extra": 1}), 422, "extra")
     _error(httpx.post(f"{s.url}/v1/classify", content=b'{"inputs": ["x"', headers={"content-type": "application/json"}),
-           422, "JSON decode error")
+           422, "body is not valid JSON (at character 15: ")
     _error(httpx.post(f"{s.url}/v1/classify", content=b'{"inputs": ["x"]}'), 422, "Content-Type: application/json")
     _error(_post(s, {"adapter": "a0", "inputs": ["z" * 25000]}), 413, "exceeds the limit of 20000")
 

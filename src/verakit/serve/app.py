@@ -67,6 +67,10 @@ _FIXED_PATHS = frozenset({"/v1/classify", "/v1/completions", "/v1/chat/completio
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for e in errors[:5]:
+        if e.get("type") == "json_invalid":  # loc is ("body", offset): say what it is, not "44: ..."
+            at = e.get("loc", ())[-1] if e.get("loc") else "?"
+            parts.append(f"body is not valid JSON (at character {at}: {(e.get('ctx') or {}).get('error', 'decode error')})")
+            continue
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)

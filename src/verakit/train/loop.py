@@ -323,6 +323,7 @@ def run_loop(
                                                               acc.device.type) as evaluating:
         if step == 0 and not history:
             evaluate(0.0)  # one dev pass: the score every trained evaluation is compared with
+            window_t = _clock()  # the progress bar's examples/s counts training time, not this evaluation's
         while step < total_steps:
             step_start = _clock()
             epoch, in_epoch = divmod(step, steps_per_epoch)
