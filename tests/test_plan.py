@@ -179,6 +179,14 @@ def test_missing_or_bad_model(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')  # its own name for the width
     with pytest.raises(PlanError, match="gives no hidden_size or n_embd"):
         plan(str(tmp_path))
+    # An image model: no sequence-classification class; transformers' message lists every config class it
+    # knows (hundreds of lines), only its first line is kept
+    (tmp_path / "config.json").write_text('{"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, '
+                                          '"num_attention_heads": 2, "intermediate_size": 64}')
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'vit' has no causal-lm model in transformers (Unrecognized configuration class" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_presets_plan_a_7b_model_without_weights():

@@ -256,7 +256,9 @@ def _build(cfg: Any, task: str, dtype: Any) -> Any:
     try:
         return auto.from_config(cfg, dtype=dtype).train()
     except ValueError as e:
-        raise PlanError(f"model_type {cfg.model_type!r} has no {task} model in transformers ({e})") from e
+        # only the first line: transformers' message goes on to list every config class it knows
+        raise PlanError(f"model_type {cfg.model_type!r} has no {task} model in transformers "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
 def _shapes(cfg: Any, task: str) -> _Shapes:

@@ -52,3 +52,28 @@ def test_an_adapter_file_named_like_the_base_model_is_named_at_start_up(bert_dir
     assert shadowed == [f"adapter file {model_dir.name}.safetensors has the base model's name '{model_dir.name}': "
                         f"requests naming '{model_dir.name}' are answered by the base model, never by that adapter; "
                         "rename the file to serve it"]
+
+
+def test_adapters_the_bank_cannot_hold_are_named_at_start_up(bert_dirs, tmp_path, caplog):
+    """The start-up warning said only '1 of 3 adapters ... will answer 409': which one was left to guess."""
+    import logging
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from serve.cases import trained_adapter
+    from verakit import VeraConfig
+    from verakit.fileformat import write_adapter
+    from verakit.serve.engine import Engine
+    from verakit.serve.options import ServeOptions
+
+    model_dir, adapter_dir = bert_dirs
+    store = tmp_path / "adapters"
+    store.mkdir()
+    for name in ("a0", "a2"):
+        shutil.copy(adapter_dir / f"{name}.safetensors", store / f"{name}.safetensors")
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    write_adapter(trained_adapter(base, VeraConfig(r=8, seed=3), 15), store / "reseeded.safetensors")
+    with caplog.at_level(logging.WARNING, logger="verakit.serve.engine"):
+        Engine(ServeOptions(model=str(model_dir), adapters=str(store), threads=1)).close()
+    assert "1 of 3 adapters do not share the bank's projection/base and will answer 409: reseeded" in caplog.text

@@ -96,8 +96,11 @@ class Engine:
                 log.warning("skipping unreadable adapter while planning the bank: %s", e)
         config, chosen = plan_config(infos, options.rank)
         if len(chosen) < len(infos):
-            log.warning("%d of %d adapters do not share the bank's projection/base and will answer 409",
-                        len(infos) - len(chosen), len(infos))
+            kept = {i.name for i in chosen}
+            refused = [i.name for i in infos if i.name not in kept]
+            shown = ", ".join(refused[:10]) + (f" and {len(refused) - 10} more" if len(refused) > 10 else "")
+            log.warning("%d of %d adapters do not share the bank's projection/base and will answer 409: %s",
+                        len(refused), len(infos), shown)
         self.adapters_planned, self.adapters_refused = len(chosen), len(infos) - len(chosen)
         base = load_base(options, chosen)
         self.task, path, self.tokenizer, model = base.task, base.path, base.tokenizer, base.model

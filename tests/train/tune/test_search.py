@@ -177,8 +177,8 @@ def test_tune_help_shows_both_budgets_defaults():
 BAD = {
     # case -> (extra CLI flags, message that must appear in stderr)
     "no budget": ([], "tune budget: give a number of trials (--trials N) and/or a timeout (--timeout SECONDS)"),
-    "zero trials": (["--trials", "0"], "tune budget: trials must be an integer >= 1, got 0"),
-    "negative timeout": (["--timeout", "-5"], "tune budget: timeout must be a number of seconds > 0, got -5.0"),
+    "zero trials": (["--trials", "0"], "tune budget: --trials must be an integer >= 1, got 0"),
+    "negative timeout": (["--timeout", "-5"], "tune budget: --timeout must be a number of seconds > 0, got -5.0"),
     "inverted range": (["--trials", "2", "--param", "head_lr=float:0.1:0.01"],
                        "search space: head_lr: low 0.1 must be below high 0.01"),
     "log of zero": (["--trials", "2", "--param", "warmup_ratio=float:0:0.2:log"],

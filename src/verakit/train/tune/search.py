@@ -204,10 +204,10 @@ class TuneArgs:
             raise SpaceError("tune budget: give a number of trials (--trials N) and/or a timeout (--timeout SECONDS)")
         if self.trials is not None and (isinstance(self.trials, bool) or not isinstance(self.trials, int)
                                         or self.trials < 1):
-            raise SpaceError(f"tune budget: trials must be an integer >= 1, got {self.trials!r}")
+            raise SpaceError(f"tune budget: --trials must be an integer >= 1, got {self.trials!r}")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0
                                              and math.isfinite(self.timeout)):
-            raise SpaceError(f"tune budget: timeout must be a number of seconds > 0, got {self.timeout!r}")
+            raise SpaceError(f"tune budget: --timeout must be a number of seconds > 0, got {self.timeout!r}")
         if not self.space:
             raise SpaceError("search space is empty: give at least one dimension (--param or --space)")
         names = [d.name for d in self.space]
