@@ -98,6 +98,8 @@ class Recipe(Protocol):
         """Write the artifact of the current (best so far) weights into run_dir, atomically."""
         ...
 
+    # Optional: `eval_note(self) -> str`, said in the plan line when an evaluation is slow (e.g. "each also
+    # generates 100 held-out samples"): minutes of silence before the first step otherwise read as a hang.
     # Optional: `baseline(self) -> dict[str, float]`, the dev metrics of a trivial predictor (a constant:
     # the most frequent dev class, the mean dev score), with `evaluate`'s keys, e.g. from
     # metrics.trivial_baseline. The loop shows it beside step 0 and returns it in LoopResult.baseline;
@@ -270,8 +272,9 @@ def run_loop(
 
     main = acc.is_main_process
     progress = Progress(main, config.quiet, total_steps, start_step, config.epochs, _clock())
+    note = getattr(recipe, "eval_note", None)  # optional: what an evaluation does when it is slow (generations)
     progress.say(plan_line(n_train, config.epochs, config.batch_size, config.eval_every, steps_per_epoch,
-                           total_steps, world, start_step))
+                           total_steps, world, start_step, note() if note else None))
     shard_stats = fsdp.shard_stats(raw_model) if sharded else None
     if shard_stats is not None:
         progress.say(fsdp.stats_line(shard_stats, world))

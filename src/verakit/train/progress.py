@@ -71,8 +71,9 @@ class Progress:
 
 
 def plan_line(n_train: int, epochs: int, batch_size: int, eval_every: int | None, steps_per_epoch: int,
-              total_steps: int, world: int, start_step: int) -> str:
+              total_steps: int, world: int, start_step: int, eval_note: str | None = None) -> str:
     evals = "at step 0 and each epoch end" + (f" and every {eval_every} steps" if eval_every else "")
+    evals += f" ({eval_note})" if eval_note else ""
     return (f"plan: {n_train:,} training rows, {epochs} epoch{'s' if epochs > 1 else ''} x "
             f"{steps_per_epoch:,} steps of batch {batch_size} = {total_steps:,} optimizer steps"
             + (f" on {world} processes" if world > 1 else "") + f"; dev evaluation {evals}"

@@ -173,13 +173,20 @@ def test_save_load_merge_give_identical_greedy_generations(request, tmp_path, fi
 # -------------------------------------------------------------------------------------- CLI, data
 
 
-def test_cli_train_generate_and_eval(tmp_path, llama_dir, jsonl_dir, capsys):
+def test_cli_train_generate_and_eval(tmp_path, llama_dir, jsonl_dir, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="verakit.train")
     out = tmp_path / "run"
     rc = main(["train", "--task", "jsonl", "--data-dir", str(jsonl_dir), "--out", str(out), "--model", llama_dir,
                "--r", "32", "--epochs", "1", "--batch-size", "16", "--max-length", "48", "--lr", "0.05",
                "--gen-eval-samples", "2", "--max-new-tokens", "6", "--report-samples", "1", "--quiet"])
     assert rc == 0
     assert "jsonl vera: best held-out loss" in capsys.readouterr().out
+    # the plan says why the first step is slow to come: each evaluation generates (E2E: 100 samples, minutes)
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert plan.endswith("dev evaluation at step 0 and each epoch end (each also generates 2 held-out samples for "
+                         "BLEU/ROUGE-L/chrF, slower than many training steps)"), plan
     adapter = str(out / "adapter.safetensors")
     prompt = e2e_like(1, seed=5)[0]["prompt"]
     assert main(["generate", "--adapter", adapter, "--prompt", prompt, "--max-new-tokens", "6", "--json"]) == 0

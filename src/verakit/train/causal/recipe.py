@@ -226,6 +226,11 @@ class CausalRecipe:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return token_loss(model, batch)
 
+    def eval_note(self) -> str | None:
+        n = len(self.gen_examples)
+        return (f"each also generates {n} held-out sample{'s' if n != 1 else ''} for BLEU/ROUGE-L/chrF, "
+                "slower than many training steps") if n else None
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         metrics, self.last_generations = evaluate_lm(
             model, self.tokenizer, self.dev, self.gen_examples, use_chat_template=bool(self.args.chat_template),
