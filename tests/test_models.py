@@ -288,3 +288,16 @@ def test_recorded_model_makes_relative_folders_absolute(tmp_path, monkeypatch):
     assert recorded_model(str(tmp_path / "models" / "x")) == str(tmp_path / "models" / "x")
     for kept in (None, "minilm", "SmolLM2", "org/not-a-folder"):  # aliases win over a folder of that name
         assert recorded_model(kept) == kept
+
+
+def test_an_alias_where_another_kind_of_model_is_wanted_is_named_as_such(tmp_path, monkeypatch):
+    """`verakit train --task images --model minilm` said 'minilm' was neither a folder nor cached: it is verakit's
+    alias for a text model. A folder of that name is still a folder."""
+    with pytest.raises(ModelUnavailableError, match="'MiniLM' is verakit's alias for its offline text classifier "
+                                                    r"\(all-MiniLM-L6-v2\), which does not fit here"):
+        locate_model("MiniLM")
+    with pytest.raises(ModelUnavailableError, match="alias for its offline causal LM"):
+        locate_model("smollm2")
+    (tmp_path / "minilm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert locate_model("minilm") == "minilm"

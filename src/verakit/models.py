@@ -224,6 +224,11 @@ def locate_model(name_or_dir: str) -> str:
     if name_or_dir.startswith(("/", "./", "../", "~")):
         # Unmistakably a path, so passing it on would only end in a confusing hub lookup error.
         raise FileNotFoundError(f"model folder {name_or_dir} does not exist")
+    if name_or_dir.lower() in _ALIASES:  # resolve_model takes the aliases; a caller here wants another kind
+        what = "text classifier (all-MiniLM-L6-v2)" if _ALIASES[name_or_dir.lower()] == "classifier" else \
+            "causal LM (SmolLM2-135M-Instruct)"
+        raise ModelUnavailableError(f"{name_or_dir!r} is verakit's alias for its offline {what}, which does not fit "
+                                    "here; pass a model folder or hub id")
     try:
         from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # without huggingface_hub nothing can load a hub id; let from_pretrained say so
