@@ -361,9 +361,9 @@ def test_paused_time_is_taken_out_of_wall_times(grid, rep, tmp_path, capsys, fak
 
 
 def test_goal_check_reads_issue_16s_goals(rep):
-    def rec(task, method, seed, value, params):
+    def rec(task, method, seed, value, params, baseline=0.5):
         return {"stage": "seeds", "task": task, "method": method, "seed": seed, "value": value,
-                "adapter_params": params}
+                "adapter_params": params, "metric": "accuracy", "baseline": baseline}
 
     records = []
     for s, (v, lo, pv) in enumerate([(0.80, 0.82, 0.81), (0.81, 0.82, 0.82), (0.79, 0.80, 0.80)]):
@@ -380,6 +380,13 @@ def test_goal_check_reads_issue_16s_goals(rep):
     text = rep.goal_check(records, ["sst2", "mrpc", "rte"])
     assert "(on 2 of 3 tasks so far)" in text and "met so far." in text
     assert rep.goal_check([], ["sst2"]) == "- not yet measured"
+    # a task LoRA does not learn (55.0 < 52.7 + 5) counts in the mean over the tasks, and a second mean leaves it out
+    records += [rec("rte", "vera-256", 0, 0.50, 8_320, 0.527), rec("rte", "lora-8", 0, 0.55, 79_872, 0.527)]
+    assert rep.learned_tasks(records, ["sst2", "mrpc", "rte"]) == ["sst2", "mrpc"]
+    text = rep.goal_check(records, ["sst2", "mrpc", "rte"])
+    # (-1.33 + 0 - 5) / 3 = -2.11; without rte: -0.67
+    assert ("- vera-256 - lora-8: -2.11 points averaged over the tasks, with 9.6x fewer adapter parameters: goal "
+            "(>= -1.0 at >= 6x) **not met**. Over the tasks LoRA learns at their budget (sst2, mrpc): -0.67, goal met.") in text
 
 
 def test_dvora_check_looks_where_vera_trails_lora(rep):
