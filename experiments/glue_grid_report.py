@@ -208,7 +208,7 @@ def dvora_check(records: list[dict], tasks: list[str]) -> str:
 LEARNED_MARGIN, LEARNED_PEARSON = 5.0, 0.5
 
 
-def _lora_cells(records: list[dict], task: str, method: str) -> list[dict]:
+def _method_seed_cells(records: list[dict], task: str, method: str) -> list[dict]:
     return [r for r in records if r["stage"] == "seeds" and r["task"] == task and r["method"] == method
             and r["value"] is not None]
 
@@ -237,7 +237,7 @@ def _other_bars(rs: list[dict]) -> list[tuple[str, float, float, bool]]:
 
 def learned_tasks(records: list[dict], tasks: list[str], method: str = "lora-8") -> list[str]:
     """The tasks `method` learns at their budget by issue 16's bar (main metric, or another recorded one)."""
-    return [t for t in tasks if (rs := _lora_cells(records, t, method))
+    return [t for t in tasks if (rs := _method_seed_cells(records, t, method))
             and (_main_bar(rs)[1] or any(ok for *_, ok in _other_bars(rs)))]
 
 
@@ -249,7 +249,7 @@ def budget_check(records: list[dict], tasks: list[str], method: str = "lora-8") 
     lines = [f"| task | metric | trivial | {method} median | bar | learned at this budget | best epoch (median) |",
              "|---|---|---|---|---|---|---|"]
     for t in tasks:
-        rs = _lora_cells(records, t, method)
+        rs = _method_seed_cells(records, t, method)
         if not rs:
             lines.append(f"| {t} | | | not yet measured | | | |")
             continue
