@@ -28,8 +28,9 @@ def commands(runs: Path) -> dict[str, list[str]]:
         "sst2": ["verakit", "train", "--task", "sst2", "--data-dir", str(DATA / "glue" / "SST-2"),
                  "--out", str(runs / "sst2")],
         "e2e": ["verakit", "train", "--task", "e2e", "--data-dir", str(DATA / "e2e"), "--out", str(runs / "e2e")],
-        "tune": ["verakit", "tune", "--task", "mrpc", "--data-dir", str(DATA / "glue" / "MRPC"),
-                 "--out", str(runs / "tune"), "--trials", "4"],
+        "tune": ["verakit", "tune", "--task", "sst2", "--data-dir", str(DATA / "glue" / "SST-2"),
+                 "--out", str(runs / "tune"), "--trials", "8", "--max-train-samples", "8000",
+                 "--selection-rows", "500", "--eval-every", "50"],
     }
 
 
@@ -37,7 +38,10 @@ def score(name: str, out: Path) -> dict:
     if name == "tune":
         s = json.loads((out / "summary.json").read_text())
         best = s.get("best") or {}
-        return {"metric": s.get("main_metric"), "value": best.get("value"), "trials": s.get("n_trials")}
+        return {"metric": s.get("main_metric"), "value": best.get("value"), "trials": s.get("n_trials"),
+                "states": s.get("states"), "split": s.get("split"),
+                "dev": (best.get("dev") or {}).get(s.get("main_metric")),
+                "dev_baseline": (best.get("dev_baseline") or {}).get(s.get("main_metric"))}
     m = json.loads((out / "metrics.json").read_text())
     main = "bleu" if name == "e2e" else m["main_metric"]
     return {"metric": main, "value": m["metric"].get(main), "steps": m.get("total_steps"), "rows": m.get("n_train"),

@@ -58,6 +58,28 @@ def command_line_block() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
+def readme_commands() -> list[str]:
+    """The block's `verakit ...` command lines, comments dropped, backslash continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", command_line_block())
+    return [" ".join(line.split("#", 1)[0].split()) for line in joined.splitlines() if line.startswith("verakit ")]
+
+
+def test_timed_commands_are_the_readme_lines():
+    """experiments/readme_commands.py times the README's commands (docs/training.md quotes its figures): each
+    of its commands is a line of the block, argument for argument, with the data and run paths mapped back."""
+    import importlib.util
+    import shlex
+
+    path = README.parent / "experiments" / "readme_commands.py"
+    spec = importlib.util.spec_from_file_location("readme_commands", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = readme_commands()
+    for name, cmd in module.commands(Path("RUNS")).items():
+        text = shlex.join(cmd).replace(str(module.DATA), "../shared/data").replace("RUNS/", "runs/")
+        assert text in lines, (name, text)
+
+
 def test_command_line_block_parses_and_names_real_options():
     """Every `verakit ...` line of the block parses with the real parser (placeholders such as DIR stand in
     for paths), and every --flag the block's comments mention is an option of some subcommand: a renamed
@@ -69,7 +91,7 @@ def test_command_line_block_parses_and_names_real_options():
 
     parser = build_parser()
     block = command_line_block()
-    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("verakit ")]
+    commands = readme_commands()
     assert len(commands) >= 12, commands
     for command in commands:
         args = parser.parse_args(shlex.split(command)[1:])  # argparse exits (SystemExit) on a bad line

@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["RECIPES", "add_base_check_option", "add_run_options", "add_target_options", "add_vera_options",
            "baseline_note", "command_line", "csv_list",
-           "decode_config",
+           "decode_config", "dev_once_note",
            "defaults_help", "field_default", "fields_of", "folder_arg", "interrupted_run", "log_to_stderr", "print_evaluation",
            "run_training"]
 
@@ -254,6 +254,16 @@ def baseline_note(value: float, baseline: Mapping[str, float] | None, metric: st
     if base is None or not value <= base:
         return ""
     return f"; no better than the trivial baseline ({metric} {base:.4f}, one constant answer): nothing was learned"
+
+
+def dev_once_note(scores: Mapping[str, Any], metric: str) -> str:
+    """", dev METRIC X (scored once; trivial baseline Y)" for a run (or a tune's best trial) that chose on
+    held-out training rows, else "". Dev's own floor is given: the held-out rows' majority share is not dev's."""
+    if "dev" not in scores:
+        return ""
+    floor = (scores.get("dev_baseline") or {}).get(metric)
+    return (f", dev {metric} {scores['dev'][metric]:.4f} (scored once"
+            + ("" if floor is None else f"; trivial baseline {floor:.4f}") + ")")
 
 
 def decode_config(**given: Any) -> Any:

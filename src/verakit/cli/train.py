@@ -15,6 +15,7 @@ from .common import (
     baseline_note,
     command_line,
     defaults_help,
+    dev_once_note,
     field_default,
     fields_of,
     folder_arg,
@@ -88,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     if metrics:
         main = metrics["main_metric"]
         split = "held-out" if "dev" in metrics else "dev"
-        dev = f", dev {main} {metrics['dev'][main]:.4f} (scored once)" if "dev" in metrics else ""
+        dev = dev_once_note(metrics, main)
         note = baseline_note(metrics["metric"][main], metrics.get("baseline"), main)
         print(f"{metrics['task']} {metrics['method']}: best {split} {main} {metrics['metric'][main]:.4f} "
               f"(step {metrics['best_step']}){note}{dev}; {metrics['trainable_params']:,} adapter + {metrics['head_params']:,} "

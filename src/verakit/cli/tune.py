@@ -12,6 +12,7 @@ from .common import (
     add_vera_options,
     baseline_note,
     defaults_help,
+    dev_once_note,
     field_default,
     log_to_stderr,
 )
@@ -48,7 +49,7 @@ def run_tune(args: argparse.Namespace) -> int:
           + (f"best {s['split'].split(' (')[0]} {s['main_metric']} {best['value']:.4f} (trial {best['number']}: "
              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
              + ")" + baseline_note(best["value"], s.get("baseline"), s["main_metric"])
-             + (f", dev {best['dev'][s['main_metric']]:.4f} (scored once)" if "dev" in best else "")
+             + dev_once_note(best, s["main_metric"])
              if best else "no trial completed") + f"; report in {s['report']}")
     return 0
 

@@ -92,6 +92,12 @@ def evaluation_row(h: dict[str, Any], values: list[float]) -> str:
     return f"| {h['epoch']:.2f} | {h['step']} | {loss} | {h['lr']:.2e} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
 
 
+def _dev_floor(metrics: dict[str, Any], main: str) -> str:
+    """", trivial baseline X" for the dev score of a run that chose on held-out rows (older runs lack it)."""
+    floor = (metrics.get("dev_baseline") or {}).get(main)
+    return "" if floor is None else f"; trivial baseline on dev {floor:.4f}"
+
+
 def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     """The Markdown text of report.md."""
     args = config["args"]
@@ -104,7 +110,8 @@ def render_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         f"Best {split} **{main} = {metrics['metric'][main]:.4f}** at step {metrics['best_step']} "
         f"(epoch {metrics['best_epoch']:.2f} of {args['epochs']}); artifact `{metrics['artifact']}`.",
         *([f"Chosen on {metrics['eval_split']}; dev, scored once by that adapter: **{main} = "
-           f"{metrics['dev'][main]:.4f}** ({metrics['n_dev']:,} rows)."] if "dev" in metrics else []),
+           f"{metrics['dev'][main]:.4f}** ({metrics['n_dev']:,} rows{_dev_floor(metrics, main)})."]
+          if "dev" in metrics else []),
         "",
         *scores_table(metrics, names, split),
         "",

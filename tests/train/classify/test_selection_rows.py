@@ -10,6 +10,7 @@ import pytest
 from verakit.cli import main
 from verakit.train.classify import TrainArgs, evaluate_classifier, train_classifier
 from verakit.train.classify.data import carve_selection, load_task
+from verakit.train.classify.metrics import trivial_baseline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +42,10 @@ def test_training_chooses_on_carved_rows_and_scores_dev_once(tmp_path, tiny_bert
     assert json.loads((out / "metrics.json").read_text())["dev"] == m["dev"]
     report = (out / "report.md").read_text()
     assert f"Best held-out **accuracy = {m['metric']['accuracy']:.4f}**" in report
-    assert f"dev, scored once by that adapter: **accuracy = {m['dev']['accuracy']:.4f}**" in report
+    floor = trivial_baseline(data.spec, [e.label for e in data.dev])
+    assert m["dev_baseline"] == floor  # dev's own floor (a held-out run's "baseline" is the carved rows')
+    assert (f"dev, scored once by that adapter: **accuracy = {m['dev']['accuracy']:.4f}** ({len(data.dev):,} rows; "
+            f"trivial baseline on dev {floor['accuracy']:.4f})") in report
     assert "## Held-out scores" in report
 
 
@@ -51,7 +55,8 @@ def test_cli_prints_both_and_refuses_where_not_wired(tmp_path, tiny_bert_dir, ti
     argv = [*base, "--selection-rows", "16"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     line = capsys.readouterr().out
-    assert "csv vera: best held-out accuracy " in line and ", dev accuracy " in line and "(scored once)" in line
+    assert "csv vera: best held-out accuracy " in line and ", dev accuracy " in line
+    assert "(scored once; trivial baseline 0." in line
     assert main(["train", "--task", "e2e", "--data-dir", str(tmp_path), "--out", str(tmp_path / "b"),
                  "--selection-rows", "8"]) == 2
     assert "--selection-rows is wired for text classification only" in capsys.readouterr().err

@@ -331,12 +331,21 @@ def train_classifier(args: TrainArgs, *, on_eval: Callable[[dict[str, Any]], Non
         "eval_split": f"held-out ({len(select):,} training rows)" if args.selection_rows else "dev",
         "n_train": len(train),
         "n_eval": len(select),
-        **({"dev": evaluate_classifier(artifact)["metric"], "n_dev": len(data.dev)} if args.selection_rows else {}),
+        **(_dev_scores(artifact, data) if args.selection_rows else {}),
         "epochs": result.history,
         "step_losses": [round(x, 5) for x in result.losses],
         "environment": environment(),
     }
     return run.finish(metrics, write_report)
+
+
+def _dev_scores(artifact: Path, data: Any) -> dict[str, Any]:
+    """What a run that chose on held-out rows reports of dev: its adapter's score, scored once, and dev's own
+    trivial baseline (the held-out rows' majority share differs from dev's, so the held-out one is no floor)."""
+    from .metrics import trivial_baseline
+
+    return {"dev": evaluate_classifier(artifact)["metric"], "n_dev": len(data.dev),
+            "dev_baseline": trivial_baseline(data.spec, [e.label for e in data.dev])}
 
 
 def evaluate_classifier(

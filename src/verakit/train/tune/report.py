@@ -114,6 +114,8 @@ def write_report(study: Any, args: Any, base: TrainArgs, metric: str, run_dir: P
         best["before_training"] = _step_zero(m)
         if "dev" in m:  # chosen on held-out rows: dev was scored once, by this trial's adapter
             best["dev"] = m["dev"]
+            if "dev_baseline" in m:
+                best["dev_baseline"] = m["dev_baseline"]
     importance, why_not = _importance(study, args.seed)
     if importance:
         _plot(importance, run_dir / "importance.png", metric)
@@ -173,8 +175,9 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
               if main in baseline and b["value"] <= baseline[main] else []),
             f"Its artifact: `{b['run_dir']}` (the same files as `verakit train` writes). To train it again:", "",
             "```", b["command"], "```", "",
-            *([f"Dev, scored once by its adapter (never used to choose): **{main} = {b['dev'][main]:.4f}**: the "
-               "figure to quote at this budget."] if "dev" in b else
+            *([f"Dev, scored once by its adapter (never used to choose): **{main} = {b['dev'][main]:.4f}**"
+               + (f" (trivial baseline on dev {b['dev_baseline'][main]:.4f})" if main in b.get("dev_baseline", {})
+                  else "") + ": the figure to quote at this budget."] if "dev" in b else
               ["The value was selected on the same dev split it is measured on, so it is optimistic: confirm the "
                "setting with other seeds or with `--selection-rows` (choose on carved training rows, score dev "
                "once) before quoting it."]),
