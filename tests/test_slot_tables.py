@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import randomize_vectors
-from verakit import AdapterError, VeraConfig, attach, load_adapter
+from verakit import AdapterError, VeraConfig, attach, load_adapter, vera_layers
 from verakit.fileformat import adapter_from_model
 from verakit.serve import AdapterBank
 from verakit.slot_tables import SlotTables, to_slot_tables
@@ -174,27 +174,75 @@ def test_dvora_training_tables_train_m_and_serving_tables_keep_scales(tiny_bert_
     assert all(ly.vera_s is None and ly.vera_m is None for ly in serving.layers.values())
 
 
-def test_training_tables_refuse_dvora_convolutions_and_embeddings():
-    """Grouped DVoRA training trains m of linear layers only (SlotLinear.vera_m): a model whose DVoRA layers
-    include an embedding or a convolution is refused by name before anything changes; serving takes it."""
-    from torch import nn
+class _EmbConvNet(torch.nn.Module):
+    """An embedding (with a padding row), a Conv1d and a linear layer: every kind a DVoRA slot layer has."""
 
-    from verakit import vera_layers
-    from verakit.inject import AttachError
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 6, padding_idx=0)
+        self.conv, self.head = torch.nn.Conv1d(6, 4, 3, padding=1), torch.nn.Linear(4, 2)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.conv, self.head = nn.Embedding(20, 6), nn.Conv1d(6, 4, 3), nn.Linear(4, 2)
+    def forward(self, ids):
+        return self.head(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
 
-        def forward(self, ids):
-            return self.head(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
 
+def _dvora_kinds(base, cfg, seed):
+    model = attach(copy.deepcopy(base), cfg)
+    randomize_vectors(model, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in vera_layers(model).values():
+            layer.vera_m.mul_(1 + 0.3 * torch.randn(layer.vera_m.shape, generator=g))
+    return adapter_from_model(model)
+
+
+def test_training_tables_train_dvora_convolutions_and_embeddings_as_each_layer_alone():
+    """Grouped DVoRA training on every kind: in one batch of rows in 3 groups (and slot 0), each group's
+    output and its d, b and m gradients equal those of its own DVoRA model (VeraEmbedding, VeraConv,
+    VeraLinear), before and after an SGD step (no stale norm); slot 0 rows are the base; export gives m."""
     torch.manual_seed(0)
-    model = attach(Net(), VeraConfig(r=4, target_modules=("emb", "conv", "head"), magnitude=True))
-    with pytest.raises(AttachError, match="module 'emb' is a DVoRA embedding layer; grouped DVoRA training trains "
-                                          "magnitudes of linear layers only"):
-        to_slot_tables(model, 3)
-    assert set(vera_layers(model)) == {"emb", "conv", "head"}  # untouched: still the VeRA model
-    serving = to_slot_tables(model, 3, trainable=False)
-    assert set(serving.layers) == {"emb", "conv", "head"}
+    base = _EmbConvNet()
+    cfg = VeraConfig(r=4, target_modules=("emb", "conv", "head"), magnitude=True)
+    adapters = [_dvora_kinds(base, cfg, seed) for seed in (1, 2, 3)]
+    model = attach(copy.deepcopy(base), cfg)
+    tables = to_slot_tables(model, 4)
+    assert {n: type(ly).__name__ for n, ly in tables.layers.items()} == \
+        {"emb": "SlotEmbedding", "conv": "SlotConv", "head": "SlotLinear"}
+    assert all(ly.vera_m is not None and ly.vera_m.requires_grad for ly in tables.layers.values())
+    for slot, ad in enumerate(adapters, 1):
+        tables.write(slot, ad)
+    alone = [load_adapter(copy.deepcopy(base), ad) for ad in adapters]
+    ids = torch.tensor([1, 2, 0, 3, 1, 2])
+    x = torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(7))
+    x[:, -1] = 0  # padded positions: the padding row stays the base's in every slot
+    w = torch.randn(6, 2, generator=torch.Generator().manual_seed(8))  # a loss that weighs every output
+    opt = torch.optim.SGD(tables.adapter_params(), lr=0.5)
+    refs = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in alone]
+    for step in range(2):
+        opt.zero_grad()
+        with tables.rows.use(ids):
+            out = model(x)
+        (out * w).sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(out[2], base(x[2:3])[0], atol=1e-6, rtol=0)
+        for slot, (ref, ref_opt) in enumerate(zip(alone, refs, strict=True), 1):
+            rows = (ids == slot).nonzero().squeeze(1)
+            ref_opt.zero_grad()
+            got = ref(x[rows])
+            (got * w[rows]).sum().backward()
+            torch.testing.assert_close(out[rows], got, atol=1e-5, rtol=1e-5)
+            for n, ly in vera_layers(ref).items():
+                table = tables.layers[n]
+                for t, r in ((table.vera_d, ly.vera_d), (table.vera_b, ly.vera_b), (table.vera_m, ly.vera_m)):
+                    assert r.grad.abs().max() > 1e-4, (step, slot, n)  # every vector learns here
+                    torch.testing.assert_close(t.grad[slot], r.grad, atol=1e-5, rtol=1e-4)
+        assert all(float(t.grad[0].abs().max()) == 0 for t in tables.adapter_params())  # slot 0 never trains
+        opt.step()
+        for ref_opt in refs:
+            ref_opt.step()
+    got = tables.export(model, 2, {})
+    assert set(got.m) == {"emb", "conv", "head"}
+    for n, ly in vera_layers(alone[1]).items():
+        torch.testing.assert_close(got.m[n], ly.vera_m.detach(), atol=1e-6, rtol=0)
+    serving = to_slot_tables(attach(copy.deepcopy(base), cfg), 3, trainable=False)
+    assert all(ly.vera_m is None for ly in serving.layers.values())

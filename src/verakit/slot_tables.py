@@ -27,9 +27,9 @@ quantized base; each kind's own norm for convolutions and embeddings, docs/dvora
 layer's per-slot vera_s table; plain VeRA slots there hold 1. A batch
 mixing DVoRA, VeRA and base rows still costs the two shared matmuls plus a per-row scaling. Serving tables
 keep the scale, not m, so a DVoRA slot of a bank cannot be exported. Training tables of a DVoRA template
-keep m instead (SlotLinear.vera_m, trained with d and b), recompute each slot's norm at every step, and
-export m; every adapter written to them must be DVoRA on the same layers, and (for now) linear ones only:
-converting a model with DVoRA convolutions or embeddings for training is refused.
+keep m instead (the slot layers' vera_m, trained with d and b; each kind's norm, `slot_magnitude`),
+recompute each slot's norm at every step, and export m; every adapter written to them must be DVoRA on
+the same layers.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class SlotTables:
 
     def adapter_params(self) -> tuple[nn.Parameter, ...]:
         """The trainable vector tables: vera_d (S, r), vera_b (S, d_out) (and DVoRA's vera_m (S, d_out)) of every layer."""
-        return tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b, _trained_m(ly))
+        return tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b, ly.vera_m)
                      if t is not None and t.requires_grad)
 
     def head_params(self, model: nn.Module) -> tuple[nn.Parameter, ...]:
@@ -105,7 +105,7 @@ class SlotTables:
     def tables(self) -> tuple[nn.Parameter, ...]:
         """Every per-slot table, trainable or not (what a bank allocates: up front, DVoRA scales at first use)."""
         vectors = tuple(t for ly in self.layers.values() for t in (ly.vera_d, ly.vera_b))
-        scales = tuple(t for ly in self.layers.values() for t in (ly.vera_s, _trained_m(ly)) if t is not None)
+        scales = tuple(t for ly in self.layers.values() for t in (ly.vera_s, ly.vera_m) if t is not None)
         return vectors + scales + tuple(getattr(h, a) for h, a in self.head_tensors.values())
 
     def check(self, adapter: Adapter) -> None:
@@ -151,7 +151,7 @@ class SlotTables:
             raise ValueError(f"slot {slot} is outside 1..{self.slots - 1} (slot 0 is the base model)")
         self.check(adapter)
         r = adapter.config.r
-        trained_m = {n for n, ly in self.layers.items() if _trained_m(ly) is not None}
+        trained_m = {n for n, ly in self.layers.items() if ly.vera_m is not None}
         if trained_m and set(adapter.m) != trained_m:
             raise AdapterError(f"{adapter.path or '<adapter>'}: these training tables train DVoRA magnitudes on "
                                f"{len(trained_m)} layers; the adapter has magnitudes for {len(adapter.m)}")
@@ -190,7 +190,7 @@ class SlotTables:
         t = self.template
         d = {n: ly.vera_d[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
         b = {n: ly.vera_b[slot].detach().float().cpu().clone() for n, ly in self.layers.items()}
-        m = {n: mt[slot].detach().float().cpu().clone() for n, ly in self.layers.items() if (mt := _trained_m(ly)) is not None}
+        m = {n: mt[slot].detach().float().cpu().clone() for n, ly in self.layers.items() if (mt := ly.vera_m) is not None}
         state = model.state_dict() if self.shared_head else {}
         saved = {}
         for k in t.saved:
@@ -222,11 +222,6 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
         raise AttachError(f"to_slot_tables: VeRA is merged into {merged[:3]}; unmerge(model) first")
     template = adapter_from_model(model)
     cfg, saved = state.config, state.saved_modules
-    not_linear = [n for n in template.m if template.modules[n][2] not in ("linear", "conv1d")]
-    if trainable and not_linear:  # checked before anything changes: the model keeps its VeRA layers
-        n = not_linear[0]
-        raise AttachError(f"to_slot_tables: module {n!r} is a DVoRA {template.modules[n][2]} layer; grouped DVoRA "
-                          "training trains magnitudes of linear layers only (serving banks take any kind)")
     taken = {n: (ly.base, ly.projection, ly.dropout) for n, ly in state.layers.items()}
     detach(model)  # base layers back in place; heads back to their values at attach time (the bank's slot 0)...
     if trainable:
@@ -247,7 +242,7 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
                 heads[full] = _replace(model, full, SlotHeadLinear(leaf, slots, rows, full))
     tables = SlotTables(rows, layers, heads, saved, template, originals)
     if trainable:
-        for n in template.m:  # DVoRA: m trains with d and b (linear layers only: refused above)
+        for n in template.m:  # DVoRA: m trains with d and b
             layers[n].train_magnitude()
         for slot in range(1, slots):
             tables.write(slot, template)
@@ -257,10 +252,6 @@ def to_slot_tables(model: nn.Module, slots: int, per_slot_heads: bool = True, *,
         for p in tables.head_params(model):
             p.requires_grad_(True)
     return tables
-
-
-def _trained_m(layer: SlotLayer) -> nn.Parameter | None:
-    return layer.vera_m if isinstance(layer, SlotLinear) else None
 
 
 def _magnitude_scale(layer: SlotLayer, adapter: Adapter, name: str) -> torch.Tensor:

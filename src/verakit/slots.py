@@ -3,7 +3,8 @@
 Semantics: y[i] = W0 x[i] + b[s_i] * (B_sl (scale * d[s_i] * (A_sl x[i])))   for batch row i in slot s_i.
   `SlotConv` and `SlotEmbedding` apply the same per-row d and b to the factored forms of `layer_conv`
   (A_sl as a convolution into r channels, B_sl as a 1x1 one) and `layer_embedding` (the looked-up columns
-  of A_sl). DVoRA slots of every kind rescale each row's output by their slot's scale (vera_s).
+  of A_sl). DVoRA slots of every kind rescale each row's output by their slot's scale (vera_s, or in
+  grouped training m / ||W0 + delta|| from the trained vera_m: `slot_magnitude`).
 
 A and B are shared by every adapter, so a batch whose rows use different adapters costs the same two
 shared matmuls as a batch that uses one adapter, plus a gather of one d row and one b row per batch row.
@@ -25,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 from .layer import VeraLinear, check_fits, is_conv_leaf, is_embedding_leaf, is_linear_leaf, linear_shape
 from .layer_conv import conv_adapter
 from .layer_embedding import VeraEmbedding, looked_up
 from .leaves import is_conv1d_leaf
 from .projection import Projection
 from .quant import quant_kind
+from .slot_magnitude import init_magnitude, trained_scale
 
 __all__ = ["RowSlots", "SlotLinear", "SlotConv", "SlotEmbedding", "SlotHeadLinear", "slot_layer"]
 
@@ -99,6 +100,8 @@ def _init_slot_tables(layer: nn.Module, kind: str, base: nn.Module, projection: 
     layer.vera_b = nn.Parameter(torch.zeros(slots, layer.out_features, device=dev), requires_grad=False)  # (S, d_out)
     layer.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     layer.register_parameter("vera_s", None)  # (S, d_out) DVoRA scale per slot (`magnitude_table`); None: none yet
+    layer.register_parameter("vera_m", None)  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
+    layer._norms_key, layer._norms = None, {}  # slot_magnitude's cache: ||W0 + delta|| per slot at these d, b
 
 
 def _magnitude_table(layer: nn.Module) -> nn.Parameter:
@@ -125,8 +128,8 @@ class SlotLinear(nn.Module):
 
     Grouped DVoRA training keeps m instead (vera_m (S, d_out), trained; `train_magnitude`): each step
     computes s = m / ||W0 + delta|| for every slot in the batch from that slot's current d and b (the norm
-    detached, as VeraLinear), so a group's gradients equal those of its DVoRA layer alone. The price is one
-    (d_out, d_in) weight per distinct slot in the batch and layer, where a single DVoRA layer forms one.
+    detached, as VeraLinear), so a group's gradients equal those of its DVoRA layer alone (`slot_magnitude`;
+    the same for SlotConv and SlotEmbedding, each with its kind's norm).
     """
 
     def __init__(
@@ -138,10 +141,6 @@ class SlotLinear(nn.Module):
             raise TypeError(f"SlotLinear {name!r}: base must be nn.Linear or transformers Conv1D, got {type(base).__name__}")
         _init_slot_tables(self, "SlotLinear", base, projection, r, slots, rows, dropout, name)
         self.transposed, self.quantized = is_conv1d_leaf(base), quant_kind(base)  # as VeraLinear's, for plain_weight
-        self.vera_m: nn.Parameter | None  # (S, d_out) DVoRA magnitude per slot (grouped training), or None
-        self.register_parameter("vera_m", None)
-        self._norms_key: tuple[int, ...] | None = None  # (versions, pointers) of d and b the norms were formed at
-        self._norms: dict[int, torch.Tensor] = {}  # slot -> ||W0 + delta|| (d_out,), see _row_norms
 
     @property
     def slots(self) -> int:
@@ -149,15 +148,7 @@ class SlotLinear(nn.Module):
 
     magnitude_table = _magnitude_table
 
-    def train_magnitude(self) -> nn.Parameter:
-        """vera_m (S, d_out), trained, allocated on first use at W0's row norms (identity); the caller writes
-        each slot's m. Not with a vera_s table: a layer either keeps scales (serving) or trains m."""
-        if self.vera_s is not None:
-            raise RuntimeError(f"SlotLinear {self.name!r}: holds serving scales (vera_s); cannot also train m")
-        if self.vera_m is None:
-            norms = ops.row_norms(self.plain_weight().float())  # (d_out,)
-            self.vera_m = nn.Parameter(norms.expand_as(self.vera_b).clone())
-        return self.vera_m
+    train_magnitude = init_magnitude
 
     # (A_sl (r, d_in), B_sl (d_out, r)) views of the shared tables: the VeRA layer's own slicing, not a copy of it;
     # W0 (d_out, d_in) as the layer multiplies by it (dequantized, Conv1D transposed): the VeRA layer's own too.
@@ -173,40 +164,13 @@ class SlotLinear(nn.Module):
         A, B = self.slices(x.device, x.dtype)
         h = _row_tail(self, F.linear(self.dropout(x), A), B, ids)  # (B, ..., d_out)
         if self.vera_m is not None:
-            s = self._trained_scale(ids).view(ids.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype)
+            s = trained_scale(self, ids).view(ids.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype)
         elif self.vera_s is not None:
             s = _per_row(self.vera_s, ids, x.dim()).to(x.dtype)  # (B, 1, ..., d_out)
         else:
             return y + h
         w0x = y if self.base.bias is None else y - self.base.bias  # the bias is outside the decomposed weight
         return y + (s - 1) * w0x + s * h  # = s * (W0 x + delta x) + bias
-
-    def _trained_scale(self, ids: torch.Tensor) -> torch.Tensor:
-        """Semantics: m[ids] / ||W0 + delta[ids]|| per row (B, d_out) float32, with m's gradient; 1 for slot 0."""
-        assert self.vera_m is not None
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B,)
-        s = self.vera_m.index_select(0, uniq) / self._row_norms(uniq.tolist())  # ops.magnitude_scale's quotient
-        s = torch.where((uniq == 0).unsqueeze(1), torch.ones_like(s), s)  # slot 0 is the base model: never rescaled
-        return s.index_select(0, inverse)  # (B, d_out)
-
-    def _row_norms(self, slots: list[int]) -> torch.Tensor:
-        """||W0 + delta|| (U, d_out) float32 of `slots`, no gradient (a constant in backward, as in DoRA), each
-        formed as VeraLinear forms its own (`ops.vera_delta` with base, float32), one (d_out, d_in) temporary
-        at a time. Kept per slot until d or b change (an optimizer step, a write): an evaluation pass, whose
-        batches revisit the same groups, forms each group's norm once, not once per batch."""
-        d, b = self.vera_d, self.vera_b
-        key = (d._version, b._version, d.data_ptr(), b.data_ptr())
-        if self._norms_key != key:
-            self._norms_key, self._norms = key, {}
-        missing = [u for u in slots if u not in self._norms]
-        if missing:
-            A, B = self.slices(b.device, torch.float32)
-            w0 = self.plain_weight().float()
-            with torch.no_grad():
-                for u in missing:
-                    full = ops.vera_delta(A, B, d[u], b[u], self.scale, base=w0)
-                    self._norms[u] = ops.row_norms(full).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.stack([self._norms[u] for u in slots])
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
@@ -239,14 +203,19 @@ class SlotConv(nn.Module):
             return y
         A, B = self.slices(x.device, x.dtype)
         h = conv_adapter(self.base, self.dropout(x), A, B, self.vera_d[ids] * self.scale, self.vera_b[ids])
-        if self.vera_s is None:
+        if self.vera_m is not None:
+            s = trained_scale(self, ids)  # (N, C_out), with m's gradient
+        elif self.vera_s is not None:
+            s = self.vera_s[ids]
+        else:
             return y + h
-        s = self.vera_s[ids].to(y.dtype).view(*ids.shape, -1, *([1] * (x.dim() - 2)))  # (N, C_out, 1, ...)
+        s = s.to(y.dtype).view(*ids.shape, -1, *([1] * (x.dim() - 2)))  # (N, C_out, 1, ...)
         bias = self.base.bias
         w0x = y if bias is None else y - bias.to(y.dtype).view(-1, *([1] * (x.dim() - 2)))
         return y + (s - 1) * w0x + s * h  # = s * (conv(x, W0) + conv(x, delta)) + bias, as SlotLinear
 
     magnitude_table = _magnitude_table
+    train_magnitude = init_magnitude
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, slots={self.slots}"
@@ -279,13 +248,18 @@ class SlotEmbedding(nn.Module):
         A, B = self.slices(y.device, y.dtype)
         u = looked_up(ids, A, self.base.padding_idx, self.dropout)  # (B, ..., r)
         h = _row_tail(self, u, B, rows)
-        if self.vera_s is None:
+        if self.vera_m is not None:
+            s = trained_scale(self, rows)  # (B, D), with m's gradient
+        elif self.vera_s is not None:
+            s = self.vera_s[rows]
+        else:
             return y + h
-        out = (y + h) * _per_row(self.vera_s, rows, y.dim()).to(y.dtype)  # as VeraEmbedding: exact for s = 1
+        out = (y + h) * s.view(s.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)  # as VeraEmbedding: exact for s = 1
         pad = self.base.padding_idx
         return out if pad is None else torch.where((ids == pad).unsqueeze(-1), y, out)
 
     magnitude_table = _magnitude_table
+    train_magnitude = init_magnitude
 
     def extra_repr(self) -> str:
         return f"r={self.r}, vocab={self.in_features}, dim={self.out_features}, slots={self.slots}"

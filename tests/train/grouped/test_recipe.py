@@ -272,11 +272,12 @@ def _alone(model_dir, data_dir: Path):
 
     return evaluate
 
-@pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])
-def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_dir, magnitude):
+@pytest.mark.parametrize("magnitude, embeddings", [(False, False), (True, False), (True, True)],
+                         ids=["vera", "dvora", "dvora-embeddings"])
+def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_dir, magnitude, embeddings):
     """Names are sanitized, metrics.json and report.md list every group, each file loaded alone gives its
     recorded dev metric, and `verakit serve`'s engine on RUN_DIR/adapters answers as the file alone does;
-    with --magnitude every file is a DVoRA adapter (m per layer)."""
+    with --magnitude every file is a DVoRA adapter (m per layer), also with the word embeddings adapted."""
     from verakit.serve.engine import Engine
     from verakit.serve.options import ServeOptions
     from verakit.train.classify.data import load_task
@@ -285,7 +286,8 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     run_dir = tmp_path / "run"
     rc = main(["train", "--task", "csv", "--data-dir", str(data_dir), "--out", str(run_dir), "--model", tiny_bert_dir,
                "--group-column", "customer", "--r", "16", "--epochs", "2", "--batch-size", "16", "--lr", "2e-2",
-               "--head-lr", "2e-2", "--quiet", *(["--magnitude"] if magnitude else [])])
+               "--head-lr", "2e-2", "--quiet", *(["--magnitude"] if magnitude else []),
+               *(["--target-modules", "query,value,word_embeddings"] if embeddings else [])])
     assert rc == 0, capsys.readouterr().err
     assert "csv vera x 3 groups: best dev mean_group_accuracy" in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -293,8 +295,9 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
     assert {n: g["group"] for n, g in metrics["groups"].items()} == names
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == [f"{n}.safetensors" for n in sorted(names)]
     assert metrics["n_groups"] == 3 and metrics["n_train"] == 60 and metrics["n_eval"] == 24
-    # 2 layers x {query, value} and the pooler's dense layer (default --head vera) x (d + b (+ m))
-    assert metrics["trainable_params"] == (2 * 2 + 1) * (16 + 32 + (32 if magnitude else 0))
+    # 2 layers x {query, value}, the pooler's dense layer (default --head vera) (and the word embeddings,
+    # 32 wide too) x (d + b (+ m))
+    assert metrics["trainable_params"] == (2 * 2 + 1 + embeddings) * (16 + 32 + (32 if magnitude else 0))
     report = (run_dir / "report.md").read_text()
     assert "| `initech_eu` | initech/eu | 20 | 8 |" in report
     scores = [g["metric"]["accuracy"] for g in metrics["groups"].values()]
@@ -309,7 +312,8 @@ def test_cli_writes_one_servable_adapter_per_group(tmp_path, capsys, tiny_bert_d
             path = run_dir / "adapters" / f"{name}.safetensors"
             adapter = read_adapter(path)
             assert adapter.extra["group"] == group and adapter.config.magnitude is magnitude
-            assert len(adapter.m) == (5 if magnitude else 0)
+            assert len(adapter.m) == (5 + embeddings if magnitude else 0)
+            assert ("bert.embeddings.word_embeddings" in adapter.m) is embeddings
             alone, logits = evaluate_alone(path, group)
             assert alone == metrics["groups"][name]["metric"]
             served = engine.classify(name, engine.encode_inputs(texts[group])).result(timeout=60)
