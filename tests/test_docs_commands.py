@@ -220,6 +220,24 @@ def test_doc_command_parses_and_names_real_options(command: DocCommand):
     assert callable(args.func), command
 
 
+def test_synopsis_values_are_the_defaults():
+    """A synopsis's `[--flag VALUE]` with a literal value (`[--max-batch 32]`, `[--held-out 0.1]`) states
+    the default: it must be the parser's (flags whose default the recipe resolves later, None here, and
+    placeholders are not checked)."""
+    subs = subcommands()
+    checked, wrong = 0, []
+    for c in COMMANDS:
+        options = subs[c.text.split()[1]]._option_string_actions
+        for flag, value in re.findall(r"\[(--[a-z0-9-]+) ([^\s\]|{}]+)\]", c.text):
+            action = options.get(flag)
+            if action is None or action.default is None or PLACEHOLDER.fullmatch(value):
+                continue
+            checked += 1
+            if (action.type(value) if callable(action.type) else value) != action.default:
+                wrong.append(f"{c.where}: [{flag} {value}], default {action.default!r}")
+    assert checked >= 10 and not wrong, (checked, wrong)
+
+
 def inline_commands(markdown: str, name: str) -> list[DocCommand]:
     """Prose's `verakit SUBCOMMAND ...` code spans (fenced blocks left out; a span may wrap a line)."""
     prose = re.sub(r"^\s*```.*?^\s*```", "", markdown, flags=re.S | re.M)
