@@ -1,4 +1,5 @@
-"""The `verakit ...` command lines in docs/*.md parse with the real parser and name real options.
+"""The `verakit ...` command lines in docs/*.md parse with the real parser and name real options, and the
+Python names the docs give exist.
 
 A new user copies these lines first: a renamed flag, a changed choice or a dropped subcommand must fail
 here, not in their terminal. Covered: every doc except results.md and benchmarks.md (the measurement
@@ -8,7 +9,10 @@ continuations are joined, shell comments dropped. Synopsis notation is read as a
 `[--flag VALUE]` is an optional group (parsed, with its first alternative when it reads `[A | B]`),
 `{a,b}` or `a|b` lists values (each must be a valid choice; the first is parsed), and an upper-case
 placeholder (N, X, DIR, RUN_DIR, ...) or `...` as an option's value stands for a valid one. Every `--flag`
-written on such a line, comments and alternatives included, must be an option of that subcommand.
+written on such a line, comments and alternatives included, must be an option of that subcommand; so
+must every --flag of a prose span `verakit SUBCOMMAND ...`. A synopsis's literal `[--flag VALUE]` is the
+parser's default. Each `verakit.x.y` code span names something that exists, and each verakit import line
+of the code blocks runs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import io
 import re
 import shlex
@@ -254,6 +259,51 @@ def test_prose_commands_name_real_subcommands_and_options():
     assert len(INLINE) >= 50, len(INLINE)
     subs = subcommands()
     wrong = [c.where for c in INLINE if c.text.split()[1] not in subs or unknown_flags(c)]
+    assert not wrong, wrong
+
+
+NOT_NAMES = {"verakit.adapter"}  # format.md: the metadata's "format" string, not a module
+
+
+def _resolve(dotted: str) -> object:
+    """The module or attribute `a.b.c` names: the longest importable prefix, then attributes."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[k:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_python_names_in_the_docs_exist():
+    """Each `verakit.x.y` (or `verakit.x.y(...)`) code span names a real module, function or constant, and
+    every verakit import line of the docs' code blocks (`from verakit.train import TrainArgs, ...`) runs:
+    a renamed or moved name fails here."""
+    names, imports = set(), set()
+    for p in covered_docs():
+        text = p.read_text()
+        prose = re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M).replace("\n", " ")
+        names |= {(p.name, m.group(1)) for m in re.finditer(r"`(verakit(?:\.[A-Za-z_]\w*)+)(?:\([^`]*\))?`", prose)}
+        imports |= {(f"docs/{p.name}:{n}", line) for n, line in code_lines(text)
+                    if re.match(r"(from verakit[\w.]* import |import verakit)", line)}
+    assert len(names) >= 30 and len(imports) >= 10, (len(names), len(imports))
+    wrong = []
+    for doc, name in sorted(names):
+        if name in NOT_NAMES:
+            continue
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError) as e:
+            wrong.append(f"docs/{doc}: `{name}`: {e}")
+    for where, line in sorted(imports):
+        try:
+            exec(compile(line.split("#", 1)[0], where, "exec"), {})  # noqa: S102 (our own docs' import lines)
+        except ImportError as e:
+            wrong.append(f"{where}: {line}: {e}")
     assert not wrong, wrong
 
 
