@@ -176,7 +176,8 @@ def add_vera_options(s: argparse.ArgumentParser) -> None:
                    f"{field_default('projection_sharing')})")
     g.add_argument("--magnitude", action="store_true", default=field_default("magnitude"),
                    help="DVoRA: a trained magnitude per output row on top of VeRA's delta (DoRA's decomposition; "
-                   "--method vera, classification and causal-LM tasks; the file carries vera_m; docs/dvora.md) (default off)")
+                   "--method vera; classification, causal-LM and image tasks, --group-column too; the file carries vera_m; "
+                   "docs/dvora.md) (default off)")
     g.add_argument("--adapter-compute-dtype", default=field_default("adapter_compute_dtype"),
                    choices=list(ADAPTER_COMPUTE_DTYPES),
                    help="bf16: VeRA's own products (delta, g^T x, A x) in bf16 during training steps, faster on "

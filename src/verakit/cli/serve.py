@@ -127,7 +127,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)", type=float)
     opt("shutdown_timeout_s", "on SIGTERM/Ctrl-C, seconds the requests in progress get to finish "
         "(default: %(default)s)", type=float)
-    opt("task", "default: from the model (a causal LM serves generate, anything else classify)", choices=TASKS)
+    opt("task", "default: from the adapters on disk (a causal-LM adapter serves generate), else from the model "
+        "(a causal LM serves generate, anything else classify)", choices=TASKS)
     opt("rank", "bank rank (default: the largest adapter rank on disk, 256 without adapters)", type=int)
     opt("max_body_bytes", "largest JSON request body (default: %(default)s)", type=int)
     opt("max_upload_bytes", "largest adapter upload (default: %(default)s)", type=int)
