@@ -39,12 +39,14 @@ def test_unknown_budget_is_refused_by_name():
 
 def test_cpu_budgets_fit_a_laptop():
     # What "minutes on a CPU" means in rows: at batch 32, no cpu preset exceeds ~1,000 optimizer steps on the
-    # GLUE training sets (SST-2 67k, QNLI 105k rows are subsampled; the others are small).
+    # GLUE training sets (SST-2 67k, QNLI 105k rows are subsampled; the others are small), but CoLA's 1,340:
+    # its sentences are short (~11 tokens against MRPC's ~53), so its 5 epochs took 633 s where MRPC's 345
+    # steps took 608 s (2026-12-06, one thread each, the same busy CPU; docs/training.md).
     sizes = {"sst2": 67_349, "mrpc": 3_668, "cola": 8_551, "qnli": 104_743, "rte": 2_490, "stsb": 5_749}
     for task, n in sizes.items():
         b = TASK_BUDGETS["cpu"][task]
         rows = min(n, b.max_train_samples or n)
-        assert rows * max(b.epochs, b.lora_epochs) / 32 <= 1_000, task
+        assert rows * max(b.epochs, b.lora_epochs) / 32 <= (1_400 if task == "cola" else 1_000), task
 
 
 def test_baseline_is_the_majority_label_of_dev(make_recipe):
