@@ -31,8 +31,8 @@ def init_magnitude(layer: nn.Module) -> nn.Parameter:
     if layer.vera_s is not None:
         raise RuntimeError(f"{type(layer).__name__} {layer.name!r}: holds serving scales (vera_s); cannot also train m")
     if layer.vera_m is None:
-        zero = torch.zeros_like(layer.vera_d[0])  # (r,): b = 0 gives delta = 0, so the norm is W0's own
-        norms = _norm(layer, zero, torch.zeros_like(layer.vera_b[0]))  # (d_out,)
+        zero = torch.zeros_like(layer.vera_d[:1])  # (1, r): b = 0 gives delta = 0, so the norm is W0's own
+        norms = _norms(layer, zero, torch.zeros_like(layer.vera_b[:1]))  # (1, d_out)
         layer.vera_m = nn.Parameter(norms.expand_as(layer.vera_b).clone())
     return layer.vera_m
 
@@ -53,27 +53,33 @@ def _slot_norms(layer: nn.Module, slots: list[int]) -> torch.Tensor:
     key = (d._version, b._version, d.data_ptr(), b.data_ptr())
     if layer._norms_key != key:
         layer._norms_key, layer._norms = key, {}
-    for u in slots:
-        if u not in layer._norms:
-            layer._norms[u] = _norm(layer, d[u], b[u]).clamp_min(_TINY)
+    missing = [u for u in slots if u not in layer._norms]
+    if missing:
+        norms = _norms(layer, d[missing], b[missing])  # (M, d_out)
+        layer._norms.update(zip(missing, norms.clamp_min(_TINY).unbind(0), strict=True))
     return torch.stack([layer._norms[u] for u in slots])
 
 
 @torch.no_grad()
-def _norm(layer: nn.Module, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||W0 + delta|| (d_out,) float32 of the layer's kind for one slot's vectors d (r,), b (d_out,), formed as
-    the kind's DVoRA layer forms it: VeraLinear (dequantized, Conv1D transposed W0), VeraConv (the kernel as
-    (C_out, C_in/groups * prod(kernel))), VeraEmbedding (per column of E + delta^T, the padding row as E's)."""
+def _norms(layer: nn.Module, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||W0 + delta|| (M, d_out) float32 of the layer's kind for M slots' vectors d (M, r), b (M, d_out), each
+    formed as the kind's DVoRA layer forms it: VeraLinear (dequantized, Conv1D transposed W0), VeraConv (the
+    kernel as (C_out, C_in/groups * prod(kernel))), VeraEmbedding (per column of E + delta^T, the padding row
+    as E's). W0 is read (dequantized) once; one (d_out, d_in) temporary at a time."""
     A, B = layer.slices(b.device, torch.float32)
     d, b = d.detach().float(), b.detach().float()
     if is_embedding_leaf(layer.base):
-        F_A, F_B = ops.delta_factors(A, B, d, b, layer.scale)  # (r, V), (D, r), as VeraEmbedding._factors
-        left = F_A.t()  # a new tensor: zeroing its padding row touches nothing shared
-        if layer.base.padding_idx is not None:
-            left[layer.base.padding_idx] = 0
-        return table_norms(layer.base.weight, left, F_B.t())
+        out = []
+        for du, bu in zip(d, b, strict=True):
+            F_A, F_B = ops.delta_factors(A, B, du, bu, layer.scale)  # (r, V), (D, r), as VeraEmbedding._factors
+            left = F_A.t()  # a new tensor: zeroing its padding row touches nothing shared
+            if layer.base.padding_idx is not None:
+                left[layer.base.padding_idx] = 0
+            out.append(table_norms(layer.base.weight, left, F_B.t()))
+        return torch.stack(out)
     if is_conv_leaf(layer.base):
         w0 = layer.base.weight.reshape(layer.out_features, layer.in_features).float()
     else:
         w0 = layer.plain_weight().float()
-    return ops.row_norms(ops.vera_delta(A, B, d, b, layer.scale, base=w0))
+    return torch.stack([ops.row_norms(ops.vera_delta(A, B, du, bu, layer.scale, base=w0))
+                        for du, bu in zip(d, b, strict=True)])
