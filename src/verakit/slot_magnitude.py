@@ -31,7 +31,8 @@ def init_magnitude(layer: nn.Module) -> nn.Parameter:
     if layer.vera_s is not None:
         raise RuntimeError(f"{type(layer).__name__} {layer.name!r}: holds serving scales (vera_s); cannot also train m")
     if layer.vera_m is None:
-        zero = torch.zeros_like(layer.vera_d[:1])  # (1, r): b = 0 gives delta = 0, so the norm is W0's own
+        # (1, r): b = 0 gives delta = 0, so this is W0's norm, formed by the code that forms every later one
+        zero = torch.zeros_like(layer.vera_d[:1])
         norms = _norms(layer, zero, torch.zeros_like(layer.vera_b[:1]))  # (1, d_out)
         layer.vera_m = nn.Parameter(norms.expand_as(layer.vera_b).clone())
     return layer.vera_m

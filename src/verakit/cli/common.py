@@ -260,9 +260,11 @@ def baseline_note(value: float, baseline: Mapping[str, float] | None, metric: st
 def dev_once_note(scores: Mapping[str, Any], metric: str) -> str:
     """", dev METRIC X (scored once; trivial baseline Y)" for a run (or a tune's best trial) that chose on
     held-out training rows, else "". Dev's own floor is given: the held-out rows' majority share is not dev's."""
+    from ..train.report import dev_floor
+
     if "dev" not in scores:
         return ""
-    floor = (scores.get("dev_baseline") or {}).get(metric)
+    floor = dev_floor(scores, metric)
     return (f", dev {metric} {scores['dev'][metric]:.4f} (scored once"
             + ("" if floor is None else f"; trivial baseline {floor:.4f}") + ")")
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "plot_curve", "render_report", "scores_table"]
+__all__ = ["dev_floor", "write_report", "plot_curve", "render_report", "scores_table"]
 
 
 def plot_curve(history: list[dict[str, Any]], main_metric: str, path: str | Path, title: str,
@@ -92,9 +92,15 @@ def evaluation_row(h: dict[str, Any], values: list[float]) -> str:
     return f"| {h['epoch']:.2f} | {h['step']} | {loss} | {h['lr']:.2e} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
 
 
+def dev_floor(scores: dict[str, Any], main: str) -> float | None:
+    """Dev's trivial baseline of `main` recorded by a run (or a tune's best trial) that chose on held-out
+    rows (`dev_baseline`), or None (runs that chose on dev, and runs written before it was recorded)."""
+    return (scores.get("dev_baseline") or {}).get(main)
+
+
 def _dev_floor(metrics: dict[str, Any], main: str) -> str:
-    """", trivial baseline X" for the dev score of a run that chose on held-out rows (older runs lack it)."""
-    floor = (metrics.get("dev_baseline") or {}).get(main)
+    """"; trivial baseline on dev X" inside report.md's dev sentence, or ""."""
+    floor = dev_floor(metrics, main)
     return "" if floor is None else f"; trivial baseline on dev {floor:.4f}"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..classify.recipe import TrainArgs
+from ..report import dev_floor
 
 __all__ = ["FINISHED", "write_report", "train_command"]
 
@@ -176,8 +177,8 @@ def _markdown(s: dict[str, Any], args: Any, base: TrainArgs) -> str:
             f"Its artifact: `{b['run_dir']}` (the same files as `verakit train` writes). To train it again:", "",
             "```", b["command"], "```", "",
             *([f"Dev, scored once by its adapter (never used to choose): **{main} = {b['dev'][main]:.4f}**"
-               + (f" (trivial baseline on dev {b['dev_baseline'][main]:.4f})" if main in b.get("dev_baseline", {})
-                  else "") + ": the figure to quote at this budget."] if "dev" in b else
+               + ("" if (floor := dev_floor(b, main)) is None else f" (trivial baseline on dev {floor:.4f})")
+               + ": the figure to quote at this budget."] if "dev" in b else
               ["The value was selected on the same dev split it is measured on, so it is optimistic: confirm the "
                "setting with other seeds or with `--selection-rows` (choose on carved training rows, score dev "
                "once) before quoting it."]),
