@@ -24,6 +24,8 @@ task and method once before any second seed.
     python experiments/glue_grid.py status                    # cells done / left, and a time estimate
     python experiments/glue_grid.py report                    # docs/results.json, docs/results_grid.png, markdown
                                                               # (glue_grid_report.py)
+    python experiments/glue_grid.py restore                   # a new machine: finished cells from docs/results.json
+                                                              # into --root, so `run` resumes (glue_grid_restore.py)
 """
 
 from __future__ import annotations
@@ -309,6 +311,8 @@ def running_seconds(cell: Cell, head: str, root: Path, m: dict, stops: list[tupl
     """The cell's train_seconds less the `stops` inside its run (NAME.cmd is written at its start,
     metrics.json at its end)."""
     out = run_dir(cell, head, root)
+    if "grid_paused_seconds" in m:  # restored from results.json: paused where it ran (glue_grid_restore)
+        return float(m["train_seconds"]) - float(m["grid_paused_seconds"])
     cmd, metrics = out.parent / f"{cell.name}.cmd", out / "metrics.json"
     if not stops or not cmd.is_file():
         return float(m["train_seconds"])
@@ -346,9 +350,20 @@ def status(args: argparse.Namespace) -> None:
           "method's fastest measured rate, i.e. with nothing else running)")
 
 
+def restore(args: argparse.Namespace) -> None:
+    """Finished cells from --json (docs/results.json) into --root, after checking they report back unchanged."""
+    from glue_grid_restore import check
+    from glue_grid_restore import restore as write
+
+    records = json.loads(Path(args.json).read_text())
+    check(records, args.methods, args.tasks, args.seeds, args.head)
+    written = write(records, Path(args.root), str(args.json))
+    print(f"restored {len(written)} of {len(records)} cells under {args.root} (the others had metrics.json)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "status", "report"])
+    p.add_argument("action", choices=["run", "status", "report", "restore"])
     p.add_argument("--stage", choices=["all", "sweep", "seeds"], default="all", help="run: which cells (default all)")
     p.add_argument("--head", choices=["vera", "full"], default="vera", help="the head of every method (default vera)")
     p.add_argument("--tasks", nargs="+", default=list(FOLDERS), choices=list(FOLDERS))
@@ -367,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         from glue_grid_report import report  # matplotlib and numpy only where a report is written
 
         report(args)
+    elif args.action == "restore":
+        restore(args)
     else:
         {"run": run, "status": status}[args.action](args)
 

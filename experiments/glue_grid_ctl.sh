@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Start, stop or freeze the GLUE grid (experiments/glue_grid.py) in the background on this machine.
+#   start [COMMIT]  this checkout's runner (`glue_grid.py run --code $WT`) training with the src/ of a git
+#                   worktree of COMMIT at $WT (default: the commit the grid's cells ran on): 2 cells at a time,
+#                   one thread each, nice 10, log $LOG; finished cells are skipped
+#   stop            SIGTERM to the runner: running cells checkpoint, the next start resumes them
+#   pause | cont    SIGSTOP / SIGCONT the runner and its cells (quiet cores for a timing); logged in
+#                   ROOT/pauses.log so train_seconds exclude the frozen time
+#   status          cells done / left and a time estimate
+# On a new machine, first `python experiments/glue_grid.py restore` (finished cells from docs/results.json).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$REPO/.venv/bin/python}
+ROOT=${ROOT:-/work/runs_glue_grid}
+WT=${WT:-/work/wt-grid}
+LOG=${LOG:-/work/runs_glue_grid.log}
+GRID_COMMIT=42f3816  # every seeds cell so far ran on this commit's src/
+runner() { pgrep -f "[g]lue_grid.py run" || true; }
+cells() { pgrep -f "[v]erakit.cli train .*$ROOT" || true; }
+case "${1:-}" in
+  start)
+    [ -n "$(runner)" ] && { echo "already running: $(runner)"; exit 0; }
+    [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "${2:-$GRID_COMMIT}" >/dev/null
+    nohup nice -n 10 "$PY" "$REPO/experiments/glue_grid.py" run --jobs 2 --root "$ROOT" --code "$WT" >> "$LOG" 2>&1 &
+    echo "started $! on $(git -C "$WT" rev-parse --short HEAD); log $LOG" ;;
+  stop)
+    for p in $(runner); do kill -TERM "$p"; done
+    while [ -n "$(runner)" ]; do sleep 2; done; echo stopped ;;
+  pause)
+    echo "STOP $(date +%s.%N)" >> "$ROOT/pauses.log"
+    for p in $(runner) $(cells); do kill -STOP "$p"; done; echo paused ;;
+  cont)
+    for p in $(runner) $(cells); do kill -CONT "$p"; done
+    echo "CONT $(date +%s.%N)" >> "$ROOT/pauses.log"; echo resumed ;;
+  status)
+    "$PY" "$REPO/experiments/glue_grid.py" status --root "$ROOT" ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,97 @@
+"""experiments/glue_grid_restore.py: the committed docs/results.json rebuilt into a grid root on a new
+machine reports back unchanged, and `run` resumes at the first cell it lacks. Nothing trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("glue_grid", REPO / "experiments" / "glue_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glue_grid"] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    import glue_grid_report
+    import glue_grid_restore
+
+    yield module, glue_grid_restore, glue_grid_report
+    for name in ("glue_grid", "glue_grid_report", "glue_grid_restore"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return json.loads(RESULTS.read_text())
+
+
+def _defaults(grid):
+    return list(grid.METHODS), list(grid.FOLDERS), list(grid.SEEDS)
+
+
+def test_committed_results_round_trip(grid, records, tmp_path):
+    g, restore, report = grid
+    assert len(restore.restore(records, tmp_path, "t")) == len(records)
+    back = report.collect(*_defaults(g), "vera", tmp_path)
+    assert back == records
+    assert any(r["paused_seconds"] > 0 for r in records)  # the case the next test breaks
+
+
+def test_paused_seconds_need_their_field(grid, records, tmp_path):
+    g, restore, report = grid
+    restore.restore(records, tmp_path, "t")
+    paused = next(r for r in records if r["paused_seconds"] > 0)
+    cell = restore._cell(paused)
+    path = g.run_dir(cell, "vera", tmp_path) / "metrics.json"
+    m = json.loads(path.read_text())
+    del m["grid_paused_seconds"]
+    path.write_text(json.dumps(m))
+    back = {(r["stage"], r["task"], r["method"], r["seed"], r["lr"]): r
+            for r in report.collect(*_defaults(g), "vera", tmp_path)}
+    got = back[(paused["stage"], paused["task"], paused["method"], paused["seed"], paused["lr"])]
+    assert got["train_seconds"] == pytest.approx(paused["train_seconds"] + paused["paused_seconds"])
+
+
+def test_run_resumes_at_the_first_missing_cell(grid, records, tmp_path):
+    g, restore, _ = grid
+    restore.restore(records, tmp_path, "t")
+    methods, tasks, seeds = _defaults(g)
+    assert all(g.read_metrics(c, "vera", tmp_path) for c in g.sweep_cells(methods, "vera", tmp_path))
+    cells = g.seed_cells(methods, tasks, seeds, "vera", tmp_path)
+    done = {(r["task"], r["method"], r["seed"]) for r in records if r["stage"] == "seeds"}
+    todo = [c for c in cells if g.read_metrics(c, "vera", tmp_path) is None]
+    assert len(todo) == len(cells) - len(done)
+    assert todo[0] == next(c for c in cells if (c.task, c.method, c.seed) not in done)
+    # the chosen rates are those the committed seeds cells ran at
+    for r in records:
+        if r["stage"] == "seeds":
+            assert float(g.choose_lr(r["method"], "vera", tmp_path)) == r["lr"]
+
+
+def test_measured_cells_are_kept(grid, records, tmp_path):
+    g, restore, _ = grid
+    cell = restore._cell(records[0])
+    out = g.run_dir(cell, "vera", tmp_path)
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text('{"measured": "here"}')
+    written = restore.restore(records, tmp_path, "t")
+    assert out not in written and len(written) == len(records) - 1
+    assert json.loads((out / "metrics.json").read_text()) == {"measured": "here"}
+
+
+def test_a_record_that_cannot_round_trip_is_named(grid, records, tmp_path):
+    g, restore, _ = grid
+    bad = [dict(r) for r in records]
+    bad[3]["lr"] = bad[3]["lr"] * 10  # its RUN_DIR's name says otherwise
+    with pytest.raises(SystemExit, match=rf"record 3 \(sweep {bad[3]['task']} {bad[3]['method']} seed 0\).*lr"):
+        restore.check(bad, *_defaults(g), "vera")
+    restore.check(records, *_defaults(g), "vera")
+    assert not any(tmp_path.iterdir())
