@@ -22,3 +22,19 @@ def perturb_weights(model, rel: float, seed: int = 1):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * p.float().pow(2).mean().sqrt() * rel)
     return model
+
+
+def load_experiment(name: str):
+    """experiments/NAME.py as module NAME (registered in sys.modules: dataclasses and the experiments'
+    imports of one another resolve modules by name; experiments/ itself goes on sys.path when one imports
+    a sibling, e.g. glue_grid). The caller pops it from sys.modules when done."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

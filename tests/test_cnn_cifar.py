@@ -5,45 +5,38 @@ section replacement. The experiments themselves never run in tests or CI."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import load_experiment
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # embed_minilm imports cnn_cifar by name
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    yield _load("cnn_cifar")
+    yield load_experiment("cnn_cifar")
     sys.modules.pop("cnn_cifar", None)
 
 
 @pytest.fixture(scope="module")
 def helpers():
-    yield _load("results_section")
+    yield load_experiment("results_section")
     sys.modules.pop("results_section", None)
 
 
 @pytest.fixture(scope="module")
 def report(cnn, helpers):
-    yield _load("cnn_cifar_report")
+    yield load_experiment("cnn_cifar_report")
     sys.modules.pop("cnn_cifar_report", None)
 
 
 @pytest.fixture(scope="module")
 def embed(helpers):
-    yield _load("embed_minilm")
+    yield load_experiment("embed_minilm")
     sys.modules.pop("embed_minilm", None)
 
 

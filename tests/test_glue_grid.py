@@ -5,7 +5,6 @@ report, on fake RUN_DIRs holding only metrics.json. The grid itself never runs i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -13,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_experiment
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("glue_grid", REPO / "experiments" / "glue_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["glue_grid"] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    yield module
+    yield load_experiment("glue_grid")
     sys.modules.pop("glue_grid", None)
 
 

@@ -3,12 +3,13 @@ machine reports back unchanged, and `run` resumes at the first cell it lacks. No
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.json"
@@ -16,10 +17,7 @@ RESULTS = REPO / "docs" / "results.json"
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("glue_grid", REPO / "experiments" / "glue_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["glue_grid"] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
+    module = load_experiment("glue_grid")
     import glue_grid_report
     import glue_grid_restore
 
