@@ -34,6 +34,7 @@ import argparse
 import functools
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -191,7 +192,7 @@ def seed_cells(methods: list[str], tasks: list[str], seeds: list[int], head: str
 def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = REPO) -> None:
     """Run the cells without metrics.json, `jobs` at a time, one thread each, on `code`'s src/ (a checkout, e.g.
     a `git worktree` of the commit the grid started on); each cell's command and log lie beside its RUN_DIR
-    (NAME.cmd, NAME.log). A cell stopped with its checkpoint (RUN_DIR/checkpoint/, written by `verakit
+    (NAME.cmd, NAME.log, NAME.cpu: `cpu_name()`, the processor it ran on). A cell stopped with its checkpoint (RUN_DIR/checkpoint/, written by `verakit
     train` on SIGINT) continues with --resume, which ends as an uninterrupted run would; any other partial
     RUN_DIR starts again from nothing. SIGTERM or SIGINT to this process starts no new cell and SIGINTs the
     running ones, so they checkpoint before everything exits (a session's end loses no finished epoch)."""
@@ -221,6 +222,7 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if not resume:
                     (out.parent / f"{cell.name}.cmd").write_text(shlex.join(["verakit", "train", *args]) + "\n")
+                (out.parent / f"{cell.name}.cpu").write_text(cpu_name() + "\n")  # a resumed cell: where it ended
                 log = open(out.parent / f"{cell.name}.log", "ab" if resume else "wb")  # noqa: SIM115 (the child holds it)
                 # its own session: a terminal's Ctrl-C reaches this runner alone, which passes one SIGINT on (a
                 # second one would stop `verakit train` before its checkpoint is written)
@@ -239,6 +241,17 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
             signal.signal(s, handler)
     if stopping:
         sys.exit(f"glue_grid: stopped by signal {stopping[0]}; running cells checkpointed, the next `run` resumes them")
+
+
+def cpu_name() -> str:
+    """This machine's processor and whether it has the bf16 matrix units the cells' autocast steps use (AMX
+    tiles, AVX-512 BF16): the grid's cells ran on more than one machine, and bf16 kernels differ between them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    return f"{model} ({', '.join(units) or 'no bf16 units'})"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -33,7 +33,7 @@ from glue_grid import (
     sweep_cells,
 )
 
-__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "dvora_check", "goal_check", "learned_tasks", "markdown",
+__all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "dvora_check", "goal_check", "learned_tasks", "machines_line", "markdown",
            "plot", "progress_line", "report", "sweep_table"]
 
 HEADING = "## GLUE at learnable budgets: the grid (issue 16)"
@@ -70,6 +70,7 @@ def cell_record(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[fl
     cmd_file = run_dir(cell, head, root).parent / f"{cell.name}.cmd"
     cmd = cmd_file.read_text().strip() if cmd_file.is_file() else shlex.join(["verakit", "train",
                                                                                *command(cell, head, root)])
+    cpu_file = cmd_file.with_suffix(".cpu")
     main, running = m["main_metric"], running_seconds(cell, head, root, m, list(stops))
     return {"stage": cell.stage, "task": cell.task, "method": cell.method, "verakit_method": kind,
             "rank": None if kind == "head" and head == "full" else rank, "head": head, "seed": cell.seed,
@@ -82,7 +83,7 @@ def cell_record(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[fl
             "adapter_params": m["trainable_params"],
             "head_params": m["head_params"], "file_bytes": m["adapter_bytes"], "train_seconds": round(running, 2),
             "paused_seconds": round(m["train_seconds"] - running, 2),
-            "command": cmd}
+            "command": cmd, "cpu": cpu_file.read_text().strip() if cpu_file.is_file() else None}
 
 
 def collect(methods: list[str], tasks: list[str], seeds: list[int], head: str, root: Path) -> list[dict]:
@@ -332,6 +333,27 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
     return True
 
 
+# Cells measured again on the grid's second machine (the first's run directory was lost with it; glue_grid.py
+# restore): (task, method, seed) -> the score there, the same command on the same commit's src/.
+RERUN = {("cola", "lora-8", 0): 0.2378088653601766}
+RERUN_CPU = "AMD EPYC (AVX-512 BF16)"
+
+
+def machines_line(records: list[dict]) -> str:
+    """Which processors the cells ran on (bf16 autocast steps round differently on each), and the cells run
+    again on the second one against their first measurement."""
+    counts: dict[str, int] = {}
+    for r in records:
+        key = r.get("cpu") or "not recorded (the first machine, before 2026-12-06)"
+        counts[key] = counts.get(key, 0) + 1
+    by = {(r["task"], r["method"], r["seed"]): r for r in records if r["stage"] == "seeds"}
+    again = [f"{t} {m} seed {s} {100 * by[(t, m, s)]['value']:.2f} -> {100 * v:.2f}" for (t, m, s), v in RERUN.items()
+             if (t, m, s) in by]
+    return ("Processors: " + "; ".join(f"{n} cells on {cpu}" for cpu, n in counts.items()) + "." +
+            (f" Measured again on {RERUN_CPU} (same command and code): {', '.join(again)} (x 100; compare the "
+             "seed spreads below)." if again else ""))
+
+
 def report(args: argparse.Namespace) -> None:
     root = Path(args.root)
     records = collect(args.methods, args.tasks, args.seeds, args.head, root)
@@ -341,6 +363,7 @@ def report(args: argparse.Namespace) -> None:
     print(f"Head: {args.head}. Chosen learning rates (sweep): " + ", ".join(f"{m} {lr or '(sweep unfinished)'}"
                                                                           for m, lr in chosen.items()) + "\n")
     text = "\n\n".join([progress_line(records, args.methods, args.tasks, args.seeds, args.head, root),
+                         machines_line(records),
                          "Learning-rate sweep (seed 0; held-out rows carved from the training set):",
                          sweep_table(records, args.methods, args.head, root),
                          "Seeds stage (real dev sets; scores x 100):", markdown(records, args.tasks, args.methods),

@@ -4,7 +4,7 @@ commit left it instead of recomputing CPU-hours of measured cells.
 
 Each record of results.json becomes RUN_DIR/metrics.json holding exactly the fields that glue_grid.py and
 glue_grid_report.py read (main metric, best and last epoch-end value, baselines, parameter and byte counts,
-seconds), plus NAME.cmd with the record's command; `"restored_from"` marks the file as rebuilt, not
+seconds), plus NAME.cmd with the record's command (and NAME.cpu with its processor, where recorded); `"restored_from"` marks the file as rebuilt, not
 written by `verakit train`. A record's paused seconds travel as `grid_paused_seconds` (the pauses.log
 they were computed from stayed behind), so the report writes every restored record back unchanged:
 `check` is that round trip, run by `restore` before it touches the root. Adapters and logs are not
@@ -55,6 +55,8 @@ def restore(records: list[dict], root: Path, source: str) -> list[Path]:
             continue
         out.mkdir(parents=True, exist_ok=True)
         (out.parent / f"{cell.name}.cmd").write_text(r["command"] + "\n")
+        if r.get("cpu"):
+            (out.parent / f"{cell.name}.cpu").write_text(r["cpu"] + "\n")
         tmp = out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics_from_record(r, source), indent=1) + "\n")
         tmp.replace(out / "metrics.json")
@@ -71,7 +73,7 @@ def check(records: list[dict], methods: list[str], tasks: list[str], seeds: list
     with tempfile.TemporaryDirectory() as tmp:
         restore(records, Path(tmp), "check")
         back = collect(methods, tasks, seeds, head, Path(tmp))
-    want = [r for r in records if r["head"] == head]
+    want = [{**r, "cpu": r.get("cpu")} for r in records if r["head"] == head]  # "cpu": recorded since 2026-12-06
     for i, (a, b) in enumerate(zip(want, back, strict=False)):  # lengths compared below
         if a != b:
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -174,10 +174,11 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
                  "head": "vera", "seed": 1, "lr": 0.02, "metric": "accuracy", "value": 0.91, "last_epoch_value": 0.9,
                  "baseline": 0.509, "other_metrics": {"f1": 0.455}, "other_baselines": {"f1": 0.25}, "best_epoch": 1.0,
                  "epochs": grid.EPOCHS["sst2"], "adapter_params": 6912, "head_params": 770, "file_bytes": 5000, "train_seconds": 11.0, "paused_seconds": 0.0,
-                 "command": r["command"]}
+                 "command": r["command"], "cpu": None}  # fake cells: no NAME.cpu
     assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
     assert png.stat().st_size > 0
     text = capsys.readouterr().out
+    assert "Processors: 22 cells on not recorded (the first machine, before 2026-12-06)." in text
     assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 89.00 | 6,912 | 5,000 | 11 |" in text
     assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
     assert f"| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes | 1 of {grid.EPOCHS['sst2']} |" in text
@@ -250,6 +251,7 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO / "src")
     assert not stale.exists()  # an interrupted cell restarts from nothing
     assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
+    assert (stale.parent / f"{todo.name}.cpu").read_text() == grid.cpu_name() + "\n"
 
 
 def test_run_resumes_checkpointed_cells_and_stops_them_on_sigterm(grid, tmp_path, monkeypatch):

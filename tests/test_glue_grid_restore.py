@@ -39,7 +39,7 @@ def test_committed_results_round_trip(grid, records, tmp_path):
     g, restore, report = grid
     assert len(restore.restore(records, tmp_path, "t")) == len(records)
     back = report.collect(*_defaults(g), "vera", tmp_path)
-    assert back == records
+    assert back == [{**r, "cpu": r.get("cpu")} for r in records]  # records before the "cpu" field: None
     assert any(r["paused_seconds"] > 0 for r in records)  # the case the next test breaks
 
 
@@ -93,3 +93,19 @@ def test_a_record_that_cannot_round_trip_is_named(grid, records, tmp_path):
         restore.check(bad, *_defaults(g), "vera")
     restore.check(records, *_defaults(g), "vera")
     assert not any(tmp_path.iterdir())
+
+
+def test_processors_round_trip_and_are_counted(grid, records, tmp_path):
+    g, restore, report = grid
+    marked = [dict(r) for r in records]
+    seeds = [r for r in marked if r["stage"] == "seeds"]
+    seeds[-1]["cpu"] = "Some CPU (AVX-512 BF16)"
+    restore.check(marked, *_defaults(g), "vera")
+    restore.restore(marked, tmp_path, "t")
+    back = report.collect(*_defaults(g), "vera", tmp_path)
+    assert [r["cpu"] for r in back].count("Some CPU (AVX-512 BF16)") == 1
+    line = report.machines_line(back)
+    assert f"{len(records) - 1} cells on not recorded" in line and "; 1 cells on Some CPU (AVX-512 BF16)." in line
+    (t, m, s), v = next(iter(report.RERUN.items()))
+    first = next(r for r in records if (r["stage"], r["task"], r["method"], r["seed"]) == ("seeds", t, m, s))
+    assert f"{t} {m} seed {s} {100 * first['value']:.2f} -> {100 * v:.2f}" in line
