@@ -20,6 +20,7 @@ the grid stops and restarts at will; cells run in seed-major order, so a partial
 task and method once before any second seed.
 
     python experiments/glue_grid.py run    [--stage all|sweep|seeds] [--jobs 2] [--head vera] [--code CHECKOUT]
+                                           [--until HH:MM]  # start only cells estimated to end by then (UTC)
                                            # SIGTERM: running cells checkpoint, the next run resumes them
     python experiments/glue_grid.py status                    # cells done / left, and a time estimate
     python experiments/glue_grid.py report                    # docs/results.json, docs/results_grid.png, markdown
@@ -31,7 +32,6 @@ task and method once before any second seed.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -42,12 +42,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
-from default_sweep import HOLD, carve  # noqa: E402 (the sweep's held-out split: the same carving)
+from default_sweep import carve  # noqa: E402 (the sweep's held-out split: the same carving)
 
 GLUE = REPO.parent / "shared" / "data" / "glue"
 FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "rte": "RTE"}
@@ -189,14 +190,17 @@ def seed_cells(methods: list[str], tasks: list[str], seeds: list[int], head: str
     return [Cell("seeds", t, m, s, chosen[m]) for s in seeds for t in tasks for m in methods]
 
 
-def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = REPO) -> None:
+def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = REPO,
+              fits: Callable[[Cell], bool] | None = None) -> None:
     """Run the cells without metrics.json, `jobs` at a time, one thread each, on `code`'s src/ (a checkout, e.g.
     a `git worktree` of the commit the grid started on); each cell's command and log lie beside its RUN_DIR
     (NAME.cmd, NAME.log, NAME.cpu: `cpu_name()`, the processor it ran on). A cell stopped with its checkpoint (RUN_DIR/checkpoint/, written by `verakit
     train` on SIGINT) continues with --resume, which ends as an uninterrupted run would; any other partial
     RUN_DIR starts again from nothing. SIGTERM or SIGINT to this process starts no new cell and SIGINTs the
-    running ones, so they checkpoint before everything exits (a session's end loses no finished epoch)."""
+    running ones, so they checkpoint before everything exits (a session's end loses no finished epoch).
+    `fits` (run --until): a cell starts only if fits(cell) when its turn comes; the others wait for the next run."""
     todo = [c for c in cells if read_metrics(c, head, root) is None]
+    waiting: list[Cell] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(code) / "src"), os.environ.get("PYTHONPATH", "")])}
     running: list[tuple[subprocess.Popen[bytes], Cell, float]] = []
@@ -212,6 +216,9 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
         while (todo and not stopping) or running:
             while todo and not stopping and len(running) < jobs:
                 cell = todo.pop(0)
+                if fits is not None and not fits(cell):  # judged when it would start
+                    waiting.append(cell)
+                    continue
                 out = run_dir(cell, head, root)
                 args = command(cell, head, root)
                 resume = (out / "checkpoint").is_dir()
@@ -239,6 +246,8 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if waiting:
+        print(f"glue_grid: {len(waiting)} cells would end after --until, left for the next run", flush=True)
     if stopping:
         sys.exit(f"glue_grid: stopped by signal {stopping[0]}; running cells checkpointed, the next `run` resumes them")
 
@@ -255,7 +264,10 @@ def cpu_name() -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    import glue_grid_time  # --until's estimates
+
     root = Path(args.root)
+    fits = None
     if args.stage in ("all", "sweep"):
         left: set[Cell] | None = None
         while True:  # the edge rule adds cells as results land: run until no cell is left or none progressed
@@ -264,103 +276,17 @@ def run(args: argparse.Namespace) -> None:
             if not now or now == left:
                 break
             left = now
-            run_cells(cells, args.head, root, args.jobs, Path(args.code))
+            fits = args.until and glue_grid_time.deadline_fits(args.until, args.head, root, cells)
+            run_cells(cells, args.head, root, args.jobs, Path(args.code), fits or None)
     if args.stage in ("all", "seeds"):
         cells = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
         missing = sorted({c.method for c in cells if c.lr == PENDING})
         if missing:
             sys.exit(f"glue_grid: the sweep of {', '.join(missing)} is unfinished under {root}/head-{args.head}/sweep; "
                      "run `--stage sweep` first")
-        run_cells(cells, args.head, root, args.jobs, Path(args.code))
-
-
-# ----------------------------------------------------------------------------------------- status
-
-
-def _rows(cell: Cell) -> int:
-    """Training rows x epochs of a cell."""
-    if cell.stage == "sweep":
-        rows, epochs = SWEEP[cell.task]
-        if rows is None:
-            rows = _train_rows(cell.task) - HOLD[cell.task]
-        return rows * epochs
-    return _train_rows(cell.task) * EPOCHS[cell.task]
-
-
-def _train_rows(task: str) -> int:
-    with open(GLUE / FOLDERS[task] / "train.tsv", "rb") as f:
-        return sum(1 for _ in f) - 1
-
-
-@functools.cache
-def _row_chars(task: str) -> float:
-    """Mean characters of a train.tsv line: a proxy for a row's tokens (RTE's ~340 against SST-2's ~55)."""
-    with open(GLUE / FOLDERS[task] / "train.tsv", "rb") as f:
-        sizes = [len(line) for line in f][1:]
-    return sum(sizes) / max(len(sizes), 1)
-
-
-def _work(cell: Cell) -> float:
-    """What a cell's time is proportional to: training rows x epochs x characters per row (length-grouped
-    batches pad little, so a step costs about its tokens; the sweep's SST-2 and MRPC cells agree within ~15%)."""
-    return _rows(cell) * _row_chars(cell.task)
-
-
-def pauses(root: Path) -> list[tuple[float, float]]:
-    """(stop, cont) unix times from ROOT/pauses.log, whose lines "STOP t" / "CONT t" are appended by whoever
-    SIGSTOPs the grid (e.g. to give a test suite quiet cores); a stop without its cont lasts until now."""
-    path, out, stop = root / "pauses.log", [], None
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        kind, _, when = line.partition(" ")
-        if kind == "STOP":
-            stop = float(when)
-        elif kind == "CONT" and stop is not None:
-            out.append((stop, float(when)))
-            stop = None
-    return out + ([(stop, time.time())] if stop is not None else [])
-
-
-def running_seconds(cell: Cell, head: str, root: Path, m: dict, stops: list[tuple[float, float]]) -> float:
-    """The cell's train_seconds less the `stops` inside its run (NAME.cmd is written at its start,
-    metrics.json at its end)."""
-    out = run_dir(cell, head, root)
-    if "grid_paused_seconds" in m:  # restored from results.json: paused where it ran (glue_grid_restore)
-        return float(m["train_seconds"]) - float(m["grid_paused_seconds"])
-    cmd, metrics = out.parent / f"{cell.name}.cmd", out / "metrics.json"
-    if not stops or not cmd.is_file():
-        return float(m["train_seconds"])
-    start, end = cmd.stat().st_mtime, metrics.stat().st_mtime
-    paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in stops)
-    return max(0.0, float(m["train_seconds"]) - paused)
-
-
-def estimate(done: list[tuple[Cell, dict]], left: list[Cell], jobs: int, pick=statistics.median) -> float:
-    """Wall seconds for `left` at `jobs` at a time: each method's measured seconds per unit of `_work`, reduced
-    by `pick` (median; `min` for a quiet machine: cells that shared the CPU with other work ran up to 5x
-    slower), every method's rates where a method has none yet, 0.5 s per 32-row step of 50 characters
-    before any cell finished."""
-    rates: dict[str, list[float]] = {}
-    for cell, m in done:
-        rates.setdefault(cell.method, []).append(m["train_seconds"] / _work(cell))
-    every = [r for rs in rates.values() for r in rs] or [0.5 / BATCH / 50]
-    return sum(pick(rates.get(c.method, every)) * _work(c) for c in left) / max(jobs, 1)
-
-
-def status(args: argparse.Namespace) -> None:
-    root = Path(args.root)
-    sweep = sweep_cells(args.methods, args.head, root)
-    seeds = seed_cells(args.methods, args.tasks, args.seeds, args.head, root)
-    stops = pauses(root)
-    done = [(c, {**m, "train_seconds": running_seconds(c, args.head, root, m, stops)})
-            for c in [*sweep, *seeds] if (m := read_metrics(c, args.head, root)) is not None]
-    left = {stage: [c for c in cells if read_metrics(c, args.head, root) is None]
-            for stage, cells in (("sweep", sweep), ("seeds", seeds))}
-    print(f"sweep: {len(sweep) - len(left['sweep'])}/{len(sweep)} done; seeds: {len(seeds) - len(left['seeds'])}/"
-          f"{len(seeds)} done ({sum(c.lr == PENDING for c in seeds)} wait for their method's sweep)")
-    todo = [*left["sweep"], *left["seeds"]]
-    quiet, median = (estimate(done, todo, args.jobs, pick) / 3600 for pick in (min, statistics.median))
-    print(f"left: {len(todo)} cells, about {median:.1f} h at {args.jobs} at a time ({quiet:.1f} h at each "
-          "method's fastest measured rate, i.e. with nothing else running)")
+        fits = args.until and glue_grid_time.deadline_fits(args.until, args.head, root,
+                                                           [*sweep_cells(args.methods, args.head, root), *cells])
+        run_cells(cells, args.head, root, args.jobs, Path(args.code), fits or None)
 
 
 def restore(args: argparse.Namespace) -> None:
@@ -383,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--jobs", type=int, default=2, help="cells at a time, one thread each (default 2)")
+    p.add_argument("--until", metavar="HH:MM", help="run: start only cells whose estimated end (status's median "
+                   "rate) is before HH:MM UTC today, e.g. a session's end; the rest wait for the next run")
     p.add_argument("--code", default=str(REPO), help="run: the checkout whose src/ trains the cells, e.g. a git "
                    "worktree of the commit the grid started on (default: this one)")
     p.add_argument("--root", default="/work/runs_glue_grid", help="carved data and RUN_DIRs (outside the repo)")
@@ -398,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "restore":
         restore(args)
     else:
+        from glue_grid_time import status
+
         {"run": run, "status": status}[args.action](args)
 
 

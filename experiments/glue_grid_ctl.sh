@@ -2,7 +2,8 @@
 # Start, stop or freeze the GLUE grid (experiments/glue_grid.py) in the background on this machine.
 #   start [COMMIT]  this checkout's runner (`glue_grid.py run --code $WT`) training with the src/ of a git
 #                   worktree of COMMIT at $WT (default: the commit the grid's cells ran on): 2 cells at a time,
-#                   one thread each, nice 10, log $LOG; finished cells are skipped
+#                   one thread each, nice 10, log $LOG; finished cells are skipped; UNTIL=HH:MM (UTC): start
+#                   only cells estimated to end by then (a session's end: a new machine loses running cells)
 #   stop            SIGTERM to the runner: running cells checkpoint, the next start resumes them
 #   pause | cont    SIGSTOP / SIGCONT the runner and its cells (quiet cores for a timing); logged in
 #                   ROOT/pauses.log so train_seconds exclude the frozen time
@@ -21,7 +22,7 @@ case "${1:-}" in
   start)
     [ -n "$(runner)" ] && { echo "already running: $(runner)"; exit 0; }
     [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "${2:-$GRID_COMMIT}" >/dev/null
-    nohup nice -n 10 "$PY" "$REPO/experiments/glue_grid.py" run --jobs 2 --root "$ROOT" --code "$WT" >> "$LOG" 2>&1 &
+    nohup nice -n 10 "$PY" "$REPO/experiments/glue_grid.py" run --jobs 2 --root "$ROOT" --code "$WT" ${UNTIL:+--until "$UNTIL"} >> "$LOG" 2>&1 &
     echo "started $! on $(git -C "$WT" rev-parse --short HEAD); log $LOG" ;;
   stop)
     for p in $(runner); do kill -TERM "$p"; done
@@ -34,5 +35,5 @@ case "${1:-}" in
     echo "CONT $(date +%s.%N)" >> "$ROOT/pauses.log"; echo resumed ;;
   status)
     "$PY" "$REPO/experiments/glue_grid.py" status --root "$ROOT" ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

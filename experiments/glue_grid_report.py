@@ -25,13 +25,12 @@ from glue_grid import (
     choose_lr,
     command,
     lrs,
-    pauses,
     read_metrics,
     run_dir,
-    running_seconds,
     seed_cells,
     sweep_cells,
 )
+from glue_grid_time import pauses, running_seconds
 
 __all__ = ["HEADING", "SECTION_INTRO", "bootstrap_ci", "budget_check", "cell_record", "collect", "dvora_check", "goal_check", "learned_tasks", "machines_line", "markdown",
            "plot", "progress_line", "report", "sweep_table"]

@@ -32,6 +32,15 @@ def rep(grid):
     sys.modules.pop("glue_grid_report", None)
 
 
+@pytest.fixture(scope="module")
+def gtime(grid):
+    """experiments/glue_grid_time.py (wall time: estimates, pauses, --until), on the `grid` fixture's module."""
+    import glue_grid_time
+
+    yield glue_grid_time
+    sys.modules.pop("glue_grid_time", None)
+
+
 @pytest.fixture
 def fake_carve(grid, monkeypatch, tmp_path):
     """carve() without reading GLUE: the sweep commands only need its folder name."""
@@ -206,9 +215,9 @@ def test_budget_check_applies_issue_16s_bar(grid, rep):
     assert "| qnli | | | not yet measured | | | |" in text
 
 
-def test_status_counts_and_estimates(grid, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(grid, "_train_rows", lambda task: 1000)
-    monkeypatch.setattr(grid, "_row_chars", lambda task: {"sst2": 50.0, "mrpc": 250.0, "rte": 340.0}[task])
+def test_status_counts_and_estimates(grid, gtime, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gtime, "_train_rows", lambda task: 1000)
+    monkeypatch.setattr(gtime, "_row_chars", lambda task: {"sst2": 50.0, "mrpc": 250.0, "rte": 340.0}[task])
     for t in ("sst2", "mrpc"):
         for lr in grid.lrs("lora-8", "vera"):
             score = 0.8 if lr == "2e-3" else 0.7  # an inside best: the edge rule adds no rate
@@ -252,6 +261,45 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     assert not stale.exists()  # an interrupted cell restarts from nothing
     assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
     assert (stale.parent / f"{todo.name}.cpu").read_text() == grid.cpu_name() + "\n"
+
+
+def test_run_until_starts_only_cells_that_end_in_time(grid, gtime, tmp_path, monkeypatch, capsys):
+    """--until: a cell starts only if now + its median estimate is before the deadline, judged when its turn
+    comes; the others are left for the next run. MRPC (1 epoch here) is short, RTE x 20 epochs is not."""
+    started, clock = [], [1000.0]
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, argv, stdout, stderr, env, start_new_session):
+            started.append(argv[argv.index("--task") + 1])
+
+        def poll(self):
+            return 0
+
+    def sleep(seconds):
+        clock[0] += 100  # each wait: the started cells finish and 100 s pass
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(grid.time, "sleep", sleep)
+    monkeypatch.setattr(grid.time, "time", lambda: clock[0])
+    done = [(grid.Cell("sweep", "sst2", "lora-8", 0, "2e-3"), {"train_seconds": 10.0})]  # 0.01 s per row-epoch
+    cells = [grid.Cell("seeds", t, "lora-8", s, "2e-3") for t, s in (("mrpc", 0), ("rte", 0), ("mrpc", 1), ("stsb", 0))]
+    work = {"mrpc": 1, "rte": 20, "stsb": 10}  # epochs: the estimate is 10 s x epochs
+    monkeypatch.setattr(gtime, "_work", lambda cell: 1000 * work[cell.task] if cell.stage == "seeds" else 1000)
+    fits = lambda cell: grid.time.time() + gtime.estimate(done, [cell], 1) <= 1000 + 150  # noqa: E731
+    grid.run_cells(cells, "vera", tmp_path, jobs=1, fits=fits)
+    # mrpc (10 s) starts at 1000; rte (200 s) does not fit; mrpc again at 1100; stsb (100 s) no longer fits at 1200
+    assert started == ["mrpc", "mrpc"]
+    assert "2 cells would end after --until, left for the next run" in capsys.readouterr().out
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    if now.hour > 0:
+        with pytest.raises(SystemExit, match=rf"--until {now.hour - 1:02d}:00 UTC has passed"):
+            gtime.deadline_fits(f"{now.hour - 1:02d}:00", "vera", tmp_path, cells)
+    if now.hour < 23:
+        assert gtime.deadline_fits("23:59", "vera", tmp_path, cells)(cells[0])  # nothing measured: 0.5 s per step
 
 
 def test_run_resumes_checkpointed_cells_and_stops_them_on_sigterm(grid, tmp_path, monkeypatch):
@@ -338,7 +386,7 @@ def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake
     assert "old" not in out and out.endswith("## Vision\n\nkept\n") and "| vera-256 |" in out
 
 
-def test_paused_time_is_taken_out_of_wall_times(grid, rep, tmp_path, capsys, fake_carve):
+def test_paused_time_is_taken_out_of_wall_times(grid, gtime, rep, tmp_path, capsys, fake_carve):
     """Seconds the grid was SIGSTOPped (ROOT/pauses.log) inside a cell's run leave its train_seconds."""
     import os
 
@@ -351,12 +399,12 @@ def test_paused_time_is_taken_out_of_wall_times(grid, rep, tmp_path, capsys, fak
     os.utime(out / "metrics.json", (2100.0, 2100.0))
     # 300 s inside the run, 50 s of a stop that began before it, and one before it
     (root / "pauses.log").write_text("STOP 1200\nCONT 1500\nSTOP 950\nCONT 1050\nSTOP 10\nCONT 20\n")
-    assert grid.pauses(root) == [(1200.0, 1500.0), (950.0, 1050.0), (10.0, 20.0)]
+    assert gtime.pauses(root) == [(1200.0, 1500.0), (950.0, 1050.0), (10.0, 20.0)]
     m = grid.read_metrics(cell, "vera", root)
-    assert grid.running_seconds(cell, "vera", root, m, grid.pauses(root)) == 650.0
-    record = rep.cell_record(cell, "vera", root, m, grid.pauses(root))
+    assert gtime.running_seconds(cell, "vera", root, m, gtime.pauses(root)) == 650.0
+    record = rep.cell_record(cell, "vera", root, m, gtime.pauses(root))
     assert (record["train_seconds"], record["paused_seconds"]) == (650.0, 350.0)
-    assert grid.running_seconds(cell, "vera", root, m, []) == 1000.0
+    assert gtime.running_seconds(cell, "vera", root, m, []) == 1000.0
 
 
 def test_goal_check_reads_issue_16s_goals(rep):
