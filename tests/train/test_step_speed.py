@@ -165,20 +165,25 @@ def test_causal_recipe_groups_by_length(tmp_path):
     assert code == 0 and json.loads((tmp_path / "plain" / "config.json").read_text())["loop"]["group_by_length"] is False
 
 
-def test_amx_tip(tmp_path, monkeypatch, make_recipe, caplog):
+def test_bf16_tip(tmp_path, monkeypatch, make_recipe, caplog):
     from verakit.train import precision
 
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert precision.cpu_has_amx.__wrapped__(str(info)) is True
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
-    assert precision.cpu_has_amx.__wrapped__(str(info)) is False
-    assert precision.cpu_has_amx.__wrapped__(str(tmp_path / "absent")) is False
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    units = precision.cpu_bf16_units.__wrapped__
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert units(str(info)) == ("AMX", "AVX-512 BF16")
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")  # e.g. an AMD EPYC (Zen 4)
+    assert units(str(info)) == ("AVX-512 BF16",)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_bf16\n")  # flags line only
+    assert units(str(info)) == ()
+    assert units(str(tmp_path / "absent")) == ()
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ())
+    assert precision.speed_tip("no", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ("AVX-512 BF16",))
     monkeypatch.setattr(precision, "_SHOWN_TIPS", set())  # as in a fresh process
     assert "--mixed-precision bf16" in precision.speed_tip("no", "cpu")
     assert precision.speed_tip("bf16", "cpu") is None and precision.speed_tip("no", "cuda") is None
     with caplog.at_level("INFO", logger="verakit.train"):
         run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16, quiet=True), tmp_path / "run")
         run_loop(make_recipe(), LoopConfig(epochs=1, batch_size=16, quiet=True), tmp_path / "run2")
-    assert caplog.text.count("this CPU has AMX bf16 units") == 1  # once per process (tune: one loop per trial)
+    assert caplog.text.count("this CPU has bf16 units (AVX-512 BF16)") == 1  # once per process (tune: one loop per trial)

@@ -355,8 +355,8 @@ def add_run_options(g: Any, default: Callable[[str], str], *, per_trial: bool,
                    "faster steps), each batch still a random draw; --no-group-by-length: uniformly random batches "
                    f"(text tasks; default: {default('group_by_length')}; docs/performance.md)")
     g.add_argument("--mixed-precision", choices=["no", "bf16"], default=field_default("mixed_precision"),
-                   help="bf16: training forwards under bf16 autocast: steps 1.1-1.6x faster on CPUs with AMX (more "
-                   "for longer sequences) and faster on GPUs, slower on CPUs without bf16 units; parameters, "
+                   help="bf16: training forwards under bf16 autocast: steps 1.1-1.7x faster on CPUs with bf16 "
+                   "units (AMX, AVX-512 BF16) and faster on GPUs, slower on CPUs without bf16 units; parameters, "
                    "optimizer and evaluation stay fp32 "
                    f"(text tasks; default {field_default('mixed_precision')}; docs/performance.md)")
     g.add_argument("--eval-every", type=int, default=None, help=f"also evaluate{' (and maybe prune)' if per_trial else ''}"

@@ -2,9 +2,10 @@
 
 Trainable parameters, their gradients and AdamW's state stay float32 (autocast casts operands, not the
 parameters); evaluation runs outside autocast, so the dev score and the saved file are exact fp32.
-On CPUs with AMX (and avx512_bf16), bf16 matrix products run several times faster than fp32: on the
-2-core Xeon this project measures on, a 1280x384 @ 384x1536 product is 9x faster; a MiniLM training step
-1.1-1.6x on top of length-grouped batches (docs/performance.md). On CPUs without them it is slower: `verakit train` keeps fp32 the default.
+On CPUs with bf16 units (AMX tiles, AVX-512 BF16), bf16 matrix products run several times faster than fp32:
+a 1280x384 @ 384x1536 product is 9x faster on an AMX Xeon, ~2.5x on an AVX-512 BF16 EPYC; a MiniLM training
+step 1.1-1.7x on top of length-grouped batches (docs/performance.md). On CPUs without them it is slower:
+`verakit train` keeps fp32 the default.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MIXED_PRECISIONS", "check_mode", "cpu_has_amx", "speed_tip", "speed_tip_once", "step_context",
+__all__ = ["MIXED_PRECISIONS", "check_mode", "cpu_bf16_units", "speed_tip", "speed_tip_once", "step_context",
            "training_attention"]
 
 MIXED_PRECISIONS = ("no", "bf16")
@@ -78,14 +79,19 @@ def _switchable(model: nn.Module) -> nn.Module | None:
     return None
 
 
+# /proc/cpuinfo flag -> the unit it names; either makes bf16 autocast steps faster than fp32 (measured on both)
+BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 BF16"}
+
+
 @lru_cache(maxsize=1)
-def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU advertises AMX bf16 tiles (Linux /proc/cpuinfo "amx_bf16"; False where unreadable)."""
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The bf16 matrix units this CPU advertises (Linux /proc/cpuinfo flags; () where unreadable or none)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+        return ()
+    flags = next((set(line.split(":", 1)[-1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return tuple(unit for flag, unit in BF16_FLAGS.items() if flag in flags)
 
 
 # Tips already said by this process: `verakit tune` runs one loop per trial, and the same line each time is noise.
@@ -102,8 +108,8 @@ def speed_tip_once(mode: str, device_type: str) -> str | None:
 
 
 def speed_tip(mode: str, device_type: str) -> str | None:
-    """A line for fp32 training on a CPU with AMX: bf16 steps would be faster there (and only there)."""
-    if mode == "no" and device_type == "cpu" and cpu_has_amx():
-        return ("this CPU has AMX bf16 units: --mixed-precision bf16 makes training steps 1.1-1.6x faster "
-                "(evaluation and the file stay fp32; docs/performance.md)")
+    """A line for fp32 training on a CPU with bf16 units: bf16 steps would be faster there (and only there)."""
+    if mode == "no" and device_type == "cpu" and (units := cpu_bf16_units()):
+        return (f"this CPU has bf16 units ({', '.join(units)}): --mixed-precision bf16 makes training steps "
+                "1.1-1.7x faster (evaluation and the file stay fp32; docs/performance.md)")
     return None

@@ -86,7 +86,7 @@ class TrainArgs:
     selection_rows: int = 0
     # Training-step speed (docs/performance.md): batches of similar-length examples (less padding; None: the
     # recipe's default, hparams.Defaults: on for classification, off for causal LMs), and the forward under
-    # bf16 autocast ("bf16"; fast on CPUs with AMX and on GPUs, slow without bf16 units, so opt-in).
+    # bf16 autocast ("bf16"; fast on CPUs with AMX or AVX-512 BF16 and on GPUs, slow without them, so opt-in).
     group_by_length: bool | None = None
     mixed_precision: str = "no"
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
