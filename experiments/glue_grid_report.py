@@ -334,7 +334,7 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
 
 # Cells measured again on the grid's second machine (the first's run directory was lost with it; glue_grid.py
 # restore): (task, method, seed) -> the score there, the same command on the same commit's src/.
-RERUN = {("cola", "lora-8", 0): 0.2378088653601766}
+RERUN = {("cola", "lora-8", 0): 0.2378088653601766, ("cola", "vera-1024", 0): 0.1801266520134569}
 RERUN_CPU = "AMD EPYC (AVX-512 BF16)"
 
 
@@ -343,12 +343,18 @@ def machines_line(records: list[dict]) -> str:
     again on the second one against their first measurement."""
     counts: dict[str, int] = {}
     for r in records:
-        key = r.get("cpu") or "not recorded (the first machine, before 2026-12-06)"
+        key = r.get("cpu") or "the first machine (processor not recorded; cells before 2026-12-06)"
         counts[key] = counts.get(key, 0) + 1
     by = {(r["task"], r["method"], r["seed"]): r for r in records if r["stage"] == "seeds"}
     again = [f"{t} {m} seed {s} {100 * by[(t, m, s)]['value']:.2f} -> {100 * v:.2f}" for (t, m, s), v in RERUN.items()
              if (t, m, s) in by]
+    groups: dict[tuple[str, int], set[str | None]] = {}
+    for (t, _, seed), r in by.items():
+        groups.setdefault((t, seed), set()).add(r.get("cpu"))
+    mixed = sorted(f"{t} seed {seed}" for (t, seed), cpus in groups.items() if len(cpus) > 1)
     return ("Processors: " + "; ".join(f"{n} cells on {cpu}" for cpu, n in counts.items()) + "." +
+            (f" Task-seed groups whose methods ran on more than one: {', '.join(mixed)} (their paired differences "
+             "carry the processors' difference too)." if mixed else "") +
             (f" Measured again on {RERUN_CPU} (same command and code): {', '.join(again)} (x 100; compare the "
              "seed spreads below)." if again else ""))
 

@@ -187,7 +187,7 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     assert r["command"].startswith("verakit train --task sst2 --data-dir ") and "--r 256 --lr 2e-2" in r["command"]
     assert png.stat().st_size > 0
     text = capsys.readouterr().out
-    assert "Processors: 22 cells on not recorded (the first machine, before 2026-12-06)." in text
+    assert "Processors: 22 cells on the first machine (processor not recorded; cells before 2026-12-06)." in text
     assert "| sst2 (accuracy, 50.9) | vera-256 | 0.02 | 90.00 | 89.00-91.00 | 3 | 89.00 | 6,912 | 5,000 | 11 |" in text
     assert "| vera-256 - lora-8 | +0.67 [-1.00, +2.00] (n=3) | +0.67 over 1 |" in text  # +2, +1, -1 points
     assert f"| sst2 | accuracy | 50.9 | 90.00 (n=3) | >= 55.9 | yes | 1 of {grid.EPOCHS['sst2']} |" in text
