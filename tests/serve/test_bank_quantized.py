@@ -52,13 +52,26 @@ def test_mixed_batch_over_quantized_base_equals_rows_alone(tiny_llama, kind, tra
         with torch.no_grad():
             expected.append(alone(input_ids=inputs["input_ids"][i : i + 1]).logits[0])
     expected = torch.stack(expected)
-    # Measured max |bank - alone| (seeds fixed): 4bit 4.0e-7, 8bit training 5.0e-7, 8bit eval 3.1e-7 (eval
-    # mode rounds the activations to int8 per token, so a row's result does not depend on its batch).
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # A row's result does not depend on its batch: each row through the bank alone gives the same bits.
+    with torch.no_grad():
+        single = torch.stack([bank.forward([n], input_ids=inputs["input_ids"][i : i + 1]).logits[0]
+                              for i, n in enumerate(names)])
+    torch.testing.assert_close(got, single, atol=0, rtol=0)
+    # Against the adapter loaded normally: the bank's fp32 sums round differently (~1e-7). Measured max
+    # |bank - alone| (seeds fixed): 4bit 4.0e-7, 8bit training 5.0e-7. 8bit eval rounds every activation to
+    # int8 per token, so such a difference can move activations across int8 steps: on an AMD EPYC (AVX-512
+    # BF16) 7.2e-4 in 96 of 4,545 logits (one row; 3.1e-7 on the Xeon the test was written on), and adding
+    # 1e-7 noise to that row's input embeddings moves its logits by up to 2.1e-3 (5 draws, up to 383 of 909
+    # logits). The bound there is a few such steps, 100x below what an adapter changes (> 0.1 below).
+    if kind == "8bit" and not training:
+        assert (got - expected).abs().max() < 5e-3
+        assert ((got - expected).abs() > 1e-5).float().mean() < 0.25
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # the adapters do change the logits, and the base rows are the quantized base itself
     with torch.no_grad():
         plain = _quantized(base, kind, training)(**inputs).logits
-    assert (got[1] - plain[1]).abs().max() > 1e-2 and (got[0] - plain[0]).abs().max() > 1e-2
+    assert (got[1] - plain[1]).abs().max() > 0.1 and (got[0] - plain[0]).abs().max() > 0.1  # measured 0.66-0.79
     torch.testing.assert_close(got[2], plain[2], atol=1e-6, rtol=0)
 
     # no full-precision copy of any quantized weight is kept: every bank layer's base weight stays packed,
