@@ -8,6 +8,8 @@
 #   pause | cont    SIGSTOP / SIGCONT the runner and its cells (quiet cores for a timing); logged in
 #                   ROOT/pauses.log so train_seconds exclude the frozen time
 #   status          cells done / left and a time estimate
+#   report          docs/results.md's grid section, docs/results.json and docs/results_grid.png from ROOT (commit
+#                   them: on a new machine docs/results.json is all that is left of the finished cells)
 # On a new machine, first `python experiments/glue_grid.py restore` (finished cells from docs/results.json).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,5 +37,8 @@ case "${1:-}" in
     echo "CONT $(date +%s.%N)" >> "$ROOT/pauses.log"; echo resumed ;;
   status)
     "$PY" "$REPO/experiments/glue_grid.py" status --root "$ROOT" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  report)
+    "$PY" "$REPO/experiments/glue_grid.py" report --root "$ROOT" --results-md "$REPO/docs/results.md" \
+      --json "$REPO/docs/results.json" --plot "$REPO/docs/results_grid.png" | grep -E "^(Cells|Processors)" ;;
+  *) sed -n '2,/^set /p' "$0" | grep '^#'; exit 2 ;;
 esac
