@@ -10,7 +10,8 @@
 #   status          cells done / left and a time estimate
 #   report          docs/results.md's grid section, docs/results.json and docs/results_grid.png from ROOT (commit
 #                   them: on a new machine docs/results.json is all that is left of the finished cells)
-# On a new machine, first `python experiments/glue_grid.py restore` (finished cells from docs/results.json).
+#   restore         a new machine: the finished cells from docs/results.json into ROOT (glue_grid.py restore)
+# On a new machine: README's set-up (the venv at .venv), then restore, then start.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
@@ -37,6 +38,8 @@ case "${1:-}" in
     echo "CONT $(date +%s.%N)" >> "$ROOT/pauses.log"; echo resumed ;;
   status)
     "$PY" "$REPO/experiments/glue_grid.py" status --root "$ROOT" ;;
+  restore)
+    "$PY" "$REPO/experiments/glue_grid.py" restore --root "$ROOT" ;;
   report)
     "$PY" "$REPO/experiments/glue_grid.py" report --root "$ROOT" --results-md "$REPO/docs/results.md" \
       --json "$REPO/docs/results.json" --plot "$REPO/docs/results_grid.png" | grep -E "^(Cells|Processors)" ;;
