@@ -9,6 +9,8 @@ import torch
 
 from ci_skips import pytest_runtest_makereport  # noqa: F401 (the hook: under CI=true a skip fails)
 
+pytest_plugins = ["glue_grid_fixtures"]  # the GLUE grid's experiment modules and fake cells (tests/test_glue_grid*.py)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

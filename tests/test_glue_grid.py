@@ -12,39 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_experiment
+from glue_grid_fixtures import write_metrics  # the fixtures: tests/conftest.py's pytest_plugins
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def grid():
-    yield load_experiment("glue_grid")
-    sys.modules.pop("glue_grid", None)
-
-
-@pytest.fixture(scope="module")
-def rep(grid):
-    """experiments/glue_grid_report.py, importing the `grid` fixture's module (its experiments/ is on sys.path)."""
-    import glue_grid_report
-
-    yield glue_grid_report
-    sys.modules.pop("glue_grid_report", None)
-
-
-@pytest.fixture(scope="module")
-def gtime(grid):
-    """experiments/glue_grid_time.py (wall time: estimates, pauses, --until), on the `grid` fixture's module."""
-    import glue_grid_time
-
-    yield glue_grid_time
-    sys.modules.pop("glue_grid_time", None)
-
-
-@pytest.fixture
-def fake_carve(grid, monkeypatch, tmp_path):
-    """carve() without reading GLUE: the sweep commands only need its folder name."""
-    monkeypatch.setattr(grid, "carve", lambda task, root: root / "data" / grid.FOLDERS[task])
 
 
 def _resolved(args: list[str]):
@@ -57,16 +27,6 @@ def _resolved(args: list[str]):
     add_parsers(sub)
     ns = sub.choices["train"].parse_args(args)
     return TrainArgs(**fields_of(TrainArgs, ns)).resolved()
-
-
-def _write_metrics(grid, cell, head, root, score, *, main="accuracy", seconds=100.0, params=1000, file_bytes=5000,
-                   baseline=0.5):
-    out = grid.run_dir(cell, head, root)
-    out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({
-        "task": cell.task, "main_metric": main, "metric": {main: score, "f1": score / 2},
-        "baseline": {main: baseline, "f1": 0.25}, "best_epoch": 1.0, "trainable_params": params, "head_params": 770, "adapter_bytes": file_bytes, "train_seconds": seconds,
-        "epochs": [{"metrics": {main: baseline}}, {"metrics": {main: round(score - 0.01, 6)}}]}))  # best, then last
 
 
 def test_seeds_commands_train_the_full_set_at_the_table_budget(grid, tmp_path):
@@ -108,13 +68,13 @@ def test_sweep_commands_use_the_carved_split_and_their_budget(grid, tmp_path, fa
 def test_lr_choice_is_the_best_mean_of_the_held_out_scores(grid, tmp_path):
     scores = {"1e-3": (0.80, 0.70), "2e-3": (0.90, 0.60), "5e-3": (0.85, 0.72), "1e-2": (0.50, 0.50)}
     for i, (lr, (sst2, mrpc)) in enumerate(scores.items()):
-        _write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, lr), "vera", tmp_path, sst2)
+        write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, lr), "vera", tmp_path, sst2)
         if i < 3:  # the last MRPC cell comes below
-            _write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, lr), "vera", tmp_path, mrpc, main="f1")
+            write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, lr), "vera", tmp_path, mrpc, main="f1")
     assert grid.choose_lr("lora-8", "vera", tmp_path) is None  # unfinished sweep: no choice yet
     cells = grid.seed_cells(["lora-8", "vera-256"], ["sst2"], [0], "vera", tmp_path)
     assert [c.lr for c in cells] == [grid.PENDING, grid.PENDING]
-    _write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, "1e-2"), "vera", tmp_path, 0.5, main="f1")
+    write_metrics(grid, grid.Cell("sweep", "mrpc", "lora-8", 0, "1e-2"), "vera", tmp_path, 0.5, main="f1")
     assert grid.choose_lr("lora-8", "vera", tmp_path) == "5e-3"  # mean 0.785 beats 0.75 and 0.75
     assert grid.choose_lr("lora-8", "full", tmp_path) is None  # another head: another sweep
     cells = grid.seed_cells(["lora-8"], ["sst2", "rte"], [0, 1], "vera", tmp_path)
@@ -128,7 +88,7 @@ def test_edge_rule_sweeps_past_an_edge_best_then_chooses(grid, tmp_path):
     def sweep(method, scores):
         for lr, v in scores.items():
             for t in ("sst2", "mrpc"):
-                _write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", tmp_path, v,
+                write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", tmp_path, v,
                                main="f1" if t == "mrpc" else "accuracy")
 
     sweep("vera-256", {"1e-2": 0.86, "2e-2": 0.85, "5e-2": 0.84, "1e-1": 0.80})  # best at the lowest rate
@@ -166,11 +126,11 @@ def test_report_writes_results_json_table_and_plot(grid, tmp_path, capsys, fake_
     for method, best in (("vera-256", "2e-2"), ("lora-8", "2e-3")):
         for lr in grid.lrs(method, "vera"):
             for t in ("sst2", "mrpc"):
-                _write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", root, 0.8 if lr == best else 0.7)
+                write_metrics(grid, grid.Cell("sweep", t, method, 0, lr), "vera", root, 0.8 if lr == best else 0.7)
     values = {"vera-256": (0.90, 0.91, 0.89), "lora-8": (0.88, 0.90, 0.90)}
     for method, lr in (("vera-256", "2e-2"), ("lora-8", "2e-3")):
         for seed, v in enumerate(values[method]):
-            _write_metrics(grid, grid.Cell("seeds", "sst2", method, seed, lr), "vera", root, v, seconds=10.0 + seed,
+            write_metrics(grid, grid.Cell("seeds", "sst2", method, seed, lr), "vera", root, v, seconds=10.0 + seed,
                            params=6912 if method == "vera-256" else 18432, baseline=0.509)
     out, png = tmp_path / "results.json", tmp_path / "grid.png"
     grid.main(["report", "--root", str(root), "--json", str(out), "--plot", str(png), "--tasks", "sst2",
@@ -215,24 +175,6 @@ def test_budget_check_applies_issue_16s_bar(grid, rep):
     assert "| qnli | | | not yet measured | | | |" in text
 
 
-def test_status_counts_and_estimates(grid, gtime, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gtime, "_train_rows", lambda task: 1000)
-    monkeypatch.setattr(gtime, "_row_chars", lambda task: {"sst2": 50.0, "mrpc": 250.0, "rte": 340.0}[task])
-    for t in ("sst2", "mrpc"):
-        for lr in grid.lrs("lora-8", "vera"):
-            score = 0.8 if lr == "2e-3" else 0.7  # an inside best: the edge rule adds no rate
-            _write_metrics(grid, grid.Cell("sweep", t, "lora-8", 0, lr), "vera", tmp_path, score, seconds=600.0)
-    grid.main(["status", "--root", str(tmp_path), "--methods", "lora-8", "--tasks", "rte", "--seeds", "0", "1"])
-    out = capsys.readouterr().out
-    assert "sweep: 8/8 done; seeds: 0/2 done (0 wait" in out
-    # measured per character: sst2 600 s / (20,000 rows x 50), mrpc 600 s / (600 rows x 10 epochs x 250); the
-    # lora-8 median of the 8 cells (4 of each) is the mean of the two rates; left: 2 rte cells x 1000 rows x
-    # 20 epochs x 340 characters, 2 at a time.
-    rate = (600 / 1_000_000 + 600 / 1_500_000) / 2
-    assert f"left: 2 cells, about {2 * 20_000 * 340 * rate / 2 / 3600:.1f} h at 2 at a time " \
-           f"({2 * 20_000 * 340 * 600 / 1_500_000 / 2 / 3600:.1f} h at each method's fastest" in out
-
-
 def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, monkeypatch):
     started = []
 
@@ -249,7 +191,7 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     monkeypatch.setattr(grid.time, "sleep", lambda s: None)
     done = grid.Cell("seeds", "rte", "lora-8", 0, "2e-3")
     todo = grid.Cell("seeds", "rte", "lora-8", 1, "2e-3")
-    _write_metrics(grid, done, "vera", tmp_path, 0.6)
+    write_metrics(grid, done, "vera", tmp_path, 0.6)
     stale = grid.run_dir(todo, "vera", tmp_path)
     stale.mkdir(parents=True)
     (stale / "partial").write_text("interrupted")
@@ -261,45 +203,6 @@ def test_run_skips_finished_cells_and_runs_this_checkouts_code(grid, tmp_path, m
     assert not stale.exists()  # an interrupted cell restarts from nothing
     assert (stale.parent / f"{todo.name}.cmd").read_text().startswith("verakit train --task rte ")
     assert (stale.parent / f"{todo.name}.cpu").read_text() == grid.cpu_name() + "\n"
-
-
-def test_run_until_starts_only_cells_that_end_in_time(grid, gtime, tmp_path, monkeypatch, capsys):
-    """--until: a cell starts only if now + its median estimate is before the deadline, judged when its turn
-    comes; the others are left for the next run. MRPC (1 epoch here) is short, RTE x 20 epochs is not."""
-    started, clock = [], [1000.0]
-
-    class FakeProc:
-        returncode = 0
-
-        def __init__(self, argv, stdout, stderr, env, start_new_session):
-            started.append(argv[argv.index("--task") + 1])
-
-        def poll(self):
-            return 0
-
-    def sleep(seconds):
-        clock[0] += 100  # each wait: the started cells finish and 100 s pass
-
-    monkeypatch.setattr(grid.subprocess, "Popen", FakeProc)
-    monkeypatch.setattr(grid.time, "sleep", sleep)
-    monkeypatch.setattr(grid.time, "time", lambda: clock[0])
-    done = [(grid.Cell("sweep", "sst2", "lora-8", 0, "2e-3"), {"train_seconds": 10.0})]  # 0.01 s per row-epoch
-    cells = [grid.Cell("seeds", t, "lora-8", s, "2e-3") for t, s in (("mrpc", 0), ("rte", 0), ("mrpc", 1), ("stsb", 0))]
-    work = {"mrpc": 1, "rte": 20, "stsb": 10}  # epochs: the estimate is 10 s x epochs
-    monkeypatch.setattr(gtime, "_work", lambda cell: 1000 * work[cell.task] if cell.stage == "seeds" else 1000)
-    fits = lambda cell: grid.time.time() + gtime.estimate(done, [cell], 1) <= 1000 + 150  # noqa: E731
-    grid.run_cells(cells, "vera", tmp_path, jobs=1, fits=fits)
-    # mrpc (10 s) starts at 1000; rte (200 s) does not fit; mrpc again at 1100; stsb (100 s) no longer fits at 1200
-    assert started == ["mrpc", "mrpc"]
-    assert "2 cells would end after --until, left for the next run" in capsys.readouterr().out
-    import datetime as dt
-
-    now = dt.datetime.now(dt.timezone.utc)
-    if now.hour > 0:
-        with pytest.raises(SystemExit, match=rf"--until {now.hour - 1:02d}:00 UTC has passed"):
-            gtime.deadline_fits(f"{now.hour - 1:02d}:00", "vera", tmp_path, cells)
-    if now.hour < 23:
-        assert gtime.deadline_fits("23:59", "vera", tmp_path, cells)(cells[0])  # nothing measured: 0.5 s per step
 
 
 def test_run_resumes_checkpointed_cells_and_stops_them_on_sigterm(grid, tmp_path, monkeypatch):
@@ -370,8 +273,8 @@ def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake
     root = tmp_path / "runs"
     for lr in grid.lrs("vera-256", "vera"):
         for t in ("sst2", "mrpc"):
-            _write_metrics(grid, grid.Cell("sweep", t, "vera-256", 0, lr), "vera", root, 0.8 if lr == "5e-2" else 0.7)
-    _write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3"), "vera", root, 0.75)
+            write_metrics(grid, grid.Cell("sweep", t, "vera-256", 0, lr), "vera", root, 0.8 if lr == "5e-2" else 0.7)
+    write_metrics(grid, grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3"), "vera", root, 0.75)
     md = tmp_path / "results.md"
     md.write_text("# Results\n\n## GLUE at learnable budgets: the grid (issue 16)\n\nold\n\n## Vision\n\nkept\n")
     grid.main(["report", "--root", str(root), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "g.png"),
@@ -384,27 +287,6 @@ def test_report_sweep_table_progress_and_results_md(grid, tmp_path, capsys, fake
     out = md.read_text()
     assert out.startswith("# Results\n\n## GLUE at learnable budgets: the grid (issue 16)\n\nall-MiniLM-L6-v2")
     assert "old" not in out and out.endswith("## Vision\n\nkept\n") and "| vera-256 |" in out
-
-
-def test_paused_time_is_taken_out_of_wall_times(grid, gtime, rep, tmp_path, capsys, fake_carve):
-    """Seconds the grid was SIGSTOPped (ROOT/pauses.log) inside a cell's run leave its train_seconds."""
-    import os
-
-    root = tmp_path / "runs"
-    cell = grid.Cell("sweep", "sst2", "lora-8", 0, "1e-3")
-    _write_metrics(grid, cell, "vera", root, 0.8, seconds=1000.0)
-    out = grid.run_dir(cell, "vera", root)
-    (out.parent / f"{cell.name}.cmd").write_text("verakit train ...\n")
-    os.utime(out.parent / f"{cell.name}.cmd", (1000.0, 1000.0))  # started at t=1000, finished at t=2100
-    os.utime(out / "metrics.json", (2100.0, 2100.0))
-    # 300 s inside the run, 50 s of a stop that began before it, and one before it
-    (root / "pauses.log").write_text("STOP 1200\nCONT 1500\nSTOP 950\nCONT 1050\nSTOP 10\nCONT 20\n")
-    assert gtime.pauses(root) == [(1200.0, 1500.0), (950.0, 1050.0), (10.0, 20.0)]
-    m = grid.read_metrics(cell, "vera", root)
-    assert gtime.running_seconds(cell, "vera", root, m, gtime.pauses(root)) == 650.0
-    record = rep.cell_record(cell, "vera", root, m, gtime.pauses(root))
-    assert (record["train_seconds"], record["paused_seconds"]) == (650.0, 350.0)
-    assert gtime.running_seconds(cell, "vera", root, m, []) == 1000.0
 
 
 def test_goal_check_reads_issue_16s_goals(rep):
