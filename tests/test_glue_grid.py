@@ -1,6 +1,6 @@
 """experiments/glue_grid.py's logic without training anything: the command lines (read back by
-`verakit train`'s own parser), the cell order, the learning-rate choice, the bootstrap, status and the
-report, on fake RUN_DIRs holding only metrics.json. The grid itself never runs in tests or CI."""
+`verakit train`'s own parser), the cell order, the learning-rate choice, the bootstrap and the
+report (status, --until, pauses: test_glue_grid_time.py), on fake RUN_DIRs holding only metrics.json. The grid itself never runs in tests or CI."""
 
 from __future__ import annotations
 
