@@ -255,11 +255,12 @@ def run_cells(cells: list[Cell], head: str, root: Path, jobs: int, code: Path = 
 def cpu_name() -> str:
     """This machine's processor and whether it has the bf16 matrix units the cells' autocast steps use (AMX
     tiles, AVX-512 BF16): the grid's cells ran on more than one machine, and bf16 kernels differ between them."""
+    from verakit.train.precision import cpu_bf16_units  # the flags `verakit train`'s bf16 tip reads
+
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    units = cpu_bf16_units()
     return f"{model} ({', '.join(units) or 'no bf16 units'})"
 
 
