@@ -304,6 +304,7 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     seeds = [r for r in records if r["stage"] == "seeds" and r["value"] is not None]
     tasks = [t for t in tasks if any(r["task"] == t for r in seeds)]
@@ -323,6 +324,7 @@ def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) 
         if base is not None:
             ax.axhline(100 * base, color="black", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^4, 3x10^4, ...) overlap at this width
         ax.set_title(t)
         ax.set_xlabel("file bytes (incl. head)")
         ax.set_ylabel(next(r["metric"] for r in seeds if r["task"] == t) + " x 100")
