@@ -292,9 +292,10 @@ def progress_line(records: list[dict], methods: list[str], tasks: list[str], see
     n_sweep = sum(len(lrs(m, head, root)) for m in methods) * len(SWEEP)
     n_seeds = len(methods) * len(tasks) * len(seeds)
     done = {s: sum(r["stage"] == s for r in records) for s in ("sweep", "seeds")}
-    state = "complete" if done["sweep"] == n_sweep and done["seeds"] == n_seeds else "**partial**"
-    return (f"Cells measured: sweep {done['sweep']}/{n_sweep}, seeds {done['seeds']}/{n_seeds} ({state}; "
-            "`python experiments/glue_grid.py status` for the rest).")
+    complete = done["sweep"] == n_sweep and done["seeds"] == n_seeds
+    state = f"complete, every cell at {len(seeds)} seeds" if complete else \
+        "**partial**; `python experiments/glue_grid.py status` for the rest"
+    return f"Cells measured: sweep {done['sweep']}/{n_sweep}, seeds {done['seeds']}/{n_seeds} ({state})."
 
 
 def plot(records: list[dict], tasks: list[str], methods: list[str], path: Path) -> bool:
