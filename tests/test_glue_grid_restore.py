@@ -4,6 +4,7 @@ machine reports back unchanged, and `run` resumes at the first cell it lacks. No
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -126,3 +127,25 @@ def test_committed_grid_reads_complete(grid, records, tmp_path):
     assert line == "Cells measured: sweep 62/62, seeds 105/105 (complete, every cell at 3 seeds)."
     assert report.progress_line(records[:-1], methods, tasks, seeds, "vera", tmp_path).endswith(
         "seeds 104/105 (**partial**; `python experiments/glue_grid.py status` for the rest).")
+
+
+def test_readme_quality_figures_are_the_committed_grids(grid, records):
+    """README's "Quality, measured here" paragraph quotes the grid: its figures must move with results.json."""
+    g, _, report = grid
+    by = report._seeds_by_cell(records)
+    tasks = list(g.FOLDERS)
+
+    def mean_gap(method: str, against: str = "lora-8") -> float:
+        return sum(statistics.mean(report._paired(by, t, method, against)) for t in tasks) / len(tasks)
+
+    def kb(method: str) -> int:
+        return round(by[("sst2", method)][0]["file_bytes"] / 1000)
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    params = by[("sst2", "lora-8")][0]["adapter_params"] / by[("sst2", "vera-256")][0]["adapter_params"]
+    assert (f"VeRA r=256 files are {kb('vera-256')} KB against PEFT LoRA r=8's {kb('lora-8')} KB "
+            f"({params:.1f}x fewer adapter parameters) and score {-mean_gap('vera-256'):.1f} points below LoRA") in readme
+    assert f"CoLA MCC {statistics.mean(report._paired(by, 'cola', 'vera-256', 'lora-8')):.1f} is the largest gap" in readme
+    assert f"r=1024 ({kb('vera-1024')} KB) is {-mean_gap('vera-1024'):.1f} points below" in readme
+    assert f"DVoRA r=1024 (`--magnitude`, {kb('dvora-1024')} KB) {-mean_gap('dvora-1024'):.1f} below" in readme
+    assert abs(mean_gap("vera-256", "peft-vera-256")) < 0.5 and abs(mean_gap("vera-1024", "peft-vera-1024")) < 0.5
