@@ -114,7 +114,9 @@ def test_adapter_replaced_or_deleted_on_disk_while_in_use(store):
             tally.lost += 1  # a mixed or wrong answer
     tally.figures = {**swaps, **seen}
     tally.report()
-    assert alive and tally.lost == 0
+    # a death names its exit status (a negative one is the signal) and the server's last output
+    assert alive, f"the server died (exit {server.proc.returncode}):\n{server.log[-3000:]}"
+    assert tally.lost == 0
     assert set(tally.outcomes) <= {"200", "404", "409"}, tally.outcomes
     assert seen["a0 old"] > 0 and seen["a0 new"] > 0  # the swaps really happened under the clients
 
