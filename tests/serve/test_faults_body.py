@@ -94,7 +94,11 @@ def test_slow_clients_trickling_a_body_time_out_and_others_are_unaffected(bert_s
                      "p99_ms_before": round(1000 * percentile(base_s, 0.99), 1),
                      "p99_ms_during": round(1000 * percentile(busy_s, 0.99), 1)}
     tally.report()
-    assert [s for s, _, _ in slow] == [408] * 8 and all(1.0 <= t < 3.0 for _, t, _ in slow), slow
+    # 0.9, not 1.0: uvicorn runs on uvloop, whose loop.time() is libuv's per-iteration cached clock at 1 ms
+    # granularity and stale by the callbacks already run in that iteration, so the timer can fire a little before
+    # the wall clock says (one CI run saw 0.9996 s). The bound still fails a timeout that is ignored, shortened or
+    # counted from the wrong moment.
+    assert [s for s, _, _ in slow] == [408] * 8 and all(0.9 <= t < 3.0 for _, t, _ in slow), slow
     assert all(closed for *_, closed in slow)  # the trickle holds no connection after its 408
     assert all(s == 200 for s, _ in baseline + during)
     # unaffected: the median stays within noise of the machine (shared, loaded) rather than growing with the
