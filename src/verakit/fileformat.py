@@ -39,6 +39,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "read_metadata",
     "adapter_from_model",
     "write_adapter",
     "base_fingerprint",
@@ -194,22 +195,26 @@ def save_adapter(
     return write_adapter(adapter_from_model(model, extra), path, dtype)
 
 
-def _read_header(path: Path, data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise _fail(path, f"not a safetensors file: only {len(data)} bytes")
+def _read_header(path: Path, data: bytes, size: int | None = None) -> dict[str, Any]:
+    """The header of a file of `size` bytes (default len(data)) whose first bytes, header included, are `data`."""
+    size = len(data) if size is None else size
+    if size < 8:
+        raise _fail(path, f"not a safetensors file: only {size} bytes")
     n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise _fail(path, f"truncated or corrupt header: header claims {n} bytes, file has {len(data) - 8} after it")
+    if n > size - 8:
+        raise _fail(path, f"truncated or corrupt header: header claims {n} bytes, file has {size - 8} after it")
     if n > MAX_HEADER_BYTES:
         raise _fail(path, f"safetensors header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes "
                           "(verakit.fileformat.MAX_HEADER_BYTES)")
+    if len(data) < 8 + n:  # the file shrank between its size and its read: rewritten in place meanwhile
+        raise _fail(path, f"truncated while being read: header claims {n} bytes, {len(data) - 8} could be read")
     try:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _fail(path, f"not a safetensors file: header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise _fail(path, "not a safetensors file: header is not a JSON object")
-    body = len(data) - 8 - n
+    body = size - 8 - n
     for k, v in header.items():
         if k == "__metadata__":
             continue
@@ -219,6 +224,26 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         if not isinstance(end, int) or end > body:
             raise _fail(path, f"truncated: tensor {k!r} ends at byte {end} but the data section has {body} bytes")
     return header
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A safetensors file's `__metadata__`, its header checked as read_adapter checks it, read with plain reads
+    of the header alone. Not safetensors' safe_open, which memory-maps the file: a concurrent in-place rewrite
+    (truncate, then write, as `cp` does) turns its header read into SIGBUS, killing the whole process, a
+    server included (a reader looping safe_open().metadata() against such rewrites died within seconds)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(8)
+            if len(data) == 8:
+                data += f.read(min(int.from_bytes(data, "little"), MAX_HEADER_BYTES))
+    except OSError as e:
+        raise _fail(path, f"cannot read: {e.strerror or e}") from None
+    meta = _read_header(path, data, size).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(path, "corrupt header: __metadata__ is not a JSON object of strings")
+    return meta
 
 
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:

@@ -77,3 +77,57 @@ def test_listing_ignores_foreign_files_and_delete(store_and_bytes):
         AdapterStore(store.root / "missing")
     with pytest.raises(NotADirectoryError, match="junk.safetensors is a file; pass the folder"):
         AdapterStore(store.root / "junk.safetensors")  # was "does not exist", though it does
+
+
+READER = """
+import sys, time
+from safetensors import safe_open
+from verakit.fileformat import AdapterError, read_metadata
+from verakit.serve.store import AdapterStore
+
+root, how, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+store, path = AdapterStore(root), root + "/a0.safetensors"
+read = {"store.info": lambda: store.info("a0"), "read_metadata": lambda: read_metadata(path),
+        "safe_open": lambda: safe_open(path, framework="pt").metadata()}[how]
+ok = refused = 0
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    try:
+        read()
+        ok += 1
+    except Exception:
+        refused += 1
+print(ok, refused)
+"""
+
+
+@pytest.mark.parametrize("how", ["store.info", "read_metadata", pytest.param("safe_open", marks=pytest.mark.slow)])
+def test_header_reads_survive_in_place_rewrites(store_and_bytes, how):
+    """A process reading a0's header in a loop while the file is rewritten in place (truncate, pause 2 ms as
+    a preempted writer would, write: what `cp` onto it does). The server's reads (store.info, read_metadata)
+    answer or refuse and live on; safetensors' safe_open, which memory-maps the file, dies of SIGBUS within
+    about a second here: why a server once died in the fault suite (slow, run with -m slow, as the control)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store, data, _ = store_and_bytes
+    target = store.save("a0", data, lambda a: None).path
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store.root), how, "4"], stdout=subprocess.PIPE,
+                              text=True)
+    rewrites = 0
+    while reader.poll() is None:
+        with open(target, "r+b") as f:
+            f.truncate(0)
+            f.flush()
+            time.sleep(0.002)
+            f.write(data)
+        rewrites += 1
+    out = reader.communicate()[0]
+    if how == "safe_open":
+        assert reader.returncode == -signal.SIGBUS, (reader.returncode, out, rewrites)
+        return
+    assert reader.returncode == 0, (reader.returncode, rewrites)
+    ok, refused = map(int, out.split())
+    assert ok > 0 and refused > 0 and rewrites > 100, (ok, refused, rewrites)  # the race was run, both ways

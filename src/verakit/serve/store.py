@@ -24,7 +24,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, staged_file
 from ..config import VeraConfig
-from ..fileformat import FORMAT_NAME, Adapter, AdapterError, read_adapter
+from ..fileformat import FORMAT_NAME, Adapter, AdapterError, read_adapter, read_metadata
 from ..names import NAME_PATTERN, InvalidName, check_name
 
 __all__ = ["NAME_PATTERN", "InvalidName", "AdapterInfo", "AdapterStore", "check_name"]
@@ -103,12 +103,12 @@ class AdapterStore:
 
     def info(self, name: str) -> AdapterInfo:
         """The header of adapter `name` (config, base modules, saved keys, extra); AdapterError if corrupt."""
-        from safetensors import safe_open
-
         path = self.path(name)
         try:
-            with safe_open(path, framework="pt") as f:
-                raw = f.metadata() or {}
+            raw = read_metadata(path)  # never safe_open: its mmap dies (SIGBUS) when the file is rewritten in place
+        except AdapterError as e:
+            raise AdapterError(f"{path}: unreadable adapter header: {str(e).removeprefix(f'{path}: ')}") from None
+        try:
             if raw.get("format") != FORMAT_NAME:
                 raise AdapterError(f"{path}: not a verakit adapter (metadata format is {raw.get('format')!r})")
             meta = json.loads(raw["verakit"])
@@ -120,7 +120,7 @@ class AdapterStore:
             )
         except AdapterError:
             raise
-        except Exception as e:  # safetensors, JSON and config errors all mean "unreadable header"
+        except Exception as e:  # JSON, key and config errors all mean "unreadable header"
             raise AdapterError(f"{path}: unreadable adapter header: {type(e).__name__}: {e}") from None
 
     def save(self, name: str, data: bytes, validate: Callable[[Adapter], None], overwrite: bool = False) -> Adapter:

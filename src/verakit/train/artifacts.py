@@ -158,13 +158,12 @@ def _peft_type(folder: Path) -> str | None:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from ..fileformat import AdapterError, read_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for non-safetensors files
-        raise ArtifactError(f"{path}: not a safetensors file ({e})") from None
+        return read_metadata(path)
+    except AdapterError as e:  # it names the path already
+        raise ArtifactError(f"not a safetensors file: {e}") from None
 
 
 def load_artifact(path: str | Path, base: nn.Module, check_base: bool = True) -> nn.Module:
