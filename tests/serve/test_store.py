@@ -130,4 +130,5 @@ def test_header_reads_survive_in_place_rewrites(store_and_bytes, how):
         return
     assert reader.returncode == 0, (reader.returncode, rewrites)
     ok, refused = map(int, out.split())
+    print(f"{how}: {ok} reads, {refused} refused, {rewrites} rewrites")
     assert ok > 0 and refused > 0 and rewrites > 100, (ok, refused, rewrites)  # the race was run, both ways
