@@ -82,7 +82,7 @@ def test_listing_ignores_foreign_files_and_delete(store_and_bytes):
 READER = """
 import sys, time
 from safetensors import safe_open
-from verakit.fileformat import AdapterError, read_metadata
+from verakit.fileformat import read_metadata
 from verakit.serve.store import AdapterStore
 
 root, how, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
